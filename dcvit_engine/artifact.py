@@ -1,0 +1,168 @@
+"""Artifact folders: spec.json + model.safetensors (+ report.json).
+
+save() writes into a temporary sibling folder and renames it into place, so a
+reader never sees a half-written artifact and a failed save leaves the old one.
+load() refuses any file that does not match its spec, naming every offending tensor.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .adapter import from_timm
+from .reference import ViTReference, state_shapes
+from .spec import SPEC_FILENAME, SPEC_VERSION, ViTSpec
+
+WEIGHTS_FILENAME = "model.safetensors"
+REPORT_FILENAME = "report.json"
+
+
+def _spec_and_state(model) -> tuple[ViTSpec, dict[str, torch.Tensor]]:
+    if isinstance(model, ViTReference):
+        return model.spec, model.state_dict()
+    from timm.models.vision_transformer import VisionTransformer
+    if isinstance(model, VisionTransformer):
+        return from_timm(model)
+    raise TypeError(f"save() takes a timm VisionTransformer or a dcvit_engine ViTReference, "
+                    f"got {type(model).__name__}")
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _check_replaceable(path: Path) -> None:
+    """Only an earlier artifact may be replaced, never an unrelated file or folder."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_dir() or path.is_symlink():
+        raise FileExistsError(f"{path} exists and is not an artifact folder; choose another path")
+    entries = set(os.listdir(path))
+    if entries and SPEC_FILENAME not in entries:
+        raise FileExistsError(f"{path} is a non-empty folder without {SPEC_FILENAME}; refusing to "
+                              "replace it (choose another path or remove it yourself)")
+
+
+def save(model, path: str | os.PathLike, report: dict | None = None) -> Path:
+    """Write `model` (timm ViT or ViTReference) as an artifact folder at `path`."""
+    spec, state = _spec_and_state(model)
+    spec.validate()
+    spec_text = spec.to_json()
+    report_text = None
+    if report is not None:
+        try:
+            report_text = json.dumps(report, indent=2)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"report must be JSON-serialisable: {err}") from None
+    # safetensors needs contiguous CPU tensors that share no storage
+    tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in state.items()}
+
+    path = Path(path)
+    _check_replaceable(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        _write_text(staging / SPEC_FILENAME, spec_text)
+        save_file(tensors, str(staging / WEIGHTS_FILENAME),
+                  metadata={"format": "pt", "dcvit_spec_version": str(SPEC_VERSION)})
+        _fsync_file(staging / WEIGHTS_FILENAME)
+        if report_text is not None:
+            _write_text(staging / REPORT_FILENAME, report_text)
+        _move_into_place(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def _move_into_place(staging: Path, path: Path) -> None:
+    # rename() cannot replace a non-empty folder: move the old artifact aside first, and put
+    # it back if the final rename fails, so some complete artifact is always at `path`
+    if not path.exists():
+        os.replace(staging, path)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    os.rmdir(retired)
+    os.replace(path, retired)
+    try:
+        os.replace(staging, path)
+    except BaseException:
+        os.replace(retired, path)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def _artifact_folder(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no artifact at {path} (expected a folder written by dcvit_engine.save)")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} is not an artifact folder (expected a folder with "
+                                 f"{SPEC_FILENAME} and {WEIGHTS_FILENAME})")
+    return path
+
+
+def load_spec(path: str | os.PathLike) -> ViTSpec:
+    """The spec of the artifact folder at `path`."""
+    return ViTSpec.load(_artifact_folder(path))
+
+
+def load_report(path: str | os.PathLike) -> dict | None:
+    """The report saved with the artifact, or None when it was saved without one."""
+    file = _artifact_folder(path) / REPORT_FILENAME
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON ({err}); the artifact is corrupt") from None
+
+
+def _check_tensors(spec: ViTSpec, tensors: dict[str, torch.Tensor], file: Path) -> None:
+    expected = state_shapes(spec)
+    problems = []
+    for name in sorted(set(expected) - set(tensors)):
+        problems.append(f"missing {name} {expected[name]}")
+    for name in sorted(set(tensors) - set(expected)):
+        problems.append(f"unexpected {name} {tuple(tensors[name].shape)}")
+    for name in sorted(set(expected) & set(tensors)):
+        if tuple(tensors[name].shape) != expected[name]:
+            problems.append(f"{name} has shape {tuple(tensors[name].shape)}, spec needs {expected[name]}")
+        elif not tensors[name].is_floating_point():
+            problems.append(f"{name} has dtype {tensors[name].dtype}, expected floating point")
+    if problems:
+        raise ValueError(f"{file} does not match spec.json ({len(problems)} problem(s)): "
+                         + "; ".join(problems))
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> ViTReference:
+    """The ViTReference stored in the artifact folder at `path`, in eval mode on `device`."""
+    folder = _artifact_folder(path)
+    spec = load_spec(folder)
+    file = folder / WEIGHTS_FILENAME
+    if not file.is_file():
+        raise FileNotFoundError(f"{folder} has no {WEIGHTS_FILENAME}; the artifact is incomplete, re-save it")
+    try:
+        tensors = load_file(str(file), device=str(device))
+    except Exception as err:  # safetensors raises its own error types for corrupt headers/data
+        raise ValueError(f"{file} is not a readable safetensors file ({err}); the artifact is "
+                         "corrupt, re-save the model") from None
+    _check_tensors(spec, tensors, file)
+    with torch.device("meta"):  # weights come from the file; skip the random init
+        model = ViTReference(spec)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    return model.eval()

@@ -1,0 +1,214 @@
+"""Plain-PyTorch module built from a ViTSpec: the numerical reference for every backend.
+
+Parameter names equal timm's, so an uncompressed timm state dict loads with
+strict=True. Heads may be ragged (per-head q/k and v widths, packed qkv as the spec
+contract says), branches may be removed, and blocks may merge tokens.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .adapter import from_timm
+from .spec import AttentionSpec, BlockSpec, ViTSpec
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, spec: ViTSpec):
+        super().__init__()
+        # timm builds the patch projection without bias exactly when pre_norm is on
+        self.proj = nn.Conv2d(spec.in_chans, spec.embed_dim, spec.patch_size,
+                              stride=spec.patch_size, bias=not spec.pre_norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over kept heads of possibly different widths.
+
+    qkv rows are [q_0 | q_1 | ... | k_0 | k_1 | ... | v_0 | v_1 | ...]; proj columns
+    follow the v heads. The softmax scale comes from the spec (the teacher's), not
+    from the pruned width.
+    """
+
+    def __init__(self, dim: int, attn: AttentionSpec, norm_eps: float, prop_attn: bool):
+        super().__init__()
+        self.qk_dims, self.v_dims = list(attn.qk_dims), list(attn.v_dims)
+        self.scale = attn.scale
+        self.prop_attn = prop_attn
+        self.qkv = nn.Linear(dim, attn.qkv_out, bias=attn.qkv_bias)
+        if attn.qk_norm:
+            self.q_norm = nn.LayerNorm(attn.qk_dims[0], eps=norm_eps)
+            self.k_norm = nn.LayerNorm(attn.qk_dims[0], eps=norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        self.proj = nn.Linear(attn.v_total, dim, bias=attn.proj_bias)
+
+    def forward(self, x: torch.Tensor, size: torch.Tensor | None = None) -> torch.Tensor:
+        qk_total = sum(self.qk_dims)
+        q, k, v = self.qkv(x).split([qk_total, qk_total, sum(self.v_dims)], dim=-1)
+        bias = None
+        if self.prop_attn and size is not None:
+            # proportional attention: a key standing for s merged tokens gets weight s
+            bias = size.log().reshape(size.shape[0], 1, -1)
+        if len(set(self.qk_dims)) == 1 and len(set(self.v_dims)) == 1:
+            # equal widths: all heads in one batched matmul (B, H, N, d)
+            batch, tokens, heads = x.shape[0], x.shape[1], len(self.qk_dims)
+            q, k, v = (t.reshape(batch, tokens, heads, -1).transpose(1, 2) for t in (q, k, v))
+            out = self._attend(q, k, v, None if bias is None else bias.unsqueeze(1))
+            return self.proj(out.transpose(1, 2).reshape(batch, tokens, -1))
+        heads = [self._attend(qh, kh, vh, bias) for qh, kh, vh in zip(
+            q.split(self.qk_dims, -1), k.split(self.qk_dims, -1), v.split(self.v_dims, -1))]
+        return self.proj(torch.cat(heads, dim=-1))
+
+    def _attend(self, q, k, v, bias):
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        logits = (q * self.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        return logits.softmax(dim=-1) @ v
+
+
+class Block(nn.Module):
+    """Pre-norm block split in its two residual halves, because a merge sits between them."""
+
+    def __init__(self, spec: ViTSpec, block: BlockSpec):
+        super().__init__()
+        dim, eps = spec.embed_dim, spec.norm_eps
+        self.merge = block.merge
+        self.norm1 = self.attn = self.ls1 = None
+        self.norm2 = self.mlp = self.ls2 = None
+        if block.attn is not None:
+            self.norm1 = nn.LayerNorm(dim, eps=eps)
+            self.attn = Attention(dim, block.attn, eps, spec.prop_attn)
+            self.ls1 = LayerScale(dim) if block.layer_scale else None
+        if block.mlp_hidden:
+            self.norm2 = nn.LayerNorm(dim, eps=eps)
+            self.mlp = Mlp(dim, block.mlp_hidden)
+            self.ls2 = LayerScale(dim) if block.layer_scale else None
+
+    def attention_residual(self, x: torch.Tensor, size: torch.Tensor | None) -> torch.Tensor:
+        if self.attn is None:
+            return x
+        y = self.attn(self.norm1(x), size)
+        return x + (self.ls1(y) if self.ls1 is not None else y)
+
+    def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mlp is None:
+            return x
+        y = self.mlp(self.norm2(x))
+        return x + (self.ls2(y) if self.ls2 is not None else y)
+
+
+class ViTReference(nn.Module):
+    """A timm-compatible ViT computed exactly as its spec says (eval semantics of timm)."""
+
+    def __init__(self, spec: ViTSpec):
+        super().__init__()
+        spec.validate()
+        self.spec = spec
+        dim = spec.embed_dim
+        self.patch_embed = PatchEmbed(spec)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if spec.class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, dim)) if spec.dist_token else None
+        pos_len = spec.num_patches + (0 if spec.no_embed_class else spec.num_prefix_tokens)
+        self.pos_embed = nn.Parameter(torch.randn(1, pos_len, dim) * 0.02)
+        self.norm_pre = nn.LayerNorm(dim, eps=spec.norm_eps) if spec.pre_norm else None
+        self.blocks = nn.ModuleList(Block(spec, b) for b in spec.blocks)
+        self.norm = nn.LayerNorm(dim, eps=spec.norm_eps) if spec.final_norm else None
+        self.fc_norm = nn.LayerNorm(dim, eps=spec.norm_eps) if spec.fc_norm else None
+        has_head = spec.num_classes > 0
+        self.head = nn.Linear(dim, spec.num_classes) if has_head else None
+        self.head_dist = nn.Linear(dim, spec.num_classes) if has_head and spec.dist_token else None
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        spec = self.spec
+        expected = (spec.in_chans, *spec.img_size)
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"expected images of shape (B, {expected[0]}, {expected[1]}, {expected[2]}) "
+                             f"(in_chans, img_size of the spec), got {got}; resize the images")
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
+        if self.spec.no_embed_class:
+            return torch.cat(prefix + [x + self.pos_embed], dim=1)
+        return torch.cat(prefix + [x], dim=1) + self.pos_embed
+
+    def _merge(self, i: int, x: torch.Tensor, size: torch.Tensor | None):
+        """Apply block i's token merge; returns (x, size) with size (B, N, 1) token counts."""
+        raise NotImplementedError("token merging in the reference module needs dcvit_engine.ops merge ops")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens after the final norm, (B, N, D) with N after all merges."""
+        self._check_input(x)
+        x = self._pos_embed(self.patch_embed(x))
+        if self.norm_pre is not None:
+            x = self.norm_pre(x)
+        size = None  # merged-token counts; None until the first merge (all ones)
+        for i, block in enumerate(self.blocks):
+            x = block.attention_residual(x, size)
+            if block.merge is not None:
+                x, size = self._merge(i, x, size)
+            x = block.mlp_residual(x)
+        return self.norm(x) if self.norm is not None else x
+
+    def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        if spec.dist_token:
+            # timm's eval (and non-distilled training) output: mean of the two heads
+            x, x_dist = feats[:, 0], feats[:, 1]
+            if self.head is not None:
+                x, x_dist = self.head(x), self.head_dist(x_dist)
+            return (x + x_dist) / 2
+        if spec.global_pool == "token":
+            x = feats[:, 0]
+        elif spec.global_pool == "avg":
+            x = feats[:, spec.num_prefix_tokens:].mean(dim=1)
+        else:
+            x = feats
+        if self.fc_norm is not None:
+            x = self.fc_norm(x)
+        return self.head(x) if self.head is not None else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def state_shapes(spec: ViTSpec) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor a model with this spec has (timm names)."""
+    with torch.device("meta"):
+        module = ViTReference(spec)
+    return {name: tuple(t.shape) for name, t in module.state_dict().items()}
+
+
+def reference_from_timm(model: nn.Module) -> ViTReference:
+    """The reference module of a timm ViT, with its weights, on its device and dtype, in eval mode."""
+    spec, state = from_timm(model)
+    with torch.device("meta"):  # skip a random init that the timm weights overwrite anyway
+        reference = ViTReference(spec)
+    reference.load_state_dict(state, strict=True, assign=True)
+    return reference.eval()
