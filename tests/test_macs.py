@@ -1,0 +1,162 @@
+import pytest
+import timm
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from dcvit_engine.macs import attention_macs, block_macs, count_macs, mlp_macs
+from dcvit_engine.reference import ViTReference, reference_from_timm
+from dcvit_engine.spec import AttentionSpec, BlockSpec, MergeSpec, ViTSpec
+
+
+def make_spec(blocks, **overrides) -> ViTSpec:
+    fields = dict(img_size=(24, 40), patch_size=8, in_chans=3, embed_dim=24, num_classes=7,
+                  class_token=True, dist_token=False, global_pool="token", fc_norm=False,
+                  pre_norm=False, final_norm=True, no_embed_class=False, norm_eps=1e-6,
+                  prop_attn=False)
+    fields.update(overrides)
+    return ViTSpec(blocks=blocks, **fields).validate()
+
+
+def full_blocks(depth=3, heads=3, head_dim=8, hidden=96, **attn_kw):
+    return [BlockSpec(AttentionSpec([head_dim] * heads, [head_dim] * heads, head_dim ** -0.5,
+                                    **attn_kw), hidden) for _ in range(depth)]
+
+
+def pruned_blocks():
+    return [
+        BlockSpec(AttentionSpec([16, 5, 11], [16, 7, 3], 0.25), 37, layer_scale=True),
+        BlockSpec(None, 50),
+        BlockSpec(AttentionSpec([8, 8], [3, 8], 8 ** -0.5, qkv_bias=False, proj_bias=False,
+                                qk_norm=True), 0),
+        BlockSpec(None, 0),
+        BlockSpec(AttentionSpec([3], [5], 0.25), 13),
+    ]
+
+
+SPECS = {
+    "full": lambda: make_spec(full_blocks()),
+    "pruned": lambda: make_spec(pruned_blocks()),
+    "distilled": lambda: make_spec(pruned_blocks(), dist_token=True),
+    "avg_fc_norm_pre_norm": lambda: make_spec(full_blocks(), class_token=False, global_pool="avg",
+                                              fc_norm=True, final_norm=False, pre_norm=True),
+    "no_pool_no_embed_class": lambda: make_spec(pruned_blocks(), global_pool="", no_embed_class=True),
+    "no_head_odd_size": lambda: make_spec(full_blocks(2, 4, 5, 33), num_classes=0, img_size=(33, 17),
+                                          in_chans=2),
+}
+
+
+def hook_count(model: ViTReference, x: torch.Tensor):
+    """MACs per image measured on the module: forward hooks on every Linear / Conv2d, and
+    torch's FlopCounterMode (which sees every matmul) for the two attention matmuls."""
+    per_module = {}
+
+    def hook(name):
+        def count(module, inputs, output):
+            if isinstance(module, nn.Linear):
+                macs = inputs[0].numel() // module.in_features * module.in_features * module.out_features
+            else:
+                kh, kw = module.kernel_size
+                macs = output.numel() * module.in_channels // module.groups * kh * kw
+            per_module[name] = per_module.get(name, 0) + macs // x.shape[0]
+        return count
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
+               if isinstance(m, (nn.Linear, nn.Conv2d))]
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    all_matmuls = counter.get_total_flops() // 2 // x.shape[0]
+    return per_module, all_matmuls - sum(per_module.values())
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_analytic_count_equals_hook_count(name):
+    spec = SPECS[name]()
+    model = ViTReference(spec).eval()
+    per_module, attention_matmuls = hook_count(model, torch.randn(2, spec.in_chans, *spec.img_size))
+    report = count_macs(spec)
+    assert report.total == sum(per_module.values()) + attention_matmuls
+    assert report.attention_matmuls == attention_matmuls
+    assert report.patch_embed == per_module["patch_embed.proj"]
+    assert report.head == per_module.get("head", 0) + per_module.get("head_dist", 0)
+    for i, b in enumerate(report.blocks):
+        pre = f"blocks.{i}."
+        assert b.qkv == per_module.get(pre + "attn.qkv", 0)
+        assert b.proj == per_module.get(pre + "attn.proj", 0)
+        assert b.fc1 == per_module.get(pre + "mlp.fc1", 0)
+        assert b.fc2 == per_module.get(pre + "mlp.fc2", 0)
+
+
+def test_deit_base_is_17_6_gmacs():
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        model = timm.create_model("deit_base_patch16_224", pretrained=False)
+    report = count_macs(model)
+    assert report.total == 17_563_828_224
+    assert abs(report.total - 17.56e9) / 17.56e9 < 1e-3
+    block = report.blocks[0]
+    n, d = 197, 768
+    assert (block.tokens, block.attn, block.mlp) == (n, n * d * 3 * d + 2 * n * n * d + n * d * d,
+                                                     2 * n * d * 4 * d)
+    assert report.patch_embed == 196 * 768 * 768 and report.head == 768 * 1000
+    # the thop view (Linear + Conv + LayerNorm, no attention matmuls)
+    assert report.thop_style == report.total - 12 * 2 * 197 * 197 * 768 + report.layernorm
+
+
+def test_count_macs_accepts_timm_reference_and_path(tmp_path):
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48,
+                              depth=2, num_heads=3, num_classes=5, weight_init="skip")
+    spec = reference_from_timm(model).spec
+    (tmp_path / "spec.json").write_text(spec.to_json())
+    expected = count_macs(spec)
+    assert count_macs(model) == expected
+    assert count_macs(ViTReference(spec)) == expected
+    assert count_macs(tmp_path) == expected and count_macs(str(tmp_path / "spec.json")) == expected
+    with pytest.raises(TypeError, match="count_macs expects"):
+        count_macs(42)
+
+
+def test_layernorm_reported_separately():
+    spec = make_spec(pruned_blocks(), pre_norm=True)
+    report = count_macs(spec)
+    tokens, dim = 1 + 15, 24
+    elements = (tokens * dim                     # norm_pre
+                + tokens * dim * 3 + tokens * dim * 3  # norm1 of blocks 0, 2, 4; norm2 of 0, 1, 4
+                + 2 * tokens * 16                # q_norm and k_norm of block 2
+                + tokens * dim)                  # final norm
+    assert report.layernorm == 4 * elements
+    assert report.total == report.patch_embed + report.head + sum(b.total for b in report.blocks)
+
+
+def test_block_helpers_give_a_and_f():
+    spec = make_spec(full_blocks(hidden=96))
+    b = block_macs(spec, 1)
+    n, d = 16, 24
+    assert b.attn == attention_macs(spec.blocks[1].attn, d, n) == n * d * 72 + 2 * n * n * 24 + n * 24 * d
+    assert b.mlp == mlp_macs(d, 96, n) == 2 * n * d * 96
+    assert block_macs(spec, 1, tokens=197).attn == attention_macs(spec.blocks[1].attn, d, 197)
+    assert attention_macs(None, d, n) == 0
+    with pytest.raises(IndexError):
+        block_macs(spec, 3)
+
+
+def test_merges_shrink_later_blocks():
+    blocks = full_blocks(depth=4)
+    blocks[0].merge = MergeSpec("tome", r=3)
+    spec = make_spec(blocks, img_size=(40, 40))  # 1 + 25 tokens
+    report = count_macs(spec)
+    assert [(b.tokens, b.mlp_tokens) for b in report.blocks] == [(26, 23), (23, 23), (23, 23), (23, 23)]
+    d, attn = 24, spec.blocks[0].attn
+    assert report.blocks[0].attn == attention_macs(attn, d, 26)
+    assert report.blocks[0].mlp == mlp_macs(d, 96, 23)
+    with pytest.raises(ValueError, match="merges tokens"):
+        block_macs(spec, 0, tokens=50)
+
+    atme = full_blocks(depth=2)
+    atme[0].merge = MergeSpec("atme", axis="w")
+    report = count_macs(make_spec(atme, img_size=(40, 40), global_pool=""))  # 5x5 -> 5x3
+    assert [(b.tokens, b.mlp_tokens) for b in report.blocks] == [(26, 16), (16, 16)]
+    assert report.head == 16 * 24 * 7  # no pooling: the head sees every token
