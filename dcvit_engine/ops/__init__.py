@@ -1,0 +1,8 @@
+"""Fused ops with one schema and several backends (torch, cpu, cuda, triton).
+
+See dcvit_engine.ops.dispatch for how a backend is chosen.
+"""
+from dcvit_engine.ops.dispatch import BACKENDS, ENV_VAR, BackendUnavailableError
+from dcvit_engine.ops.mlp_block import mlp_block, mlp_block_backends
+
+__all__ = ["BACKENDS", "ENV_VAR", "BackendUnavailableError", "mlp_block", "mlp_block_backends"]
