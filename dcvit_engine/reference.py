@@ -6,6 +6,8 @@ contract says), branches may be removed, and blocks may merge tokens.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -128,8 +130,8 @@ class ViTReference(nn.Module):
 
     def __init__(self, spec: ViTSpec):
         super().__init__()
-        spec.validate()
-        self.spec = spec
+        # a private copy: editing the caller's spec later must not desync it from the weights
+        self.spec = copy.deepcopy(spec.validate())
         dim = spec.embed_dim
         self.patch_embed = PatchEmbed(spec)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if spec.class_token else None
