@@ -4,7 +4,7 @@ Every matmul is counted: patch embedding, qkv, QK^T, A.V, proj, fc1, fc2, head a
 head_dist. LayerNorm is reported separately (thop's convention: 2 ops per element,
 doubled for the affine part) and is not in the total. Token merging is accounted
 for through the token schedule; the matching cost of a merge itself is not counted
-(ToMe and CAIT report it the same way).
+(as the ToMe paper counts it).
 """
 from __future__ import annotations
 
