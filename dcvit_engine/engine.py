@@ -1,0 +1,391 @@
+"""The engine: a spec's ViT run through dcvit_engine's fused ops.
+
+build_engine() takes a timm VisionTransformer, a ViTReference or an artifact folder and
+prepares the weights once (cast to the run dtype, moved, made contiguous, prefix tokens
+with their position embedding pre-added). Engine.forward computes exactly what
+ViTReference computes: patch embedding, prefix tokens + position embedding, per block the
+attention residual, the token merge and the MLP residual, the final norm, pooling and
+head(s). On a CUDA device each batch size is captured once as a CUDA graph and replayed.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+from .adapter import from_timm
+from .ops.dispatch import requested_backend
+from .reference import ViTReference
+from .spec import MergeSpec, ViTSpec, merge_schedule
+
+GRAPH_WARMUP_RUNS = 3  # eager runs on a side stream before capture (cuBLAS/Triton autotune, lazy init)
+
+
+@dataclass(frozen=True)
+class HeadGroup:
+    """Consecutive kept heads sharing one q/k width and one v width (one SDPA call)."""
+    heads: int
+    qk_dim: int
+    v_dim: int
+
+
+def group_heads(qk_dims: list[int], v_dims: list[int]) -> tuple[list[int], list[HeadGroup]]:
+    """A head order in which equal-shaped heads are adjacent, and the resulting groups.
+
+    Heads are independent, so permuting them (qkv rows and proj columns together) does not
+    change the block's output; it turns ragged heads into few uniform batched calls.
+    """
+    order = sorted(range(len(qk_dims)), key=lambda h: (qk_dims[h], v_dims[h], h))
+    groups: list[HeadGroup] = []
+    for h in order:
+        shape = (qk_dims[h], v_dims[h])
+        if groups and (groups[-1].qk_dim, groups[-1].v_dim) == shape:
+            groups[-1] = HeadGroup(groups[-1].heads + 1, *shape)
+        else:
+            groups.append(HeadGroup(1, *shape))
+    return order, groups
+
+
+def _head_permutation(order: list[int], qk_dims: list[int], v_dims: list[int]):
+    """Row index of the permuted packed qkv, and column index of the permuted proj."""
+    qk_total = sum(qk_dims)
+
+    def ranges(dims, base):
+        starts = [base + sum(dims[:h]) for h in range(len(dims))]
+        return [i for h in order for i in range(starts[h], starts[h] + dims[h])]
+
+    v_cols = ranges(v_dims, 0)
+    rows = ranges(qk_dims, 0) + ranges(qk_dims, qk_total) + [2 * qk_total + c for c in v_cols]
+    return torch.tensor(rows), torch.tensor(v_cols)
+
+
+class EngineBlock(nn.Module):
+    """One block's prepared weights and static structure (head groups, merge, grid)."""
+
+    def __init__(self, spec: ViTSpec, index: int, state: dict, prepare, grid_in):
+        super().__init__()
+        block = spec.blocks[index]
+        name = f"blocks.{index}."
+        self.eps = spec.norm_eps
+        self.merge: MergeSpec | None = block.merge
+        self.grid_in = grid_in  # patch grid entering the block (None after a ToMe merge)
+        self.has_attn = block.attn is not None
+        self.has_mlp = block.mlp_hidden > 0
+        self.qk_norm = False
+        if self.has_attn:
+            attn = block.attn
+            order, self.head_groups = group_heads(attn.qk_dims, attn.v_dims)
+            self.qk_dims = [attn.qk_dims[h] for h in order]
+            self.v_dims = [attn.v_dims[h] for h in order]
+            self.scale = float(attn.scale)
+            self.qk_norm = attn.qk_norm
+            rows, cols = _head_permutation(order, attn.qk_dims, attn.v_dims)
+            self.register_buffer("norm1_weight", prepare(state[name + "norm1.weight"]))
+            self.register_buffer("norm1_bias", prepare(state[name + "norm1.bias"]))
+            self.register_buffer("qkv_weight", prepare(state[name + "attn.qkv.weight"][rows]))
+            qkv_bias = state.get(name + "attn.qkv.bias")
+            self.register_buffer("qkv_bias", None if qkv_bias is None else prepare(qkv_bias[rows]))
+            self.register_buffer("proj_weight", prepare(state[name + "attn.proj.weight"][:, cols]))
+            self.register_buffer("proj_bias", _optional(state, name + "attn.proj.bias", prepare))
+            self.register_buffer("ls1", _optional(state, name + "ls1.gamma", prepare))
+            for norm in ("q_norm", "k_norm"):
+                for part in ("weight", "bias"):
+                    self.register_buffer(f"{norm}_{part}", _optional(state, f"{name}attn.{norm}.{part}", prepare))
+        if self.has_mlp:
+            for key, buffer in (("norm2.weight", "norm2_weight"), ("norm2.bias", "norm2_bias"),
+                                ("mlp.fc1.weight", "fc1_weight"), ("mlp.fc1.bias", "fc1_bias"),
+                                ("mlp.fc2.weight", "fc2_weight"), ("mlp.fc2.bias", "fc2_bias")):
+                self.register_buffer(buffer, prepare(state[name + key]))
+            self.register_buffer("ls2", _optional(state, name + "ls2.gamma", prepare))
+
+    def extra_repr(self) -> str:
+        parts = []
+        if self.has_attn:
+            parts.append("attn " + ", ".join(f"{g.heads}x(qk {g.qk_dim}, v {g.v_dim})" for g in self.head_groups))
+        if self.merge is not None:
+            parts.append(f"merge {self.merge.kind} " + (f"r={self.merge.r}" if self.merge.kind == "tome"
+                                                        else f"axis={self.merge.axis}"))
+        if self.has_mlp:
+            parts.append(f"mlp {self.fc1_weight.shape[0]}")
+        return "; ".join(parts) or "identity"
+
+
+def _optional(state: dict, key: str, prepare):
+    tensor = state.get(key)
+    return None if tensor is None else prepare(tensor)
+
+
+def attention_residual(block: EngineBlock, x: torch.Tensor, key_bias: torch.Tensor | None,
+                       want_keys: bool, backend: str | None):
+    """x + gamma * proj(MHA(LN(x))) with the block's (grouped) heads; also its keys (B, N,
+    qk_total) when want_keys, for a ToMe/ATME merge metric. The one place attention runs.
+
+    Attention runs through torch's scaled_dot_product_attention, one call per head group;
+    the projections are plain GEMMs (fused epilogues come with the attention_block op).
+    """
+    h = F.layer_norm(x, (x.shape[-1],), block.norm1_weight, block.norm1_bias, block.eps)
+    qk_total = sum(block.qk_dims)
+    q, k, v = F.linear(h, block.qkv_weight, block.qkv_bias).split(
+        [qk_total, qk_total, sum(block.v_dims)], dim=-1)
+    mask = None if key_bias is None else key_bias[:, None, None, :].to(x.dtype)
+    outputs = []
+    qk_start = v_start = 0
+    for group in block.head_groups:
+        qk_width, v_width = group.heads * group.qk_dim, group.heads * group.v_dim
+        qg, kg = (t[..., qk_start:qk_start + qk_width].unflatten(-1, (group.heads, group.qk_dim))
+                  .transpose(1, 2) for t in (q, k))
+        vg = v[..., v_start:v_start + v_width].unflatten(-1, (group.heads, group.v_dim)).transpose(1, 2)
+        if block.qk_norm:
+            qg = F.layer_norm(qg, (group.qk_dim,), block.q_norm_weight, block.q_norm_bias, block.eps)
+            kg = F.layer_norm(kg, (group.qk_dim,), block.k_norm_weight, block.k_norm_bias, block.eps)
+        out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=block.scale)
+        outputs.append(out.transpose(1, 2).flatten(2))
+        qk_start += qk_width
+        v_start += v_width
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+    y = F.linear(out, block.proj_weight, block.proj_bias)
+    x = x + (y * block.ls1 if block.ls1 is not None else y)
+    return x, (k if want_keys else None)
+
+
+class Engine(nn.Module):
+    """A ViT prepared for inference with dcvit_engine's ops; call it on (B, C, H, W) images.
+
+    Use build_engine() to make one. Buffers are fixed at build time (dtype, device); the
+    forward pass has no autograd state. On CUDA, `cuda_graphs` captures one graph per batch
+    size on first use and replays it (the output is a fresh tensor each call).
+    """
+
+    def __init__(self, spec: ViTSpec, state: dict[str, torch.Tensor], *, backend: str | None,
+                 dtype: torch.dtype, device: torch.device, cuda_graphs: bool, compile: bool):
+        super().__init__()
+        self.spec = copy.deepcopy(spec.validate())
+        self.backend = backend
+        self.dtype = dtype
+        self.device = device
+        self.cuda_graphs = cuda_graphs and device.type == "cuda"
+
+        def prepare(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.detach().to(device=device, dtype=dtype).contiguous()
+
+        self.register_buffer("patch_weight", prepare(state["patch_embed.proj.weight"]))
+        self.register_buffer("patch_bias", _optional(state, "patch_embed.proj.bias", prepare))
+        pos = prepare(state["pos_embed"])
+        prefix = [prepare(state[k]) for k in ("cls_token", "dist_token") if k in state]
+        num_prefix = spec.num_prefix_tokens
+        if not spec.no_embed_class and num_prefix:
+            # the prefix tokens' position embedding is constant: add it once, here
+            prefix = [t + pos[:, i:i + 1] for i, t in enumerate(prefix)]
+            pos = pos[:, num_prefix:].contiguous()
+        self.register_buffer("prefix_tokens", torch.cat(prefix, dim=1).contiguous() if prefix else None)
+        self.register_buffer("pos_embed", pos)
+        for norm in ("norm_pre", "norm", "fc_norm"):
+            self.register_buffer(f"{norm}_weight", _optional(state, f"{norm}.weight", prepare))
+            self.register_buffer(f"{norm}_bias", _optional(state, f"{norm}.bias", prepare))
+        for head in ("head", "head_dist"):
+            self.register_buffer(f"{head}_weight", _optional(state, f"{head}.weight", prepare))
+            self.register_buffer(f"{head}_bias", _optional(state, f"{head}.bias", prepare))
+        schedule = merge_schedule(self.spec)
+        self.blocks = nn.ModuleList(EngineBlock(self.spec, i, state, prepare, schedule[i][2])
+                                    for i in range(spec.depth))
+        self._graphs: dict[int, _CapturedGraph] = {}
+        self._graph_pool = None
+        self._run = torch.compile(self.forward_eager, fullgraph=True, dynamic=False) if compile \
+            else self.forward_eager
+
+    def extra_repr(self) -> str:
+        return (f"backend={self.backend or 'auto'}, dtype={self.dtype}, device={self.device}, "
+                f"cuda_graphs={self.cuda_graphs}")
+
+    # ---- input checks -------------------------------------------------------------
+    def check_images(self, images) -> None:
+        """Raise ValueError/TypeError saying what this model expects."""
+        spec = self.spec
+        expected = f"(B, {spec.in_chans}, {spec.img_size[0]}, {spec.img_size[1]})"
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"expected a tensor of images {expected}, got {type(images).__name__}")
+        if images.dim() != 4 or images.shape[1] != spec.in_chans or \
+                tuple(images.shape[2:]) != tuple(spec.img_size):
+            raise ValueError(f"this model expects images of shape {expected} ({spec.in_chans} channels, "
+                             f"{spec.img_size[0]}x{spec.img_size[1]} pixels), got {tuple(images.shape)}; "
+                             "resize/convert the images (dcvit_engine.data does this for image folders)")
+        if images.shape[0] == 0:
+            raise ValueError("got an empty batch (0 images)")
+        if images.dtype != self.dtype:
+            hint = " (normalise integer images to float first)" if not images.is_floating_point() else ""
+            raise ValueError(f"this engine runs in {self.dtype} but the images are {images.dtype}; "
+                             f"pass images.to({self.dtype}){hint}")
+        if images.device != self.device:
+            raise ValueError(f"this engine runs on {self.device} but the images are on {images.device}; "
+                             f"pass images.to('{self.device}')")
+
+    # ---- forward ------------------------------------------------------------------
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits (B, num_classes), or pooled features when the model has no head."""
+        self.check_images(images)
+        if self.cuda_graphs and not torch.compiler.is_compiling():
+            return self._replay(images)
+        return self._run(images)
+
+    def forward_eager(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(images))
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Tokens after the final norm, (B, N, D) with N after all merges (no input checks)."""
+        spec, backend = self.spec, self.backend
+        x = F.conv2d(images, self.patch_weight, self.patch_bias, stride=spec.patch_size)
+        x = x.flatten(2).transpose(1, 2) + self.pos_embed
+        if self.prefix_tokens is not None:
+            x = torch.cat([self.prefix_tokens.expand(x.shape[0], -1, -1), x], dim=1)
+        if self.norm_pre_weight is not None:
+            x = F.layer_norm(x, (spec.embed_dim,), self.norm_pre_weight, self.norm_pre_bias, spec.norm_eps)
+        size = None  # tokens each token stands for, (B, N, 1); None until the first merge
+        for block in self.blocks:
+            keys = None
+            if block.has_attn:
+                key_bias = size.log().squeeze(-1) if spec.prop_attn and size is not None else None
+                x, keys = attention_residual(block, x, key_bias, block.merge is not None, backend)
+            if block.merge is not None:
+                x, size = self._merge(block, x, keys, size)
+            if block.has_mlp:
+                x = ops.mlp_block(x, block.norm2_weight, block.norm2_bias, block.fc1_weight,
+                                  block.fc1_bias, block.fc2_weight, block.fc2_bias,
+                                  eps=spec.norm_eps, gamma=block.ls2, backend=backend)
+        if self.norm_weight is not None:
+            x = F.layer_norm(x, (spec.embed_dim,), self.norm_weight, self.norm_bias, spec.norm_eps)
+        return x
+
+    def _merge(self, block: EngineBlock, x, keys, size):
+        spec, merge = self.spec, block.merge
+        # the merge metric is the block's attention keys (ToMe); a block without attention
+        # has none, so its tokens themselves are compared
+        metric = keys if keys is not None else x
+        if merge.kind == "tome":
+            return ops.bipartite_merge(x, metric, merge.r, size=size, class_token=spec.class_token,
+                                       distill_token=spec.dist_token, backend=self.backend)
+        x, size, _ = ops.atme_merge(x, metric, block.grid_in, merge.axis,
+                                    num_prefix_tokens=spec.num_prefix_tokens, size=size,
+                                    backend=self.backend)
+        return x, size
+
+    def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        if spec.dist_token:
+            # timm's eval output of a distilled model: the mean of the two heads
+            x, x_dist = feats[:, 0], feats[:, 1]
+            if self.head_weight is not None:
+                x = F.linear(x, self.head_weight, self.head_bias)
+                x_dist = F.linear(x_dist, self.head_dist_weight, self.head_dist_bias)
+            return (x + x_dist) / 2
+        if spec.global_pool == "token":
+            x = feats[:, 0]
+        elif spec.global_pool == "avg":
+            x = feats[:, spec.num_prefix_tokens:].mean(dim=1)
+        else:
+            x = feats
+        if self.fc_norm_weight is not None:
+            x = F.layer_norm(x, (spec.embed_dim,), self.fc_norm_weight, self.fc_norm_bias, spec.norm_eps)
+        return F.linear(x, self.head_weight, self.head_bias) if self.head_weight is not None else x
+
+    # ---- CUDA graphs ----------------------------------------------------------------
+    def _replay(self, images: torch.Tensor) -> torch.Tensor:
+        graph = self._graphs.get(images.shape[0])
+        if graph is None:
+            graph = self._capture(images)
+            self._graphs[images.shape[0]] = graph
+        graph.static_input.copy_(images)
+        graph.graph.replay()
+        # the static output is overwritten by the next replay: hand out a copy
+        return graph.static_output.clone()
+
+    @torch.no_grad()
+    def _capture(self, images: torch.Tensor) -> "_CapturedGraph":
+        static_input = images.detach().clone(memory_format=torch.contiguous_format)
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(GRAPH_WARMUP_RUNS):
+                self._run(static_input)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            static_output = self._run(static_input)
+        return _CapturedGraph(graph, static_input, static_output)
+
+    def clear_graphs(self) -> None:
+        """Free the captured graphs (they are recaptured on the next call)."""
+        self._graphs.clear()
+
+
+@dataclass
+class _CapturedGraph:
+    graph: "torch.cuda.CUDAGraph"
+    static_input: torch.Tensor
+    static_output: torch.Tensor
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float64": torch.float64}
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    """torch.dtype from a dtype or a name such as 'bf16' / 'float16'."""
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point type, got {dtype}")
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+
+
+def _resolve_device(device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device} requested but CUDA is not available here; use device='cpu'")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _source_spec_state(source) -> tuple[ViTSpec, dict[str, torch.Tensor]]:
+    if isinstance(source, ViTReference):
+        return source.spec, dict(source.state_dict())
+    if isinstance(source, (str, os.PathLike)):
+        from .artifact import load  # layer 3, only needed for this source
+        reference = load(source)
+        return reference.spec, dict(reference.state_dict())
+    if isinstance(source, nn.Module):
+        return from_timm(source)  # raises UnsupportedModelError for anything else
+    raise TypeError(f"build_engine takes a timm VisionTransformer, a ViTReference or an artifact "
+                    f"folder path, got {type(source).__name__}")
+
+
+def build_engine(model_or_artifact, backend: str | None = None, dtype=None, device=None, *,
+                 cuda_graphs: bool = True, compile: bool = False) -> Engine:
+    """An Engine for a timm ViT, a ViTReference or an artifact folder.
+
+    backend: torch | cpu | cuda | triton for every op, or None/'auto' to let each op choose
+    (DCVIT_BACKEND applies then). dtype: torch dtype or name ('fp16', 'bf16', ...), default
+    the model's. device: default the model's (artifacts load on the CPU). cuda_graphs:
+    capture and replay a CUDA graph per batch size on CUDA devices. compile: run the forward
+    through torch.compile(fullgraph=True) (inside the CUDA graph when both are on).
+    """
+    spec, state = _source_spec_state(model_or_artifact)
+    requested_backend(backend)  # rejects unknown backend names with the list of choices
+    reference_tensor = state["pos_embed"]
+    dtype = parse_dtype(dtype) if dtype is not None else reference_tensor.dtype
+    device = _resolve_device(device if device is not None else reference_tensor.device)
+    if device.type == "meta":
+        raise ValueError("the model's weights are on the meta device; load real weights first")
+    return Engine(spec, state, backend=None if backend == "auto" else backend, dtype=dtype,
+                  device=device, cuda_graphs=cuda_graphs, compile=compile).eval()
