@@ -1,0 +1,55 @@
+"""`dcvit bench`: images/s and latency of the engine on an artifact or a timm model (random
+weights), median of repeats after warm-up (compilation and CUDA graph capture happen in
+the warm-up)."""
+import json
+
+import torch
+
+from dcvit_engine.cli.model_args import add_model_arguments, model_from_args
+from dcvit_engine.engine import build_engine, parse_dtype
+from dcvit_engine.macs import count_macs
+from dcvit_engine.ops import BACKENDS
+from dcvit_engine.throughput import measure_throughput
+
+
+def register(subparsers):
+    parser = subparsers.add_parser("bench", help="measure the engine's images/s and latency",
+                                   description=__doc__)
+    add_model_arguments(parser)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--dtype", default=None, help="float32 | bf16 | fp16 (default: bf16 on CUDA, float32 on CPU)")
+    parser.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--compile", action="store_true", help="run the engine through torch.compile")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="do not capture CUDA graphs")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(func=run)
+
+
+def run(args):
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = parse_dtype(args.dtype or ("bf16" if device.type == "cuda" else "float32"))
+    model, name = model_from_args(args)
+    engine = build_engine(model, backend=args.backend, dtype=dtype, device=device,
+                          cuda_graphs=not args.no_cuda_graphs, compile=args.compile)
+    spec = engine.spec
+    images = torch.randn(args.batch_size, spec.in_chans, *spec.img_size, device=device, dtype=dtype)
+    timing = measure_throughput(engine, images, warmup=args.warmup, repeats=args.repeats)
+    macs = count_macs(spec).total
+    result = dict(model=name, device=str(device), dtype=str(dtype).removeprefix("torch."),
+                  backend=args.backend, compile=args.compile, cuda_graphs=engine.cuda_graphs,
+                  gmacs_per_image=macs / 1e9, **timing.to_dict())
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{name} on {device} ({result['dtype']}, backend {args.backend}"
+          f"{', compiled' if args.compile else ''}{', CUDA graphs' if engine.cuda_graphs else ''}), "
+          f"{macs / 1e9:.3f} GMACs/image")
+    print(f"batch {args.batch_size}: {timing.images_per_s:.1f} images/s, latency median "
+          f"{timing.median_ms:.3f} ms (min {timing.min_ms:.3f}, max {timing.max_ms:.3f}) over "
+          f"{timing.repeats} repeats after {args.warmup} warm-up")
+    return 0

@@ -1,0 +1,24 @@
+"""`dcvit info`: per-block structure (heads kept, q/k and v widths, MLP hidden, merge),
+MACs and parameters of an artifact or a timm model, as a table or JSON."""
+import json
+
+from dcvit_engine.cli.model_args import add_model_arguments, spec_from_args
+from dcvit_engine.summary import format_summary, model_summary
+
+
+def register(subparsers):
+    parser = subparsers.add_parser("info", help="show a model's per-block structure, MACs and parameters",
+                                   description=__doc__)
+    add_model_arguments(parser, weights=False)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(func=run)
+
+
+def run(args):
+    spec, name = spec_from_args(args)
+    summary = model_summary(spec)
+    if args.json:
+        print(json.dumps(dict(summary, model=name), indent=2))
+    else:
+        print(format_summary(summary, name))
+    return 0

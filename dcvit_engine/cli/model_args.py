@@ -1,0 +1,38 @@
+"""Model-source arguments shared by the commands: ARTIFACT, or --model NAME with options."""
+import argparse
+
+from dcvit_engine.models import describe_source, parse_model_kwargs, resolve_model, resolve_spec
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, weights: bool = True) -> None:
+    """ARTIFACT (positional, optional) | --model NAME [--model-kwargs JSON]; with `weights`
+    also --checkpoint and --pretrained for a timm model."""
+    parser.add_argument("artifact", nargs="?", default=None, metavar="ARTIFACT",
+                        help="artifact folder (spec.json + model.safetensors)")
+    parser.add_argument("--model", default=None, metavar="NAME",
+                        help="timm model name instead of an artifact (e.g. deit_small_patch16_224)")
+    parser.add_argument("--model-kwargs", default=None, metavar="JSON",
+                        help='timm create_model keyword arguments, e.g. \'{"img_size": 32, "depth": 3}\'')
+    if weights:
+        parser.add_argument("--checkpoint", default=None, metavar="FILE",
+                            help="state dict file for the timm model (default: random weights)")
+        parser.add_argument("--pretrained", action="store_true",
+                            help="download timm's pretrained weights for --model")
+
+
+def _source(args) -> dict:
+    return dict(artifact=args.artifact, model_name=args.model,
+                model_kwargs=parse_model_kwargs(args.model_kwargs) or None)
+
+
+def model_from_args(args):
+    """The ViTReference named by the arguments, and a printable name."""
+    source = _source(args)
+    model = resolve_model(**source, checkpoint=args.checkpoint, pretrained=args.pretrained)
+    return model, describe_source(**source)
+
+
+def spec_from_args(args):
+    """Only the spec named by the arguments (no weights), and a printable name."""
+    source = _source(args)
+    return resolve_spec(**source), describe_source(**source)

@@ -1,0 +1,102 @@
+"""Which model a command means: an artifact folder or a timm model name.
+
+The CLI and the benchmarks name models either way; this module turns that into a
+ViTReference (weights) or just a ViTSpec (structure), with clear errors for a missing
+artifact, an unknown timm name (with close matches) or keyword arguments timm rejects.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .artifact import load, load_spec
+from .reference import ViTReference, reference_from_timm
+from .spec import ViTSpec
+
+
+def parse_model_kwargs(text: str | None) -> dict:
+    """The --model-kwargs JSON object (e.g. '{"img_size": 32, "depth": 3}') as a dict."""
+    if text is None or text == "":
+        return {}
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"model kwargs must be a JSON object such as '{{\"img_size\": 32}}': {err}") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"model kwargs must be a JSON object, got {type(kwargs).__name__}")
+    return kwargs
+
+
+def _check_choice(artifact, model_name) -> None:
+    if (artifact is None) == (model_name is None):
+        raise ValueError("name exactly one model: an artifact folder, or a timm model name (--model)")
+
+
+def _create_timm(model_name: str, model_kwargs: dict | None, checkpoint, pretrained: bool,
+                 device: str | torch.device):
+    import timm
+
+    if not timm.is_model(model_name):
+        close = difflib.get_close_matches(model_name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"; close matches: {', '.join(close)}" if close else \
+            "; see timm.list_models('*vit*') for ViT/DeiT names"
+        raise ValueError(f"unknown timm model {model_name!r}{hint}")
+    kwargs = dict(model_kwargs or {})
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"checkpoint {checkpoint} not found (expected a .pth/.pt/.safetensors "
+                                    "state dict of the timm model)")
+        kwargs["checkpoint_path"] = str(checkpoint)
+    try:
+        with torch.device(device):
+            model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    except TypeError as err:  # a keyword the model class does not take
+        raise ValueError(f"timm rejected the model kwargs {model_kwargs} for {model_name}: {err}") from None
+    except RuntimeError as err:  # shape mismatch between the checkpoint and the model
+        if checkpoint is None:
+            raise
+        raise ValueError(f"checkpoint {checkpoint} does not fit {model_name} "
+                         f"with kwargs {model_kwargs or {}}: {err}") from None
+    return model.eval()
+
+
+def resolve_model(artifact: str | os.PathLike | None = None, model_name: str | None = None,
+                  model_kwargs: dict | None = None, checkpoint: str | os.PathLike | None = None,
+                  pretrained: bool = False) -> ViTReference:
+    """The model as a ViTReference (eval mode, CPU): from an artifact folder, or a timm
+    model built with `model_kwargs`, random weights unless `checkpoint` (a timm state
+    dict file) or `pretrained` (timm's download) give real ones."""
+    _check_choice(artifact, model_name)
+    if artifact is not None:
+        if model_kwargs or checkpoint is not None or pretrained:
+            raise ValueError("an artifact carries its own structure and weights; model kwargs, "
+                             "checkpoint and pretrained apply only to a timm model name")
+        return load(artifact)
+    return reference_from_timm(_create_timm(model_name, model_kwargs, checkpoint, pretrained, "cpu"))
+
+
+def resolve_spec(artifact: str | os.PathLike | None = None, model_name: str | None = None,
+                 model_kwargs: dict | None = None) -> ViTSpec:
+    """Only the structure: reads spec.json, or builds the timm model on the meta device
+    (no memory, no init), so describing even a large model is instant."""
+    _check_choice(artifact, model_name)
+    if artifact is not None:
+        if model_kwargs:
+            raise ValueError("an artifact carries its own structure; model kwargs apply only to a "
+                             "timm model name")
+        return load_spec(artifact)
+    from .adapter import spec_from_timm
+
+    return spec_from_timm(_create_timm(model_name, model_kwargs, None, False, "meta"))
+
+
+def describe_source(artifact=None, model_name=None, model_kwargs=None) -> str:
+    """A short human-readable name of the model source, for printed reports."""
+    if artifact is not None:
+        return f"artifact {artifact}"
+    return model_name + (f" {json.dumps(model_kwargs, sort_keys=True)}" if model_kwargs else "")
