@@ -1,0 +1,55 @@
+"""Timing helpers shared by the kernel benchmarks.
+
+GPU: triton.testing.do_bench (L2 flushed between runs, median). CPU: wall-clock median
+of repeats after a warm-up. Peaks are measured, not taken from a data sheet: the
+matmul peak is the best of large square GEMMs in the benchmark's dtype.
+"""
+import statistics
+import time
+
+import torch
+
+
+def median_ms(fn, device: torch.device, warmup: int = 3, repeats: int = 10) -> float:
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """Best measured TFLOP/s of square GEMMs: the ceiling a fused GEMM kernel is held to."""
+    sizes = (4096, 8192) if device.type == "cuda" else (512, 1024)
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        ms = median_ms(lambda: a @ b, device)
+        best = max(best, 2 * n**3 / ms / 1e9)
+    return best
+
+
+def copy_bandwidth_gbs(device: torch.device, numel: int = 1 << 28) -> float:
+    """Measured device-to-device copy bandwidth (read + write bytes): the memory ceiling."""
+    if device.type != "cuda":
+        numel = 1 << 24
+    src = torch.empty(numel, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device)
+    return 2 * numel * 4 / ms / 1e6
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
