@@ -1,0 +1,195 @@
+// Schema and CPU implementation of dcvit::attention_block (see attention.h), and the
+// device-independent attention core shared with the CUDA impl.
+#include "attention.h"
+
+#include <torch/library.h>
+
+#include <map>
+#include <numeric>
+#include <utility>
+#include <vector>
+
+namespace dcvit {
+
+void check_attention_block_args(const at::Tensor& x, const at::Tensor& norm_weight,
+                                const at::Tensor& norm_bias, const at::Tensor& qkv_weight,
+                                const std::optional<at::Tensor>& qkv_bias,
+                                const at::Tensor& proj_weight,
+                                const std::optional<at::Tensor>& proj_bias,
+                                at::IntArrayRef qk_dims, at::IntArrayRef v_dims,
+                                const std::optional<at::Tensor>& gamma,
+                                const std::optional<at::Tensor>& key_bias, const at::Tensor& out) {
+  TORCH_CHECK(x.dim() == 3, "attention_block: x must be (B, N, D), got ", x.sizes());
+  const int64_t batch = x.size(0), tokens = x.size(1), dim = x.size(2);
+  TORCH_CHECK(!qk_dims.empty() && qk_dims.size() == v_dims.size(),
+              "attention_block: qk_dims and v_dims must list the same number (>= 1) of heads, got ",
+              qk_dims.size(), " and ", v_dims.size());
+  for (size_t h = 0; h < qk_dims.size(); ++h) {
+    TORCH_CHECK(qk_dims[h] >= 1 && v_dims[h] >= 1, "attention_block: head ", h,
+                " has qk width ", qk_dims[h], " and v width ", v_dims[h], "; widths must be >= 1");
+  }
+  const int64_t qk_total = std::accumulate(qk_dims.begin(), qk_dims.end(), int64_t{0});
+  const int64_t v_total = std::accumulate(v_dims.begin(), v_dims.end(), int64_t{0});
+  const int64_t qkv_rows = 2 * qk_total + v_total;
+  TORCH_CHECK(qkv_weight.dim() == 2 && qkv_weight.size(0) == qkv_rows && qkv_weight.size(1) == dim,
+              "attention_block: qkv_weight must be (2*sum(qk_dims)+sum(v_dims)=", qkv_rows, ", D=",
+              dim, "), got ", qkv_weight.sizes());
+  TORCH_CHECK(proj_weight.dim() == 2 && proj_weight.size(0) == dim && proj_weight.size(1) == v_total,
+              "attention_block: proj_weight must be (D=", dim, ", sum(v_dims)=", v_total, "), got ",
+              proj_weight.sizes());
+  auto check_like_x = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.scalar_type() == x.scalar_type(), "attention_block: ", name, " has dtype ",
+                t.scalar_type(), " but x has ", x.scalar_type());
+    TORCH_CHECK(t.device() == x.device(), "attention_block: ", name, " is on ", t.device(),
+                " but x is on ", x.device());
+  };
+  auto check_vec = [&](const at::Tensor& t, int64_t n, const char* name) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "attention_block: ", name, " must be (", n,
+                "), got ", t.sizes());
+    check_like_x(t, name);
+  };
+  check_vec(norm_weight, dim, "norm_weight");
+  check_vec(norm_bias, dim, "norm_bias");
+  if (qkv_bias.has_value()) check_vec(*qkv_bias, qkv_rows, "qkv_bias");
+  if (proj_bias.has_value()) check_vec(*proj_bias, dim, "proj_bias");
+  if (gamma.has_value()) check_vec(*gamma, dim, "gamma");
+  check_like_x(qkv_weight, "qkv_weight");
+  check_like_x(proj_weight, "proj_weight");
+  if (key_bias.has_value()) {
+    TORCH_CHECK(key_bias->dim() == 2 && key_bias->size(0) == batch && key_bias->size(1) == tokens,
+                "attention_block: key_bias must be (B=", batch, ", N=", tokens, "), got ",
+                key_bias->sizes());
+    check_like_x(*key_bias, "key_bias");
+  }
+  TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type() &&
+                  out.device() == x.device() && out.is_contiguous(),
+              "attention_block: out must be a contiguous tensor shaped and typed like x");
+}
+
+namespace {
+
+// The given heads (all of one width, in increasing order) of one of q/k/v (B, N, C), as
+// (B, heads, N, width): a view when the heads are adjacent (so are their columns), else a
+// stacked copy.
+at::Tensor gather_heads(const at::Tensor& part, const std::vector<int64_t>& heads,
+                        const std::vector<int64_t>& offsets, int64_t width) {
+  const int64_t count = static_cast<int64_t>(heads.size());
+  if (heads.back() - heads.front() + 1 == count) {
+    return part.narrow(2, offsets[heads.front()], count * width)
+        .unflatten(2, {count, width})
+        .transpose(1, 2);
+  }
+  std::vector<at::Tensor> slices;
+  slices.reserve(heads.size());
+  for (int64_t h : heads) slices.push_back(part.narrow(2, offsets[h], width));
+  return at::stack(slices, 1);
+}
+
+// Writes heads_out (B, heads, N, width) into their columns of ctx (B, N, sum(v_dims)).
+void scatter_heads(const at::Tensor& heads_out, const std::vector<int64_t>& heads,
+                   const std::vector<int64_t>& offsets, int64_t width, at::Tensor& ctx) {
+  const int64_t count = static_cast<int64_t>(heads.size());
+  if (heads.back() - heads.front() + 1 == count) {
+    ctx.narrow(2, offsets[heads.front()], count * width)
+        .unflatten(2, {count, width})
+        .copy_(heads_out.transpose(1, 2));
+    return;
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    ctx.narrow(2, offsets[heads[i]], width).copy_(heads_out.select(1, i));
+  }
+}
+
+}  // namespace
+
+at::Tensor attention_context(const at::Tensor& qkv, at::IntArrayRef qk_dims,
+                             at::IntArrayRef v_dims, double scale,
+                             const std::optional<at::Tensor>& key_bias) {
+  const int64_t heads = static_cast<int64_t>(qk_dims.size());
+  const int64_t batch = qkv.size(0), tokens = qkv.size(1);
+  std::vector<int64_t> qk_offsets(heads), v_offsets(heads);
+  int64_t qk_total = 0, v_total = 0;
+  for (int64_t h = 0; h < heads; ++h) {
+    qk_offsets[h] = qk_total;
+    v_offsets[h] = v_total;
+    qk_total += qk_dims[h];
+    v_total += v_dims[h];
+  }
+  const at::Tensor q = qkv.narrow(2, 0, qk_total);
+  const at::Tensor k = qkv.narrow(2, qk_total, qk_total);
+  const at::Tensor v = qkv.narrow(2, 2 * qk_total, v_total);
+  // (B, 1, 1, N): one additive bias per key, broadcast over heads and queries.
+  std::optional<at::Tensor> mask;
+  if (key_bias.has_value()) mask = key_bias->reshape({batch, 1, 1, tokens});
+
+  // SDPA needs one q/k width and one v width per call: group heads by their width pair.
+  std::map<std::pair<int64_t, int64_t>, std::vector<int64_t>> groups;
+  for (int64_t h = 0; h < heads; ++h) groups[{qk_dims[h], v_dims[h]}].push_back(h);
+
+  at::Tensor ctx = at::empty({batch, tokens, v_total}, qkv.options());
+  for (const auto& [widths, members] : groups) {
+    const auto [qk_width, v_width] = widths;
+    const at::Tensor out = at::scaled_dot_product_attention(
+        gather_heads(q, members, qk_offsets, qk_width), gather_heads(k, members, qk_offsets, qk_width),
+        gather_heads(v, members, v_offsets, v_width), mask, /*dropout_p=*/0.0,
+        /*is_causal=*/false, scale);  // (B, heads in group, N, v_width)
+    scatter_heads(out, members, v_offsets, v_width, ctx);
+  }
+  return ctx;
+}
+
+namespace {
+
+at::Tensor& attention_block_out_cpu(const at::Tensor& x, const at::Tensor& norm_weight,
+                                    const at::Tensor& norm_bias, const at::Tensor& qkv_weight,
+                                    const std::optional<at::Tensor>& qkv_bias,
+                                    const at::Tensor& proj_weight,
+                                    const std::optional<at::Tensor>& proj_bias,
+                                    at::IntArrayRef qk_dims, at::IntArrayRef v_dims, double scale,
+                                    double eps, const std::optional<at::Tensor>& gamma,
+                                    const std::optional<at::Tensor>& key_bias, at::Tensor& out) {
+  check_attention_block_args(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight,
+                             proj_bias, qk_dims, v_dims, gamma, key_bias, out);
+  TORCH_CHECK(x.device().is_cpu(), "attention_block (cpu): x must be a CPU tensor");
+  const int64_t dim = x.size(2);
+  const at::Tensor normed = at::layer_norm(x, {dim}, norm_weight, norm_bias, eps);
+  const at::Tensor qkv = at::linear(normed, qkv_weight, qkv_bias);
+  const at::Tensor ctx = attention_context(qkv, qk_dims, v_dims, scale, key_bias);
+  at::Tensor branch = at::linear(ctx, proj_weight, proj_bias);
+  if (gamma.has_value()) branch.mul_(*gamma);
+  at::add_out(out, x, branch);
+  return out;
+}
+
+at::Tensor attention_block_cpu(const at::Tensor& x, const at::Tensor& norm_weight,
+                               const at::Tensor& norm_bias, const at::Tensor& qkv_weight,
+                               const std::optional<at::Tensor>& qkv_bias,
+                               const at::Tensor& proj_weight,
+                               const std::optional<at::Tensor>& proj_bias, at::IntArrayRef qk_dims,
+                               at::IntArrayRef v_dims, double scale, double eps,
+                               const std::optional<at::Tensor>& gamma,
+                               const std::optional<at::Tensor>& key_bias) {
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  return attention_block_out_cpu(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight,
+                                 proj_bias, qk_dims, v_dims, scale, eps, gamma, key_bias, out);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(dcvit, m) {
+  m.def(
+      "attention_block(Tensor x, Tensor norm_weight, Tensor norm_bias, Tensor qkv_weight, "
+      "Tensor? qkv_bias, Tensor proj_weight, Tensor? proj_bias, int[] qk_dims, int[] v_dims, "
+      "float scale, float eps, Tensor? gamma, Tensor? key_bias) -> Tensor");
+  m.def(
+      "attention_block.out(Tensor x, Tensor norm_weight, Tensor norm_bias, Tensor qkv_weight, "
+      "Tensor? qkv_bias, Tensor proj_weight, Tensor? proj_bias, int[] qk_dims, int[] v_dims, "
+      "float scale, float eps, Tensor? gamma, Tensor? key_bias, *, Tensor(a!) out) -> Tensor(a!)");
+}
+
+TORCH_LIBRARY_IMPL(dcvit, CPU, m) {
+  m.impl("attention_block", &attention_block_cpu);
+  m.impl("attention_block.out", &attention_block_out_cpu);
+}
+
+}  // namespace dcvit

@@ -1,0 +1,73 @@
+// CUDA implementation of dcvit::attention_block (see ../attention.h).
+//
+//   1. LayerNorm           x -> xn                             (our kernel, fp32 statistics)
+//   2. GEMM                qkv = xn @ qkv_weight^T (+ bias)    (cuBLAS(Lt) via at::addmm/at::mm)
+//   3. attention core      heads grouped by equal (qk, v) widths, one
+//                          at::scaled_dot_product_attention call per group (flash /
+//                          memory-efficient / cuDNN kernels as PyTorch picks; the key bias is
+//                          an additive (B, 1, 1, N) mask)
+//   4. GEMM                ctx @ proj_weight^T                 (cuBLAS via at::mm)
+//   5. epilogue            out = x + gamma * (y + proj_bias)   (our kernel)
+// Pruned heads and channels shrink every step: the GEMMs' widths, the number of heads per
+// SDPA call and their head widths. A ragged configuration costs one SDPA call per distinct
+// width pair.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../attention.h"
+#include "row_kernels.cuh"
+
+namespace dcvit {
+namespace {
+
+at::Tensor& attention_block_out_cuda(const at::Tensor& x, const at::Tensor& norm_weight,
+                                     const at::Tensor& norm_bias, const at::Tensor& qkv_weight,
+                                     const std::optional<at::Tensor>& qkv_bias,
+                                     const at::Tensor& proj_weight,
+                                     const std::optional<at::Tensor>& proj_bias,
+                                     at::IntArrayRef qk_dims, at::IntArrayRef v_dims, double scale,
+                                     double eps, const std::optional<at::Tensor>& gamma,
+                                     const std::optional<at::Tensor>& key_bias, at::Tensor& out) {
+  check_attention_block_args(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight,
+                             proj_bias, qk_dims, v_dims, gamma, key_bias, out);
+  TORCH_CHECK(x.is_cuda(), "attention_block (cuda): x must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t batch = x.size(0), tokens = x.size(1), dim = x.size(2);
+  const at::Tensor rows_in = x.reshape({-1, dim}).contiguous();
+  if (rows_in.size(0) == 0) return out;
+
+  const at::Tensor normed = layer_norm_rows(rows_in, norm_weight, norm_bias, eps);
+  const at::Tensor qkv_rows = qkv_bias.has_value()
+                                  ? at::addmm(*qkv_bias, normed, qkv_weight.t())
+                                  : at::mm(normed, qkv_weight.t());
+  const at::Tensor ctx = attention_context(qkv_rows.view({batch, tokens, -1}), qk_dims, v_dims,
+                                           scale, key_bias);
+  const at::Tensor branch = at::mm(ctx.view({batch * tokens, -1}), proj_weight.t());
+  at::Tensor rows_out = out.view({-1, dim});
+  residual_epilogue(rows_in, branch, proj_bias, gamma, rows_out);
+  return out;
+}
+
+at::Tensor attention_block_cuda(const at::Tensor& x, const at::Tensor& norm_weight,
+                                const at::Tensor& norm_bias, const at::Tensor& qkv_weight,
+                                const std::optional<at::Tensor>& qkv_bias,
+                                const at::Tensor& proj_weight,
+                                const std::optional<at::Tensor>& proj_bias,
+                                at::IntArrayRef qk_dims, at::IntArrayRef v_dims, double scale,
+                                double eps, const std::optional<at::Tensor>& gamma,
+                                const std::optional<at::Tensor>& key_bias) {
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  return attention_block_out_cuda(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight,
+                                  proj_bias, qk_dims, v_dims, scale, eps, gamma, key_bias, out);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dcvit, CUDA, m) {
+  m.impl("attention_block", &attention_block_cuda);
+  m.impl("attention_block.out", &attention_block_out_cuda);
+}
+
+}  // namespace dcvit
