@@ -1,0 +1,253 @@
+"""The fused attention block (pruned heads and channels) on every backend against a float64
+reference: ragged and uniform head widths, optional qkv/proj bias, key bias (proportional
+attention) and LayerScale, odd token counts."""
+import pytest
+import torch
+from conftest import requires_cuda
+from numerics import FACTOR, FLOOR, INTERPRETER_BF16_FACTOR, poisoned_like, rel_err
+
+from dcvit_engine import ops
+from dcvit_engine.kernels.attention import (
+    attention_block_ref,
+    attention_block_triton,
+    attention_context_ref,
+    flash_attention_triton,
+    head_groups,
+)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+RAGGED = ([64, 17, 40], [64, 5, 33])  # as UVC prunes: every head its own widths
+
+
+def make_inputs(batch, tokens, dim, qk_dims, v_dims, *, qkv_bias=True, proj_bias=True,
+                layer_scale=True, key_bias=True, dtype=torch.float64, device="cpu"):
+    """Fresh random inputs at realistic scales: LayerNorm affine near 1/0, weights ~
+    1/sqrt(fan_in), q/k scaled so logits spread over a few units, key bias = log(size) of
+    merged tokens of size 1..4. Returns (x, weights (7 tensors or None), gamma, key_bias)."""
+    f64 = dict(dtype=torch.float64)
+    qk_total, v_total = sum(qk_dims), sum(v_dims)
+    qkv_weight = torch.randn(2 * qk_total + v_total, dim, **f64) / dim**0.5
+    qkv_weight[: 2 * qk_total] *= 2.0  # sharper attention than a plain 1/sqrt(D) init
+    weights = [
+        1 + 0.2 * torch.randn(dim, **f64),
+        0.1 * torch.randn(dim, **f64),
+        qkv_weight,
+        0.1 * torch.randn(2 * qk_total + v_total, **f64) if qkv_bias else None,
+        torch.randn(dim, v_total, **f64) / v_total**0.5,
+        0.1 * torch.randn(dim, **f64) if proj_bias else None,
+    ]
+    x = torch.randn(batch, tokens, dim, **f64) * 2 + 0.5
+    gamma = torch.rand(dim, **f64) + 0.5 if layer_scale else None
+    bias = torch.randint(1, 5, (batch, tokens)).to(torch.float64).log() if key_bias else None
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    return cast(x), [cast(w) for w in weights], cast(gamma), cast(bias)
+
+
+def assert_branch_close(out, x, ref64, same_precision, *, interpreter_bf16=False, what=""):
+    """Compares the attention branch out - x (the residual x would hide its error) against
+    the float64 reference: at most FACTOR times plain PyTorch's same-precision error."""
+    assert torch.isfinite(out).all(), f"{what}: non-finite values (unwritten or overflowed output)"
+    x64 = x.double().cpu()
+    branch_ref = ref64 - x64
+    factor = INTERPRETER_BF16_FACTOR if interpreter_bf16 else FACTOR
+    budget = factor * rel_err(same_precision.cpu().double() - x64, branch_ref) + FLOOR[out.dtype]
+    err = rel_err(out.cpu().double() - x64, branch_ref)
+    assert err <= budget, f"{what}: relative error {err:.3e} of the branch > budget {budget:.3e}"
+
+
+def check_backend(backend, batch, tokens, dim, qk_dims, v_dims, dtype, device="cpu", **flags):
+    x64, w64, g64, kb64 = make_inputs(batch, tokens, dim, qk_dims, v_dims, **flags)
+    scale = 64 ** -0.5  # the teacher's, kept after channel pruning
+    ref64 = attention_block_ref(x64, *w64, qk_dims, v_dims, scale, gamma=g64, key_bias=kb64)
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    x, w, g, kb = cast(x64), [cast(t) for t in w64], cast(g64), cast(kb64)
+    same_precision = attention_block_ref(x, *w, qk_dims, v_dims, scale, gamma=g, key_bias=kb)
+    out = ops.attention_block(x, *w, qk_dims, v_dims, scale, gamma=g, key_bias=kb, backend=backend)
+    assert out.shape == x.shape and out.dtype == dtype
+    interp_bf16 = backend == "triton" and device == "cpu" and dtype == torch.bfloat16
+    assert_branch_close(out, x, ref64, same_precision, interpreter_bf16=interp_bf16,
+                        what=f"{backend} {dtype} N={tokens} D={dim} qk={qk_dims} v={v_dims} {flags}")
+
+
+# (batch, tokens, dim, qk_dims, v_dims, optional parts)
+ALL_ON = dict(qkv_bias=True, proj_bias=True, layer_scale=True, key_bias=True)
+ALL_OFF = dict(qkv_bias=False, proj_bias=False, layer_scale=False, key_bias=False)
+PROP_ATTN = dict(qkv_bias=False, proj_bias=True, layer_scale=False, key_bias=True)
+CPU_CASES = [
+    (2, 197, 192, *RAGGED, ALL_ON),
+    (2, 197, 192, *RAGGED, ALL_OFF),
+    (2, 197, 384, [32] * 6, [32] * 6, PROP_ATTN),            # half the channels of DeiT-S
+    (2, 65, 96, [8] * 12, [8] * 12, ALL_ON),                 # 12 heads
+    (3, 50, 96, [16, 16, 5, 16, 12, 16], [16, 3, 16, 16, 9, 16], PROP_ATTN),  # mixed groups
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,tokens,dim,qk_dims,v_dims,flags", CPU_CASES)
+def test_cpu_backend(batch, tokens, dim, qk_dims, v_dims, flags, dtype):
+    check_backend("cpu", batch, tokens, dim, qk_dims, v_dims, dtype, **flags)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_torch_backend_is_the_reference(dtype):
+    check_backend("torch", 2, 197, 96, [16, 7, 12], [16, 3, 12], dtype, **ALL_ON)
+
+
+# The interpreter runs every tile in Python: one or two batch elements, small D.
+TRITON_CASES = [
+    (1, 65, 96, [32, 9, 20], [32, 5, 16], ALL_ON),           # ragged, three padded widths
+    (1, 50, 48, [8] * 6, [8] * 6, ALL_OFF),                  # uniform pruned, 6 heads
+    (2, 50, 64, [16, 16, 16], [16, 16, 16], PROP_ATTN),      # dense 3 heads
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,tokens,dim,qk_dims,v_dims,flags", TRITON_CASES)
+def test_triton_backend_interpreted(batch, tokens, dim, qk_dims, v_dims, flags, dtype):
+    check_backend("triton", batch, tokens, dim, qk_dims, v_dims, dtype, **flags)
+
+
+def test_triton_ragged_full_width_head_interpreted():
+    check_backend("triton", 1, 50, 64, *RAGGED, torch.float32, **PROP_ATTN)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,tokens,dim,qk_dims,v_dims,flags", CPU_CASES + [
+    (4, 197, 768, [64] * 12, [64] * 12, ALL_ON),
+    (4, 197, 768, [64] * 6, [64] * 6, PROP_ATTN),
+])
+def test_gpu_backends(backend, batch, tokens, dim, qk_dims, v_dims, flags, dtype):
+    check_backend(backend, batch, tokens, dim, qk_dims, v_dims, dtype, device="cuda", **flags)
+
+
+def test_flash_core_odd_widths_interpreted():
+    """The attention kernel alone, with widths on both sides of the padding steps (1, 15,
+    16, 17, 31, 33) and a key bias, against the per-head reference."""
+    qk_dims, v_dims = [16, 17, 1, 33], [31, 1, 16, 15]
+    batch, tokens = 2, 37
+    qkv = torch.randn(batch, tokens, 2 * sum(qk_dims) + sum(v_dims), dtype=torch.float64)
+    key_bias = torch.rand(batch, tokens, dtype=torch.float64)
+    ref = attention_context_ref(qkv, qk_dims, v_dims, 0.3, key_bias)
+    ctx = flash_attention_triton(qkv.float().reshape(batch * tokens, -1), batch, tokens, qk_dims,
+                                 v_dims, 0.3, key_bias.float(),
+                                 ctx=torch.full((batch * tokens, sum(v_dims)), float("nan")))
+    assert rel_err(ctx.reshape(batch, tokens, -1), ref) < 1e-6
+
+
+def test_head_groups_pad_to_powers_of_two():
+    groups = {(dqk, dv): rows for dqk, dv, rows in head_groups(*RAGGED)}
+    # heads 0 (64/64) and 2 (40/33) share 64-wide tiles; head 1 (17/5) gets 32x16 tiles
+    assert set(groups) == {(64, 64), (32, 16)}
+    q_cols, k_cols, v_cols, out_cols, qk_widths, v_widths = groups[(64, 64)]
+    assert (q_cols, k_cols, v_cols, out_cols) == ([0, 81], [121, 202], [242, 311], [0, 69])
+    assert (qk_widths, v_widths) == ([64, 40], [64, 33])
+    assert groups[(32, 16)] == [[64], [185], [306], [64], [17], [5]]
+
+
+def test_triton_writes_every_output_element():
+    x, w, g, kb = make_inputs(1, 50, 48, [16, 5, 12], [16, 3, 9], dtype=torch.float32)
+    out = attention_block_triton(x, *w, [16, 5, 12], [16, 3, 9], 0.25, gamma=g, key_bias=kb,
+                                 out=poisoned_like(x))
+    torch.testing.assert_close(out, attention_block_ref(x, *w, [16, 5, 12], [16, 3, 9], 0.25,
+                                                        gamma=g, key_bias=kb), rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_out_variant_writes_every_output_element():
+    x, w, g, kb = make_inputs(2, 197, 96, *RAGGED, dtype=torch.float32)
+    out = poisoned_like(x)
+    torch.ops.dcvit.attention_block.out(x, *w, *RAGGED, 0.125, 1e-6, g, kb, out=out)
+    torch.testing.assert_close(out, attention_block_ref(x, *w, *RAGGED, 0.125, gamma=g, key_bias=kb),
+                               rtol=1e-5, atol=1e-5)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_writes_every_output_element(backend):
+    x, w, g, kb = make_inputs(2, 197, 96, *RAGGED, dtype=torch.float32, device="cuda")
+    out = poisoned_like(x)
+    if backend == "cuda":
+        torch.ops.dcvit.attention_block.out(x, *w, *RAGGED, 0.125, 1e-6, g, kb, out=out)
+    else:
+        attention_block_triton(x, *w, *RAGGED, 0.125, gamma=g, key_bias=kb, out=out)
+    torch.testing.assert_close(out, attention_block_ref(x, *w, *RAGGED, 0.125, gamma=g, key_bias=kb),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_non_contiguous_inputs():
+    x, w, g, kb = make_inputs(2, 50, 48, [16, 5], [8, 16], dtype=torch.float32)
+    x_t = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
+    kb_t = kb.t().contiguous().t()
+    expected = attention_block_ref(x, *w, [16, 5], [8, 16], 0.25, gamma=g, key_bias=kb)
+    for backend in ["torch", "cpu", "triton"]:
+        torch.testing.assert_close(ops.attention_block(x_t, *w, [16, 5], [8, 16], 0.25, gamma=g,
+                                                       key_bias=kb_t, backend=backend),
+                                   expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_opcheck(backend):
+    qk_dims, v_dims = [16, 5], [8, 16]
+    x, w, g, kb = make_inputs(2, 9, 32, qk_dims, v_dims, dtype=torch.float32)
+    op = torch.ops.dcvit.attention_block if backend == "cpu" else torch.ops.dcvit.attention_block_triton
+    torch.library.opcheck(op.default, (x, *w, qk_dims, v_dims, 0.25, 1e-6, g, kb))
+    no_optional = [t if i not in (3, 5) else None for i, t in enumerate(w)]
+    torch.library.opcheck(op.default, (x, *no_optional, qk_dims, v_dims, 0.25, 1e-6, None, None))
+
+
+def test_torch_compile_fullgraph_cpu_backend():
+    qk_dims, v_dims = [16, 5, 12], [16, 3, 9]
+    x, w, g, kb = make_inputs(2, 9, 48, qk_dims, v_dims, dtype=torch.float32)
+
+    class AttentionOnly(torch.nn.Module):
+        def forward(self, inp, key_bias):
+            return ops.attention_block(inp, *w, qk_dims, v_dims, 0.25, gamma=g, key_bias=key_bias,
+                                       backend="cpu") * 2
+
+    module = AttentionOnly()
+    compiled = torch.compile(module, fullgraph=True)
+    torch.testing.assert_close(compiled(x, kb), module(x, kb), rtol=1e-5, atol=1e-5)
+
+
+def test_backend_reasons():
+    x, w, g, kb = make_inputs(1, 5, 32, [8], [8], dtype=torch.float32)
+    reasons = ops.attention_block_backends(x, *w, [8], [8], 0.25, gamma=g, key_bias=kb)
+    assert reasons["torch"] is None and reasons["cpu"] is None
+    assert "CUDA" in reasons["cuda"] or "cuda" in reasons["cuda"]
+
+
+def test_bad_inputs_are_named():
+    qk_dims, v_dims = [16, 5], [8, 16]
+    x, w, g, kb = make_inputs(2, 9, 32, qk_dims, v_dims, dtype=torch.float32)
+    with pytest.raises(ValueError, match="qkv_weight.*qk_dims"):
+        ops.attention_block(x, *w, [16, 6], v_dims, 0.25)  # widths do not match the qkv rows
+    with pytest.raises(ValueError, match="key_bias"):
+        ops.attention_block(x, *w, qk_dims, v_dims, 0.25, key_bias=kb[:, :-1])
+    with pytest.raises(ValueError, match="key_bias"):
+        ops.attention_block(x, *w, qk_dims, v_dims, 0.25, key_bias=kb[0])
+    with pytest.raises(ValueError, match="same number"):
+        ops.attention_block(x, *w, qk_dims, v_dims + [1], 0.25)
+    with pytest.raises(ValueError, match=">= 1"):
+        ops.attention_block(x, *w, [21, 0], v_dims, 0.25)
+    with pytest.raises(ValueError, match="list of ints"):
+        ops.attention_block(x, *w, [16.0, 5.0], v_dims, 0.25)
+    with pytest.raises(ValueError, match="proj_weight"):
+        ops.attention_block(x, *w[:4], w[4][:, 1:], w[5], qk_dims, v_dims, 0.25)
+    with pytest.raises(ValueError, match="gamma"):
+        ops.attention_block(x, *w, qk_dims, v_dims, 0.25, gamma=g[:-1])
+    with pytest.raises(ValueError, match="scale"):
+        ops.attention_block(x, *w, qk_dims, v_dims, float("nan"))
+    with pytest.raises(ValueError, match=r"\(B, N, D\)"):
+        ops.attention_block(x[0], *w, qk_dims, v_dims, 0.25)
+    with pytest.raises(ValueError, match="qkv_bias is torch.float64"):
+        ops.attention_block(x, *w[:3], w[3].double(), *w[4:], qk_dims, v_dims, 0.25)
+
+
+def test_cpp_checks_name_the_argument():
+    qk_dims, v_dims = [16, 5], [8, 16]
+    x, w, g, kb = make_inputs(2, 9, 32, qk_dims, v_dims, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="qkv_weight"):
+        torch.ops.dcvit.attention_block(x, *w, [16, 6], v_dims, 0.25, 1e-6, g, kb)
+    with pytest.raises(RuntimeError, match="key_bias"):
+        torch.ops.dcvit.attention_block(x, *w, qk_dims, v_dims, 0.25, 1e-6, g, kb[:, :-1])
