@@ -84,7 +84,8 @@ class DCViTPlan:
         ]
         if self.round_to:
             lines.append(f"rounding the hidden width {self.exact_hidden_width} to a multiple of "
-                         f"{self.round_to} costs {self.rounding_macs / 1e6:+.2f} MMACs")
+                         f"{self.round_to} changes the MACs by {self.rounding_macs / 1e6:+.2f} MMACs "
+                         f"({self.rounding_macs / self.target_macs:+.3%} of the target)")
         return "\n".join(lines)
 
 

@@ -1,0 +1,129 @@
+"""Checkpoints of a multi-step compression run, so that an interrupted run can resume.
+
+A checkpoint folder holds state.json (what is done: scores, compressed blocks, losses,
+timings, and the settings of the run) and one artifact folder with the model after the
+last completed step. A step is committed by first saving the new artifact under a new
+name, then atomically replacing state.json to point at it, and only then deleting the
+previous artifact: whatever moment a run dies, state.json names a complete artifact.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..artifact import load as load_artifact
+from ..artifact import save as save_artifact
+from ..reference import ViTReference
+
+STATE_FILENAME = "state.json"
+METRIC_SET_FILENAME = "metric_set.pt"
+STATE_FORMAT = 1
+
+
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """A short content hash: a checkpoint only resumes with the very same teacher and images."""
+    digest = hashlib.blake2b(digest_size=12)
+    for t in tensors:
+        t = t.detach().to("cpu").contiguous()
+        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def model_digest(model: ViTReference) -> str:
+    digest = hashlib.blake2b(model.spec.to_json().encode(), digest_size=12).hexdigest()
+    return digest + tensor_digest(*model.state_dict().values())
+
+
+def _write_json_atomically(path: Path, data: dict) -> None:
+    text = json.dumps(data, indent=2)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class RunCheckpoint:
+    """The state of one run, kept in memory and (with a folder) on disk after every step.
+
+    config: the settings that define the run (JSON data); resuming with other settings is
+    refused, naming what differs. Without a folder nothing is written and nothing resumes.
+    """
+
+    def __init__(self, folder: str | os.PathLike | None, config: dict, resume: bool = False):
+        self.folder = None if folder is None else Path(folder)
+        self.config = json.loads(json.dumps(config))  # plain JSON types, as they compare after loading
+        self.state: dict = {"format": STATE_FORMAT, "config": self.config, "artifact": None}
+        self.resumed = False
+        if self.folder is None:
+            return
+        state_file = self.folder / STATE_FILENAME
+        if self.folder.exists() and not self.folder.is_dir():
+            raise NotADirectoryError(f"checkpoint folder {self.folder} is a file; choose another path")
+        if state_file.is_file():
+            if not resume:
+                raise FileExistsError(f"{self.folder} holds the checkpoint of an earlier run; resume it "
+                                      "(resume=True, --resume) or remove the folder to start over")
+            self._load(state_file)
+        elif self.folder.exists() and any(p.name != METRIC_SET_FILENAME for p in self.folder.iterdir()):
+            raise FileExistsError(f"{self.folder} is a non-empty folder without {STATE_FILENAME}; "
+                                  "choose an empty or new checkpoint folder")
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _load(self, state_file: Path) -> None:
+        try:
+            state = json.loads(state_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{state_file} is not valid JSON ({err}); remove {self.folder} to "
+                             "start over") from None
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"{state_file} is not a dcvit_engine run state (format {STATE_FORMAT}); "
+                             f"remove {self.folder} to start over")
+        saved = state.get("config", {})
+        differ = sorted(k for k in set(saved) | set(self.config) if saved.get(k) != self.config.get(k))
+        if differ:
+            detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {self.config.get(k)!r}"
+                               for k in differ)
+            raise ValueError(f"cannot resume from {self.folder}: the run's settings differ ({detail}); "
+                             "use the same settings or remove the folder to start over")
+        self.state = state
+        self.resumed = True
+
+    @property
+    def metric_set_path(self) -> Path | None:
+        """Where the synthesized metric set is cached (None without a folder)."""
+        return None if self.folder is None else self.folder / METRIC_SET_FILENAME
+
+    def model(self, device: str | torch.device = "cpu") -> ViTReference | None:
+        """The model after the last committed step, or None if no step saved one."""
+        name = self.state.get("artifact")
+        if self.folder is None or name is None:
+            return None
+        return load_artifact(self.folder / name, device=device)
+
+    def commit(self, model: ViTReference | None = None) -> None:
+        """Persist the current state (and the model, if given) as the last complete checkpoint."""
+        if self.folder is None:
+            return
+        previous = self.state.get("artifact")
+        if model is not None:
+            step = int(self.state.get("saves", 0)) + 1
+            name = f"model-{step:04d}"
+            save_artifact(model, self.folder / name)
+            self.state.update(artifact=name, saves=step)
+        _write_json_atomically(self.folder / STATE_FILENAME, self.state)
+        if model is not None and previous is not None and previous != self.state["artifact"]:
+            shutil.rmtree(self.folder / previous, ignore_errors=True)

@@ -1,0 +1,139 @@
+"""Pieces the few-shot block methods (DC-ViT, PRACTISE) share: input checks, the teacher's
+outputs, the KL divergence of a student from them, mean MLP activations, progress lines."""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..reference import ViTReference, reference_from_timm
+
+
+def resolve_device(device) -> torch.device:
+    """The device to compute on: the given one, else CUDA when available, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def as_reference(model) -> ViTReference:
+    """The teacher as a ViTReference (a timm ViT is converted; it must have a classifier,
+    since block scores compare class distributions)."""
+    if isinstance(model, ViTReference):
+        reference = model
+    elif isinstance(model, nn.Module):
+        reference = reference_from_timm(model)
+    else:
+        raise TypeError(f"expected a timm VisionTransformer or a ViTReference, got {type(model).__name__}")
+    if reference.spec.num_classes == 0:
+        raise ValueError("the model has no classification head (num_classes = 0); block selection "
+                         "compares class distributions, so give a model with its head")
+    return reference
+
+
+def check_images(images, spec, what: str = "images") -> torch.Tensor:
+    """A float (N, C, H, W) tensor at the model's input size, or a ValueError saying what is off."""
+    expected = (spec.in_chans, *spec.img_size)
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != expected:
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"{what} must be a tensor of shape (N, {expected[0]}, {expected[1]}, "
+                         f"{expected[2]}) (the model's input size), got {got}")
+    if images.shape[0] == 0:
+        raise ValueError(f"{what} is empty: give at least one image")
+    if not images.is_floating_point():
+        raise ValueError(f"{what} must be float (normalised as the model expects), got {images.dtype}")
+    return images
+
+
+def on_device(model: ViTReference, device: torch.device) -> ViTReference:
+    """The model on `device`: itself if it is there already, else a copy (the caller's
+    module is never moved)."""
+    current = next(model.parameters()).device
+    if current.type == device.type and device.index in (None, current.index):
+        return model
+    with torch.device("meta"):
+        moved = ViTReference(model.spec)
+    moved.load_state_dict({k: v.detach().to(device, copy=True) for k, v in model.state_dict().items()},
+                          strict=True, assign=True)
+    return moved.train(model.training)
+
+
+def check_positive(**values) -> None:
+    """Each keyword must be a positive integer (iteration counts, batch sizes, set sizes)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _batches(images: torch.Tensor, batch_size: int):
+    for start in range(0, images.shape[0], batch_size):
+        yield images[start:start + batch_size]
+
+
+@torch.no_grad()
+def predict_logits(model: ViTReference, images: torch.Tensor, batch_size: int,
+                   device: torch.device) -> torch.Tensor:
+    """The model's outputs for `images`, as float32 on the CPU (eval mode)."""
+    was_training = model.training
+    model.eval()
+    outs = [model(batch.to(device)).float().cpu() for batch in _batches(images, batch_size)]
+    model.train(was_training)
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def kl_to_teacher(student: ViTReference, images: torch.Tensor, teacher_logits: torch.Tensor,
+                  batch_size: int, device: torch.device) -> float:
+    """Mean over images of KL(softmax(teacher) || softmax(student)): lower = closer."""
+    student_logits = predict_logits(student, images, batch_size, device)
+    kl = F.kl_div(F.log_softmax(student_logits, dim=-1), F.log_softmax(teacher_logits, dim=-1),
+                  reduction="batchmean", log_target=True)
+    return float(kl)
+
+
+@torch.no_grad()
+def mean_mlp_activations(model: ViTReference, images: torch.Tensor, blocks, batch_size: int,
+                         device: torch.device) -> dict[int, torch.Tensor]:
+    """Per block: the mean post-GELU activation of every MLP hidden neuron over all images
+    and tokens (DC-ViT's 'GELU_sample' ranks neurons by it)."""
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
+
+    def hook_for(index):
+        def hook(_module, _inputs, output):
+            total = output.double().sum(dim=(0, 1)).cpu()
+            sums[index] = total if index not in sums else sums[index] + total
+            counts[index] = counts.get(index, 0) + output.shape[0] * output.shape[1]
+        return hook
+
+    handles = [model.blocks[i].mlp.act.register_forward_hook(hook_for(i)) for i in blocks]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in _batches(images, batch_size):
+            model.forward_features(batch.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return {i: (sums[i] / counts[i]).float() for i in blocks}
+
+
+class ProgressLog:
+    """One line per event on stderr, with the seconds since the run started (when enabled)."""
+
+    def __init__(self, enabled: bool, prefix: str):
+        self.enabled = enabled
+        self.prefix = prefix
+        self.start = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            print(f"[{self.prefix} {time.perf_counter() - self.start:7.1f}s] {message}",
+                  file=sys.stderr, flush=True)
