@@ -1,0 +1,71 @@
+"""`dcvit infer`: predict every image of a folder with the engine and write a CSV (path,
+predicted class, top-1 probability; label when the folder has class subfolders). Under
+`torchrun --nproc_per_node N dcvit infer ...` the images are split across the processes
+and rank 0 writes the CSV."""
+from pathlib import Path
+
+import torch
+
+from dcvit_engine.cli.model_args import add_model_arguments, model_from_args
+from dcvit_engine.engine import parse_dtype
+from dcvit_engine.infer import run_inference
+from dcvit_engine.ops import BACKENDS
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"expected comma-separated numbers such as 0.5,0.5,0.5, got {text!r}") from None
+
+
+def _class_names(path: str) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"class names file {file} not found (expected one name per line)")
+    return [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def register(subparsers):
+    parser = subparsers.add_parser("infer", help="predict an image folder into a CSV (batched, multi-GPU with torchrun)",
+                                   description=__doc__)
+    add_model_arguments(parser)
+    parser.add_argument("--data", required=True, metavar="DIR",
+                        help="image folder (flat, or one subfolder per class for labels)")
+    parser.add_argument("--out", required=True, metavar="CSV", help="predictions CSV to write")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", default=None, help="float32 | bf16 | fp16 (default: bf16 on CUDA, float32 on CPU)")
+    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
+    parser.add_argument("--mean", default=None, help="normalization mean, e.g. 0.5,0.5,0.5 (default ImageNet)")
+    parser.add_argument("--std", default=None, help="normalization std (default ImageNet)")
+    parser.add_argument("--class-names", default=None, metavar="FILE",
+                        help="text file with one class name per line, in the model's class order")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args):
+    if args.num_workers < 0:
+        raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
+    model, name = model_from_args(args)
+    options = {}
+    if args.mean is not None:
+        options["mean"] = _floats(args.mean)
+    if args.std is not None:
+        options["std"] = _floats(args.std)
+    result = run_inference(
+        model, args.data, args.out, batch_size=args.batch_size, backend=args.backend,
+        dtype=parse_dtype(args.dtype) if args.dtype else None,
+        device=torch.device(args.device) if args.device else None,
+        num_workers=args.num_workers, progress=not args.no_progress,
+        class_names=_class_names(args.class_names) if args.class_names else None, **options)
+    if result.out_path is None:  # a rank other than 0: rank 0 reports
+        return 0
+    processes = f" on {result.world_size} processes" if result.world_size > 1 else ""
+    print(f"{name}: predicted {result.num_images} images in {result.seconds:.2f} s "
+          f"({result.images_per_s:.1f} images/s{processes}); wrote {result.out_path}")
+    if result.accuracy is not None:
+        print(f"top-1 agreement with the folder's class indices: {result.accuracy:.2%}")
+    return 0

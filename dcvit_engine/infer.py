@@ -1,0 +1,247 @@
+"""Batched inference over an image folder, optionally data-parallel, into a predictions CSV.
+
+One process: a DataLoader (pinned memory on CUDA) feeds fixed-size batches to an Engine;
+on CUDA the host-to-device copy of the next batch runs on its own stream while the
+current batch computes. Launched by torchrun (WORLD_SIZE > 1), every rank takes every
+world_size-th image -- no padding duplicates, unlike DistributedSampler, so each image is
+predicted exactly once -- and rank 0 gathers the predictions and writes the CSV.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from .data import IMAGENET_MEAN, IMAGENET_STD, load_image_folder
+from .engine import Engine, build_engine
+
+
+class ShardSampler(Sampler[int]):
+    """Indices rank, rank + world_size, ...: the shards of all ranks partition the dataset."""
+
+    def __init__(self, length: int, rank: int, world_size: int):
+        self.length, self.rank, self.world_size = length, rank, world_size
+
+    def __iter__(self):
+        return iter(range(self.rank, self.length, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.world_size))
+
+
+class _Indexed(Dataset):
+    """Items (image, label, index): the index survives batching and gathering."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image, label = self.dataset[index]
+        return image, label, index
+
+
+@dataclass
+class InferenceResult:
+    """What one run produced. `rows` (every image, in folder order) and `accuracy` are
+    filled on rank 0 only; other ranks see their own image count."""
+    out_path: Path | None
+    num_images: int
+    seconds: float
+    world_size: int
+    rows: list[dict] = field(default_factory=list)
+    accuracy: float | None = None  # top-1 agreement with the folder's class indices, when labeled
+
+    @property
+    def images_per_s(self) -> float:
+        return self.num_images / self.seconds if self.seconds > 0 else float("inf")
+
+
+def _distributed() -> tuple[int, int, bool]:
+    """(rank, world_size, whether this call initialized the process group)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return 0, 1, False
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), True
+
+
+def _default_device(world_size: int) -> torch.device:
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if world_size > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _device_batches(loader: DataLoader, device: torch.device, dtype: torch.dtype):
+    """(images on device in dtype, labels, indices) per batch. On CUDA the next batch's copy
+    is enqueued on a copy stream before the current batch is handed out, so it overlaps
+    the current batch's compute."""
+    if device.type != "cuda":
+        for images, labels, indices in loader:
+            yield images.to(device=device, dtype=dtype), labels, indices
+        return
+    copy_stream = torch.cuda.Stream(device=device)
+
+    def upload(batch):
+        images, labels, indices = batch
+        with torch.cuda.stream(copy_stream):
+            images = images.to(device, non_blocking=True).to(dtype)
+        return images, labels, indices
+
+    batches = iter(loader)
+
+    def upload_next():
+        batch = next(batches, None)
+        return None if batch is None else upload(batch)
+
+    upcoming = upload_next()
+    while upcoming is not None:
+        current = upcoming
+        compute_stream = torch.cuda.current_stream(device)
+        compute_stream.wait_stream(copy_stream)
+        current[0].record_stream(compute_stream)  # its memory came from the copy stream
+        upcoming = upload_next()
+        yield current
+
+
+def _predict_shard(engine: Engine, loader: DataLoader, batch_size: int, progress: bool):
+    """Indices, top-1 classes and probabilities of this rank's images (CPU tensors)."""
+    device, dtype = engine.device, engine.dtype
+    pad = device.type == "cuda"  # one batch size -> one CUDA graph; pad the last batch
+    indices, classes, probs = [], [], []
+    with torch.no_grad(), tqdm(total=len(loader.sampler), unit="img", disable=not progress,
+                               desc="infer") as bar:
+        for images, _, batch_indices in _device_batches(loader, device, dtype):
+            count = images.shape[0]
+            if pad and count < batch_size:
+                images = torch.cat([images, images.new_zeros(batch_size - count, *images.shape[1:])])
+            logits = engine(images)[:count]
+            top_prob, top_class = logits.float().softmax(dim=-1).max(dim=-1)
+            indices.append(batch_indices)
+            classes.append(top_class)
+            probs.append(top_prob)
+            bar.update(count)
+    if not indices:
+        return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), torch.empty(0)
+    # one device-to-host transfer at the end: no per-batch synchronisation
+    return torch.cat(indices), torch.cat(classes).cpu(), torch.cat(probs).cpu()
+
+
+def _write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def run_inference(model, data_dir: str | os.PathLike, out_csv: str | os.PathLike | None, *,
+                  batch_size: int = 64, backend: str | None = None, dtype=None, device=None,
+                  num_workers: int = 2, mean: float | Sequence[float] = IMAGENET_MEAN,
+                  std: float | Sequence[float] = IMAGENET_STD, labeled: bool | str = "auto",
+                  class_names: Sequence[str] | None = None, progress: bool = True,
+                  cuda_graphs: bool = True) -> InferenceResult:
+    """Predict every image of `data_dir` and write `out_csv` (columns path, predicted,
+    [predicted_name,] probability[, label, label_index]); out_csv None writes nothing.
+
+    model: an Engine, or anything build_engine takes (timm ViT, ViTReference, artifact
+    folder), built here with backend/dtype/device. Images are resized to the model's input
+    size and normalized with mean/std (timm's ImageNet statistics by default). Under
+    torchrun each rank predicts its shard on its GPU (LOCAL_RANK) and rank 0 writes the CSV.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    rank, world_size, owns_group = _distributed()
+    try:
+        if isinstance(model, Engine):
+            engine = model
+        else:
+            target = torch.device(device) if device is not None else _default_device(world_size)
+            if dtype is None:
+                dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
+            engine = build_engine(model, backend=backend, dtype=dtype, device=target,
+                                  cuda_graphs=cuda_graphs)
+        spec = engine.spec
+        if spec.num_classes == 0:
+            raise ValueError("the model has no classification head (num_classes = 0); inference "
+                             "predicts classes, so it needs one")
+        if class_names is not None and len(class_names) != spec.num_classes:
+            raise ValueError(f"{len(class_names)} class names given but the model has "
+                             f"{spec.num_classes} classes")
+        dataset = load_image_folder(data_dir, spec.img_size, mean=mean, std=std, labeled=labeled,
+                                    in_chans=spec.in_chans)
+        loader = DataLoader(_Indexed(dataset), batch_size=batch_size,
+                            sampler=ShardSampler(len(dataset), rank, world_size),
+                            num_workers=num_workers, pin_memory=engine.device.type == "cuda")
+        start = time.perf_counter()
+        shard = _predict_shard(engine, loader, batch_size, progress and rank == 0)
+        if world_size > 1:
+            gathered = [None] * world_size if rank == 0 else None
+            dist.gather_object(shard, gathered, dst=0)
+        else:
+            gathered = [shard]
+        seconds = time.perf_counter() - start
+        if rank != 0:
+            return InferenceResult(None, len(shard[0]), seconds, world_size)
+        return _finish(dataset, gathered, out_csv, class_names, seconds, world_size)
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
+def _finish(dataset, gathered, out_csv, class_names, seconds, world_size) -> InferenceResult:
+    indices = torch.cat([g[0] for g in gathered])
+    classes = torch.cat([g[1] for g in gathered])
+    probs = torch.cat([g[2] for g in gathered])
+    if sorted(indices.tolist()) != list(range(len(dataset))):
+        raise RuntimeError("the gathered predictions do not cover every image exactly once")
+    order = indices.argsort()
+    fields = ["path", "predicted"] + (["predicted_name"] if class_names is not None else []) + ["probability"]
+    if dataset.labeled:
+        fields += ["label", "label_index"]
+    rows, correct = [], 0
+    for i in order.tolist():
+        index, predicted = int(indices[i]), int(classes[i])
+        row = {"path": dataset.paths[index].relative_to(dataset.root).as_posix(), "predicted": predicted,
+               "probability": f"{float(probs[i]):.6f}"}
+        if class_names is not None:
+            row["predicted_name"] = class_names[predicted]
+        if dataset.labeled:
+            label = dataset.labels[index]
+            row.update(label=dataset.classes[label], label_index=label)
+            correct += predicted == label
+        rows.append(row)
+    out_path = None
+    if out_csv is not None:
+        out_path = Path(out_csv)
+        _write_csv(out_path, rows, fields)
+    accuracy = correct / len(rows) if dataset.labeled and rows else None
+    return InferenceResult(out_path, len(rows), seconds, world_size, rows, accuracy)
