@@ -1,0 +1,79 @@
+"""`dcvit sweep`: compress one model to a dense family of MACs targets with one or more
+methods; print a table and write sweep.csv, sweep.png (accuracy against MACs and against
+measured latency) and every student's artifact."""
+from pathlib import Path
+
+from dcvit_engine.cli import CommandError
+from dcvit_engine.cli.model_args import add_model_arguments, backend_errors_as_command_errors, model_from_args
+
+
+def register(subparsers):
+    parser = subparsers.add_parser("sweep", help="compress to a family of MACs targets and compare methods")
+    add_model_arguments(parser)
+    parser.add_argument("--data", required=True, help="folder of few-shot images (labels not needed)")
+    parser.add_argument("--num-samples", type=int, default=64, help="few-shot images used (default 64)")
+    parser.add_argument("--eval-data", required=True,
+                        help="folder of evaluation images; with class subfolders top-1 is reported")
+    parser.add_argument("--methods", default="dcvit,practise", help="comma-separated (default dcvit,practise)")
+    parser.add_argument("--targets", default="0.9,0.8,0.7,0.6,0.5",
+                        help="comma-separated fractions of MACs kept (default 0.9,...,0.5)")
+    parser.add_argument("--iters", type=int, default=500, help="finetuning iterations per step")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--mean", type=float, nargs="+", default=None, help="input normalization mean (default ImageNet)")
+    parser.add_argument("--std", type=float, nargs="+", default=None, help="input normalization std (default ImageNet)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backend", default=None, help="engine backend for evaluation and latency")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.set_defaults(func=run)
+
+
+def parse_targets(text: str) -> list[float]:
+    try:
+        targets = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise CommandError(f"--targets must be comma-separated numbers such as 0.9,0.7,0.5, got {text!r}") from None
+    if not targets or not all(0 < t < 1 for t in targets):
+        raise CommandError(f"--targets must be fractions of MACs kept, each in (0, 1), got {text!r}")
+    return targets
+
+
+def run(args):
+    from dcvit_engine.compress.api import METHODS
+    from dcvit_engine.data import IMAGENET_MEAN, IMAGENET_STD, load_image_folder, sample_images
+    from dcvit_engine.sweep import format_table, plot_sweep, run_sweep, table_line, write_csv
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise CommandError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    targets = parse_targets(args.targets)
+    teacher, name = model_from_args(args)
+    spec = teacher.spec
+    norm = dict(mean=args.mean or IMAGENET_MEAN, std=args.std or IMAGENET_STD, in_chans=spec.in_chans)
+    images = sample_images(args.data, args.num_samples, spec.img_size, seed=args.seed, labeled=False, **norm)
+    eval_images, eval_labels = load_image_folder(args.eval_data, spec.img_size, **norm).tensors()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    options = dict(iters=args.iters, batch_size=args.batch_size, seed=args.seed, device=args.device)
+    print(f"sweep of {name}: {len(images)} few-shot images, {len(eval_images)} evaluation images, "
+          f"methods {', '.join(methods)}, targets {', '.join(f'{t:.2f}' for t in targets)}")
+    print(" | ".join(("method", "target", "MACs(M)", "MACs%", "params(K)", "top1", "agree", "ms", "img/s", "s")))
+    with backend_errors_as_command_errors():
+        rows = run_sweep(teacher, images, eval_images, eval_labels,
+                         {m: _options_for(m, options) for m in methods}, targets,
+                         device=args.device, backend=args.backend, progress=True,
+                         on_row=lambda row: print(" | ".join(table_line(row))))
+    if len(rows) == 1:
+        raise CommandError("no method reached any of the targets; see the reasons above")
+    print("\n" + format_table(rows))
+    print(f"\nwrote {write_csv(rows, out / 'sweep.csv')} and {plot_sweep(rows, out / 'sweep.png', title=name)}")
+    return 0
+
+
+def _options_for(method: str, options: dict) -> dict:
+    """The shared options that `method` takes (e.g. ToMe has no finetuning iterations)."""
+    from dcvit_engine.compress.api import method_options
+
+    accepted = method_options(method)
+    return {k: v for k, v in options.items() if k in accepted}
