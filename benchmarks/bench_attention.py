@@ -199,7 +199,7 @@ def main():
 
     peak = matmul_peak_tflops(device, dtype)
     print(f"device: {device_name(device)}; dtype {dtype}; batch {args.batch}; tokens {args.tokens}; "
-          f"measured matmul peak {peak:.1f} TFLOP/s")
+          f"measured matmul peak {peak:.3g} TFLOP/s")
     rows = []
     for model in args.models:
         for case in args.cases:
