@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from dcvit_engine.cli.model_args import add_model_arguments, model_from_args
+from dcvit_engine.cli.model_args import add_model_arguments, backend_errors_as_command_errors, model_from_args
 from dcvit_engine.engine import build_engine, parse_dtype
 from dcvit_engine.macs import count_macs
 from dcvit_engine.ops import BACKENDS
@@ -38,7 +38,8 @@ def run(args):
                           cuda_graphs=not args.no_cuda_graphs, compile=args.compile)
     spec = engine.spec
     images = torch.randn(args.batch_size, spec.in_chans, *spec.img_size, device=device, dtype=dtype)
-    timing = measure_throughput(engine, images, warmup=args.warmup, repeats=args.repeats)
+    with backend_errors_as_command_errors():
+        timing = measure_throughput(engine, images, warmup=args.warmup, repeats=args.repeats)
     macs = count_macs(spec).total
     result = dict(model=name, device=str(device), dtype=str(dtype).removeprefix("torch."),
                   backend=args.backend, compile=args.compile, cuda_graphs=engine.cuda_graphs,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from dcvit_engine.cli.model_args import add_model_arguments, model_from_args
+from dcvit_engine.cli.model_args import add_model_arguments, backend_errors_as_command_errors, model_from_args
 from dcvit_engine.engine import parse_dtype
 from dcvit_engine.infer import run_inference
 from dcvit_engine.ops import BACKENDS
@@ -55,12 +55,13 @@ def run(args):
         options["mean"] = _floats(args.mean)
     if args.std is not None:
         options["std"] = _floats(args.std)
-    result = run_inference(
-        model, args.data, args.out, batch_size=args.batch_size, backend=args.backend,
-        dtype=parse_dtype(args.dtype) if args.dtype else None,
-        device=torch.device(args.device) if args.device else None,
-        num_workers=args.num_workers, progress=not args.no_progress,
-        class_names=_class_names(args.class_names) if args.class_names else None, **options)
+    with backend_errors_as_command_errors():
+        result = run_inference(
+            model, args.data, args.out, batch_size=args.batch_size, backend=args.backend,
+            dtype=parse_dtype(args.dtype) if args.dtype else None,
+            device=torch.device(args.device) if args.device else None,
+            num_workers=args.num_workers, progress=not args.no_progress,
+            class_names=_class_names(args.class_names) if args.class_names else None, **options)
     if result.out_path is None:  # a rank other than 0: rank 0 reports
         return 0
     processes = f" on {result.world_size} processes" if result.world_size > 1 else ""

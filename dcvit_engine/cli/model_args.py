@@ -1,5 +1,10 @@
-"""Model-source arguments shared by the commands: ARTIFACT, or --model NAME with options."""
+"""Shared by the commands that run a model: the model-source arguments (ARTIFACT, or
+--model NAME with options) and the one-line report of an unavailable backend."""
 import argparse
+import contextlib
+
+from dcvit_engine.cli import CommandError
+from dcvit_engine.ops import BackendUnavailableError
 
 from dcvit_engine.models import describe_source, parse_model_kwargs, resolve_model, resolve_spec
 
@@ -36,3 +41,13 @@ def spec_from_args(args):
     """Only the spec named by the arguments (no weights), and a printable name."""
     source = _source(args)
     return resolve_spec(**source), describe_source(**source)
+
+
+@contextlib.contextmanager
+def backend_errors_as_command_errors():
+    """A requested backend that cannot run (its reasons span several lines) becomes a
+    one-line CommandError: `dcvit` prints it and exits with status 2."""
+    try:
+        yield
+    except BackendUnavailableError as err:
+        raise CommandError("; ".join(line.strip() for line in str(err).splitlines())) from None
