@@ -38,6 +38,9 @@ def native_unavailable(op: str, dispatch_key: str) -> str | None:
 def _query_native(op: str, dispatch_key: str) -> str | None:
     if LOAD_ERROR is not None:
         return f"dcvit_engine._C not loaded ({LOAD_ERROR})"
+    if not hasattr(torch.ops.dcvit, op):
+        return (f"dcvit_engine._C has no {op} op (built from older sources); rebuild with "
+                "`pip install --no-build-isolation -e .`")
     if not torch._C._dispatch_has_kernel_for_dispatch_key(f"dcvit::{op}", dispatch_key):
         if dispatch_key == "CUDA":
             return "dcvit_engine._C was built without CUDA kernels (no CUDA toolkit, or DCVIT_BUILD_CUDA=0)"
