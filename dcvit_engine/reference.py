@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .adapter import from_timm
-from .spec import AttentionSpec, BlockSpec, ViTSpec
+from .ops.token_merge import atme_merge, bipartite_merge
+from .spec import AttentionSpec, BlockSpec, ViTSpec, merge_schedule
 
 
 class LayerScale(nn.Module):
@@ -68,16 +69,31 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.proj = nn.Linear(attn.v_total, dim, bias=attn.proj_bias)
 
-    def forward(self, x: torch.Tensor, size: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, size: torch.Tensor | None = None, return_keys: bool = False):
+        """Attention output; with return_keys also the token-merge metric (see merge_metric)."""
         qk_total = sum(self.qk_dims)
         q, k, v = self.qkv(x).split([qk_total, qk_total, sum(self.v_dims)], dim=-1)
+        out = self._heads(q, k, v, size)
+        return (out, self.merge_metric(k)) if return_keys else out
+
+    def merge_metric(self, k: torch.Tensor) -> torch.Tensor:
+        """ToMe's merge metric: the keys (as attention uses them, after k_norm) averaged over
+        heads; heads of different widths cannot be averaged and are concatenated instead."""
+        heads = k.split(self.qk_dims, dim=-1)
+        if self.k_norm is not None:
+            heads = [self.k_norm(h) for h in heads]
+        if len(set(self.qk_dims)) == 1:
+            return torch.stack(heads).mean(dim=0)
+        return torch.cat(heads, dim=-1)
+
+    def _heads(self, q, k, v, size):
         bias = None
         if self.prop_attn and size is not None:
             # proportional attention: a key standing for s merged tokens gets weight s
             bias = size.log().reshape(size.shape[0], 1, -1)
         if len(set(self.qk_dims)) == 1 and len(set(self.v_dims)) == 1:
             # equal widths: all heads in one batched matmul (B, H, N, d)
-            batch, tokens, heads = x.shape[0], x.shape[1], len(self.qk_dims)
+            batch, tokens, heads = q.shape[0], q.shape[1], len(self.qk_dims)
             q, k, v = (t.reshape(batch, tokens, heads, -1).transpose(1, 2) for t in (q, k, v))
             out = self._attend(q, k, v, None if bias is None else bias.unsqueeze(1))
             return self.proj(out.transpose(1, 2).reshape(batch, tokens, -1))
@@ -112,11 +128,16 @@ class Block(nn.Module):
             self.mlp = Mlp(dim, block.mlp_hidden)
             self.ls2 = LayerScale(dim) if block.layer_scale else None
 
-    def attention_residual(self, x: torch.Tensor, size: torch.Tensor | None) -> torch.Tensor:
+    def attention_residual(self, x: torch.Tensor, size: torch.Tensor | None,
+                           return_keys: bool = False):
+        """x + attention; with return_keys also the merge metric: the attention keys, or the
+        tokens themselves in a block without attention."""
         if self.attn is None:
-            return x
-        y = self.attn(self.norm1(x), size)
-        return x + (self.ls1(y) if self.ls1 is not None else y)
+            return (x, x) if return_keys else x
+        y = self.attn(self.norm1(x), size, return_keys=return_keys)
+        y, metric = y if return_keys else (y, None)
+        x = x + (self.ls1(y) if self.ls1 is not None else y)
+        return (x, metric) if return_keys else x
 
     def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
         if self.mlp is None:
@@ -160,9 +181,17 @@ class ViTReference(nn.Module):
             return torch.cat(prefix + [x + self.pos_embed], dim=1)
         return torch.cat(prefix + [x], dim=1) + self.pos_embed
 
-    def _merge(self, i: int, x: torch.Tensor, size: torch.Tensor | None):
-        """Apply block i's token merge; returns (x, size) with size (B, N, 1) token counts."""
-        raise NotImplementedError("token merging in the reference module needs dcvit_engine.ops merge ops")
+    def _merge(self, i: int, x: torch.Tensor, size: torch.Tensor | None, metric: torch.Tensor):
+        """Apply block i's token merge with the torch reference ops; returns (x, size) with
+        size (B, N, 1) token counts. metric: the block's keys (see Attention.merge_metric)."""
+        spec, merge = self.spec, self.spec.blocks[i].merge
+        if merge.kind == "tome":
+            return bipartite_merge(x, metric, merge.r, size, class_token=spec.class_token,
+                                   distill_token=spec.dist_token, backend="torch")
+        grid = merge_schedule(spec)[i][2]  # the patch grid entering block i
+        x, size, _ = atme_merge(x, metric, grid, merge.axis, spec.num_prefix_tokens, size,
+                                backend="torch")
+        return x, size
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens after the final norm, (B, N, D) with N after all merges."""
@@ -172,9 +201,11 @@ class ViTReference(nn.Module):
             x = self.norm_pre(x)
         size = None  # merged-token counts; None until the first merge (all ones)
         for i, block in enumerate(self.blocks):
-            x = block.attention_residual(x, size)
-            if block.merge is not None:
-                x, size = self._merge(i, x, size)
+            if block.merge is None:
+                x = block.attention_residual(x, size)
+            else:
+                x, metric = block.attention_residual(x, size, return_keys=True)
+                x, size = self._merge(i, x, size, metric)
             x = block.mlp_residual(x)
         return self.norm(x) if self.norm is not None else x
 

@@ -1,0 +1,373 @@
+// Schemas of the token merging ops and their CPU implementations (see token_merge.h).
+#include "token_merge.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace dcvit {
+
+int64_t tome_effective_r(int64_t tokens, int64_t r, bool class_token, bool distill_token) {
+  const int64_t protected_tokens = static_cast<int64_t>(class_token) + distill_token;
+  return std::max<int64_t>(0, std::min(r, (tokens - protected_tokens) / 2));
+}
+
+namespace {
+
+void check_tokens_tensor(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.dim() == 3, op, ": ", name, " must be (B, N, C), got ", t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
+              " must be floating point, got ", t.scalar_type());
+}
+
+void check_like_x(const char* op, const char* name, const at::Tensor& x, const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+              " but x has ", x.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
+              x.device());
+}
+
+void check_metric_and_size(const char* op, const at::Tensor& x, const at::Tensor& metric,
+                           const std::optional<at::Tensor>& size) {
+  check_tokens_tensor(op, "x", x);
+  check_tokens_tensor(op, "metric", metric);
+  TORCH_CHECK(metric.size(0) == x.size(0) && metric.size(1) == x.size(1), op,
+              ": metric must be (B, N, Cm) with x's B and N ", x.sizes().slice(0, 2), ", got ",
+              metric.sizes());
+  TORCH_CHECK(metric.size(2) >= 1, op, ": metric needs at least one channel");
+  check_like_x(op, "metric", x, metric);
+  if (size.has_value()) {
+    TORCH_CHECK(size->dim() == 3 && size->size(0) == x.size(0) && size->size(1) == x.size(1) &&
+                    size->size(2) == 1,
+                op, ": size must be (B, N, 1) = (", x.size(0), ", ", x.size(1), ", 1), got ",
+                size->sizes());
+    check_like_x(op, "size", x, *size);
+  }
+}
+
+}  // namespace
+
+int64_t check_tome_merge_inputs(const at::Tensor& x, const at::Tensor& metric, int64_t r,
+                                const std::optional<at::Tensor>& size, bool class_token,
+                                bool distill_token) {
+  check_metric_and_size("tome_merge", x, metric, size);
+  TORCH_CHECK(r >= 0, "tome_merge: r must be >= 0, got ", r);
+  TORCH_CHECK(!distill_token || class_token,
+              "tome_merge: distill_token needs class_token (the distillation token follows it)");
+  return tome_effective_r(x.size(1), r, class_token, distill_token);
+}
+
+void check_merge_outputs(const char* op, const at::Tensor& x, int64_t out_tokens,
+                         const at::Tensor& out, const at::Tensor* size_out) {
+  TORCH_CHECK(out.dim() == 3 && out.size(0) == x.size(0) && out.size(1) == out_tokens &&
+                  out.size(2) == x.size(2) && out.is_contiguous(),
+              op, ": out must be contiguous (", x.size(0), ", ", out_tokens, ", ", x.size(2),
+              "), got ", out.sizes());
+  check_like_x(op, "out", x, out);
+  if (size_out != nullptr) {
+    TORCH_CHECK(size_out->dim() == 3 && size_out->size(0) == x.size(0) &&
+                    size_out->size(1) == out_tokens && size_out->size(2) == 1 &&
+                    size_out->is_contiguous(),
+                op, ": size_out must be contiguous (", x.size(0), ", ", out_tokens, ", 1), got ",
+                size_out->sizes());
+    check_like_x(op, "size_out", x, *size_out);
+  }
+}
+
+TomePlan tome_merge_plan(const at::Tensor& metric, int64_t r, bool class_token,
+                         bool distill_token) {
+  const int64_t batch = metric.size(0), tokens = metric.size(1);
+  const int64_t num_a = (tokens + 1) / 2, num_b = tokens / 2;
+  const auto score_type = metric.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor m = metric.to(score_type);
+  m = m / at::linalg_vector_norm(m, 2, {-1}, /*keepdim=*/true);
+  at::Tensor scores = at::bmm(m.slice(1, 0, tokens, 2), m.slice(1, 1, tokens, 2).transpose(1, 2));
+  const double neg_inf = -std::numeric_limits<double>::infinity();
+  if (class_token) scores.select(1, 0).fill_(neg_inf);    // class token is never a source
+  if (distill_token) scores.select(2, 0).fill_(neg_inf);  // distillation token never a destination
+  auto [node_max, node_idx] = scores.max(-1);
+  const at::Tensor edge = node_max.argsort(/*stable=*/true, -1, /*descending=*/true);
+  const at::Tensor src_a = edge.narrow(1, 0, r);
+  const at::Tensor unm_a = std::get<0>(edge.narrow(1, r, num_a - r).sort(-1));
+  const at::Tensor dst_b = node_idx.gather(1, src_a);
+  // group the merged tokens by destination, in token order within a group
+  const at::Tensor order = (dst_b * num_a + src_a).argsort(/*stable=*/true, 1, /*descending=*/false);
+  TomePlan plan;
+  plan.sources = (src_a.gather(1, order) * 2).contiguous();
+  const auto long_opts = edge.options();
+  at::Tensor count_b = at::zeros({batch, num_b}, long_opts);
+  count_b.scatter_add_(1, dst_b, at::ones_like(dst_b));
+  const at::Tensor begin_b = count_b.cumsum(1) - count_b;
+  const at::Tensor primary_b = (at::arange(num_b, long_opts) * 2 + 1).expand({batch, num_b});
+  const at::Tensor zeros_a = at::zeros_like(unm_a);
+  auto ordered = [&](const at::Tensor& unm, const at::Tensor& dst) {
+    if (distill_token) {  // class token, distillation token (B's first), then the rest
+      return at::cat({unm.narrow(1, 0, 1), dst.narrow(1, 0, 1), unm.narrow(1, 1, unm.size(1) - 1),
+                      dst.narrow(1, 1, num_b - 1)}, 1);
+    }
+    return at::cat({unm, dst}, 1);
+  };
+  plan.primary = ordered(unm_a * 2, primary_b).contiguous();
+  plan.begin = ordered(zeros_a, begin_b).contiguous();
+  plan.count = ordered(zeros_a, count_b).contiguous();
+  return plan;
+}
+
+AtmeLayout atme_layout(const char* op, const at::Tensor& x, int64_t grid_h, int64_t grid_w,
+                       c10::string_view axis, int64_t num_prefix_tokens, bool merged) {
+  check_tokens_tensor(op, "x", x);
+  TORCH_CHECK(axis == "w" || axis == "h", op, ": axis must be 'w' or 'h', got '", axis, "'");
+  TORCH_CHECK(grid_h >= 1 && grid_w >= 1, op, ": grid must be positive, got (", grid_h, ", ",
+              grid_w, ")");
+  TORCH_CHECK(num_prefix_tokens >= 0, op, ": num_prefix_tokens must be >= 0, got ",
+              num_prefix_tokens);
+  AtmeLayout layout{grid_h, grid_w, grid_h, grid_w, num_prefix_tokens, axis == "w"};
+  const int64_t halved = layout.axis_w ? grid_w : grid_h;
+  TORCH_CHECK(halved >= 2, op, ": cannot halve axis '", axis, "' of grid (", grid_h, ", ", grid_w,
+              ")");
+  if (layout.axis_w) {
+    layout.out_cols = (grid_w + 1) / 2;
+  } else {
+    layout.out_rows = (grid_h + 1) / 2;
+  }
+  const int64_t expected = merged ? layout.out_tokens() : layout.in_tokens();
+  TORCH_CHECK(x.size(1) == expected, op, ": x has ", x.size(1), " tokens but ",
+              num_prefix_tokens, " prefix tokens + the ",
+              merged ? "merged grid of grid " : "grid ", "(", grid_h, ", ", grid_w, ") need ",
+              expected);
+  return layout;
+}
+
+void check_atme_merge_inputs(const at::Tensor& x, const at::Tensor& metric,
+                             const std::optional<at::Tensor>& size) {
+  check_metric_and_size("atme_merge", x, metric, size);
+}
+
+namespace {
+
+// ---- ToMe ----------------------------------------------------------------------------------
+
+template <typename scalar_t>
+void weighted_gather_cpu(const at::Tensor& x, const scalar_t* size, const TomePlan& plan,
+                         at::Tensor& out, at::Tensor& size_out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t tokens = x.size(1), channels = x.size(2), n_out = out.size(1);
+  const int64_t r = plan.sources.size(1);
+  const scalar_t* xs = x.data_ptr<scalar_t>();
+  const int64_t* primary = plan.primary.data_ptr<int64_t>();
+  const int64_t* begin = plan.begin.data_ptr<int64_t>();
+  const int64_t* count = plan.count.data_ptr<int64_t>();
+  const int64_t* sources = plan.sources.data_ptr<int64_t>();
+  scalar_t* os = out.data_ptr<scalar_t>();
+  scalar_t* ss = size_out.data_ptr<scalar_t>();
+  at::parallel_for(0, x.size(0) * n_out, 16, [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> acc(channels);
+    for (int64_t row = lo; row < hi; ++row) {
+      const int64_t b = row / n_out;
+      const scalar_t* xb = xs + b * tokens * channels;
+      auto size_of = [&](int64_t t) { return size ? acc_t(size[b * tokens + t]) : acc_t(1); };
+      const int64_t own = primary[row];
+      const scalar_t* own_row = xb + own * channels;
+      scalar_t* dst = os + row * channels;
+      acc_t total = size_of(own);
+      if (count[row] == 0) {  // nothing merged in: copied bit-exactly
+        std::copy(own_row, own_row + channels, dst);
+        ss[row] = static_cast<scalar_t>(total);
+        continue;
+      }
+      for (int64_t c = 0; c < channels; ++c) acc[c] = acc_t(own_row[c]) * total;
+      const int64_t* list = sources + b * r + begin[row];
+      for (int64_t k = 0; k < count[row]; ++k) {
+        const acc_t s = size_of(list[k]);
+        const scalar_t* src_row = xb + list[k] * channels;
+        for (int64_t c = 0; c < channels; ++c) acc[c] += acc_t(src_row[c]) * s;
+        total += s;
+      }
+      for (int64_t c = 0; c < channels; ++c) dst[c] = static_cast<scalar_t>(acc[c] / total);
+      ss[row] = static_cast<scalar_t>(total);
+    }
+  });
+}
+
+std::tuple<at::Tensor&, at::Tensor&> tome_merge_out_cpu(
+    const at::Tensor& x, const at::Tensor& metric, int64_t r, const std::optional<at::Tensor>& size,
+    bool class_token, bool distill_token, at::Tensor& out, at::Tensor& size_out) {
+  const int64_t eff_r = check_tome_merge_inputs(x, metric, r, size, class_token, distill_token);
+  check_merge_outputs("tome_merge", x, x.size(1) - eff_r, out, &size_out);
+  TORCH_CHECK(x.device().is_cpu(), "tome_merge (cpu): x must be a CPU tensor");
+  if (eff_r == 0) {
+    out.copy_(x);
+    size.has_value() ? size_out.copy_(*size) : size_out.fill_(1);
+    return {out, size_out};
+  }
+  const TomePlan plan = tome_merge_plan(metric, eff_r, class_token, distill_token);
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor sc = size.has_value() ? size->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tome_merge_cpu", [&] {
+    weighted_gather_cpu<scalar_t>(xc, size.has_value() ? sc.data_ptr<scalar_t>() : nullptr, plan,
+                                  out, size_out);
+  });
+  return {out, size_out};
+}
+
+std::tuple<at::Tensor, at::Tensor> tome_merge_cpu(const at::Tensor& x, const at::Tensor& metric,
+                                                  int64_t r, const std::optional<at::Tensor>& size,
+                                                  bool class_token, bool distill_token) {
+  const int64_t eff_r = check_tome_merge_inputs(x, metric, r, size, class_token, distill_token);
+  at::Tensor out = at::empty({x.size(0), x.size(1) - eff_r, x.size(2)}, x.options());
+  at::Tensor size_out = at::empty({x.size(0), x.size(1) - eff_r, 1}, x.options());
+  tome_merge_out_cpu(x, metric, r, size, class_token, distill_token, out, size_out);
+  return {out, size_out};
+}
+
+// ---- ATME ----------------------------------------------------------------------------------
+
+template <typename scalar_t>
+void atme_merge_cpu_kernel(const at::Tensor& x, const at::Tensor& metric, const scalar_t* size,
+                           const AtmeLayout& g, at::Tensor& out, at::Tensor& size_out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t tokens = x.size(1), channels = x.size(2), dim_m = metric.size(2);
+  const int64_t n_out = g.out_tokens();
+  const scalar_t* xs = x.data_ptr<scalar_t>();
+  const scalar_t* ms = metric.data_ptr<scalar_t>();
+  scalar_t* os = out.data_ptr<scalar_t>();
+  scalar_t* ss = size_out.data_ptr<scalar_t>();
+  at::parallel_for(0, x.size(0) * n_out, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t row = lo; row < hi; ++row) {
+      const int64_t b = row / n_out, o = row % n_out;
+      int64_t dst = o, src = -1;
+      if (o >= g.prefix) {
+        const int64_t i = (o - g.prefix) / g.out_cols, j = (o - g.prefix) % g.out_cols;
+        if (g.axis_w) {
+          dst = g.prefix + i * g.cols + 2 * j;
+          if (2 * j + 1 < g.cols) src = dst + 1;
+        } else {
+          dst = g.prefix + 2 * i * g.cols + j;
+          if (2 * i + 1 < g.rows) src = dst + g.cols;
+        }
+      }
+      auto size_of = [&](int64_t t) { return size ? acc_t(size[b * tokens + t]) : acc_t(1); };
+      const scalar_t* x_dst = xs + (b * tokens + dst) * channels;
+      scalar_t* out_row = os + row * channels;
+      if (src < 0) {  // prefix token or odd last column/row: passes through
+        std::copy(x_dst, x_dst + channels, out_row);
+        ss[row] = static_cast<scalar_t>(size_of(dst));
+        continue;
+      }
+      const scalar_t* m_dst = ms + (b * tokens + dst) * dim_m;
+      const scalar_t* m_src = ms + (b * tokens + src) * dim_m;
+      acc_t dot = 0, sq_dst = 0, sq_src = 0;
+      for (int64_t k = 0; k < dim_m; ++k) {
+        const acc_t a = m_dst[k], c = m_src[k];
+        dot += a * c;
+        sq_dst += a * a;
+        sq_src += c * c;
+      }
+      const acc_t cos = dot / std::max(std::sqrt(sq_dst) * std::sqrt(sq_src), acc_t(kCosineEps));
+      const acc_t s_dst = size_of(dst), s_src = size_of(src);
+      const acc_t alpha = std::max(cos, acc_t(0)) * s_src / (s_dst + s_src);
+      const scalar_t* x_src = xs + (b * tokens + src) * channels;
+      for (int64_t c = 0; c < channels; ++c) {
+        out_row[c] = static_cast<scalar_t>((1 - alpha) * acc_t(x_dst[c]) + alpha * acc_t(x_src[c]));
+      }
+      ss[row] = static_cast<scalar_t>(s_dst + s_src);
+    }
+  });
+}
+
+std::tuple<at::Tensor&, at::Tensor&> atme_merge_out_cpu(
+    const at::Tensor& x, const at::Tensor& metric, int64_t grid_h, int64_t grid_w,
+    c10::string_view axis, int64_t num_prefix_tokens, const std::optional<at::Tensor>& size,
+    at::Tensor& out, at::Tensor& size_out) {
+  const AtmeLayout g = atme_layout("atme_merge", x, grid_h, grid_w, axis, num_prefix_tokens, false);
+  check_atme_merge_inputs(x, metric, size);
+  check_merge_outputs("atme_merge", x, g.out_tokens(), out, &size_out);
+  TORCH_CHECK(x.device().is_cpu(), "atme_merge (cpu): x must be a CPU tensor");
+  const at::Tensor xc = x.contiguous(), mc = metric.contiguous();
+  const at::Tensor sc = size.has_value() ? size->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "atme_merge_cpu", [&] {
+    atme_merge_cpu_kernel<scalar_t>(xc, mc, size.has_value() ? sc.data_ptr<scalar_t>() : nullptr,
+                                    g, out, size_out);
+  });
+  return {out, size_out};
+}
+
+std::tuple<at::Tensor, at::Tensor> atme_merge_cpu(const at::Tensor& x, const at::Tensor& metric,
+                                                  int64_t grid_h, int64_t grid_w,
+                                                  c10::string_view axis, int64_t num_prefix_tokens,
+                                                  const std::optional<at::Tensor>& size) {
+  const AtmeLayout g = atme_layout("atme_merge", x, grid_h, grid_w, axis, num_prefix_tokens, false);
+  at::Tensor out = at::empty({x.size(0), g.out_tokens(), x.size(2)}, x.options());
+  at::Tensor size_out = at::empty({x.size(0), g.out_tokens(), 1}, x.options());
+  atme_merge_out_cpu(x, metric, grid_h, grid_w, axis, num_prefix_tokens, size, out, size_out);
+  return {out, size_out};
+}
+
+// Source token (in the merged layout) of every token of the restored grid.
+at::Tensor atme_unmerge_index(const AtmeLayout& g) {
+  at::Tensor index = at::empty({g.in_tokens()}, at::kLong);
+  int64_t* idx = index.data_ptr<int64_t>();
+  for (int64_t t = 0; t < g.prefix; ++t) idx[t] = t;
+  for (int64_t i = 0; i < g.rows; ++i) {
+    for (int64_t j = 0; j < g.cols; ++j) {
+      idx[g.prefix + i * g.cols + j] =
+          g.prefix + (g.axis_w ? i * g.out_cols + j / 2 : (i / 2) * g.out_cols + j);
+    }
+  }
+  return index;
+}
+
+at::Tensor& atme_unmerge_out_cpu(const at::Tensor& x, int64_t grid_h, int64_t grid_w,
+                                 c10::string_view axis, int64_t num_prefix_tokens,
+                                 at::Tensor& out) {
+  const AtmeLayout g = atme_layout("atme_unmerge", x, grid_h, grid_w, axis, num_prefix_tokens, true);
+  check_merge_outputs("atme_unmerge", x, g.in_tokens(), out, nullptr);
+  TORCH_CHECK(x.device().is_cpu(), "atme_unmerge (cpu): x must be a CPU tensor");
+  return at::index_select_out(out, x, 1, atme_unmerge_index(g));
+}
+
+at::Tensor atme_unmerge_cpu(const at::Tensor& x, int64_t grid_h, int64_t grid_w,
+                            c10::string_view axis, int64_t num_prefix_tokens) {
+  const AtmeLayout g = atme_layout("atme_unmerge", x, grid_h, grid_w, axis, num_prefix_tokens, true);
+  at::Tensor out = at::empty({x.size(0), g.in_tokens(), x.size(2)}, x.options());
+  return atme_unmerge_out_cpu(x, grid_h, grid_w, axis, num_prefix_tokens, out);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(dcvit, m) {
+  m.def(
+      "tome_merge(Tensor x, Tensor metric, int r, Tensor? size, bool class_token, "
+      "bool distill_token) -> (Tensor, Tensor)");
+  m.def(
+      "tome_merge.out(Tensor x, Tensor metric, int r, Tensor? size, bool class_token, "
+      "bool distill_token, *, Tensor(a!) out, Tensor(b!) size_out) -> (Tensor(a!), Tensor(b!))");
+  m.def(
+      "atme_merge(Tensor x, Tensor metric, int grid_h, int grid_w, str axis, "
+      "int num_prefix_tokens, Tensor? size) -> (Tensor, Tensor)");
+  m.def(
+      "atme_merge.out(Tensor x, Tensor metric, int grid_h, int grid_w, str axis, "
+      "int num_prefix_tokens, Tensor? size, *, Tensor(a!) out, Tensor(b!) size_out) -> "
+      "(Tensor(a!), Tensor(b!))");
+  m.def("atme_unmerge(Tensor x, int grid_h, int grid_w, str axis, int num_prefix_tokens) -> Tensor");
+  m.def(
+      "atme_unmerge.out(Tensor x, int grid_h, int grid_w, str axis, int num_prefix_tokens, *, "
+      "Tensor(a!) out) -> Tensor(a!)");
+}
+
+TORCH_LIBRARY_IMPL(dcvit, CPU, m) {
+  m.impl("tome_merge", &tome_merge_cpu);
+  m.impl("tome_merge.out", &tome_merge_out_cpu);
+  m.impl("atme_merge", &atme_merge_cpu);
+  m.impl("atme_merge.out", &atme_merge_out_cpu);
+  m.impl("atme_unmerge", &atme_unmerge_cpu);
+  m.impl("atme_unmerge.out", &atme_unmerge_out_cpu);
+}
+
+}  // namespace dcvit

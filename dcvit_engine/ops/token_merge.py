@@ -1,0 +1,242 @@
+"""Token merging: ToMe's bipartite merge and CAIT's grid-preserving ATME merge / unmerge.
+
+Both run after a block's attention residual and before its MLP (see dcvit_engine.spec).
+`size` (B, N, 1) counts the original tokens each token stands for; proportional attention
+adds log(size) to the attention logits. Backends: torch (the *_ref functions of
+dcvit_engine.kernels.token_merge), cpu and cuda (torch.ops.dcvit.{tome_merge, atme_merge,
+atme_unmerge} from dcvit_engine._C), triton (torch.ops.dcvit.*_triton).
+"""
+import torch
+
+from dcvit_engine import _native
+from dcvit_engine.kernels.token_merge import (
+    atme_merge_ref,
+    atme_merge_triton,
+    atme_merged_grid,
+    atme_unmerge_ref,
+    atme_unmerge_triton,
+    bipartite_merge_ref,
+    bipartite_merge_triton,
+    tome_effective_r,
+)
+from dcvit_engine.ops.dispatch import (
+    Impl,
+    OpDispatcher,
+    cpu_native_why_not,
+    cuda_native_why_not,
+    torch_why_not,
+    triton_why_not,
+)
+from dcvit_engine.ops.registration import KERNEL_LAUNCHER, triton_kernel_op
+
+TOME_OP = "tome_merge"
+ATME_OP = "atme_merge"
+UNMERGE_OP = "atme_unmerge"
+ATME_AXES = ("w", "h")
+
+
+# ---- argument checks ----------------------------------------------------------------
+
+def _check_tokens(op, name, t):
+    if not isinstance(t, torch.Tensor) or t.dim() != 3:
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{op}: {name} must be a (B, N, C) tensor, got {got}")
+    if not t.is_floating_point():
+        raise ValueError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _check_int(op, name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{op}: {name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_metric_and_size(op, x, metric, size):
+    _check_tokens(op, "x", x)
+    _check_tokens(op, "metric", metric)
+    if metric.shape[:2] != x.shape[:2] or metric.shape[2] < 1:
+        raise ValueError(f"{op}: metric must be (B, N, Cm) with x's B, N = {tuple(x.shape[:2])}, "
+                         f"got {tuple(metric.shape)}")
+    extra = [("metric", metric)]
+    if size is not None:
+        if not isinstance(size, torch.Tensor) or tuple(size.shape) != (x.shape[0], x.shape[1], 1):
+            got = tuple(size.shape) if isinstance(size, torch.Tensor) else type(size).__name__
+            raise ValueError(f"{op}: size must be (B, N, 1) = {(x.shape[0], x.shape[1], 1)} "
+                             f"or None, got {got}")
+        extra.append(("size", size))
+    for name, t in extra:
+        if t.dtype != x.dtype:
+            raise ValueError(f"{op}: {name} is {t.dtype} but x is {x.dtype}; cast it to x's dtype")
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+
+
+def check_bipartite_merge_args(x, metric, r, size, class_token, distill_token):
+    """Raises ValueError naming the argument that is off."""
+    op = "bipartite_merge"
+    _check_metric_and_size(op, x, metric, size)
+    _check_int(op, "r", r, 0)
+    for name, flag in (("class_token", class_token), ("distill_token", distill_token)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{op}: {name} must be a bool, got {flag!r}")
+    if distill_token and not class_token:
+        raise ValueError(f"{op}: distill_token=True needs class_token=True "
+                         "(the distillation token follows the class token)")
+
+
+def _grid_tuple(op, grid, name):
+    if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+            or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid)):
+        raise ValueError(f"{op}: {name} must be (rows, cols) of positive ints, got {grid!r}")
+    return int(grid[0]), int(grid[1])
+
+
+def check_atme_layout(op, x, grid, axis, num_prefix_tokens, merged):
+    """Validates grid/axis/prefix against x; returns the grid as a tuple. `merged`: x holds
+    the merged grid (unmerge) instead of `grid` itself (merge)."""
+    _check_tokens(op, "x", x)
+    grid = _grid_tuple(op, grid, "grid_before" if merged else "grid")
+    if axis not in ATME_AXES:
+        raise ValueError(f"{op}: axis must be 'w' (pairs in each row) or 'h' (pairs of rows), "
+                         f"got {axis!r}")
+    _check_int(op, "num_prefix_tokens", num_prefix_tokens, 0)
+    if grid[1 if axis == "w" else 0] < 2:
+        raise ValueError(f"{op}: cannot halve axis {axis!r} of grid {grid}: it has length 1")
+    layout = atme_merged_grid(grid, axis) if merged else grid
+    expected = num_prefix_tokens + layout[0] * layout[1]
+    if x.shape[1] != expected:
+        what = f"the merged grid {layout} of grid {grid}" if merged else f"the grid {grid}"
+        raise ValueError(f"{op}: x has {x.shape[1]} tokens but {num_prefix_tokens} prefix tokens + "
+                         f"{what} make {expected}; pass the grid the tokens are laid out in")
+    return grid
+
+
+# ---- op registrations (triton ops, fake impls) -----------------------------------------
+
+def _tome_fake(x, metric, r, size, class_token, distill_token):
+    n_out = x.shape[1] - tome_effective_r(x.shape[1], r, class_token, distill_token)
+    return x.new_empty((x.shape[0], n_out, x.shape[2])), x.new_empty((x.shape[0], n_out, 1))
+
+
+def _atme_fake(x, metric, grid_h, grid_w, axis, num_prefix_tokens, size):
+    rows, cols = atme_merged_grid((grid_h, grid_w), axis)
+    n_out = num_prefix_tokens + rows * cols
+    return x.new_empty((x.shape[0], n_out, x.shape[2])), x.new_empty((x.shape[0], n_out, 1))
+
+
+def _unmerge_fake(x, grid_h, grid_w, axis, num_prefix_tokens):
+    return x.new_empty((x.shape[0], num_prefix_tokens + grid_h * grid_w, x.shape[2]))
+
+
+@triton_kernel_op("dcvit::tome_merge_triton", fake=_tome_fake)
+def _tome_merge_triton_op(
+    x: torch.Tensor, metric: torch.Tensor, r: int, size: torch.Tensor | None,
+    class_token: bool, distill_token: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return bipartite_merge_triton(x, metric, r, size, class_token, distill_token,
+                                  kernel_launcher=KERNEL_LAUNCHER)
+
+
+@triton_kernel_op("dcvit::atme_merge_triton", fake=_atme_fake)
+def _atme_merge_triton_op(
+    x: torch.Tensor, metric: torch.Tensor, grid_h: int, grid_w: int, axis: str,
+    num_prefix_tokens: int, size: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, size_out, _ = atme_merge_triton(x, metric, (grid_h, grid_w), axis, num_prefix_tokens, size,
+                                         kernel_launcher=KERNEL_LAUNCHER)
+    return out, size_out
+
+
+@triton_kernel_op("dcvit::atme_unmerge_triton", fake=_unmerge_fake)
+def _atme_unmerge_triton_op(
+    x: torch.Tensor, grid_h: int, grid_w: int, axis: str, num_prefix_tokens: int,
+) -> torch.Tensor:
+    return atme_unmerge_triton(x, (grid_h, grid_w), axis, num_prefix_tokens,
+                               kernel_launcher=KERNEL_LAUNCHER)
+
+
+if _native.LOAD_ERROR is None:
+    torch.library.register_fake("dcvit::tome_merge")(_tome_fake)
+    torch.library.register_fake("dcvit::atme_merge")(_atme_fake)
+    torch.library.register_fake("dcvit::atme_unmerge")(_unmerge_fake)
+
+# Resolve the compiled kernels' availability now, outside any torch.compile trace.
+for _op in (TOME_OP, ATME_OP, UNMERGE_OP):
+    _native.native_unavailable(_op, "CPU")
+    _native.native_unavailable(_op, "CUDA")
+
+
+def _impls(op, run_torch, run_native, run_triton):
+    return [
+        Impl("torch", lambda x, *rest: torch_why_not([x]), run_torch),
+        Impl("cpu", lambda x, *rest: cpu_native_why_not(op, [x]), run_native),
+        Impl("cuda", lambda x, *rest: cuda_native_why_not(op, [x]), run_native),
+        Impl("triton", lambda x, *rest: triton_why_not([x]), run_triton),
+    ]
+
+
+# Default priorities (cuda before triton on the GPU): not yet measured against each other.
+_TOME = OpDispatcher(TOME_OP, _impls(
+    TOME_OP,
+    lambda x, metric, r, size, cls, dist: bipartite_merge_ref(x, metric, r, size, cls, dist),
+    lambda *args: torch.ops.dcvit.tome_merge(*args),
+    lambda *args: torch.ops.dcvit.tome_merge_triton(*args),
+))
+_ATME = OpDispatcher(ATME_OP, _impls(
+    ATME_OP,
+    lambda x, metric, gh, gw, axis, p, size: atme_merge_ref(x, metric, (gh, gw), axis, p, size)[:2],
+    lambda *args: torch.ops.dcvit.atme_merge(*args),
+    lambda *args: torch.ops.dcvit.atme_merge_triton(*args),
+))
+_UNMERGE = OpDispatcher(UNMERGE_OP, _impls(
+    UNMERGE_OP,
+    lambda x, gh, gw, axis, p: atme_unmerge_ref(x, (gh, gw), axis, p),
+    lambda *args: torch.ops.dcvit.atme_unmerge(*args),
+    lambda *args: torch.ops.dcvit.atme_unmerge_triton(*args),
+))
+
+
+# ---- public functions ---------------------------------------------------------------------
+
+def bipartite_merge(x, metric, r, size=None, class_token=True, distill_token=False, backend=None):
+    """ToMe's bipartite soft matching + size-weighted merge; returns (x, size).
+
+    x (B, N, C) tokens, metric (B, N, Cm) similarity features of x's dtype (ToMe: the keys
+    averaged over heads), size (B, N, 1) token counts or None (all ones). A = even tokens,
+    B = odd tokens; the r A tokens with the most similar B partner are averaged into it.
+    The class (and distillation) token is never merged; r is clamped to
+    (N - protected) // 2 like ToMe. Output: unmerged A tokens in order, then the B tokens
+    (class and distillation token first), N - r tokens. `backend` in {torch, cpu, cuda,
+    triton} forces an implementation (else DCVIT_BACKEND, else the device's priority list).
+    """
+    check_bipartite_merge_args(x, metric, r, size, class_token, distill_token)
+    return _TOME(x.device, x, metric, r, size, class_token, distill_token, backend=backend)
+
+
+def atme_merge(x, metric, grid, axis, num_prefix_tokens=1, size=None, backend=None):
+    """CAIT's asymmetric token merge; returns (x, size, new_grid).
+
+    x (B, P + H*W, C): P prefix tokens, then the (H, W) = grid tokens row-major. axis "w"
+    merges columns (2j, 2j+1) of every row (grid -> H x ceil(W/2)), axis "h" rows (2i, 2i+1)
+    (-> ceil(H/2) x W). The pair's first token dominates: with s the cosine similarity of
+    the pair's metric vectors, alpha = max(s, 0) * size_src / (size_dst + size_src) and
+    merged = (1 - alpha) * x_dst + alpha * x_src; sizes add. Prefix tokens and an odd last
+    column/row pass through.
+    """
+    grid = check_atme_layout("atme_merge", x, grid, axis, num_prefix_tokens, merged=False)
+    _check_metric_and_size("atme_merge", x, metric, size)
+    out, size_out = _ATME(x.device, x, metric, grid[0], grid[1], axis, num_prefix_tokens, size,
+                          backend=backend)
+    return out, size_out, atme_merged_grid(grid, axis)
+
+
+def atme_unmerge(x, grid_before, axis, num_prefix_tokens=1, backend=None):
+    """Undoes the layout of atme_merge for dense tasks: (B, P + H*W, C) for grid_before =
+    (H, W), each merged token copied to both positions it came from."""
+    grid = check_atme_layout("atme_unmerge", x, grid_before, axis, num_prefix_tokens, merged=True)
+    return _UNMERGE(x.device, x, grid[0], grid[1], axis, num_prefix_tokens, backend=backend)
+
+
+def token_merge_backends(x) -> dict[str, dict[str, str | None]]:
+    """Each merge op's backends and their reason for refusing x (None: available)."""
+    return {op: dispatcher.reasons(x) for op, dispatcher in
+            ((TOME_OP, _TOME), (ATME_OP, _ATME), (UNMERGE_OP, _UNMERGE))}

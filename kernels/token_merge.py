@@ -1,0 +1,492 @@
+"""Token merging: ToMe's bipartite soft matching and CAIT's grid-preserving ATME.
+
+ToMe (facebookresearch/ToMe `bipartite_soft_matching` + `merge_wavg`) on the GPU:
+  1. `_tome_best_match_kernel`: each A token's (even index) best B match (odd index) by
+     cosine similarity. The L2 normalization is folded into the score tile (dot products
+     and both sides' squared norms are accumulated in the same K loop), so the normalized
+     metric and the (Na, Nb) score matrix never reach memory; only each row's max and
+     argmax do.
+  2. torch picks the r best edges (argsort) and turns them into a gather plan: per output
+     token its own token plus the list of tokens merged into it.
+  3. `_weighted_gather_kernel`: every output token is the size-weighted average of its
+     list, read once from x, written once; sizes add up in the same pass. A gather instead
+     of ToMe's scatter_reduce: no atomics, deterministic summation order.
+
+ATME (this project's definition of CAIT's asymmetric token merging, see DESIGN/METHODS):
+tokens are P prefix tokens followed by an H x W grid (row-major). Axis "w" merges the
+column pairs (2j, 2j+1) of each row, axis "h" the row pairs (2i, 2i+1); the first token
+of a pair is the destination. With s the cosine similarity of the pair's metric vectors,
+  alpha = max(s, 0) * size_src / (size_dst + size_src)
+  merged = (1 - alpha) * x_dst + alpha * x_src,   size = size_dst + size_src
+An odd last column/row and the prefix tokens pass through. `_atme_merge_kernel` computes
+the similarity and the blend in one pass over the pairs; `_atme_unmerge_kernel` copies
+each merged token back to both grid positions (for dense prediction heads).
+"""
+import torch
+import triton
+import triton.language as tl
+
+# Cosine similarity of ATME pairs: dot / max(|a| |b|, COSINE_EPS) -- zero vectors give 0.
+COSINE_EPS = 1e-12
+
+
+def _score_dtype(metric):
+    # Similarities are compared against each other to pick merges: score in at least fp32
+    # so a bf16 metric does not create ties that fp32 would resolve.
+    return torch.float64 if metric.dtype == torch.float64 else torch.float32
+
+
+def tome_protected(class_token, distill_token):
+    return int(class_token) + int(distill_token)
+
+
+def tome_effective_r(tokens, r, class_token, distill_token):
+    """ToMe's clamp: at most half of the unprotected tokens can be merged away."""
+    return max(0, min(r, (tokens - tome_protected(class_token, distill_token)) // 2))
+
+
+def atme_merged_grid(grid, axis):
+    rows, cols = grid
+    return (rows, (cols + 1) // 2) if axis == "w" else ((rows + 1) // 2, cols)
+
+
+# ---- plain-PyTorch references ------------------------------------------------------
+
+def bipartite_merge_ref(x, metric, r, size=None, class_token=True, distill_token=False):
+    """ToMe's bipartite soft matching followed by merge_wavg, transcribed step by step.
+
+    Differences from ToMe, none of which changes which tokens merge: scores are computed in
+    fp32 (or fp64) whatever the metric dtype, the edge sort is stable, and unmerged A tokens
+    keep their original order also without a class token (ToMe leaves them in score order
+    then, a permutation that attention and pooling do not see).
+    """
+    if size is None:
+        size = torch.ones_like(x[..., :1])
+    r = tome_effective_r(x.shape[1], r, class_token, distill_token)
+    if r == 0:
+        return x, size
+    with torch.no_grad():
+        m = metric.to(_score_dtype(metric))
+        m = m / m.norm(dim=-1, keepdim=True)
+        a, b = m[..., ::2, :], m[..., 1::2, :]
+        scores = a @ b.transpose(-1, -2)
+        if class_token:
+            scores[..., 0, :] = -torch.inf
+        if distill_token:
+            scores[..., :, 0] = -torch.inf
+        node_max, node_idx = scores.max(dim=-1)
+        edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)[..., None]
+        unm_idx = edge_idx[..., r:, :].sort(dim=-2).values
+        src_idx = edge_idx[..., :r, :]
+        dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+
+    def merge_sum(t):
+        src, dst = t[..., ::2, :], t[..., 1::2, :]
+        n, t1, c = src.shape
+        unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - r, c))
+        src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
+        dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce="sum")
+        if distill_token:  # class token, then the distillation token (B's first), as ToMe
+            return torch.cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]], dim=1)
+        return torch.cat([unm, dst], dim=1)
+
+    merged = merge_sum(x * size)
+    size = merge_sum(size)
+    return merged / size, size
+
+
+def _split_grid(t, grid, num_prefix_tokens):
+    rows, cols = grid
+    return t[:, :num_prefix_tokens], t[:, num_prefix_tokens:].reshape(t.shape[0], rows, cols, -1)
+
+
+def atme_merge_ref(x, metric, grid, axis, num_prefix_tokens=1, size=None):
+    """ATME with plain tensor ops; returns (x, size, new_grid)."""
+    if size is None:
+        size = torch.ones_like(x[..., :1])
+    dim = 2 if axis == "w" else 1  # grid dimension being halved in (B, H, W, C)
+    parts = [_split_grid(t, grid, num_prefix_tokens) for t in (x, metric, size)]
+    (x_pre, xg), (_, mg), (s_pre, sg) = parts
+    pairs = grid[dim - 1] // 2
+
+    def dst_src(t):
+        return t.narrow(dim, 0, 2 * pairs).unflatten(dim, (pairs, 2)).unbind(dim + 1)
+
+    (x_dst, x_src), (m_dst, m_src), (s_dst, s_src) = dst_src(xg), dst_src(mg), dst_src(sg)
+    m_dst, m_src = m_dst.to(_score_dtype(metric)), m_src.to(_score_dtype(metric))
+    cos = (m_dst * m_src).sum(-1, keepdim=True) / (
+        m_dst.norm(dim=-1, keepdim=True) * m_src.norm(dim=-1, keepdim=True)).clamp_min(COSINE_EPS)
+    alpha = (cos.clamp_min(0) * s_src / (s_dst + s_src)).to(x.dtype)
+    merged = (1 - alpha) * x_dst + alpha * x_src
+    merged_size = s_dst + s_src
+    if grid[dim - 1] % 2:  # the odd last column / row stays as it is
+        merged = torch.cat([merged, xg.narrow(dim, 2 * pairs, 1)], dim=dim)
+        merged_size = torch.cat([merged_size, sg.narrow(dim, 2 * pairs, 1)], dim=dim)
+    new_grid = atme_merged_grid(grid, axis)
+    out = torch.cat([x_pre, merged.flatten(1, 2)], dim=1)
+    return out, torch.cat([s_pre, merged_size.flatten(1, 2)], dim=1), new_grid
+
+
+def atme_unmerge_ref(x, grid_before, axis, num_prefix_tokens=1):
+    """Inverse layout of atme_merge: every merged token back at both of its positions."""
+    rows, cols = grid_before
+    prefix, merged = _split_grid(x, atme_merged_grid(grid_before, axis), num_prefix_tokens)
+    if axis == "w":
+        full = merged.repeat_interleave(2, dim=2)[:, :, :cols]
+    else:
+        full = merged.repeat_interleave(2, dim=1)[:, :rows]
+    return torch.cat([prefix, full.flatten(1, 2)], dim=1)
+
+
+# ---- Triton kernels ------------------------------------------------------------------
+
+def _dot_precision(dtype):
+    # fp32 metrics get true fp32 products: merge choices must match the fp32 reference.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _dot_upcast(device_type, dtype):
+    # The CPU interpreter (triton 3.9) computes tl.dot on bf16 operands wrongly; a product of
+    # two bf16 (or fp16) values is exact in fp32, so upcasting matches the GPU's MMA.
+    return device_type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _tome_best_match_kernel(
+    m_ptr, best_ptr, best_idx_ptr,
+    NA, NB, CM, stride_mb, stride_mn,
+    CLASS_TOKEN: tl.constexpr, DISTILL_TOKEN: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    pid_a = tl.program_id(0).to(tl.int64)
+    batch = tl.program_id(1).to(tl.int64)
+    base = m_ptr + batch * stride_mb
+    a_rows = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    a_ok = a_rows < NA
+    a_ptrs = base + (2 * a_rows)[:, None] * stride_mn  # A = tokens 0, 2, 4, ...
+
+    sq_a = tl.zeros((BLOCK_A,), dtype=tl.float32)
+    for k in range(0, CM, BLOCK_K):
+        ks = k + tl.arange(0, BLOCK_K)
+        at = tl.load(a_ptrs + ks[None, :], mask=a_ok[:, None] & (ks[None, :] < CM), other=0.0)
+        at = at.to(tl.float32)
+        sq_a += tl.sum(at * at, axis=1)
+    # padding rows/columns (zero dot products) get norm 1, so no 0 * inf = NaN arises
+    inv_a = 1.0 / tl.sqrt(tl.where(a_ok, sq_a, 1.0))
+
+    best = tl.full((BLOCK_A,), float("-inf"), dtype=tl.float32)
+    best_idx = tl.zeros((BLOCK_A,), dtype=tl.int64)
+    for b0 in range(0, NB, BLOCK_B):
+        b_rows = b0 + tl.arange(0, BLOCK_B)
+        b_ok = b_rows < NB
+        b_ptrs = base + (2 * b_rows + 1)[None, :] * stride_mn  # B = tokens 1, 3, 5, ...
+        acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+        sq_b = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        for k in range(0, CM, BLOCK_K):
+            ks = k + tl.arange(0, BLOCK_K)
+            at = tl.load(a_ptrs + ks[None, :], mask=a_ok[:, None] & (ks[None, :] < CM), other=0.0)
+            bt = tl.load(b_ptrs + ks[:, None], mask=b_ok[None, :] & (ks[:, None] < CM), other=0.0)
+            bf = bt.to(tl.float32)
+            sq_b += tl.sum(bf * bf, axis=0)
+            if DOT_UPCAST:
+                acc = tl.dot(at.to(tl.float32), bf, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(at, bt, acc, input_precision=DOT_PRECISION)
+        inv_b = 1.0 / tl.sqrt(tl.where(b_ok, sq_b, 1.0))
+        scores = acc * inv_a[:, None] * inv_b[None, :]
+        excluded = b_rows >= NB
+        if DISTILL_TOKEN:  # B's first token is the distillation token: never a destination
+            excluded = excluded | (b_rows == 0)
+        scores = tl.where(excluded[None, :], float("-inf"), scores)
+        tile_best = tl.max(scores, axis=1)
+        tile_idx = tl.argmax(scores, axis=1).to(tl.int64) + b0
+        # strict '>' keeps the earliest index on ties, as torch.max does
+        better = tile_best > best
+        best = tl.where(better, tile_best, best)
+        best_idx = tl.where(better, tile_idx, best_idx)
+    if CLASS_TOKEN:  # the class token (A's first) is never merged away
+        best = tl.where(a_rows == 0, float("-inf"), best)
+    tl.store(best_ptr + batch * NA + a_rows, best, mask=a_ok)
+    tl.store(best_idx_ptr + batch * NA + a_rows, best_idx, mask=a_ok)
+
+
+@triton.jit
+def _weighted_gather_kernel(
+    x_ptr, size_ptr, primary_ptr, begin_ptr, count_ptr, sources_ptr, out_ptr, size_out_ptr,
+    N, N_OUT, C, R,
+    HAS_SIZE: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    o = tl.program_id(0).to(tl.int64)
+    batch = tl.program_id(1).to(tl.int64)
+    plan = batch * N_OUT + o
+    own = tl.load(primary_ptr + plan)
+    begin = tl.load(begin_ptr + plan)
+    count = tl.load(count_ptr + plan)
+    x_base = x_ptr + batch * N * C
+    src_base = sources_ptr + batch * R + begin
+
+    if HAS_SIZE:
+        own_size = tl.load(size_ptr + batch * N + own).to(tl.float32)
+    else:
+        own_size = tl.full((), 1.0, dtype=tl.float32)
+    total = own_size
+    for k in range(count):
+        src = tl.load(src_base + k)
+        if HAS_SIZE:
+            total += tl.load(size_ptr + batch * N + src).to(tl.float32)
+        else:
+            total += 1.0
+
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        ok = cols < C
+        x_own = tl.load(x_base + own * C + cols, mask=ok, other=0.0).to(tl.float32)
+        acc = x_own * own_size
+        for k in range(count):
+            src = tl.load(src_base + k)
+            if HAS_SIZE:
+                src_size = tl.load(size_ptr + batch * N + src).to(tl.float32)
+            else:
+                src_size = tl.full((), 1.0, dtype=tl.float32)
+            acc += tl.load(x_base + src * C + cols, mask=ok, other=0.0).to(tl.float32) * src_size
+        # a token nobody merged into is copied bit-exactly
+        merged = tl.where(count == 0, x_own, acc / total)
+        tl.store(out_ptr + (batch * N_OUT + o) * C + cols,
+                 merged.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(size_out_ptr + plan, total.to(size_out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _atme_pair_tokens(o, P, H, W, W_OUT, AXIS_W: tl.constexpr):
+    """Destination and source token index of output token o, and whether it has a source."""
+    is_prefix = o < P
+    g = tl.where(is_prefix, 0, o - P)
+    if AXIS_W:
+        i = g // W_OUT
+        j = g % W_OUT
+        dst = P + i * W + 2 * j
+        has_src = 2 * j + 1 < W
+        src = dst + 1
+    else:
+        i = g // W
+        j = g % W
+        dst = P + 2 * i * W + j
+        has_src = 2 * i + 1 < H
+        src = dst + W
+    has_src = has_src & ~is_prefix
+    dst = tl.where(is_prefix, o, dst)
+    return dst, tl.where(has_src, src, dst), has_src
+
+
+@triton.jit
+def _atme_merge_kernel(
+    x_ptr, m_ptr, size_ptr, out_ptr, size_out_ptr,
+    N, N_OUT, C, CM, P, H, W, W_OUT, eps,
+    AXIS_W: tl.constexpr, HAS_SIZE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    batch = tl.program_id(1).to(tl.int64)
+    o = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    ok = o < N_OUT
+    dst, src, has_src = _atme_pair_tokens(o, P, H, W, W_OUT, AXIS_W)
+    pair = ok & has_src
+
+    m_base = m_ptr + batch * N * CM
+    dot = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    sq_dst = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    sq_src = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for k in range(0, CM, BLOCK_K):
+        ks = k + tl.arange(0, BLOCK_K)
+        k_ok = pair[:, None] & (ks[None, :] < CM)
+        md = tl.load(m_base + dst[:, None] * CM + ks[None, :], mask=k_ok, other=0.0).to(tl.float32)
+        ms = tl.load(m_base + src[:, None] * CM + ks[None, :], mask=k_ok, other=0.0).to(tl.float32)
+        dot += tl.sum(md * ms, axis=1)
+        sq_dst += tl.sum(md * md, axis=1)
+        sq_src += tl.sum(ms * ms, axis=1)
+    cos = dot / tl.maximum(tl.sqrt(sq_dst) * tl.sqrt(sq_src), eps)
+
+    if HAS_SIZE:
+        s_dst = tl.load(size_ptr + batch * N + dst, mask=ok, other=1.0).to(tl.float32)
+        s_src = tl.load(size_ptr + batch * N + src, mask=pair, other=0.0).to(tl.float32)
+    else:
+        s_dst = tl.full((BLOCK_T,), 1.0, dtype=tl.float32)
+        s_src = tl.where(pair, 1.0, 0.0)
+    alpha = tl.where(pair, tl.maximum(cos, 0.0) * s_src / (s_dst + s_src), 0.0)
+    tl.store(size_out_ptr + batch * N_OUT + o, (s_dst + s_src).to(size_out_ptr.dtype.element_ty),
+             mask=ok)
+
+    x_base = x_ptr + batch * N * C
+    out_base = out_ptr + batch * N_OUT * C
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        c_ok = cols[None, :] < C
+        xd = tl.load(x_base + dst[:, None] * C + cols[None, :], mask=ok[:, None] & c_ok, other=0.0)
+        xs = tl.load(x_base + src[:, None] * C + cols[None, :], mask=pair[:, None] & c_ok, other=0.0)
+        # alpha = 0 (unpaired, prefix or dissimilar) gives x_dst exactly
+        merged = (1.0 - alpha[:, None]) * xd.to(tl.float32) + alpha[:, None] * xs.to(tl.float32)
+        tl.store(out_base + o[:, None] * C + cols[None, :], merged.to(out_ptr.dtype.element_ty),
+                 mask=ok[:, None] & c_ok)
+
+
+@triton.jit
+def _atme_unmerge_kernel(
+    x_ptr, out_ptr, N_IN, N_FULL, C, P, W, W_IN,
+    AXIS_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_t = tl.program_id(0).to(tl.int64)
+    pid_c = tl.program_id(1).to(tl.int64)
+    batch = tl.program_id(2).to(tl.int64)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = (t < N_FULL)[:, None] & (cols < C)[None, :]
+    g = tl.where(t < P, 0, t - P)
+    i = g // W
+    j = g % W
+    if AXIS_W:
+        merged = P + i * W_IN + j // 2
+    else:
+        merged = P + (i // 2) * W_IN + j
+    source = tl.where(t < P, t, merged)
+    vals = tl.load(x_ptr + (batch * N_IN + source)[:, None] * C + cols[None, :], mask=ok, other=0.0)
+    tl.store(out_ptr + (batch * N_FULL + t)[:, None] * C + cols[None, :], vals, mask=ok)
+
+
+# ---- launchers -------------------------------------------------------------------------
+
+def _on_gpu(t):
+    return t.device.type == "cuda"
+
+
+def tome_merge_plan(node_max, node_idx, r, num_b, distill_token):
+    """Gather plan from each A token's best B match (node_max/node_idx, (batch, Na)).
+
+    Returns int64 (batch, N - r) tensors `primary` (the output token's own token index),
+    `begin` and `count` (its merged-in tokens are sources[:, begin : begin + count]) and
+    `sources` (batch, r): token indices of the merged A tokens grouped by destination.
+    Output order is ToMe's: unmerged A tokens (original order), then all B tokens; with a
+    distillation token the class token, the distillation token, then the rest of each.
+    """
+    batch, num_a = node_max.shape
+    device = node_max.device
+    edge = node_max.argsort(dim=-1, descending=True, stable=True)
+    src_a = edge[:, :r]
+    unm_a = edge[:, r:].sort(dim=-1).values
+    dst_b = node_idx.gather(1, src_a)
+    # group the merged tokens by destination (then by index, so sums run in token order)
+    order = (dst_b * num_a + src_a).argsort(dim=-1)
+    sources = 2 * src_a.gather(1, order)
+    count_b = torch.zeros(batch, num_b, dtype=torch.int64, device=device)
+    count_b.scatter_add_(1, dst_b, torch.ones_like(dst_b))
+    begin_b = count_b.cumsum(dim=1) - count_b
+    primary_b = (2 * torch.arange(num_b, device=device) + 1).expand(batch, num_b)
+    zeros_a = torch.zeros_like(unm_a)
+    parts = [(2 * unm_a, zeros_a, zeros_a), (primary_b, begin_b, count_b)]
+
+    def ordered(k):
+        unm, dst = parts[0][k], parts[1][k]
+        if distill_token:
+            return torch.cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]], dim=1)
+        return torch.cat([unm, dst], dim=1)
+
+    primary, begin, count = (ordered(k).contiguous() for k in range(3))
+    return primary, begin, count, sources.contiguous()
+
+
+def _match_config(device_type):
+    # tl.dot needs tiles of at least 16; the interpreter pays per tile element.
+    if device_type != "cuda":
+        return dict(BLOCK_A=16, BLOCK_B=32, BLOCK_K=16, num_warps=4)
+    return dict(BLOCK_A=64, BLOCK_B=64, BLOCK_K=32, num_warps=4, num_stages=2)
+
+
+def _channel_block(channels, device_type):
+    cap = 1024 if device_type == "cuda" else 128
+    return min(cap, triton.next_power_of_2(channels))
+
+
+def _size_or_none(size):
+    return None if size is None else size.contiguous()
+
+
+def bipartite_merge_triton(x, metric, r, size=None, class_token=True, distill_token=False,
+                           out=None, size_out=None, kernel_launcher=None):
+    """ToMe merge with the Triton kernels; returns (x, size). Writes into `out`/`size_out`
+    when given (tests poison them). `kernel_launcher` wraps each kernel for triton_op."""
+    launch = kernel_launcher or (lambda kernel: kernel)
+    batch, tokens, channels = x.shape
+    r = tome_effective_r(tokens, r, class_token, distill_token)
+    n_out = tokens - r
+    if out is None:
+        out = torch.empty((batch, n_out, channels), device=x.device, dtype=x.dtype)
+    if size_out is None:
+        size_out = torch.empty((batch, n_out, 1), device=x.device, dtype=x.dtype)
+    if r == 0:
+        out.copy_(x)
+        size_out.copy_(size) if size is not None else size_out.fill_(1)
+        return out, size_out
+    x, metric, size = x.contiguous(), metric.contiguous(), _size_or_none(size)
+    num_a, num_b, dim_m = (tokens + 1) // 2, tokens // 2, metric.shape[-1]
+    node_max = torch.empty((batch, num_a), device=x.device, dtype=torch.float32)
+    node_idx = torch.empty((batch, num_a), device=x.device, dtype=torch.int64)
+    cfg = _match_config(x.device.type)
+    launch(_tome_best_match_kernel)[(triton.cdiv(num_a, cfg["BLOCK_A"]), batch)](
+        metric, node_max, node_idx, num_a, num_b, dim_m, metric.stride(0), metric.stride(1),
+        CLASS_TOKEN=class_token, DISTILL_TOKEN=distill_token,
+        DOT_PRECISION=_dot_precision(metric.dtype),
+        DOT_UPCAST=_dot_upcast(x.device.type, metric.dtype), **cfg,
+    )
+    primary, begin, count, sources = tome_merge_plan(node_max, node_idx, r, num_b, distill_token)
+    launch(_weighted_gather_kernel)[(n_out, batch)](
+        x, size if size is not None else x, primary, begin, count, sources, out, size_out,
+        tokens, n_out, channels, r,
+        HAS_SIZE=size is not None, BLOCK_C=_channel_block(channels, x.device.type),
+        num_warps=4 if _on_gpu(x) else 1,
+    )
+    return out, size_out
+
+
+def atme_merge_triton(x, metric, grid, axis, num_prefix_tokens=1, size=None, out=None,
+                      size_out=None, kernel_launcher=None):
+    """ATME with one fused kernel; returns (x, size, new_grid)."""
+    launch = kernel_launcher or (lambda kernel: kernel)
+    batch, tokens, channels = x.shape
+    new_grid = atme_merged_grid(grid, axis)
+    n_out = num_prefix_tokens + new_grid[0] * new_grid[1]
+    if out is None:
+        out = torch.empty((batch, n_out, channels), device=x.device, dtype=x.dtype)
+    if size_out is None:
+        size_out = torch.empty((batch, n_out, 1), device=x.device, dtype=x.dtype)
+    x, metric, size = x.contiguous(), metric.contiguous(), _size_or_none(size)
+    gpu = _on_gpu(x)
+    block_t = 32 if gpu else 16
+    launch(_atme_merge_kernel)[(triton.cdiv(n_out, block_t), batch)](
+        x, metric, size if size is not None else x, out, size_out,
+        tokens, n_out, channels, metric.shape[-1], num_prefix_tokens, grid[0], grid[1],
+        new_grid[1], COSINE_EPS,
+        AXIS_W=axis == "w", HAS_SIZE=size is not None, BLOCK_T=block_t,
+        BLOCK_K=min(64, triton.next_power_of_2(metric.shape[-1])),
+        BLOCK_C=min(128 if gpu else 64, triton.next_power_of_2(channels)),
+        num_warps=4 if gpu else 1,
+    )
+    return out, size_out, new_grid
+
+
+def atme_unmerge_triton(x, grid_before, axis, num_prefix_tokens=1, out=None, kernel_launcher=None):
+    """Restores the H x W grid of grid_before: each merged token at both of its positions."""
+    launch = kernel_launcher or (lambda kernel: kernel)
+    batch, tokens, channels = x.shape
+    rows, cols = grid_before
+    n_full = num_prefix_tokens + rows * cols
+    if out is None:
+        out = torch.empty((batch, n_full, channels), device=x.device, dtype=x.dtype)
+    x = x.contiguous()
+    gpu = _on_gpu(x)
+    block_t, block_c = (32, min(128, triton.next_power_of_2(channels))) if gpu else (16, 64)
+    launch(_atme_unmerge_kernel)[(triton.cdiv(n_full, block_t), triton.cdiv(channels, block_c), batch)](
+        x, out, tokens, n_full, channels, num_prefix_tokens, cols,
+        atme_merged_grid(grid_before, axis)[1],
+        AXIS_W=axis == "w", BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4 if gpu else 1,
+    )
+    return out

@@ -1,0 +1,397 @@
+"""ToMe bipartite merge and CAIT's ATME merge/unmerge on every backend.
+
+The plain-PyTorch references are first checked against independent loop implementations
+(token by token, pair by pair, float64); every backend is then checked against the
+float64 reference, and, through one-hot token features, for merging exactly the same tokens.
+"""
+import pytest
+import torch
+from conftest import requires_cuda
+from numerics import assert_close_to_reference, poisoned_like
+
+from dcvit_engine import ops
+from dcvit_engine.kernels.token_merge import (
+    atme_merge_ref,
+    atme_merge_triton,
+    atme_unmerge_ref,
+    atme_unmerge_triton,
+    bipartite_merge_ref,
+    bipartite_merge_triton,
+)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (prefix tokens, grid): N = 197, 65, 50 with a class token; 2 prefix tokens; odd 7 x 5
+LAYOUTS = [(1, (14, 14)), (1, (8, 8)), (1, (7, 7)), (2, (7, 7)), (2, (7, 5)), (0, (5, 7))]
+
+
+# ---- independent loop implementations ----------------------------------------------
+
+def loop_tome(x, metric, r, size, class_token, distill_token):
+    """ToMe's algorithm written token by token. Returns (x, size, groups): groups[i] is
+    the sorted list of input tokens that output token i averages."""
+    batch, tokens, _ = x.shape
+    protected = int(class_token) + int(distill_token)
+    r = max(0, min(r, (tokens - protected) // 2))
+    outs, sizes, all_groups = [], [], []
+    for b in range(batch):
+        s = size[b, :, 0] if size is not None else torch.ones(tokens, dtype=x.dtype)
+        a_tokens, b_tokens = list(range(0, tokens, 2)), list(range(1, tokens, 2))
+        best = {}
+        for a in a_tokens:
+            if class_token and a == 0:
+                continue
+            candidates = [t for t in b_tokens if not (distill_token and t == 1)]
+            sims = [float(torch.dot(metric[b, a], metric[b, t])
+                          / (metric[b, a].norm() * metric[b, t].norm())) for t in candidates]
+            k = max(range(len(sims)), key=lambda i: sims[i])
+            best[a] = (sims[k], candidates[k])
+        merged_a = sorted(best, key=lambda a: -best[a][0])[:r]
+        groups = {t: [t] for t in b_tokens}
+        for a in merged_a:
+            groups[best[a][1]].append(a)
+        kept_a = [a for a in a_tokens if a not in merged_a]
+        order = [[a] for a in kept_a] + [sorted(groups[t]) for t in b_tokens]
+        if distill_token:
+            order = [order[0], order[len(kept_a)]] + order[1:len(kept_a)] + order[len(kept_a) + 1:]
+        outs.append(torch.stack([sum(x[b, t] * s[t] for t in g) / sum(s[t] for t in g) for g in order]))
+        sizes.append(torch.stack([sum(s[t] for t in g) for g in order])[:, None])
+        all_groups.append(order)
+    return torch.stack(outs), torch.stack(sizes), all_groups
+
+
+def loop_atme(x, metric, grid, axis, prefix, size):
+    rows, cols = grid
+    tokens = x.shape[1]
+    s = size[..., 0] if size is not None else torch.ones(x.shape[:2], dtype=x.dtype)
+    outs, sizes = [], []
+    for b in range(x.shape[0]):
+        out_rows, out_sizes = [x[b, t] for t in range(prefix)], [s[b, t] for t in range(prefix)]
+        pos = lambda i, j: prefix + i * cols + j  # noqa: E731
+        if axis == "w":
+            pairs = [(pos(i, j), pos(i, j + 1) if j + 1 < cols else None)
+                     for i in range(rows) for j in range(0, cols, 2)]
+        else:
+            pairs = [(pos(i, j), pos(i + 1, j) if i + 1 < rows else None)
+                     for i in range(0, rows, 2) for j in range(cols)]
+        for dst, src in pairs:
+            if src is None:
+                out_rows.append(x[b, dst])
+                out_sizes.append(s[b, dst])
+                continue
+            cos = torch.dot(metric[b, dst], metric[b, src]) / (metric[b, dst].norm() * metric[b, src].norm())
+            alpha = max(float(cos), 0.0) * s[b, src] / (s[b, dst] + s[b, src])
+            out_rows.append((1 - alpha) * x[b, dst] + alpha * x[b, src])
+            out_sizes.append(s[b, dst] + s[b, src])
+        assert len(out_rows) <= tokens
+        outs.append(torch.stack(out_rows))
+        sizes.append(torch.stack(out_sizes)[:, None])
+    return torch.stack(outs), torch.stack(sizes)
+
+
+# ---- inputs ----------------------------------------------------------------------------
+
+def make_inputs(batch, tokens, channels, metric_dim, with_size):
+    """float64 inputs; sizes are small counts as after earlier merges."""
+    x = torch.randn(batch, tokens, channels, dtype=torch.float64) * 2 + 0.3
+    metric = torch.randn(batch, tokens, metric_dim, dtype=torch.float64)
+    size = torch.randint(1, 5, (batch, tokens, 1)).double() if with_size else None
+    return x, metric, size
+
+
+def cast(t, dtype, device="cpu"):
+    return None if t is None else t.to(device=device, dtype=dtype)
+
+
+def one_hot_tokens(batch, tokens, dtype, device="cpu"):
+    """x whose output reveals which tokens each merged token averages (its nonzeros)."""
+    return torch.eye(tokens, dtype=dtype, device=device).expand(batch, tokens, tokens).contiguous()
+
+
+def groups_from_one_hot(out):
+    return [[(row > 0).nonzero().flatten().tolist() for row in out[b].float().cpu()]
+            for b in range(out.shape[0])]
+
+
+TOME_CASES = [  # (tokens, r, class_token, distill_token)
+    (197, 16, True, False), (197, 98, True, False), (65, 13, True, True),
+    (50, 8, True, False), (50, 24, False, False), (65, 31, True, True), (66, 20, False, False),
+]
+
+
+# ---- ToMe ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tokens,r,class_token,distill_token", TOME_CASES)
+@pytest.mark.parametrize("with_size", [False, True])
+def test_tome_reference_matches_loop(tokens, r, class_token, distill_token, with_size):
+    x, metric, size = make_inputs(2, tokens, 7, 5, with_size)
+    out, out_size = bipartite_merge_ref(x, metric, r, size, class_token, distill_token)
+    expected, expected_size, groups = loop_tome(x, metric, r, size, class_token, distill_token)
+    assert out.shape == expected.shape and torch.equal(out_size, expected_size)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    ids, _ = bipartite_merge_ref(one_hot_tokens(2, tokens, torch.float64), metric, r, size,
+                                 class_token, distill_token)
+    assert groups_from_one_hot(ids) == groups
+    assert out_size.sum(1).flatten().tolist() == (size.sum(1) if with_size else
+                                                  torch.full((2, 1), tokens)).flatten().tolist()
+    protected = int(class_token) + int(distill_token)
+    torch.testing.assert_close(out[:, :protected], x[:, :protected])  # x * size / size
+
+
+def check_tome_backend(backend, tokens, r, class_token, distill_token, dtype, with_size,
+                       batch=2, channels=40, metric_dim=24, device="cpu"):
+    x64, m64, s64 = make_inputs(batch, tokens, channels, metric_dim, with_size)
+    # reference on the same (rounded) inputs, so both see the same similarities
+    m64 = m64.to(dtype).double()
+    x, metric, size = cast(x64, dtype, device), cast(m64, dtype, device), cast(s64, dtype, device)
+    ref64, ref_size = bipartite_merge_ref(x.double().cpu(), m64, r, s64, class_token, distill_token)
+    same_precision, _ = bipartite_merge_ref(x.cpu(), metric.cpu(), r, cast(s64, dtype),
+                                            class_token, distill_token)
+    out, out_size = ops.bipartite_merge(x, metric, r, size, class_token, distill_token, backend=backend)
+    assert out.dtype == dtype and out_size.dtype == dtype and out.shape == ref64.shape
+    assert torch.equal(out_size.double().cpu(), ref_size)
+    interp_bf16 = backend == "triton" and device == "cpu" and dtype == torch.bfloat16
+    assert_close_to_reference(out.cpu(), ref64, same_precision, interpreter_bf16=interp_bf16,
+                              what=f"tome {backend} {dtype} N={tokens} r={r}")
+    # exactly the same tokens merge
+    ids, _ = ops.bipartite_merge(one_hot_tokens(batch, tokens, torch.float32, device), metric.float(),
+                                 r, cast(s64, torch.float32, device), class_token, distill_token,
+                                 backend=backend)
+    ref_ids, _ = bipartite_merge_ref(one_hot_tokens(batch, tokens, torch.float64), m64, r, s64,
+                                     class_token, distill_token)
+    assert groups_from_one_hot(ids) == groups_from_one_hot(ref_ids)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,r,class_token,distill_token", TOME_CASES)
+def test_tome_cpu_backend(tokens, r, class_token, distill_token, dtype):
+    check_tome_backend("cpu", tokens, r, class_token, distill_token, dtype, with_size=True)
+    check_tome_backend("cpu", tokens, r, class_token, distill_token, dtype, with_size=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,r,class_token,distill_token",
+                         [(197, 40, True, False), (65, 13, True, True), (50, 24, False, False)])
+def test_tome_triton_backend_interpreted(tokens, r, class_token, distill_token, dtype):
+    check_tome_backend("triton", tokens, r, class_token, distill_token, dtype, with_size=True,
+                       batch=1, channels=24, metric_dim=20)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tome_torch_backend(dtype):
+    check_tome_backend("torch", 65, 13, True, True, dtype, with_size=True)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,r,class_token,distill_token", TOME_CASES)
+def test_tome_gpu_backends(backend, tokens, r, class_token, distill_token, dtype):
+    check_tome_backend(backend, tokens, r, class_token, distill_token, dtype, with_size=True,
+                       batch=3, channels=384, metric_dim=64, device="cuda")
+
+
+def test_tome_r_is_clamped_like_tome():
+    x, metric, _ = make_inputs(2, 50, 8, 6, False)
+    for backend in ("torch", "cpu"):
+        out, size = ops.bipartite_merge(x.float(), metric.float(), 1000, backend=backend)
+        assert out.shape == (2, 50 - 24, 8) and size.sum(1).flatten().tolist() == [50.0, 50.0]
+        out, size = ops.bipartite_merge(x.float(), metric.float(), 0, backend=backend)
+        assert torch.equal(out, x.float()) and torch.equal(size, torch.ones(2, 50, 1))
+
+
+# ---- ATME ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prefix,grid", LAYOUTS)
+@pytest.mark.parametrize("axis", ["w", "h"])
+@pytest.mark.parametrize("with_size", [False, True])
+def test_atme_reference_matches_loop(prefix, grid, axis, with_size):
+    tokens = prefix + grid[0] * grid[1]
+    x, metric, size = make_inputs(2, tokens, 6, 5, with_size)
+    out, out_size, new_grid = atme_merge_ref(x, metric, grid, axis, prefix, size)
+    expected, expected_size = loop_atme(x, metric, grid, axis, prefix, size)
+    rows, cols = grid
+    assert new_grid == ((rows, (cols + 1) // 2) if axis == "w" else ((rows + 1) // 2, cols))
+    assert out.shape == (2, prefix + new_grid[0] * new_grid[1], 6)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(out_size, expected_size)
+    total = size.sum(1) if with_size else torch.full((2, 1), float(tokens), dtype=torch.float64)
+    assert torch.equal(out_size.sum(1), total)
+    assert torch.equal(out[:, :prefix], x[:, :prefix])
+
+
+def test_atme_is_asymmetric():
+    """Equal sizes: identical metrics give the plain average; the destination dominates
+    otherwise, and an anti-correlated pair keeps the destination unchanged."""
+    x = torch.randn(1, 1 + 2, 4, dtype=torch.float64)
+    for metric_src, alpha in [([1.0, 0.0], 0.5), ([1.0, 1.0], 0.5 * 2**-0.5), ([-1.0, 0.0], 0.0)]:
+        metric = torch.tensor([[[0.3, 0.2], [1.0, 0.0], metric_src]], dtype=torch.float64)
+        out, size, grid = atme_merge_ref(x, metric, (1, 2), "w", 1)
+        torch.testing.assert_close(out[0, 1], (1 - alpha) * x[0, 1] + alpha * x[0, 2])
+        assert grid == (1, 1) and size[0, :, 0].tolist() == [1.0, 2.0]
+
+
+def check_atme_backend(backend, prefix, grid, axis, dtype, with_size, batch=2, channels=40,
+                       metric_dim=24, device="cpu"):
+    tokens = prefix + grid[0] * grid[1]
+    x64, m64, s64 = make_inputs(batch, tokens, channels, metric_dim, with_size)
+    m64 = m64.to(dtype).double()
+    x, metric, size = cast(x64, dtype, device), cast(m64, dtype, device), cast(s64, dtype, device)
+    ref64, ref_size, ref_grid = atme_merge_ref(x.double().cpu(), m64, grid, axis, prefix, s64)
+    same_precision, _, _ = atme_merge_ref(x.cpu(), metric.cpu(), grid, axis, prefix, cast(s64, dtype))
+    out, out_size, new_grid = ops.atme_merge(x, metric, grid, axis, prefix, size, backend=backend)
+    assert new_grid == ref_grid and out.shape == ref64.shape and out.dtype == dtype
+    assert torch.equal(out_size.double().cpu(), ref_size)
+    interp_bf16 = backend == "triton" and device == "cpu" and dtype == torch.bfloat16
+    assert_close_to_reference(out.cpu(), ref64, same_precision, interpreter_bf16=interp_bf16,
+                              what=f"atme {backend} {dtype} {prefix}+{grid} axis={axis}")
+    full = ops.atme_unmerge(out, grid, axis, prefix, backend=backend)
+    assert torch.equal(full.cpu(), atme_unmerge_ref(out.cpu(), grid, axis, prefix))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("prefix,grid", LAYOUTS)
+@pytest.mark.parametrize("axis", ["w", "h"])
+def test_atme_cpu_backend(prefix, grid, axis, dtype):
+    check_atme_backend("cpu", prefix, grid, axis, dtype, with_size=True)
+    check_atme_backend("cpu", prefix, grid, axis, dtype, with_size=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("prefix,grid", [(1, (14, 14)), (2, (7, 5))])
+@pytest.mark.parametrize("axis", ["w", "h"])
+def test_atme_triton_backend_interpreted(prefix, grid, axis, dtype):
+    check_atme_backend("triton", prefix, grid, axis, dtype, with_size=True, batch=1, channels=24,
+                       metric_dim=20)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_atme_torch_backend(dtype):
+    check_atme_backend("torch", 2, (7, 5), "h", dtype, with_size=True)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("prefix,grid", LAYOUTS)
+@pytest.mark.parametrize("axis", ["w", "h"])
+def test_atme_gpu_backends(backend, prefix, grid, axis, dtype):
+    check_atme_backend(backend, prefix, grid, axis, dtype, with_size=True, batch=3, channels=384,
+                       metric_dim=64, device="cuda")
+
+
+@pytest.mark.parametrize("prefix,grid", [(1, (7, 7)), (2, (7, 5)), (0, (4, 6))])
+@pytest.mark.parametrize("axis", ["w", "h"])
+def test_atme_unmerge_restores_grid_with_merged_values_in_both_positions(prefix, grid, axis):
+    x, metric, _ = make_inputs(2, prefix + grid[0] * grid[1], 6, 5, False)
+    merged, _, new_grid = atme_merge_ref(x, metric, grid, axis, prefix)
+    for backend in ("torch", "cpu", "triton"):
+        full = ops.atme_unmerge(merged.float(), grid, axis, prefix, backend=backend)
+        assert full.shape == x.shape
+        assert torch.equal(full[:, :prefix], merged[:, :prefix].float())
+        cells = full[:, prefix:].reshape(2, *grid, 6)
+        small = merged[:, prefix:].float().reshape(2, *new_grid, 6)
+        for i in range(grid[0]):
+            for j in range(grid[1]):
+                mi, mj = (i, j // 2) if axis == "w" else (i // 2, j)
+                assert torch.equal(cells[:, i, j], small[:, mi, mj])
+
+
+# ---- out= buffers, opcheck, torch.compile, bad input ------------------------------------
+
+def test_out_variants_write_every_element():
+    x, metric, size = (t.float() for t in make_inputs(2, 65, 24, 16, True))
+    ref, ref_size = bipartite_merge_ref(x, metric, 20, size)
+    out, size_out = poisoned_like(ref), poisoned_like(ref_size)
+    torch.ops.dcvit.tome_merge.out(x, metric, 20, size, True, False, out=out, size_out=size_out)
+    torch.testing.assert_close((out, size_out), (ref, ref_size))
+    out, size_out = poisoned_like(ref), poisoned_like(ref_size)
+    bipartite_merge_triton(x, metric, 20, size, out=out, size_out=size_out)
+    torch.testing.assert_close((out, size_out), (ref, ref_size))
+
+    ref, ref_size, _ = atme_merge_ref(x, metric, (8, 8), "h", 1, size)
+    out, size_out = poisoned_like(ref), poisoned_like(ref_size)
+    torch.ops.dcvit.atme_merge.out(x, metric, 8, 8, "h", 1, size, out=out, size_out=size_out)
+    torch.testing.assert_close((out, size_out), (ref, ref_size))
+    out, size_out = poisoned_like(ref), poisoned_like(ref_size)
+    atme_merge_triton(x, metric, (8, 8), "h", 1, size, out=out, size_out=size_out)
+    torch.testing.assert_close((out, size_out), (ref, ref_size))
+
+    full_ref = atme_unmerge_ref(ref, (8, 8), "h", 1)
+    full = poisoned_like(full_ref)
+    torch.ops.dcvit.atme_unmerge.out(ref, 8, 8, "h", 1, out=full)
+    assert torch.equal(full, full_ref)
+    full = poisoned_like(full_ref)
+    assert torch.equal(atme_unmerge_triton(ref, (8, 8), "h", 1, out=full), full_ref)
+
+
+@requires_cuda
+def test_cuda_out_variants_write_every_element():
+    x, metric, size = (t.float().cuda() for t in make_inputs(2, 197, 96, 64, True))
+    ref, ref_size = bipartite_merge_ref(x, metric, 50, size)
+    out, size_out = poisoned_like(ref), poisoned_like(ref_size)
+    torch.ops.dcvit.tome_merge.out(x, metric, 50, size, True, False, out=out, size_out=size_out)
+    torch.testing.assert_close((out, size_out), (ref, ref_size))
+    ref, ref_size, _ = atme_merge_ref(x, metric, (14, 14), "w", 1, size)
+    out, size_out = poisoned_like(ref), poisoned_like(ref_size)
+    torch.ops.dcvit.atme_merge.out(x, metric, 14, 14, "w", 1, size, out=out, size_out=size_out)
+    torch.testing.assert_close((out, size_out), (ref, ref_size))
+    full = poisoned_like(x)
+    torch.ops.dcvit.atme_unmerge.out(ref, 14, 14, "w", 1, out=full)
+    assert torch.equal(full, atme_unmerge_ref(ref, (14, 14), "w", 1))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_opcheck(backend):
+    x, metric, size = (t.float() for t in make_inputs(2, 37, 16, 16, True))
+    suffix = "" if backend == "cpu" else "_triton"
+    tome = getattr(torch.ops.dcvit, "tome_merge" + suffix).default
+    atme = getattr(torch.ops.dcvit, "atme_merge" + suffix).default
+    unmerge = getattr(torch.ops.dcvit, "atme_unmerge" + suffix).default
+    for s in (size, None):
+        torch.library.opcheck(tome, (x, metric, 10, s, True, True))
+        torch.library.opcheck(atme, (x, metric, 7, 5, "h", 2, s))
+    torch.library.opcheck(unmerge, (x[:, :2 + 7 * 3], 7, 5, "w", 2))
+
+
+def test_torch_compile_fullgraph():
+    backend = "cpu"
+    x, metric, size = (t.float() for t in make_inputs(2, 65, 16, 8, True))
+
+    class MergeTwice(torch.nn.Module):
+        def forward(self, tokens, keys, sizes):
+            merged, merged_size, grid = ops.atme_merge(tokens, keys, (8, 8), "w", 1, sizes, backend=backend)
+            full = ops.atme_unmerge(merged, (8, 8), "w", 1, backend=backend)
+            out, out_size = ops.bipartite_merge(full * 2, keys, 12, sizes, backend=backend)
+            return out, out_size, merged_size
+
+    module = MergeTwice()
+    compiled = torch.compile(module, fullgraph=True)
+    torch.testing.assert_close(compiled(x, metric, size), module(x, metric, size))
+
+
+def test_bad_input_is_named():
+    x, metric, size = (t.float() for t in make_inputs(1, 65, 8, 4, True))
+    with pytest.raises(ValueError, match="r must be an int >= 0"):
+        ops.bipartite_merge(x, metric, -1)
+    with pytest.raises(ValueError, match="metric must be"):
+        ops.bipartite_merge(x, metric[:, 1:], 3)
+    with pytest.raises(ValueError, match="metric is torch.float64"):
+        ops.bipartite_merge(x, metric.double(), 3)
+    with pytest.raises(ValueError, match="size must be"):
+        ops.bipartite_merge(x, metric, 3, size[..., 0])
+    with pytest.raises(ValueError, match="distill_token=True needs class_token"):
+        ops.bipartite_merge(x, metric, 3, class_token=False, distill_token=True)
+    with pytest.raises(ValueError, match="65 tokens"):
+        ops.atme_merge(x, metric, (8, 7), "w")
+    with pytest.raises(ValueError, match="axis must be 'w'"):
+        ops.atme_merge(x, metric, (8, 8), "x")
+    with pytest.raises(ValueError, match="cannot halve axis 'w'"):
+        ops.atme_merge(x[:, :9], metric[:, :9], (8, 1), "w")
+    with pytest.raises(ValueError, match="grid must be"):
+        ops.atme_merge(x, metric, (64,), "w")
+    with pytest.raises(ValueError, match="merged grid"):
+        ops.atme_unmerge(x, (8, 8), "h")
+    with pytest.raises(RuntimeError, match="axis must be 'w' or 'h'"):
+        torch.ops.dcvit.atme_merge(x, metric, 8, 8, "d", 1, None)
+    with pytest.raises(RuntimeError, match="r must be >= 0"):
+        torch.ops.dcvit.tome_merge(x, metric, -2, None, True, False)
