@@ -114,11 +114,12 @@ def _reference(model) -> ViTReference:
 
 
 def compress_tome(model, images=None, target_macs: float | None = None, *, r: int | None = None,
-                  schedule: str = "constant") -> ViTReference:
+                  schedule: str = "constant", report: dict | None = None) -> ViTReference:
     """ToMe applied to `model` (timm ViT or ViTReference); training-free, so `images` is not
     used. Give either `r` (tokens merged per block) or `target_macs` (fraction of the
-    teacher's MACs to keep; r is then found by bisection). Returns a new ViTReference with
-    the teacher's weights and a spec with the merges and proportional attention."""
+    teacher's MACs to keep; r is then found by bisection). Returns a new ViTReference (eval
+    mode) with the teacher's weights and a spec with the merges and proportional attention;
+    `report`, when given, receives r, the per-block merges and the MACs."""
     _check_schedule(schedule)
     if (r is None) == (target_macs is None):
         raise ValueError("ToMe needs exactly one of r (tokens merged per block) and target_macs "
@@ -132,13 +133,9 @@ def compress_tome(model, images=None, target_macs: float | None = None, *, r: in
     with torch.device("meta"):  # same tensor names and shapes: only merges change
         student = ViTReference(new_spec)
     student.load_state_dict(state, strict=True, assign=True)
+    if report is not None:
+        teacher_macs, macs = count_macs(spec).total, count_macs(new_spec).total
+        report.update(method="tome", r=r, schedule=schedule, target_ratio=target_macs,
+                      teacher_macs=teacher_macs, achieved_macs=macs, kept_ratio=macs / teacher_macs,
+                      r_per_block=[b.merge.r if b.merge is not None else 0 for b in new_spec.blocks])
     return student.eval()
-
-
-def tome_report(teacher_spec: ViTSpec, student: ViTReference, schedule: str) -> dict:
-    """What a ToMe run did, for report.json."""
-    teacher_macs = count_macs(teacher_spec).total
-    macs = count_macs(student.spec).total
-    return {"method": "tome", "schedule": schedule, "teacher_macs": teacher_macs, "macs": macs,
-            "kept_ratio": macs / teacher_macs,
-            "r_per_block": [b.merge.r if b.merge is not None else 0 for b in student.spec.blocks]}
