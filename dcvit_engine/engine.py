@@ -26,46 +26,8 @@ from .spec import MergeSpec, ViTSpec, merge_schedule
 GRAPH_WARMUP_RUNS = 3  # eager runs on a side stream before capture (cuBLAS/Triton autotune, lazy init)
 
 
-@dataclass(frozen=True)
-class HeadGroup:
-    """Consecutive kept heads sharing one q/k width and one v width (one SDPA call)."""
-    heads: int
-    qk_dim: int
-    v_dim: int
-
-
-def group_heads(qk_dims: list[int], v_dims: list[int]) -> tuple[list[int], list[HeadGroup]]:
-    """A head order in which equal-shaped heads are adjacent, and the resulting groups.
-
-    Heads are independent, so permuting them (qkv rows and proj columns together) does not
-    change the block's output; it turns ragged heads into few uniform batched calls.
-    """
-    order = sorted(range(len(qk_dims)), key=lambda h: (qk_dims[h], v_dims[h], h))
-    groups: list[HeadGroup] = []
-    for h in order:
-        shape = (qk_dims[h], v_dims[h])
-        if groups and (groups[-1].qk_dim, groups[-1].v_dim) == shape:
-            groups[-1] = HeadGroup(groups[-1].heads + 1, *shape)
-        else:
-            groups.append(HeadGroup(1, *shape))
-    return order, groups
-
-
-def _head_permutation(order: list[int], qk_dims: list[int], v_dims: list[int]):
-    """Row index of the permuted packed qkv, and column index of the permuted proj."""
-    qk_total = sum(qk_dims)
-
-    def ranges(dims, base):
-        starts = [base + sum(dims[:h]) for h in range(len(dims))]
-        return [i for h in order for i in range(starts[h], starts[h] + dims[h])]
-
-    v_cols = ranges(v_dims, 0)
-    rows = ranges(qk_dims, 0) + ranges(qk_dims, qk_total) + [2 * qk_total + c for c in v_cols]
-    return torch.tensor(rows), torch.tensor(v_cols)
-
-
 class EngineBlock(nn.Module):
-    """One block's prepared weights and static structure (head groups, merge, grid)."""
+    """One block's prepared weights and static structure (head widths, merge, grid)."""
 
     def __init__(self, spec: ViTSpec, index: int, state: dict, prepare, grid_in):
         super().__init__()
@@ -79,18 +41,14 @@ class EngineBlock(nn.Module):
         self.qk_norm = False
         if self.has_attn:
             attn = block.attn
-            order, self.head_groups = group_heads(attn.qk_dims, attn.v_dims)
-            self.qk_dims = [attn.qk_dims[h] for h in order]
-            self.v_dims = [attn.v_dims[h] for h in order]
+            self.qk_dims, self.v_dims = list(attn.qk_dims), list(attn.v_dims)
             self.scale = float(attn.scale)
             self.qk_norm = attn.qk_norm
-            rows, cols = _head_permutation(order, attn.qk_dims, attn.v_dims)
             self.register_buffer("norm1_weight", prepare(state[name + "norm1.weight"]))
             self.register_buffer("norm1_bias", prepare(state[name + "norm1.bias"]))
-            self.register_buffer("qkv_weight", prepare(state[name + "attn.qkv.weight"][rows]))
-            qkv_bias = state.get(name + "attn.qkv.bias")
-            self.register_buffer("qkv_bias", None if qkv_bias is None else prepare(qkv_bias[rows]))
-            self.register_buffer("proj_weight", prepare(state[name + "attn.proj.weight"][:, cols]))
+            self.register_buffer("qkv_weight", prepare(state[name + "attn.qkv.weight"]))
+            self.register_buffer("qkv_bias", _optional(state, name + "attn.qkv.bias", prepare))
+            self.register_buffer("proj_weight", prepare(state[name + "attn.proj.weight"]))
             self.register_buffer("proj_bias", _optional(state, name + "attn.proj.bias", prepare))
             self.register_buffer("ls1", _optional(state, name + "ls1.gamma", prepare))
             for norm in ("q_norm", "k_norm"):
@@ -106,7 +64,9 @@ class EngineBlock(nn.Module):
     def extra_repr(self) -> str:
         parts = []
         if self.has_attn:
-            parts.append("attn " + ", ".join(f"{g.heads}x(qk {g.qk_dim}, v {g.v_dim})" for g in self.head_groups))
+            dims = [f"{len(self.qk_dims)}x{self.qk_dims[0]}" if len(set(self.qk_dims)) == 1 else str(self.qk_dims),
+                    f"{len(self.v_dims)}x{self.v_dims[0]}" if len(set(self.v_dims)) == 1 else str(self.v_dims)]
+            parts.append(f"attn qk {dims[0]}, v {dims[1]}" + (", qk_norm" if self.qk_norm else ""))
         if self.merge is not None:
             parts.append(f"merge {self.merge.kind} " + (f"r={self.merge.r}" if self.merge.kind == "tome"
                                                         else f"axis={self.merge.axis}"))
@@ -120,37 +80,54 @@ def _optional(state: dict, key: str, prepare):
     return None if tensor is None else prepare(tensor)
 
 
-def attention_residual(block: EngineBlock, x: torch.Tensor, key_bias: torch.Tensor | None,
-                       want_keys: bool, backend: str | None):
-    """x + gamma * proj(MHA(LN(x))) with the block's (grouped) heads; also its keys (B, N,
-    qk_total) when want_keys, for a ToMe/ATME merge metric. The one place attention runs.
+def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, heads * d) -> (B, heads, N, d)."""
+    return t.unflatten(-1, (heads, -1)).transpose(1, 2)
 
-    Attention runs through torch's scaled_dot_product_attention, one call per head group;
-    the projections are plain GEMMs (fused epilogues come with the attention_block op).
+
+def attention_residual(block: EngineBlock, x: torch.Tensor, key_bias: torch.Tensor | None,
+                       want_metric: bool, backend: str | None):
+    """x + gamma * proj(MHA(LN(x))), and the merge metric (see merge_metric) when
+    want_metric, else None. The one place attention runs.
+
+    The fused attention_block op takes every spec except timm's q_norm/k_norm (a LayerNorm
+    on each head's q and k); those blocks, whose heads all have the teacher's width, run
+    through torch's scaled_dot_product_attention. The op does not return its keys, so a
+    merging block recomputes them: LayerNorm plus the k rows of qkv, N x D x qk_total MACs,
+    a small fraction of the block.
     """
-    h = F.layer_norm(x, (x.shape[-1],), block.norm1_weight, block.norm1_bias, block.eps)
     qk_total = sum(block.qk_dims)
-    q, k, v = F.linear(h, block.qkv_weight, block.qkv_bias).split(
-        [qk_total, qk_total, sum(block.v_dims)], dim=-1)
-    mask = None if key_bias is None else key_bias[:, None, None, :].to(x.dtype)
-    outputs = []
-    qk_start = v_start = 0
-    for group in block.head_groups:
-        qk_width, v_width = group.heads * group.qk_dim, group.heads * group.v_dim
-        qg, kg = (t[..., qk_start:qk_start + qk_width].unflatten(-1, (group.heads, group.qk_dim))
-                  .transpose(1, 2) for t in (q, k))
-        vg = v[..., v_start:v_start + v_width].unflatten(-1, (group.heads, group.v_dim)).transpose(1, 2)
-        if block.qk_norm:
-            qg = F.layer_norm(qg, (group.qk_dim,), block.q_norm_weight, block.q_norm_bias, block.eps)
-            kg = F.layer_norm(kg, (group.qk_dim,), block.k_norm_weight, block.k_norm_bias, block.eps)
-        out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=block.scale)
-        outputs.append(out.transpose(1, 2).flatten(2))
-        qk_start += qk_width
-        v_start += v_width
-    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
-    y = F.linear(out, block.proj_weight, block.proj_bias)
-    x = x + (y * block.ls1 if block.ls1 is not None else y)
-    return x, (k if want_keys else None)
+    if not block.qk_norm:
+        out = ops.attention_block(x, block.norm1_weight, block.norm1_bias, block.qkv_weight,
+                                  block.qkv_bias, block.proj_weight, block.proj_bias, block.qk_dims,
+                                  block.v_dims, block.scale, eps=block.eps, gamma=block.ls1,
+                                  key_bias=key_bias, backend=backend)
+        if not want_metric:
+            return out, None
+        h = F.layer_norm(x, (x.shape[-1],), block.norm1_weight, block.norm1_bias, block.eps)
+        k_bias = None if block.qkv_bias is None else block.qkv_bias[qk_total:2 * qk_total]
+        keys = F.linear(h, block.qkv_weight[qk_total:2 * qk_total], k_bias)
+        return out, merge_metric(block, keys)
+    heads, head_dim = len(block.qk_dims), block.qk_dims[0]
+    h = F.layer_norm(x, (x.shape[-1],), block.norm1_weight, block.norm1_bias, block.eps)
+    q, k, v = F.linear(h, block.qkv_weight, block.qkv_bias).split([qk_total, qk_total, sum(block.v_dims)], -1)
+    q = F.layer_norm(_heads(q, heads), (head_dim,), block.q_norm_weight, block.q_norm_bias, block.eps)
+    k = F.layer_norm(_heads(k, heads), (head_dim,), block.k_norm_weight, block.k_norm_bias, block.eps)
+    mask = None if key_bias is None else key_bias[:, None, None, :]
+    context = F.scaled_dot_product_attention(q, k, _heads(v, heads), attn_mask=mask, scale=block.scale)
+    y = F.linear(context.transpose(1, 2).flatten(2), block.proj_weight, block.proj_bias)
+    out = x + (y * block.ls1 if block.ls1 is not None else y)
+    # k is already normalised per head here: (B, heads, N, d) -> mean over heads
+    return out, (k.mean(dim=1) if want_metric else None)
+
+
+def merge_metric(block: EngineBlock, keys: torch.Tensor) -> torch.Tensor:
+    """ToMe's merge metric from keys (B, N, qk_total) without k_norm: averaged over heads when
+    they share one width, else all key channels (heads of different widths cannot be
+    averaged), as the reference module's Attention.merge_metric."""
+    if len(set(block.qk_dims)) == 1:
+        return keys.unflatten(-1, (len(block.qk_dims), block.qk_dims[0])).mean(dim=-2)
+    return keys
 
 
 class Engine(nn.Module):
@@ -246,12 +223,12 @@ class Engine(nn.Module):
             x = F.layer_norm(x, (spec.embed_dim,), self.norm_pre_weight, self.norm_pre_bias, spec.norm_eps)
         size = None  # tokens each token stands for, (B, N, 1); None until the first merge
         for block in self.blocks:
-            keys = None
+            metric = x  # a block without attention merges by the tokens themselves
             if block.has_attn:
                 key_bias = size.log().squeeze(-1) if spec.prop_attn and size is not None else None
-                x, keys = attention_residual(block, x, key_bias, block.merge is not None, backend)
+                x, metric = attention_residual(block, x, key_bias, block.merge is not None, backend)
             if block.merge is not None:
-                x, size = self._merge(block, x, keys, size)
+                x, size = self._merge(block, x, metric, size)
             if block.has_mlp:
                 x = ops.mlp_block(x, block.norm2_weight, block.norm2_bias, block.fc1_weight,
                                   block.fc1_bias, block.fc2_weight, block.fc2_bias,
@@ -260,11 +237,8 @@ class Engine(nn.Module):
             x = F.layer_norm(x, (spec.embed_dim,), self.norm_weight, self.norm_bias, spec.norm_eps)
         return x
 
-    def _merge(self, block: EngineBlock, x, keys, size):
+    def _merge(self, block: EngineBlock, x, metric, size):
         spec, merge = self.spec, block.merge
-        # the merge metric is the block's attention keys (ToMe); a block without attention
-        # has none, so its tokens themselves are compared
-        metric = keys if keys is not None else x
         if merge.kind == "tome":
             return ops.bipartite_merge(x, metric, merge.r, size=size, class_token=spec.class_token,
                                        distill_token=spec.dist_token, backend=self.backend)
@@ -299,24 +273,28 @@ class Engine(nn.Module):
             graph = self._capture(images)
             self._graphs[images.shape[0]] = graph
         graph.static_input.copy_(images)
-        graph.graph.replay()
+        with torch.cuda.device(self.device):
+            graph.graph.replay()
         # the static output is overwritten by the next replay: hand out a copy
         return graph.static_output.clone()
 
-    @torch.no_grad()
     def _capture(self, images: torch.Tensor) -> "_CapturedGraph":
-        static_input = images.detach().clone(memory_format=torch.contiguous_format)
-        side = torch.cuda.Stream(device=self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(GRAPH_WARMUP_RUNS):
-                self._run(static_input)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        if self._graph_pool is None:
-            self._graph_pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
-            static_output = self._run(static_input)
+        # Normal (not inference-mode) tensors, so that later calls outside
+        # torch.inference_mode can still copy into the static input.
+        with torch.inference_mode(False), torch.no_grad(), torch.cuda.device(self.device):
+            static_input = images.detach().clone(memory_format=torch.contiguous_format)
+            side = torch.cuda.Stream(device=self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(GRAPH_WARMUP_RUNS):
+                    self._run(static_input)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            if self._graph_pool is None:
+                # one memory pool for all batch sizes: replays never overlap (same stream)
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                static_output = self._run(static_input)
         return _CapturedGraph(graph, static_input, static_output)
 
     def clear_graphs(self) -> None:
