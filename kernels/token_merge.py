@@ -222,7 +222,7 @@ def _weighted_gather_kernel(
     plan = batch * N_OUT + o
     own = tl.load(primary_ptr + plan)
     begin = tl.load(begin_ptr + plan)
-    count = tl.load(count_ptr + plan)
+    count = tl.load(count_ptr + plan).to(tl.int32)  # a few tokens: 32-bit loop bound
     x_base = x_ptr + batch * N * C
     src_base = sources_ptr + batch * R + begin
 

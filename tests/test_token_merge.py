@@ -36,13 +36,13 @@ def loop_tome(x, metric, r, size, class_token, distill_token):
     for b in range(batch):
         s = size[b, :, 0] if size is not None else torch.ones(tokens, dtype=x.dtype)
         a_tokens, b_tokens = list(range(0, tokens, 2)), list(range(1, tokens, 2))
+        candidates = [t for t in b_tokens if not (distill_token and t == 1)]
+        cand = metric[b, candidates]
         best = {}
         for a in a_tokens:
             if class_token and a == 0:
                 continue
-            candidates = [t for t in b_tokens if not (distill_token and t == 1)]
-            sims = [float(torch.dot(metric[b, a], metric[b, t])
-                          / (metric[b, a].norm() * metric[b, t].norm())) for t in candidates]
+            sims = (cand @ metric[b, a] / (cand.norm(dim=1) * metric[b, a].norm())).tolist()
             k = max(range(len(sims)), key=lambda i: sims[i])
             best[a] = (sims[k], candidates[k])
         merged_a = sorted(best, key=lambda a: -best[a][0])[:r]
@@ -169,10 +169,11 @@ def test_tome_cpu_backend(tokens, r, class_token, distill_token, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens,r,class_token,distill_token",
-                         [(197, 40, True, False), (65, 13, True, True), (50, 24, False, False)])
-def test_tome_triton_backend_interpreted(tokens, r, class_token, distill_token, dtype):
-    check_tome_backend("triton", tokens, r, class_token, distill_token, dtype, with_size=True,
+@pytest.mark.parametrize("tokens,r,class_token,distill_token,with_size",
+                         [(197, 40, True, False, True), (65, 13, True, True, False),
+                          (50, 24, False, False, True)])
+def test_tome_triton_backend_interpreted(tokens, r, class_token, distill_token, with_size, dtype):
+    check_tome_backend("triton", tokens, r, class_token, distill_token, dtype, with_size=with_size,
                        batch=1, channels=24, metric_dim=20)
 
 
@@ -257,11 +258,11 @@ def test_atme_cpu_backend(prefix, grid, axis, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("prefix,grid", [(1, (14, 14)), (2, (7, 5))])
+@pytest.mark.parametrize("prefix,grid,with_size", [(1, (14, 14), True), (2, (7, 5), False)])
 @pytest.mark.parametrize("axis", ["w", "h"])
-def test_atme_triton_backend_interpreted(prefix, grid, axis, dtype):
-    check_atme_backend("triton", prefix, grid, axis, dtype, with_size=True, batch=1, channels=24,
-                       metric_dim=20)
+def test_atme_triton_backend_interpreted(prefix, grid, with_size, axis, dtype):
+    check_atme_backend("triton", prefix, grid, axis, dtype, with_size=with_size, batch=1,
+                       channels=24, metric_dim=20)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

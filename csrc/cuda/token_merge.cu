@@ -107,8 +107,8 @@ std::tuple<at::Tensor, at::Tensor> tome_merge_cuda(const at::Tensor& x, const at
   return {out, size_out};
 }
 
-// One block per output token (batch * n_out blocks); float math (float64 is refused). The pair test is uniform across the
-// block, so the block_sum barriers are reached by every thread or by none.
+// One block per output token (batch * n_out blocks), float math (float64 is refused). The
+// pair test is uniform across the block, so every thread or none reaches block_sum's barriers.
 template <typename scalar_t>
 __global__ void atme_merge_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ metric,
                                   const scalar_t* __restrict__ size, scalar_t* __restrict__ out,

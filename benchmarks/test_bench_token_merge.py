@@ -1,0 +1,41 @@
+"""pytest-benchmark CPU benchmarks of the token merging ops (run: pytest benchmarks/ --benchmark-enable)."""
+import pytest
+import torch
+
+from dcvit_engine import ops
+from dcvit_engine.kernels.token_merge import atme_merge_ref, bipartite_merge_ref
+
+
+@pytest.fixture(scope="module")
+def deit_small_tokens():
+    """4 images of DeiT-S tokens (1 + 14x14, D=384), 64-wide keys, sizes after a merge."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 197, 384)
+    metric = torch.randn(4, 197, 64)
+    size = torch.randint(1, 4, (4, 197, 1)).float()
+    return x, metric, size
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_tome_merge_cpu(benchmark, deit_small_tokens, backend):
+    x, metric, size = deit_small_tokens
+    out, out_size = benchmark(lambda: ops.bipartite_merge(x, metric, 13, size, backend=backend))
+    ref, ref_size = bipartite_merge_ref(x, metric, 13, size)
+    torch.testing.assert_close((out, out_size), (ref, ref_size), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("axis", ["w", "h"])
+def test_atme_merge_cpu(benchmark, deit_small_tokens, backend, axis):
+    x, metric, size = deit_small_tokens
+    out, out_size, _ = benchmark(lambda: ops.atme_merge(x, metric, (14, 14), axis, 1, size, backend=backend))
+    ref, ref_size, _ = atme_merge_ref(x, metric, (14, 14), axis, 1, size)
+    torch.testing.assert_close((out, out_size), (ref, ref_size), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_atme_unmerge_cpu(benchmark, deit_small_tokens, backend):
+    x, metric, size = deit_small_tokens
+    merged = atme_merge_ref(x, metric, (14, 14), "w", 1, size)[0]
+    full = benchmark(lambda: ops.atme_unmerge(merged, (14, 14), "w", 1, backend=backend))
+    assert full.shape == x.shape
