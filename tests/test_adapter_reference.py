@@ -264,14 +264,6 @@ def test_proportional_attention_adds_log_size_per_key():
         assert rel_err(one, per_key) < 1e-12
 
 
-def test_token_merging_is_routed_through_merge_method():
-    spec = pruned_spec()
-    spec.blocks[1].merge = MergeSpec("tome", r=2)
-    model = random_reference(spec.validate())
-    with pytest.raises(NotImplementedError, match="needs dcvit_engine.ops merge ops"):
-        model(torch.randn(1, 3, 24, 40))
-
-
 def test_input_shape_is_checked():
     model = random_reference(pruned_spec())
     for bad in (torch.randn(1, 1, 24, 40), torch.randn(1, 3, 40, 24), torch.randn(3, 24, 40)):
