@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from dcvit_engine.adapter import UnsupportedModelError, from_timm, spec_from_timm
 from dcvit_engine.reference import ViTReference, reference_from_timm, state_shapes
-from dcvit_engine.spec import AttentionSpec, BlockSpec, MergeSpec, ViTSpec
+from dcvit_engine.spec import AttentionSpec, BlockSpec, ViTSpec
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=10)
 
