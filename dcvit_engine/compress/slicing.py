@@ -232,6 +232,21 @@ def _sliced_mlp(state: dict, prefix: str, hidden: int, m: BlockMasks):
     return kept.numel(), tensors
 
 
+def _check_merge_metric_kept(i: int, attn: AttentionSpec, m: BlockMasks, new_attn) -> None:
+    """A merging block compares tokens by its keys averaged over heads: slicing keeps that
+    metric only if every head stays and the same q/k channel positions stay in each head."""
+    if new_attn is None or new_attn.num_heads != attn.num_heads:
+        raise ValueError(f"block {i} merges tokens by its attention keys; none of its heads "
+                         "can be removed (prune channels there, or heads elsewhere)")
+    if m.qkv is None:
+        return
+    kept = m.qkv[:attn.qk_total] * m.qkv[attn.qk_total:2 * attn.qk_total] != 0
+    patterns = {tuple(kept[q].tolist()) for q, _, _ in head_rows(attn)}
+    if len(patterns) > 1:
+        raise ValueError(f"block {i} merges tokens by its keys averaged over heads; its q/k channel "
+                         "masks must be the same in every head (one mask shared by all heads)")
+
+
 _ATTN_PARTS = ("norm1.", "attn.", "ls1.")
 _MLP_PARTS = ("norm2.", "mlp.", "ls2.")
 
@@ -254,11 +269,8 @@ def slice_model(model: ViTReference, masks: list[BlockMasks]) -> ViTReference:
             tensors.update({k: v for k, v in own.items() if k[len(prefix):].startswith(_ATTN_PARTS)})
             new_attn, attn_tensors = _sliced_attention(state, prefix, block.attn, m)
             tensors.update(attn_tensors)
-        if block.merge is not None and block.attn is not None and \
-                (new_attn is None or new_attn.num_heads != block.attn.num_heads):
-            # the merge compares tokens by the keys of every head; dropping a head changes the merges
-            raise ValueError(f"block {i} merges tokens by its attention keys; none of its heads "
-                             "can be removed (prune channels there, or heads elsewhere)")
+        if block.merge is not None and block.attn is not None:
+            _check_merge_metric_kept(i, block.attn, m, new_attn)
         if mlp_alive:
             tensors.update({k: v for k, v in own.items() if k[len(prefix):].startswith(_MLP_PARTS)})
             hidden, mlp_tensors = _sliced_mlp(state, prefix, block.mlp_hidden, m)

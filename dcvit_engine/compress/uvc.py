@@ -1,0 +1,414 @@
+"""UVC (Yu et al., ICLR 2022; code VITA-Group/UVC): unified pruning of heads, within-head
+channels and MLP neurons plus block skipping, under a MACs budget, by primal-dual search
+with distillation; then the hard structure is cut out and finetuned with distillation.
+
+Per block (as uvc_utils.py): s_heads heads and s_neurons MLP neurons removed, r_j channels
+removed inside each kept head j. Groups are chosen by weight norms: a head by
+||proj.weight[:, head columns]||^2, a channel by its proj column ||proj.weight[:, c]||^2
+(a head channel feeds only its proj column, so pruning it removes that v row and column),
+a neuron by ||fc2.weight[:, j]||^2 (fc1 row and fc2 column go together). Counts go through
+a ceil with a straight-through gradient; at least one head, one channel per head and one
+neuron stay (UVC's s_ub - 1), so only the block gates remove whole blocks.
+Block gates g (init [-1, 1]): keep probability p = gumbel_softmax(g, tau 0.5)[1],
+x <- p * Block(x) + (1 - p) * x; a block is skipped when g1 <= g0.
+
+Each iteration (uvc_optimizer.py order):
+  1. proximal shrink of the currently least groups: columns / (1 + 2 * prox_lr * dual);
+  2. AdamW step of the weights on the distillation loss (finetune.kd_loss);
+  3. SGD on the counts with the resource gradient z * dR/ds plus the duals' pull
+     y * (norm of the next group), gradient clipped to 1 in max-norm as UVC; SGD with
+     momentum on the gates with the distillation gradient plus z * dR/dg;
+  4. dual ascent: y, p on the norms of the least groups, z on R - B; all kept >= 0.
+R is the expected MACs fraction from the spec's own formula (slicing.WidthCosts, read off
+dcvit_engine.macs), differentiable in the counts and the keep probabilities.
+Few-shot adaptation: counts are learned as fractions of their range (an SGD step moves
+at most count_lr of the range), and group norms in the dual terms are relative to their
+block's mean, so one set of rates fits every model size.
+After the search, the hard structure is projected onto the budget (greedy: the group
+with the smallest norm per MAC saved goes next) and sliced into a smaller spec.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+from ..macs import count_macs
+from ..reference import ViTReference
+from ..spec import AttentionSpec
+from .finetune import kd_finetune, kd_loss
+from .fewshot import (ProgressLog, as_reference, check_images, check_positive, on_device,
+                      predict_logits, resolve_device)
+from .slicing import BlockMasks, WidthCosts, attention_masks, slice_model, width_costs
+from .structure import check_target_ratio
+
+
+@dataclass(frozen=True)
+class SearchRates:
+    """Step sizes of the primal-dual search (the compress_uvc options of the same names)."""
+    lr: float            # AdamW on the weights
+    weight_decay: float
+    count_lr: float      # SGD on the counts (fractions of their range)
+    gate_lr: float       # SGD (momentum 0.9) on the block gates
+    budget_lr: float     # dual ascent of z on R - B
+    dual_lr: float       # dual ascent of y (heads, neurons) and p (channels)
+    prox_lr: float       # proximal shrink step
+    tau: float           # Gumbel-softmax temperature of the gates
+
+
+def _ste_ceil(x: torch.Tensor) -> torch.Tensor:
+    return x + (x.ceil() - x).detach()
+
+
+class _LeastSum(torch.autograd.Function):
+    """Sum of the ceil(count) smallest scores; d/dcount = the next smallest (UVC's LeastSsum)."""
+
+    @staticmethod
+    def forward(ctx, count, scores):
+        k = int(math.ceil(float(count)))
+        ordered = scores.sort().values
+        ctx.next_value = ordered[min(k, ordered.numel() - 1)]
+        return ordered[:k].sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.next_value, None
+
+
+def _check_teacher(spec) -> tuple[int, int, int]:
+    """(heads, head_dim, hidden) of a full, uniform ViT; UVC's groups are defined on one."""
+    shapes = {(b.attn.num_heads, tuple(b.attn.qk_dims), tuple(b.attn.v_dims), b.mlp_hidden)
+              if b.attn is not None else None for b in spec.blocks}
+    bad = None in shapes or any(b.merge is not None or b.mlp_hidden == 0 for b in spec.blocks)
+    if bad or len(shapes) != 1:
+        raise ValueError("UVC prunes an uncompressed ViT (every block with all heads of one width, "
+                         "an MLP of one width and no token merging); got a compressed spec")
+    heads, qk_dims, v_dims, hidden = shapes.pop()
+    if qk_dims != v_dims:
+        raise ValueError("UVC needs heads whose q/k and v widths are equal")
+    return heads, qk_dims[0], hidden
+
+
+class UVCSearch(nn.Module):
+    """Counts, gates and dual variables of the search, and the resource function R."""
+
+    def __init__(self, spec, target: float):
+        super().__init__()
+        self.heads, self.head_dim, self.hidden = _check_teacher(spec)
+        depth = spec.depth
+        self.costs: WidthCosts = width_costs(spec)
+        self.teacher_macs = count_macs(spec).total
+        self.target = target
+        self.head_frac = nn.Parameter(torch.zeros(depth))
+        self.neuron_frac = nn.Parameter(torch.zeros(depth))
+        self.channel_frac = nn.Parameter(torch.zeros(depth, self.heads))
+        self.gates = nn.Parameter(torch.tensor([[-1.0, 1.0]] * depth))
+        self.register_buffer("y_heads", torch.full((depth,), 1e-3))
+        self.register_buffer("y_neurons", torch.full((depth,), 1e-3))
+        self.register_buffer("p_channels", torch.full((depth, self.heads), 1e-3))
+        self.register_buffer("z", torch.tensor(1e-3))
+
+    def counts(self):
+        """Removed heads (depth,), channels per head (depth, H), neurons (depth,); ceil with STE."""
+        return (_ste_ceil(self.head_frac * (self.heads - 1)),
+                _ste_ceil(self.channel_frac * (self.head_dim - 1)),
+                _ste_ceil(self.neuron_frac * (self.hidden - 1)))
+
+    def resource(self, keep: torch.Tensor, kept_heads: torch.Tensor) -> torch.Tensor:
+        """Expected MACs fraction; kept_heads (depth, H) 0/1 says whose channels still count."""
+        s_heads, r, s_neurons = self.counts()
+        qk_total = self.head_dim * (self.heads - s_heads)
+        v_total = qk_total - (r * kept_heads).sum(1)
+        hidden = self.hidden - s_neurons
+        blocks = [keep[i] * (c_qk * qk_total[i] + c_v * v_total[i] + c_n * hidden[i])
+                  for i, (c_qk, c_v, c_n) in enumerate(zip(self.costs.qk, self.costs.v, self.costs.neuron))]
+        return (self.costs.fixed + torch.stack(blocks).sum()) / self.teacher_macs
+
+
+def group_scores(model: ViTReference, heads: int, head_dim: int):
+    """Per block: head scores (H,), channel scores (H, d), neuron scores (hidden,)."""
+    out = []
+    for block in model.blocks:
+        cols = block.attn.proj.weight.detach().pow(2).sum(0).view(heads, head_dim)
+        out.append((cols.sum(1), cols, block.mlp.fc2.weight.detach().pow(2).sum(0)))
+    return out
+
+
+@dataclass
+class UVCStructure:
+    """The hard result of the search, per block."""
+    skip: list[bool]
+    heads_removed: list[int]
+    channels_removed: list[list[int]]  # per head (by index), applies to kept heads
+    neurons_removed: list[int]
+
+    def masks(self, scores) -> list[BlockMasks]:
+        """Keep masks choosing the least-norm groups (heads, then channels inside kept heads)."""
+        masks = []
+        for i, (head_s, col_s, neuron_s) in enumerate(scores):
+            heads, head_dim = col_s.shape
+            removed_heads = set(head_s.argsort()[:self.heads_removed[i]].tolist())
+            v_keep = []
+            for h in range(heads):
+                keep = torch.ones(head_dim, dtype=col_s.dtype, device=col_s.device)
+                if h in removed_heads:
+                    keep.zero_()
+                else:
+                    keep[col_s[h].argsort()[:self.channels_removed[i][h]]] = 0
+                v_keep.append(keep)
+            m = attention_masks(_uniform_attn(heads, head_dim), [torch.ones_like(k) for k in v_keep], v_keep)
+            hidden = torch.ones_like(neuron_s)
+            hidden[neuron_s.argsort()[:self.neurons_removed[i]]] = 0
+            m.hidden, m.keep_block = hidden, not self.skip[i]
+            masks.append(m)
+        return masks
+
+    def macs(self, costs: WidthCosts, scores, head_dim: int) -> int:
+        qk, v, hidden = [], [], []
+        for i, (head_s, _, neuron_s) in enumerate(scores):
+            kept = head_s.argsort()[self.heads_removed[i]:].tolist()
+            live = not self.skip[i]
+            qk.append(live * head_dim * len(kept))
+            v.append(live * sum(head_dim - self.channels_removed[i][h] for h in kept))
+            hidden.append(live * (neuron_s.numel() - self.neurons_removed[i]))
+        return costs.total(qk, v, hidden)
+
+
+def _uniform_attn(heads: int, head_dim: int) -> AttentionSpec:
+    return AttentionSpec(qk_dims=[head_dim] * heads, v_dims=[head_dim] * heads, scale=head_dim ** -0.5)
+
+
+def _removal_candidates(st: UVCStructure, ordered, costs: WidthCosts, head_dim: int):
+    """(norm per MAC saved, MACs saved, kind, block, head) of every group that can go next."""
+    out = []
+    for i, (head_order, cols, neurons) in enumerate(ordered):
+        if st.skip[i]:
+            continue
+        kept = head_order[st.heads_removed[i]:]
+        if st.neurons_removed[i] < neurons.numel() - 1:
+            out.append((float(neurons[st.neurons_removed[i]]) / costs.neuron[i], costs.neuron[i],
+                        "neuron", i, -1))
+        for h in kept:
+            r = st.channels_removed[i][h]
+            if r < head_dim - 1:
+                out.append((float(cols[h, r]) / costs.v[i], costs.v[i], "channel", i, h))
+        if len(kept) > 1:
+            h, r = kept[0], st.channels_removed[i][kept[0]]
+            saved = costs.qk[i] * head_dim + costs.v[i] * (head_dim - r)
+            out.append((float(cols[h, r:].sum()) / saved, saved, "head", i, h))
+    return out
+
+
+def _restore_candidates(st: UVCStructure, ordered, costs: WidthCosts, head_dim: int):
+    """(norm per MAC added, MACs added, kind, block, head) of every removed group that can return."""
+    out = []
+    for i, (head_order, cols, neurons) in enumerate(ordered):
+        if st.skip[i]:
+            continue
+        if st.neurons_removed[i] > 0:
+            out.append((float(neurons[st.neurons_removed[i] - 1]) / costs.neuron[i], costs.neuron[i],
+                        "neuron", i, -1))
+        for h in head_order[st.heads_removed[i]:]:
+            r = st.channels_removed[i][h]
+            if r > 0:
+                out.append((float(cols[h, r - 1]) / costs.v[i], costs.v[i], "channel", i, h))
+        if st.heads_removed[i] > 0:
+            h = head_order[st.heads_removed[i] - 1]
+            added = costs.qk[i] * head_dim + costs.v[i] * (head_dim - st.channels_removed[i][h])
+            out.append((float(cols[h, st.channels_removed[i][h]:].sum()) / added, added, "head", i, h))
+    return out
+
+
+def fit_to_budget(structure: UVCStructure, scores, costs: WidthCosts, budget: float,
+                  gate_margin: list[float], head_dim: int) -> UVCStructure:
+    """The searched structure projected onto the budget. While over it, the group with the
+    smallest norm per MAC saved goes (once every live block is at its minimum, the block
+    whose gate is least sure is skipped); then, while under it, the removed group with the
+    largest norm per MAC returns if it fits. Skipped blocks stay skipped."""
+    st = UVCStructure(skip=list(structure.skip), heads_removed=list(structure.heads_removed),
+                      channels_removed=[list(r) for r in structure.channels_removed],
+                      neurons_removed=list(structure.neurons_removed))
+    ordered = [(head_s.argsort().tolist(), col_s.sort(dim=1).values, neuron_s.sort().values)
+               for head_s, col_s, neuron_s in scores]
+    macs = st.macs(costs, scores, head_dim)
+    while macs > budget:
+        candidates = _removal_candidates(st, ordered, costs, head_dim)
+        if not candidates:
+            live = [i for i, skipped in enumerate(st.skip) if not skipped]
+            st.skip[min(live, key=lambda i: gate_margin[i])] = True
+            macs = st.macs(costs, scores, head_dim)
+            continue
+        _, saved, kind, i, h = min(candidates)
+        _change(st, kind, i, h, 1)
+        macs -= saved
+    while True:
+        fitting = [c for c in _restore_candidates(st, ordered, costs, head_dim) if macs + c[1] <= budget]
+        if not fitting:
+            return st
+        _, added, kind, i, h = max(fitting)
+        _change(st, kind, i, h, -1)
+        macs += added
+
+
+def _change(st: UVCStructure, kind: str, i: int, h: int, delta: int) -> None:
+    if kind == "neuron":
+        st.neurons_removed[i] += delta
+    elif kind == "channel":
+        st.channels_removed[i][h] += delta
+    else:
+        st.heads_removed[i] += delta
+
+
+def gated_logits(model: ViTReference, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The student's logits with block gates: x <- keep_i * Block_i(x) + (1 - keep_i) * x."""
+    x = model._pos_embed(model.patch_embed(images))
+    if model.norm_pre is not None:
+        x = model.norm_pre(x)
+    for i, block in enumerate(model.blocks):
+        x = torch.lerp(x, block.mlp_residual(block.attention_residual(x, None)), keep[i])
+    if model.norm is not None:
+        x = model.norm(x)
+    return model.forward_head(x)
+
+
+def _gumbel_keep(gates: torch.Tensor, tau: float, generator: torch.Generator) -> torch.Tensor:
+    """Soft Gumbel-softmax sample of the keep probability (index 1), from a private generator."""
+    u = torch.rand(gates.shape, generator=generator).clamp(1e-10, 1 - 1e-7).to(gates.device)
+    return ((gates - torch.log(-torch.log(u))) / tau).softmax(dim=-1)[:, 1]
+
+
+class _SearchStep:
+    """One primal-dual iteration over the student's weights and the search variables."""
+
+    def __init__(self, student: ViTReference, search: UVCSearch, rates: SearchRates):
+        self.student, self.search, self.rates = student, search, rates
+        self.weights = torch.optim.AdamW(student.parameters(), lr=rates.lr,
+                                         weight_decay=rates.weight_decay)
+        self.counts = torch.optim.SGD([search.head_frac, search.neuron_frac, search.channel_frac],
+                                      lr=rates.count_lr)
+        self.gates = torch.optim.SGD([search.gates], lr=rates.gate_lr, momentum=0.9, weight_decay=1e-4)
+
+    def scores(self):
+        return group_scores(self.student, self.search.heads, self.search.head_dim)
+
+    @torch.no_grad()
+    def shrink(self) -> None:
+        """Proximal step on the groups the current counts remove (uvc_utils.prox_w)."""
+        search, lr, d = self.search, self.rates.prox_lr, self.search.head_dim
+        s_heads, r, s_neurons = (c.detach().long().tolist() for c in search.counts())
+        for i, (block, (head_s, col_s, neuron_s)) in enumerate(zip(self.student.blocks, self.scores())):
+            proj, order = block.attn.proj.weight, head_s.argsort().tolist()
+            for h in order[:s_heads[i]]:
+                proj[:, h * d:(h + 1) * d] /= 1 + 2 * lr * search.y_heads[i]
+            for h in order[s_heads[i]:]:
+                proj[:, h * d + col_s[h].argsort()[:r[i][h]]] /= 1 + 2 * lr * search.p_channels[i, h]
+            block.mlp.fc2.weight[:, neuron_s.argsort()[:s_neurons[i]]] /= 1 + 2 * lr * search.y_neurons[i]
+
+    def dual_terms(self, scores):
+        """sum y * (relative norm of the least groups) per block; the values feed dual ascent."""
+        search = self.search
+        s_heads, r, s_neurons = search.counts()
+        heads_term, neurons_term = [], []
+        channels_term = torch.zeros(len(scores), search.heads)
+        kept = torch.zeros(len(scores), search.heads)
+        for i, (head_s, col_s, neuron_s) in enumerate(scores):
+            heads_term.append(_LeastSum.apply(s_heads[i], (head_s / head_s.mean()).cpu()) / search.heads)
+            neurons_term.append(_LeastSum.apply(s_neurons[i], (neuron_s / neuron_s.mean()).cpu())
+                                / search.hidden)
+            for h in head_s.argsort()[int(s_heads[i].detach()):].tolist():
+                kept[i, h] = 1
+                col = (col_s[h] / col_s[h].mean()).cpu()
+                channels_term[i, h] = _LeastSum.apply(r[i, h], col) / search.head_dim
+        return torch.stack(heads_term), torch.stack(neurons_term), channels_term, kept
+
+    def __call__(self, images, teacher_logits, labels, generator) -> dict:
+        search, rates = self.search, self.rates
+        self.shrink()
+        scores = self.scores()
+        keep = _gumbel_keep(search.gates, rates.tau, generator)
+        loss = kd_loss(gated_logits(self.student, images, keep.to(images.device)), teacher_logits, labels)
+        heads_term, neurons_term, channels_term, kept = self.dual_terms(scores)
+        resource = search.resource(keep.cpu(), kept)
+        objective = loss + search.z * (resource - search.target) + (search.y_heads * heads_term).sum()             + (search.y_neurons * neurons_term).sum() + (search.p_channels * channels_term).sum()
+        for opt in (self.weights, self.counts, self.gates):
+            opt.zero_grad()
+        objective.backward()
+        for frac in (search.head_frac, search.neuron_frac, search.channel_frac):
+            frac.grad.clamp_(-1.0, 1.0)  # UVC: clip_grad_norm_(s, 1.0, inf)
+        self.weights.step()
+        self.counts.step()
+        self.gates.step()
+        with torch.no_grad():
+            for frac in (search.head_frac, search.neuron_frac, search.channel_frac):
+                frac.clamp_(0.0, 1.0)
+            search.z.add_(rates.budget_lr * (resource.detach() - search.target)).clamp_(min=0)
+            search.y_heads.add_(rates.dual_lr * heads_term.detach()).clamp_(min=0)
+            search.y_neurons.add_(rates.dual_lr * neurons_term.detach()).clamp_(min=0)
+            search.p_channels.add_(rates.dual_lr * channels_term.detach()).clamp_(min=0)
+        return {"loss": float(loss.detach()), "resource": float(resource.detach()), "z": float(search.z)}
+
+
+def compress_uvc(model, images: torch.Tensor, target_macs: float, *, labels: torch.Tensor | None = None,
+                 iters: int = 200, finetune_iters: int = 200, batch_size: int = 32, lr: float = 1e-4,
+                 weight_decay: float = 0.05, count_lr: float = 0.02, gate_lr: float = 1e-3,
+                 budget_lr: float = 1.0, dual_lr: float = 0.05, prox_lr: float = 0.05, tau: float = 0.5,
+                 device=None, seed: int = 0, progress: bool = False,
+                 report: dict | None = None) -> ViTReference:
+    """UVC-compress `model` (timm ViT or ViTReference) to at most `target_macs`, the fraction
+    of its MACs to keep, with the few-shot `images` (labels optional: without them the loss
+    is pure distillation from the model itself). iters: primal-dual search steps;
+    finetune_iters: distillation steps once the structure is fixed. Returns the student
+    (eval mode); `report`, when given, receives the searched and final structure."""
+    rho = check_target_ratio(target_macs)
+    check_positive(iters=iters, batch_size=batch_size)
+    if isinstance(finetune_iters, bool) or not isinstance(finetune_iters, int) or finetune_iters < 0:
+        raise ValueError(f"finetune_iters must be a non-negative integer, got {finetune_iters!r}")
+    teacher = as_reference(model)
+    spec = teacher.spec
+    check_images(images, spec)
+    if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != (images.shape[0],)):
+        raise ValueError(f"labels must be a tensor of {images.shape[0]} class indices, one per image")
+    search = UVCSearch(spec, rho)
+    budget = rho * search.teacher_macs
+    if budget < search.costs.fixed:
+        raise ValueError(f"target {rho} is below what the patch embedding and the head alone cost "
+                         f"({search.costs.fixed / search.teacher_macs:.4f} of the MACs)")
+    device = resolve_device(device)
+    log = ProgressLog(progress, "uvc")
+    teacher = on_device(teacher, device).eval()
+    teacher_logits = predict_logits(teacher, images, batch_size, device)
+    student = copy.deepcopy(teacher).train()
+    rates = SearchRates(lr=lr, weight_decay=weight_decay, count_lr=count_lr, gate_lr=gate_lr,
+                        budget_lr=budget_lr, dual_lr=dual_lr, prox_lr=prox_lr, tau=tau)
+    step = _SearchStep(student, search, rates)
+    generator = torch.Generator().manual_seed(seed)
+    history = []
+    for it in range(iters):
+        idx = torch.randint(images.shape[0], (min(batch_size, images.shape[0]),), generator=generator)
+        history.append(step(images[idx].to(device), teacher_logits[idx].to(device),
+                            None if labels is None else labels[idx].to(device), generator))
+        if (it + 1) % max(1, iters // 10) == 0:
+            log(f"search step {it + 1}/{iters}: loss {history[-1]['loss']:.4f}, "
+                f"MACs fraction {history[-1]['resource']:.4f} (target {rho}), z {history[-1]['z']:.3f}")
+    scores = step.scores()
+    s_heads, r, s_neurons = (c.detach().long().tolist() for c in search.counts())
+    gates = search.gates.detach()
+    searched = UVCStructure(skip=[bool(g[1] <= g[0]) for g in gates], heads_removed=s_heads,
+                            channels_removed=r, neurons_removed=s_neurons)
+    final = fit_to_budget(searched, scores, search.costs, budget, (gates[:, 1] - gates[:, 0]).tolist(),
+                          search.head_dim)
+    student = slice_model(student, final.masks(scores))
+    log(f"structure fixed: {count_macs(student.spec).total / search.teacher_macs:.4f} of the MACs; "
+        f"finetuning {finetune_iters} steps")
+    losses = kd_finetune(student, teacher, images, labels=labels, iters=finetune_iters,
+                         batch_size=batch_size, lr=lr, weight_decay=weight_decay, device=device,
+                         seed=seed + 1, progress=progress) if finetune_iters else []
+    if report is not None:
+        report.update(method="uvc", target_ratio=rho, teacher_macs=search.teacher_macs,
+                      achieved_macs=count_macs(student.spec).total, searched=asdict(searched),
+                      final=asdict(final), search_history=history,
+                      finetune_losses=[float(v) for v in losses])
+    return student.eval()
