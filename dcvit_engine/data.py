@@ -1,0 +1,205 @@
+"""Few-shot image folders: the images a compression method sees.
+
+A folder is either flat (``root/*.png``: unlabeled) or holds one subfolder per
+class (``root/<class>/*.png``: labeled, class index = position of the subfolder
+in sorted order, as torchvision's ImageFolder does).  Images are read with PIL,
+converted to RGB (or grayscale for one input channel), resized to the model's
+input size and normalized with the model's mean/std.
+
+Layer 1: imports nothing from the package.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+UNLABELED = -1
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if _is_image_file(p))
+
+
+def _class_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _size_pair(img_size: int | Sequence[int]) -> tuple[int, int]:
+    """(H, W) from an int or a pair; rejects non-positive sizes."""
+    if isinstance(img_size, int):
+        size = (img_size, img_size)
+    else:
+        size = tuple(int(s) for s in img_size)
+    if len(size) != 2 or min(size) <= 0:
+        raise ValueError(f"img_size must be a positive int or an (H, W) pair, got {img_size!r}")
+    return size  # type: ignore[return-value]
+
+
+def _channel_stats(values: float | Sequence[float], in_chans: int, what: str) -> torch.Tensor:
+    """Per-channel mean or std as a (C, 1, 1) tensor; one value is broadcast to every channel."""
+    stats = [float(values)] * in_chans if isinstance(values, (int, float)) else [float(v) for v in values]
+    if len(stats) != in_chans:
+        raise ValueError(f"{what} has {len(stats)} values but the images have {in_chans} channels")
+    if what == "std" and min(stats) <= 0:
+        raise ValueError(f"std must be positive, got {stats}")
+    return torch.tensor(stats, dtype=torch.float32).view(in_chans, 1, 1)
+
+
+def _scan_folder(root: Path, labeled: bool | str) -> tuple[list[Path], list[int], list[str] | None]:
+    """Image paths, their labels (UNLABELED when unlabeled) and the class names."""
+    accepted = ", ".join(IMAGE_EXTENSIONS)
+    top_images = _image_files(root)
+    class_dirs = [d for d in _class_folders(root) if _image_files(d)]
+    if labeled == "auto":
+        if top_images and class_dirs:
+            raise ValueError(
+                f"{root} holds both images and class subfolders with images; pass labeled=True "
+                "(use only the subfolders) or labeled=False (use every image, no labels)")
+        labeled = bool(class_dirs)
+    elif not isinstance(labeled, bool):
+        raise ValueError(f"labeled must be True, False or 'auto', got {labeled!r}")
+
+    if labeled:
+        if not class_dirs:
+            raise ValueError(
+                f"labeled=True needs one subfolder per class with images in it, but {root} has none "
+                f"(accepted extensions: {accepted})")
+        classes = [d.name for d in class_dirs]
+        paths, labels = [], []
+        for index, folder in enumerate(class_dirs):
+            files = _image_files(folder)
+            paths += files
+            labels += [index] * len(files)
+        return paths, labels, classes
+
+    paths = top_images + [p for d in class_dirs for p in _image_files(d)]
+    if not paths:
+        raise ValueError(
+            f"no image files in {root} nor in its subfolders (accepted extensions: {accepted})")
+    return paths, [UNLABELED] * len(paths), None
+
+
+class ImageFolderData(Dataset):
+    """Images of a folder, resized and normalized; items are (image (C, H, W), label or -1).
+
+    num_samples picks a random subset (reproducible by seed) of that many images;
+    asking for more images than the folder holds is an error rather than a silent
+    shortfall, because few-shot results depend on the exact count.
+    """
+
+    def __init__(self, root: str | os.PathLike, img_size: int | Sequence[int],
+                 mean: float | Sequence[float] = IMAGENET_MEAN,
+                 std: float | Sequence[float] = IMAGENET_STD,
+                 num_samples: int | None = None, seed: int = 0,
+                 labeled: bool | str = "auto", in_chans: int = 3):
+        root = Path(root).expanduser()
+        if not root.exists():
+            raise FileNotFoundError(f"image folder {root} does not exist")
+        if not root.is_dir():
+            raise NotADirectoryError(f"{root} is a file; pass the folder that holds the images")
+        if in_chans not in (1, 3):
+            raise ValueError(f"in_chans must be 1 (grayscale) or 3 (RGB), got {in_chans}")
+        self.root = root
+        self.size = _size_pair(img_size)
+        self.in_chans = in_chans
+        self.mean = _channel_stats(mean, in_chans, "mean")
+        self.std = _channel_stats(std, in_chans, "std")
+
+        paths, labels, self.classes = _scan_folder(root, labeled)
+        self.labeled = self.classes is not None
+        if num_samples is not None:
+            if num_samples <= 0:
+                raise ValueError(f"num_samples must be positive, got {num_samples}")
+            if num_samples > len(paths):
+                raise ValueError(
+                    f"asked for {num_samples} images but {root} holds only {len(paths)}; "
+                    "pass a smaller num_samples or add images")
+            generator = torch.Generator().manual_seed(seed)
+            chosen = sorted(torch.randperm(len(paths), generator=generator)[:num_samples].tolist())
+            paths = [paths[i] for i in chosen]
+            labels = [labels[i] for i in chosen]
+        self.paths = paths
+        self.labels = labels
+        for path in self.paths:  # header check only: a broken file fails here, by name, not mid-run
+            self._open(path).close()
+
+    @staticmethod
+    def _open(path: Path) -> Image.Image:
+        try:
+            return Image.open(path)
+        except (UnidentifiedImageError, OSError) as err:
+            raise ValueError(f"{path} is not a readable image ({err}); remove or replace it") from None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> torch.Tensor:
+        """The normalized image at index, shape (in_chans, H, W), float32."""
+        path = self.paths[index]
+        with self._open(path) as image:
+            try:
+                image = image.convert("RGB" if self.in_chans == 3 else "L")
+                image = image.resize((self.size[1], self.size[0]), Image.BILINEAR)
+            except OSError as err:  # truncated files pass the header check and fail on decode
+                raise ValueError(f"{path} is not a readable image ({err}); remove or replace it") from None
+            pixels = np.asarray(image, dtype=np.float32) / 255.0
+        tensor = torch.from_numpy(pixels.copy())
+        tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+        return (tensor - self.mean) / self.std
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.load(index), self.labels[index]
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every image stacked (N, C, H, W) and the labels (N,) (-1 when unlabeled)."""
+        images = torch.stack([self.load(i) for i in range(len(self))])
+        return images, torch.tensor(self.labels, dtype=torch.long)
+
+    def loader(self, batch_size: int = 64, shuffle: bool = False, num_workers: int = 0,
+               seed: int = 0, drop_last: bool = False) -> DataLoader:
+        return make_loader(self, batch_size, shuffle, num_workers, seed, drop_last)
+
+
+def make_loader(dataset: Dataset, batch_size: int = 64, shuffle: bool = False, num_workers: int = 0,
+                seed: int = 0, drop_last: bool = False) -> DataLoader:
+    """A DataLoader with pinned memory when CUDA is available and a seeded shuffle."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available(), drop_last=drop_last,
+                      generator=torch.Generator().manual_seed(seed),
+                      persistent_workers=num_workers > 0)
+
+
+def load_image_folder(root: str | os.PathLike, img_size: int | Sequence[int],
+                      mean: float | Sequence[float] = IMAGENET_MEAN,
+                      std: float | Sequence[float] = IMAGENET_STD,
+                      num_samples: int | None = None, seed: int = 0,
+                      labeled: bool | str = "auto", in_chans: int = 3) -> ImageFolderData:
+    """The images of root as an ImageFolderData (see its docstring)."""
+    return ImageFolderData(root, img_size, mean, std, num_samples, seed, labeled, in_chans)
+
+
+def sample_images(root: str | os.PathLike, n: int, img_size: int | Sequence[int] = 224,
+                  mean: float | Sequence[float] = IMAGENET_MEAN,
+                  std: float | Sequence[float] = IMAGENET_STD,
+                  seed: int = 0, labeled: bool | str = "auto", in_chans: int = 3) -> torch.Tensor:
+    """n few-shot images of root, chosen at random (seeded), as one (n, C, H, W) tensor."""
+    data = ImageFolderData(root, img_size, mean, std, n, seed, labeled, in_chans)
+    return data.tensors()[0]
