@@ -145,10 +145,14 @@ class Engine(nn.Module):
         self.backend = backend
         self.dtype = dtype
         self.device = device
+        self._graphs_requested = cuda_graphs
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
 
         def prepare(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor.detach().to(device=device, dtype=dtype).contiguous()
+            # always a copy: the engine must not follow later in-place edits of the source
+            # model (its pre-added prefix tokens could not follow them)
+            return tensor.detach().to(device=device, dtype=dtype, memory_format=torch.contiguous_format,
+                                      copy=True)
 
         self.register_buffer("patch_weight", prepare(state["patch_embed.proj.weight"]))
         self.register_buffer("patch_bias", _optional(state, "patch_embed.proj.bias", prepare))
@@ -174,6 +178,15 @@ class Engine(nn.Module):
         self._graph_pool = None
         self._run = torch.compile(self.forward_eager, fullgraph=True, dynamic=False) if compile \
             else self.forward_eager
+
+    def _apply(self, fn, recurse=True):
+        # engine.to(...) / .half() / .cuda(): keep the expected device and dtype in step with
+        # the buffers; graphs captured for the old ones are dropped
+        super()._apply(fn, recurse)
+        self.device, self.dtype = self.pos_embed.device, self.pos_embed.dtype
+        self.cuda_graphs = self._graphs_requested and self.device.type == "cuda"
+        self._graphs.clear()
+        return self
 
     def extra_repr(self) -> str:
         return (f"backend={self.backend or 'auto'}, dtype={self.dtype}, device={self.device}, "

@@ -168,6 +168,27 @@ def test_weights_are_prepared_once():
         assert not buffer.requires_grad, name
 
 
+def test_engine_owns_its_weights():
+    reference = randomize(ViTReference(compressed_spec()))
+    engine = build_engine(reference, backend="torch")
+    images = images_for(reference.spec, 2).float()
+    before = engine(images)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.mul_(2)
+    torch.testing.assert_close(engine(images), before, rtol=0, atol=0)
+
+
+def test_to_keeps_the_expected_dtype_in_step():
+    reference = randomize(ViTReference(compressed_spec()))
+    engine = build_engine(reference, backend="torch").to(torch.bfloat16)
+    assert engine.dtype == torch.bfloat16
+    images = images_for(reference.spec, 2)
+    same_precision = copy.deepcopy(reference).bfloat16()(images.bfloat16())
+    assert_close_to_reference(engine(images.bfloat16()), copy.deepcopy(reference).double()(images),
+                              same_precision, what="engine converted to bf16 after building")
+
+
 # ---- bad input ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
