@@ -111,3 +111,22 @@ def test_bench_errors_are_one_line(capsys, extra, message):
 def test_bench_unavailable_backend_is_one_line(capsys):
     code, _, err = run(capsys, "bench", *TINY, "--device", "cpu", "--backend", "cuda", "--batch-size", "1")
     assert code == 2 and "backend 'cuda' was requested" in err and err.count("\n") == 1
+
+
+def test_resolve_model_loads_a_checkpoint(tmp_path):
+    import timm
+
+    kwargs = json.loads(TINY_KWARGS)
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
+    torch.save(source.state_dict(), tmp_path / "weights.pth")
+    model = resolve_model(model_name="vit_tiny_patch16_224", model_kwargs=kwargs,
+                          checkpoint=tmp_path / "weights.pth")
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    with pytest.raises(ValueError, match="does not fit vit_tiny_patch16_224"):
+        resolve_model(model_name="vit_tiny_patch16_224", model_kwargs=dict(kwargs, depth=3),
+                      checkpoint=tmp_path / "weights.pth")
+    with pytest.raises(FileNotFoundError, match="checkpoint"):
+        resolve_model(model_name="vit_tiny_patch16_224", checkpoint=tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match="an artifact carries its own"):
+        resolve_model(artifact=tmp_path, checkpoint=tmp_path / "weights.pth")
