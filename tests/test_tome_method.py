@@ -14,6 +14,15 @@ from dcvit_engine.macs import count_macs
 from dcvit_engine.adapter import spec_from_timm
 
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads; on a shared 2-core machine they only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 def tiny_vit(**kw):
     args = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=10)
     args.update(kw)

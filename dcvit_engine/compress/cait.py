@@ -1,0 +1,293 @@
+"""CAIT (Wang et al., 2023; arXiv 2309.15755): asymmetric token merging that keeps the 2-D
+token grid (ATME) plus consistent dynamic channel pruning of the attention (CDCP).
+
+The paper's code is not public; this is the project's definition (see METHODS.md):
+  - ATME: at chosen blocks, after the attention residual, the grid's column pairs (axis
+    "w") or row pairs (axis "h") merge into their first token (dcvit_engine.ops.atme_merge);
+    axes alternate, starting with `first_axis`. The grid stays rectangular, so
+    `full_resolution_features` unmerges the last tokens back to the input grid.
+  - Where the steps go is set by the budget: token merging is asked for `token_share` of
+    the MACs to remove. The candidate plans put k steps evenly from block `start` to the
+    end (tokens_per_block gives each plan's token counts, count_macs its MACs); the plan
+    whose MACs come closest to that share, while the channels can still reach the target,
+    is taken (fewer steps on a tie).
+  - CDCP: per block ONE keep mask over the q/k channels, shared by every head (every head
+    keeps the same width and positions), and one over the v channels and the projection
+    input, also shared. Each channel has a gate logit (init from weight norms); the mask is
+    hard (logit > 0) in the forward pass with a straight-through sigmoid gradient; the
+    loss is the distillation loss plus lambda * (R - B), lambda rising by dual ascent while
+    the MACs fraction R is over the budget B. Then the masks are frozen, fitted to the
+    budget by logit order (at least one channel of each kind per block), sliced, and the
+    student is finetuned with distillation (finetune.kd_finetune).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from ..macs import count_macs
+from ..ops import atme_unmerge
+from ..reference import ViTReference
+from ..spec import ATME_AXES, MergeSpec, ViTSpec, merge_schedule
+from .fewshot import (ProgressLog, as_reference, check_images, check_positive, on_device,
+                      predict_logits, resolve_device)
+from .finetune import kd_finetune, kd_loss
+from .slicing import BlockMasks, WidthCosts, apply_masks, slice_model, width_costs
+from .structure import check_target_ratio
+
+
+def _check_teacher(spec: ViTSpec) -> None:
+    for i, b in enumerate(spec.blocks):
+        if b.merge is not None:
+            raise ValueError("CAIT starts from a model without token merging")
+        if b.attn is not None and (len(set(b.attn.qk_dims)) != 1 or b.attn.qk_dims != b.attn.v_dims):
+            raise ValueError(f"block {i}: CDCP shares one channel mask across heads and needs heads of "
+                             f"one width, got q/k {b.attn.qk_dims}, v {b.attn.v_dims}")
+        if b.attn is not None and b.attn.qk_norm:
+            raise ValueError(f"block {i} normalises q/k over the full head width (qk_norm); its q/k "
+                             "channels cannot be pruned")
+
+
+def atme_spec(spec: ViTSpec, layers, first_axis: str = "w") -> ViTSpec:
+    """`spec` with an ATME step after the attention of each block in `layers`; axes alternate
+    from `first_axis`, taking the other axis when the due one has a single row/column."""
+    out = copy.deepcopy(spec)
+    rows, cols = spec.grid
+    axis = first_axis
+    for i in sorted(layers):
+        if (cols if axis == "w" else rows) < 2:
+            axis = "h" if axis == "w" else "w"
+        if (cols if axis == "w" else rows) < 2:
+            raise ValueError(f"ATME cannot merge at block {i}: the grid is already {rows} x {cols}")
+        out.blocks[i].merge = MergeSpec(kind="atme", axis=axis)
+        rows, cols = (rows, -(-cols // 2)) if axis == "w" else (-(-rows // 2), cols)
+        axis = "h" if axis == "w" else "w"
+    return out.validate()
+
+
+def candidate_plans(spec: ViTSpec, first_axis: str = "w") -> list[tuple[int, ...]]:
+    """ATME layer sets: k steps spread evenly from block `start` to the end, every k and start
+    the grid allows, plus no merging at all."""
+    rows, cols = spec.grid
+    max_steps = (rows - 1).bit_length() + (cols - 1).bit_length()  # halvings until 1 x 1
+    plans = {()}
+    for k in range(1, min(max_steps, spec.depth) + 1):
+        for start in range(spec.depth - k + 1):
+            plans.add(tuple(start + (j * (spec.depth - start)) // k for j in range(k)))
+    return sorted(plans, key=lambda p: (len(p), [-i for i in p]))
+
+
+def _min_channel_macs(spec: ViTSpec) -> int:
+    """MACs with one q/k and one v channel per head left (CDCP's floor)."""
+    costs = width_costs(spec)
+    heads = [b.attn.num_heads if b.attn else 0 for b in spec.blocks]
+    return costs.total(heads, heads, [b.mlp_hidden for b in spec.blocks])
+
+
+def plan_atme(spec: ViTSpec, target: float, token_share: float = 0.5, first_axis: str = "w"):
+    """(layers, merged spec): the ATME plan closest to the token share of the reduction that
+    still lets CDCP reach `target` (fraction of the teacher's MACs)."""
+    teacher = count_macs(spec).total
+    token_goal = teacher - token_share * (teacher - target * teacher)
+    options = []
+    for layers in candidate_plans(spec, first_axis):
+        merged = atme_spec(spec, layers, first_axis)
+        macs = count_macs(merged).total
+        if _min_channel_macs(merged) <= target * teacher:
+            options.append((abs(macs - token_goal), len(layers), layers, merged))
+    if not options:
+        smallest = min(_min_channel_macs(atme_spec(spec, p, first_axis))
+                       for p in candidate_plans(spec, first_axis)) / teacher
+        raise ValueError(f"target {target} is out of CAIT's reach for this model: even the most "
+                         f"merging and one channel per head keep {smallest:.4f} of the MACs; choose "
+                         f"a target >= {smallest:.4f}")
+    _, _, layers, merged = min(options, key=lambda o: o[:2])
+    return layers, merged
+
+
+def channel_scores(model: ViTReference):
+    """Per block with attention: (q/k scores (d,), v scores (d,)), each summed over heads:
+    |q row| |k row| for a q/k channel, |v row| |proj column| for a v channel."""
+    out = []
+    for block, spec in zip(model.blocks, model.spec.blocks):
+        if spec.attn is None:
+            out.append(None)
+            continue
+        heads, d, total = spec.attn.num_heads, spec.attn.qk_dims[0], spec.attn.qk_total
+        rows = block.attn.qkv.weight.detach().norm(dim=1)
+        q, k, v = rows[:total].view(heads, d), rows[total:2 * total].view(heads, d), rows[2 * total:].view(heads, d)
+        proj = block.attn.proj.weight.detach().norm(dim=0).view(heads, d)
+        out.append(((q * k).sum(0), (v * proj).sum(0)))
+    return out
+
+
+class ChannelGates(nn.Module):
+    """Gate logits of the shared q/k and v channel masks of every block with attention."""
+
+    def __init__(self, model: ViTReference, target: float, teacher_macs: int):
+        super().__init__()
+        spec = model.spec
+        self.blocks = [i for i, b in enumerate(spec.blocks) if b.attn is not None]
+        self.heads = {i: spec.blocks[i].attn.num_heads for i in self.blocks}
+        self.costs: WidthCosts = width_costs(spec)
+        self.teacher_macs = teacher_macs  # of the unmerged teacher: target is a fraction of it
+        self.target = target
+        self.hidden = [b.mlp_hidden for b in spec.blocks]
+        init = []
+        for scores in channel_scores(model):
+            if scores is not None:  # logits 1 +- 0.5: every channel starts kept, the weak ones nearer 0
+                init.append(torch.stack([1 + 0.5 * _standardize(s.log()) for s in scores]))
+        self.logits = nn.Parameter(torch.stack(init).cpu())  # (blocks with attention, 2, d)
+        self.register_buffer("lam", torch.tensor(0.0))
+
+    def hard(self) -> torch.Tensor:
+        return (self.logits > 0).to(self.logits.dtype)
+
+    def masks(self, model: ViTReference, keep: torch.Tensor) -> list[BlockMasks]:
+        """BlockMasks from keep (blocks with attention, 2, d): [0] q/k, [1] v, tiled over heads."""
+        masks = [BlockMasks() for _ in model.spec.blocks]
+        device, dtype = model.pos_embed.device, model.pos_embed.dtype
+        for row, i in enumerate(self.blocks):
+            qk, v = (keep[row, j].repeat(self.heads[i]).to(device, dtype) for j in (0, 1))
+            masks[i] = BlockMasks(qkv=torch.cat([qk, qk, torch.ones_like(v)]), proj_in=v)
+        return masks
+
+    def macs(self, keep: torch.Tensor) -> torch.Tensor:
+        """MACs for the keep masks (differentiable in them)."""
+        qk = [0] * len(self.hidden)
+        v = [0] * len(self.hidden)
+        for row, i in enumerate(self.blocks):
+            qk[i] = self.heads[i] * keep[row, 0].sum()
+            v[i] = self.heads[i] * keep[row, 1].sum()
+        return self.costs.total(qk, v, self.hidden)
+
+    def channel_macs(self, row: int, kind: int) -> int:
+        i = self.blocks[row]
+        return self.heads[i] * (self.costs.qk[i] if kind == 0 else self.costs.v[i])
+
+
+def _standardize(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.mean()) / x.std().clamp_min(1e-12) if x.numel() > 1 else torch.zeros_like(x)
+
+
+def fit_masks(gates: ChannelGates, keep: torch.Tensor, budget: float) -> torch.Tensor:
+    """Hard masks at most `budget` MACs: drop the lowest-logit channels while over it, then add
+    back the highest-logit dropped channels that still fit; one q/k and one v channel stay."""
+    keep = keep.clone()
+    logits = gates.logits.detach()
+    macs = float(gates.macs(keep))
+    for row, kind, c in sorted(((r, k, c) for r in range(keep.shape[0]) for k in (0, 1)
+                                for c in range(keep.shape[2])), key=lambda t: float(logits[t])):
+        if macs <= budget:
+            break
+        if keep[row, kind, c] and keep[row, kind].sum() > 1:
+            keep[row, kind, c] = 0
+            macs -= gates.channel_macs(row, kind)
+    for row, kind, c in sorted(((r, k, c) for r in range(keep.shape[0]) for k in (0, 1)
+                                for c in range(keep.shape[2])), key=lambda t: -float(logits[t])):
+        if not keep[row, kind, c] and macs + gates.channel_macs(row, kind) <= budget:
+            keep[row, kind, c] = 1
+            macs += gates.channel_macs(row, kind)
+    return keep
+
+
+def learn_channel_gates(student: ViTReference, gates: ChannelGates, images, teacher_logits, labels, *,
+                        iters: int, batch_size: int, gate_lr: float, budget_lr: float, device,
+                        seed: int, log) -> list[dict]:
+    """CDCP: learn the gate logits on the distillation loss under the budget (weights frozen)."""
+    optimizer = torch.optim.Adam([gates.logits], lr=gate_lr)
+    generator = torch.Generator().manual_seed(seed)
+    student.requires_grad_(False)
+    history = []
+    for it in range(iters):
+        idx = torch.randint(images.shape[0], (min(batch_size, images.shape[0]),), generator=generator)
+        soft = gates.logits.sigmoid()
+        keep = soft + (gates.hard() - soft).detach()  # hard forward, sigmoid gradient
+        with apply_masks(student, gates.masks(student, keep)):
+            logits = student(images[idx].to(device))
+        loss = kd_loss(logits, teacher_logits[idx].to(device), None if labels is None else labels[idx].to(device))
+        resource = gates.macs(keep) / gates.teacher_macs
+        optimizer.zero_grad()
+        (loss + gates.lam * (resource - gates.target)).backward()
+        optimizer.step()
+        with torch.no_grad():
+            gates.lam.add_(budget_lr * (resource.detach() - gates.target)).clamp_(min=0)
+        history.append({"loss": float(loss.detach()), "resource": float(resource.detach()),
+                        "lambda": float(gates.lam)})
+        if (it + 1) % max(1, iters // 10) == 0:
+            log(f"gate step {it + 1}/{iters}: loss {history[-1]['loss']:.4f}, MACs fraction "
+                f"{history[-1]['resource']:.4f} (target {gates.target})")
+    student.requires_grad_(True)
+    return history
+
+
+def full_resolution_features(model: ViTReference, images: torch.Tensor) -> torch.Tensor:
+    """forward_features unmerged back to the input grid: (B, prefix + H * W, D), each merged
+    token copied to every grid position it stands for (for dense prediction heads)."""
+    spec = model.spec
+    if any(b.merge is not None and b.merge.kind != "atme" for b in spec.blocks):
+        raise ValueError("only ATME merges keep the grid; a ToMe-merged model cannot be unmerged")
+    tokens = model.forward_features(images)
+    for block, (_, _, grid_in) in reversed(list(zip(spec.blocks, merge_schedule(spec)))):
+        if block.merge is not None:
+            tokens = atme_unmerge(tokens, grid_in, block.merge.axis, spec.num_prefix_tokens)
+    return tokens
+
+
+def compress_cait(model, images: torch.Tensor, target_macs: float, *, labels: torch.Tensor | None = None,
+                  token_share: float = 0.5, first_axis: str = "w", iters: int = 200,
+                  finetune_iters: int = 200, batch_size: int = 32, lr: float = 1e-4,
+                  weight_decay: float = 0.05, gate_lr: float = 0.05, budget_lr: float = 1.0,
+                  device=None, seed: int = 0, progress: bool = False,
+                  report: dict | None = None) -> ViTReference:
+    """CAIT-compress `model` (timm ViT or ViTReference) to at most `target_macs`, the fraction
+    of its MACs to keep, with the few-shot `images` (labels optional: without them the loss
+    is pure distillation from the model itself). token_share: share of the MACs to remove
+    that token merging is asked for (the channels take the rest); first_axis: "w" or "h";
+    iters: gate learning steps; finetune_iters: distillation steps with the structure
+    frozen. Returns the student (eval mode); `report` receives the plan and the widths."""
+    rho = check_target_ratio(target_macs)
+    if isinstance(token_share, bool) or not isinstance(token_share, (int, float)) or not 0 <= token_share <= 1:
+        raise ValueError(f"token_share must be a number in [0, 1] (share of the MACs reduction done by "
+                         f"token merging), got {token_share!r}")
+    if first_axis not in ATME_AXES:
+        raise ValueError(f"first_axis must be one of {ATME_AXES}, got {first_axis!r}")
+    check_positive(iters=iters, batch_size=batch_size)
+    if isinstance(finetune_iters, bool) or not isinstance(finetune_iters, int) or finetune_iters < 0:
+        raise ValueError(f"finetune_iters must be a non-negative integer, got {finetune_iters!r}")
+    teacher = as_reference(model)
+    _check_teacher(teacher.spec)
+    check_images(images, teacher.spec)
+    if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != (images.shape[0],)):
+        raise ValueError(f"labels must be a tensor of {images.shape[0]} class indices, one per image")
+    layers, merged = plan_atme(teacher.spec, rho, token_share, first_axis)
+    device = resolve_device(device)
+    log = ProgressLog(progress, "cait")
+    log(f"ATME after blocks {list(layers)}: {count_macs(merged).total / count_macs(teacher.spec).total:.4f} "
+        f"of the MACs before channel pruning")
+    teacher = on_device(teacher, device).eval()
+    with torch.device("meta"):  # same tensors as the teacher: only merges differ
+        student = ViTReference(merged)
+    student.load_state_dict({k: v.detach().clone() for k, v in teacher.state_dict().items()},
+                            strict=True, assign=True)
+    teacher_logits = predict_logits(teacher, images, batch_size, device)
+    gates = ChannelGates(student, rho, count_macs(teacher.spec).total)
+    history = learn_channel_gates(student, gates, images, teacher_logits, labels, iters=iters,
+                                  batch_size=batch_size, gate_lr=gate_lr, budget_lr=budget_lr,
+                                  device=device, seed=seed, log=log)
+    keep = fit_masks(gates, gates.hard(), rho * gates.teacher_macs)
+    student = slice_model(student, gates.masks(student, keep))
+    log(f"channels frozen: {count_macs(student.spec).total / gates.teacher_macs:.4f} of the MACs; "
+        f"finetuning {finetune_iters} steps")
+    losses = kd_finetune(student, teacher, images, labels=labels, iters=finetune_iters,
+                         batch_size=batch_size, lr=lr, weight_decay=weight_decay, device=device,
+                         seed=seed + 1, progress=progress) if finetune_iters else []
+    if report is not None:
+        report.update(method="cait", target_ratio=rho, teacher_macs=gates.teacher_macs,
+                      achieved_macs=count_macs(student.spec).total, atme_layers=list(layers),
+                      atme_macs=count_macs(merged).total,
+                      qk_channels=keep[:, 0].sum(1).int().tolist(), v_channels=keep[:, 1].sum(1).int().tolist(),
+                      gate_history=history, finetune_losses=[float(v) for v in losses])
+    return student.eval()
