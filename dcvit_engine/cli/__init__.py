@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Module names under dcvit_engine.cli, in the order `dcvit --help` lists them.
-COMMAND_MODULES = ["doctor", "info", "bench", "infer", "plan", "sweep", "demo"]
+COMMAND_MODULES = ["doctor", "info", "bench", "infer", "plan", "compress", "eval", "sweep", "demo"]
 
 
 class CommandError(Exception):

@@ -1,0 +1,124 @@
+"""`dcvit compress`: compress a timm ViT/DeiT (or an artifact) with a few images.
+
+  dcvit compress --model deit_base_patch16_224 --checkpoint deit_b.pth --data few/ \\
+      --num-samples 50 --method dcvit --target-macs 0.75 --out deit_b_075
+
+Writes an artifact folder (spec.json, model.safetensors, report.json) that
+dcvit_engine.load reads. While it runs, OUT.partial holds a checkpoint after every
+step; after an interruption, the same command with --resume continues from it.
+"""
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+from dcvit_engine.artifact import save
+from dcvit_engine.checkpoints import load_checkpoint
+from dcvit_engine.cli import CommandError
+from dcvit_engine.cli.data_args import add_data_arguments, images_from_args
+from dcvit_engine.cli.model_args import add_model_arguments
+from dcvit_engine.cli.plan import add_structure_arguments, parse_blocks
+from dcvit_engine.compress.api import compress
+from dcvit_engine.compress.checkpoint import STATE_FILENAME
+from dcvit_engine.models import describe_source, parse_model_kwargs, resolve_model
+from dcvit_engine.spec import SPEC_FILENAME
+
+# options that only one method takes: the CLI refuses them for the other
+DCVIT_ONLY = ("num_blocks", "round_to", "neuron_selection", "select_iters", "metric_size", "metric_iters")
+PRACTISE_ONLY = ("adaptor_iters",)
+
+
+def register(subparsers):
+    parser = subparsers.add_parser("compress", help="compress a model with a few images (DC-ViT, PRACTISE)",
+                                   description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser, weights=True)
+    add_data_arguments(parser, num_samples_required=True)
+    add_structure_arguments(parser)
+    parser.add_argument("--out", required=True, metavar="DIR", help="artifact folder to write")
+    parser.add_argument("--iters", type=int, default=2000,
+                        help="finetuning iterations per step (default 2000, as DC-ViT)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=3e-5, help="finetuning learning rate (AdamW)")
+    parser.add_argument("--select-iters", type=int, default=None,
+                        help="dcvit: finetuning iterations per candidate block while scoring (default iters/10)")
+    parser.add_argument("--neuron-selection", choices=["random", "activation"], default=None,
+                        help="dcvit: which MLP neurons a compressed block keeps: random (the official "
+                             "default) or the highest mean GELU activation on the images")
+    parser.add_argument("--metric-size", type=int, default=None,
+                        help="dcvit: synthetic metric-set images (default 50)")
+    parser.add_argument("--metric-iters", type=int, default=None,
+                        help="dcvit: optimisation steps synthesising the metric set (default 2000)")
+    parser.add_argument("--adaptor-iters", type=int, default=None,
+                        help="practise: adaptor training iterations per candidate block (default iters/10)")
+    parser.add_argument("--seed", type=int, default=0, help="picks the images and seeds every random choice")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted run whose checkpoint is in OUT.partial")
+    parser.set_defaults(func=run)
+
+
+def model_from_source(artifact, model_name, model_kwargs_text, checkpoint, pretrained=False):
+    """(ViTReference, printable name) of an artifact or a timm model; a timm `checkpoint`
+    file is loaded with dcvit_engine.checkpoints (one-line errors naming the tensors)."""
+    source = dict(artifact=artifact, model_name=model_name,
+                  model_kwargs=parse_model_kwargs(model_kwargs_text) or None)
+    if checkpoint is not None and artifact is not None:
+        raise CommandError("--checkpoint applies to a timm --model; an artifact carries its own weights")
+    if checkpoint is not None and pretrained:
+        raise CommandError("give either --checkpoint or --pretrained, not both")
+    model = resolve_model(**source, pretrained=pretrained)
+    name = describe_source(**source)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint, what=name)
+    return model, name
+
+
+def _method_options(args) -> dict:
+    options = dict(candidates=parse_blocks(args.candidates), iters=args.iters, batch_size=args.batch_size,
+                   lr=args.lr, device=args.device, seed=args.seed)
+    given = {name: getattr(args, name) for name in DCVIT_ONLY + PRACTISE_ONLY
+             if getattr(args, name) is not None}
+    other = PRACTISE_ONLY if args.method == "dcvit" else DCVIT_ONLY
+    wrong = [name for name in given if name in other]
+    if wrong:
+        flags = ", ".join("--" + ("round" if n == "round_to" else n.replace("_", "-")) for n in wrong)
+        raise CommandError(f"{flags} do(es) not apply to --method {args.method}")
+    options.update(given)
+    return options
+
+
+def _check_paths(out: Path, partial: Path, resume: bool) -> None:
+    """Fail before any work when OUT could not be written (only an earlier artifact is
+    replaced) or an interrupted run would be silently discarded."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / SPEC_FILENAME).is_file())):
+        raise CommandError(f"--out {out} exists and is not an artifact folder; choose another path")
+    if (partial / STATE_FILENAME).is_file() and not resume:
+        raise CommandError(f"{partial} holds the checkpoint of an interrupted run; add --resume to "
+                           "continue it, or remove that folder to start over")
+
+
+def run(args):
+    out = Path(args.out)
+    partial = out.with_name(out.name + ".partial")
+    _check_paths(out, partial, args.resume)
+    options = _method_options(args)
+    started = time.perf_counter()
+    model, name = model_from_source(args.artifact, args.model, args.model_kwargs, args.checkpoint,
+                                    args.pretrained)
+    images, _labels, _classes = images_from_args(args, model.spec, seed=args.seed)
+    loaded_s = time.perf_counter() - started
+    print(f"{name}: {images.shape[0]} images from {args.data}, {args.method} to "
+          f"{args.target_macs} of the MACs")
+    report = {}
+    student = compress(model, images, method=args.method, target_macs=args.target_macs,
+                       checkpoint_dir=partial, resume=args.resume, progress=True, report=report, **options)
+    report.update(model=name, data=str(args.data), num_samples=int(images.shape[0]),
+                  load_s=loaded_s, wall_s=time.perf_counter() - started)
+    save(student, out, report=report)
+    shutil.rmtree(partial, ignore_errors=True)  # the run is complete: its checkpoints are spent
+    print(f"chosen blocks {report['chosen_blocks']} (in order); MACs {report['achieved_macs'] / 1e9:.4f} G "
+          f"= {report['achieved_ratio']:.4f} of the teacher's {report['teacher_macs'] / 1e9:.4f} G "
+          f"(target {report['target_macs']['ratio']})")
+    print(f"wrote {out} ({report['wall_s']:.1f} s)")
+    return 0

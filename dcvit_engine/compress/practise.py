@@ -1,0 +1,172 @@
+"""PRACTISE (Wang & Wu, CVPR 2023), DC-ViT's few-shot baseline: drop whole blocks.
+
+1. Block count from the MACs target (structure.plan_block_drop): whole blocks only, as
+   many as needed to reach the target, so the achieved MACs are at or below it (the
+   report states them).
+2. Recoverability of each candidate block: drop it, put a light linear adaptor in its
+   place (x + W x + b, starting as the identity), train only the adaptor to mimic the
+   teacher's final features on the few-shot images, then measure KL(teacher || student)
+   of the outputs on the scoring set (the metric set when one is given, as the DC-ViT
+   code does, else the few-shot images). Latency saved is taken as proportional to the
+   block's MACs (not measured: all candidate blocks of a ViT cost the same, and a
+   measured latency would make the choice depend on timing noise).
+   score = recoverability / (% of MACs the block saves); the lowest scores are dropped.
+3. The chosen blocks are dropped (the adaptors are not kept: the spec has no place for
+   them) and the student is finetuned by feature mimicking, head frozen, blocks up to the
+   one after the last dropped block trainable.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn as nn
+
+from ..macs import count_macs
+from ..reference import ViTReference
+from .checkpoint import RunCheckpoint, model_digest, tensor_digest
+from .fewshot import (ProgressLog, as_reference, check_images, check_positive, kl_to_teacher,
+                      on_device, predict_logits, resolve_device)
+from .finetune import feature_mimic_finetune, trainable_up_to
+from .structure import plan_block_drop, replace_block
+
+
+class LinearAdaptorBlock(nn.Module):
+    """Stands in for a dropped block while its recoverability is measured: x + W x + b.
+
+    It offers the two residual halves that ViTReference.forward_features calls on a block;
+    W and b start at zero, so the untrained adaptor is exactly the dropped block."""
+    merge = None
+
+    def __init__(self, dim: int, device, dtype):
+        super().__init__()
+        self.linear = nn.Linear(dim, dim, device=device, dtype=dtype)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def attention_residual(self, x: torch.Tensor, size) -> torch.Tensor:
+        return x
+
+    def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.linear(x)
+
+
+def with_adaptor(teacher: ViTReference, block: int) -> tuple[ViTReference, LinearAdaptorBlock]:
+    """A copy of the teacher with `block` dropped and a fresh linear adaptor in its place."""
+    student = replace_block(teacher, block, 0)
+    weight = next(teacher.parameters())
+    adaptor = LinearAdaptorBlock(teacher.spec.embed_dim, weight.device, weight.dtype)
+    student.blocks[block] = adaptor
+    return student, adaptor
+
+
+def compress_practise(model, images: torch.Tensor, target_macs: float, *,
+                      metric_set: torch.Tensor | None = None, candidates=None, iters: int = 2000,
+                      adaptor_iters: int | None = None, adaptor_lr: float = 1e-3,
+                      batch_size: int = 64, lr: float = 3e-5, weight_decay: float = 1e-4,
+                      device=None, seed: int = 0, checkpoint_dir=None, resume: bool = False,
+                      progress: bool = False, report: dict | None = None) -> ViTReference:
+    """PRACTISE-compress `model` (timm ViT or ViTReference) to at most `target_macs`, the
+    fraction of its MACs to keep, by dropping whole blocks. Returns the student (eval mode).
+
+    adaptor_iters: adaptor training iterations per candidate (default iters // 10).
+    report, when given, receives achieved_macs (what the dropped blocks give, generally
+    below the target), the block scores, losses and timings.
+    """
+    adaptor_iters = max(1, iters // 10) if adaptor_iters is None else adaptor_iters
+    check_positive(iters=iters, adaptor_iters=adaptor_iters, batch_size=batch_size)
+    teacher = as_reference(model)
+    spec = teacher.spec
+    check_images(images, spec)
+    if metric_set is not None:
+        check_images(metric_set, spec, "metric_set")
+    plan = plan_block_drop(spec, target_macs, candidates=candidates)
+    device = resolve_device(device)
+    log = ProgressLog(progress, "practise")
+    log(plan.summary().replace("\n", "; "))
+
+    config = dict(method="practise", target=plan.target_ratio, blocks=plan.blocks_dropped,
+                  candidates=list(plan.candidates), iters=iters, adaptor_iters=adaptor_iters,
+                  adaptor_lr=adaptor_lr, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                  seed=seed, teacher=model_digest(teacher), images=tensor_digest(images),
+                  metric_set=None if metric_set is None else tensor_digest(metric_set))
+    ckpt = RunCheckpoint(checkpoint_dir, config, resume)
+    state = ckpt.state
+    timings = state.setdefault("timings", {"selection_s": 0.0, "finetune_s": 0.0})
+    if ckpt.resumed:
+        log(f"resuming from {ckpt.folder}: {len(state.get('scores', {}))} candidate scores done")
+
+    teacher = on_device(teacher, device).eval()
+    device = next(teacher.parameters()).device  # "cuda" -> "cuda:0": the same device compares equal
+    depth = spec.depth
+    scoring_set = images if metric_set is None else metric_set
+    scoring_logits = predict_logits(teacher, scoring_set, batch_size, device)
+    saved_percent = 100.0 * plan.block_macs / plan.teacher_macs  # latency model: proportional to MACs
+
+    scores = state.setdefault("scores", {})
+    for block in plan.candidates:
+        if str(block) in scores:
+            continue
+        start = time.perf_counter()
+        student, adaptor = with_adaptor(teacher, block)
+        losses = feature_mimic_finetune(student, teacher, images, iters=adaptor_iters,
+                                        batch_size=batch_size, lr=adaptor_lr, weight_decay=0.0,
+                                        trainable=list(adaptor.parameters()), device=device,
+                                        seed=seed + 1 + block, progress=False)
+        recoverability = kl_to_teacher(student, scoring_set, scoring_logits, batch_size, device)
+        seconds = time.perf_counter() - start
+        scores[str(block)] = dict(recoverability=recoverability, score=recoverability / saved_percent,
+                                  losses=[float(v) for v in losses], seconds=seconds)
+        timings["selection_s"] += seconds
+        ckpt.commit()
+        log(f"candidate block {block}: recoverability (KL) {recoverability:.5f}, "
+            f"score {recoverability / saved_percent:.6f} ({seconds:.1f} s)")
+    ranking = sorted(plan.candidates, key=lambda b: (scores[str(b)]["score"], b))
+    chosen = sorted(ranking[:plan.blocks_dropped])
+    state["chosen"] = chosen
+
+    if state.get("finetune") is None:
+        start = time.perf_counter()
+        student = teacher
+        for block in chosen:
+            student = replace_block(student, block, 0)
+        last_trainable = min(max(chosen) + 1, depth - 1)
+        losses = feature_mimic_finetune(student, teacher, images, iters=iters,
+                                        batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                                        trainable=trainable_up_to(student, last_trainable),
+                                        device=device, seed=seed + 10_000, progress=progress)
+        seconds = time.perf_counter() - start
+        state["finetune"] = dict(trainable_up_to=last_trainable, losses=[float(v) for v in losses],
+                                 seconds=seconds)
+        timings["finetune_s"] += seconds
+        ckpt.commit(student)
+        log(f"dropped blocks {chosen}, feature MSE {losses[0]:.5f} -> {losses[-1]:.5f} ({seconds:.1f} s)")
+    else:
+        student = ckpt.model(device)
+
+    student.eval()
+    achieved = count_macs(student).total
+    finetune = state["finetune"]
+    result = dict(
+        method="practise",
+        target_macs=dict(ratio=plan.target_ratio, macs=plan.target_macs),
+        teacher_macs=plan.teacher_macs, achieved_macs=achieved,
+        achieved_ratio=achieved / plan.teacher_macs, plan=plan.to_dict(),
+        latency_model="proportional to block MACs (not measured)",
+        chosen_blocks=chosen,
+        block_scores=[dict(block=b, score=scores[str(b)]["score"],
+                           recoverability=scores[str(b)]["recoverability"], rank=r, chosen=b in chosen)
+                      for r, b in enumerate(ranking)],
+        losses=dict(adaptor={str(b): scores[str(b)]["losses"] for b in ranking},
+                    finetune=finetune["losses"]),
+        steps=[dict(blocks=chosen, trainable_up_to=finetune["trainable_up_to"],
+                    seconds=finetune["seconds"], first_loss=finetune["losses"][0],
+                    last_loss=finetune["losses"][-1])],
+        timings=dict(timings, total_s=sum(timings.values())),
+        settings={k: v for k, v in config.items() if k not in ("teacher", "images", "metric_set")},
+        num_images=int(images.shape[0]), scoring_set="metric_set" if metric_set is not None else "images",
+        device=str(device), resumed=ckpt.resumed,
+    )
+    if report is not None:
+        report.update(result)
+    return student

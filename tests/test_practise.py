@@ -1,0 +1,99 @@
+"""PRACTISE (whole-block dropping) on a tiny timm ViT."""
+import json
+
+import pytest
+import timm
+import torch
+
+from dcvit_engine.compress import practise as practise_module
+from dcvit_engine.compress.checkpoint import STATE_FILENAME
+from dcvit_engine.compress.practise import compress_practise, with_adaptor
+from dcvit_engine.compress.structure import plan_block_drop, replace_block
+from dcvit_engine.macs import count_macs
+from dcvit_engine.reference import reference_from_timm
+
+FAST = dict(iters=10, adaptor_iters=15, adaptor_lr=3e-3, batch_size=8, lr=1e-3, device="cpu", seed=5)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and lose much when the cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                              embed_dim=48, depth=6, num_heads=3, num_classes=10)
+    return reference_from_timm(model)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def test_untrained_adaptor_is_the_dropped_block(teacher, images):
+    adapted, adaptor = with_adaptor(teacher, 3)
+    dropped = replace_block(teacher, 3, 0)
+    with torch.no_grad():
+        assert torch.equal(adapted(images), dropped(images))
+    assert adaptor.linear.weight.abs().sum() == 0 and adaptor.linear.weight.shape == (48, 48)
+
+
+def test_drops_whole_blocks_and_reports_honest_macs(teacher, images):
+    report = {}
+    student = compress_practise(teacher, images, 0.7, report=report, **FAST)
+    plan = plan_block_drop(teacher.spec, 0.7)
+    dropped = [i for i, b in enumerate(student.spec.blocks) if b.attn is None]
+    assert dropped == report["chosen_blocks"] and len(dropped) == plan.blocks_dropped
+    assert all(student.spec.blocks[i].mlp_hidden == 0 for i in dropped)
+    assert all(student.spec.blocks[i].attn is not None for i in range(6) if i not in dropped)
+    assert report["achieved_macs"] == count_macs(student).total == plan.macs <= plan.target_macs
+    assert report["achieved_ratio"] < 0.7  # whole blocks: the next step below the target
+    assert "proportional to block MACs" in report["latency_model"]
+    scores = {s["block"]: s for s in report["block_scores"]}
+    assert sorted(scores) == [1, 2, 3, 4]
+    lowest = sorted(scores, key=lambda b: (scores[b]["score"], b))[:len(dropped)]
+    assert sorted(lowest) == dropped
+    # score = recoverability / % of MACs saved, the same for every block of a ViT
+    ratios = {s["recoverability"] / s["score"] for s in scores.values()}
+    assert len(ratios) == 1 and ratios.pop() == pytest.approx(100 * plan.block_macs / plan.teacher_macs)
+    # the adaptor training lowered the feature loss for every candidate
+    for losses in report["losses"]["adaptor"].values():
+        assert losses[-1] < losses[0]
+    assert report["losses"]["finetune"][-1] < report["losses"]["finetune"][0]
+    json.dumps(report)
+
+
+def test_resume_after_interrupted_finetune(teacher, images, tmp_path, monkeypatch):
+    real_finetune = practise_module.feature_mimic_finetune
+
+    def dies_in_final_finetune(*args, **kwargs):
+        if kwargs["iters"] == FAST["iters"]:
+            raise KeyboardInterrupt("simulated interruption")
+        return real_finetune(*args, **kwargs)
+
+    monkeypatch.setattr(practise_module, "feature_mimic_finetune", dies_in_final_finetune)
+    with pytest.raises(KeyboardInterrupt):
+        compress_practise(teacher, images, 0.7, checkpoint_dir=tmp_path, **FAST)
+    state = json.loads((tmp_path / STATE_FILENAME).read_text())
+    assert len(state["scores"]) == 4 and state.get("finetune") is None
+
+    calls = []
+    monkeypatch.setattr(practise_module, "feature_mimic_finetune",
+                        lambda *a, **k: calls.append(k["iters"]) or real_finetune(*a, **k))
+    report = {}
+    student = compress_practise(teacher, images, 0.7, checkpoint_dir=tmp_path, resume=True,
+                                report=report, **FAST)
+    assert calls == [FAST["iters"]] and report["resumed"]
+    assert sum(b.attn is None for b in student.spec.blocks) == len(report["chosen_blocks"])
+
+
+def test_infeasible_target(teacher, images):
+    with pytest.raises(ValueError, match="smallest feasible target"):
+        compress_practise(teacher, images, 0.05, **FAST)
