@@ -11,6 +11,7 @@ Layer 1: imports nothing from the package above layer 1.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -29,12 +30,15 @@ TEST_FRACTION = 0.25
 _EXPORT_MANIFEST = "digits_export.json"
 
 
+@functools.lru_cache(maxsize=1)  # parsing scikit-learn's CSV costs about a second
 def _raw_digits() -> tuple[np.ndarray, np.ndarray]:
-    """The 1797 digits as float images in [0, 1], shape (N, 8, 8), and their labels."""
+    """The 1797 digits as float images in [0, 1], shape (N, 8, 8), and their labels (read-only)."""
     from sklearn.datasets import load_digits  # bundled with scikit-learn, no download
 
     bunch = load_digits()
-    return bunch.images.astype(np.float32) / 16.0, bunch.target.astype(np.int64)
+    images, labels = bunch.images.astype(np.float32) / 16.0, bunch.target.astype(np.int64)
+    images.flags.writeable = labels.flags.writeable = False
+    return images, labels
 
 
 def _split_indices(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -56,7 +60,7 @@ def _check_size(img_size: int) -> None:
 
 def _upsample(images: np.ndarray, img_size: int) -> torch.Tensor:
     """(N, 8, 8) in [0, 1] -> (N, 1, S, S) in [0, 1], bilinear."""
-    x = torch.from_numpy(images).unsqueeze(1)
+    x = torch.tensor(images).unsqueeze(1)
     return F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False).clamp_(0, 1)
 
 
@@ -78,7 +82,7 @@ def digits_splits(img_size: int = 32, seed: int = 0
     train, test = _split_indices(labels, seed)
     pixels = _upsample(images, img_size)
     x = normalize_digits(pixels)
-    y = torch.from_numpy(labels)
+    y = torch.tensor(labels)
     return x[train].contiguous(), y[train], x[test].contiguous(), y[test]
 
 

@@ -1,0 +1,148 @@
+"""Feature-mimicking and KD finetuning on a tiny timm pair: the student is a perturbed copy
+of the teacher; the loss falls, frozen parameters and the teacher do not change."""
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from dcvit_engine.compress.finetune import (feature_mimic_finetune, kd_finetune, kd_loss,
+                                            select_parameters, trainable_up_to)
+
+KWARGS = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=10)
+
+
+def tiny_vit(seed=0):
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **KWARGS).eval()
+
+
+@pytest.fixture
+def pair():
+    teacher = tiny_vit()
+    student = copy.deepcopy(teacher)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return student, teacher
+
+
+@pytest.fixture
+def images():
+    return torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+
+
+def feature_mse(student, teacher, x):
+    with torch.no_grad():
+        return F.mse_loss(student.forward_features(x), teacher.forward_features(x)).item()
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_trainable_up_to_selects_front_blocks(pair):
+    student, _ = pair
+    predicate = trainable_up_to(student, 1)
+    names = [n for n, _ in student.named_parameters() if predicate(n)]
+    assert "patch_embed.proj.weight" in names and "cls_token" in names and "pos_embed" in names
+    assert any(n.startswith("blocks.1.") for n in names)
+    assert not any(n.startswith(("blocks.2.", "norm.", "head.")) for n in names)
+    everything = trainable_up_to(student, 7)  # beyond the last block: all blocks and the final norm
+    assert everything("blocks.2.mlp.fc1.weight") and everything("norm.weight") and not everything("head.weight")
+    with pytest.raises(ValueError, match="last_block"):
+        trainable_up_to(student, -1)
+
+
+def test_feature_mimicking_lowers_mse_and_freezes_the_rest(pair, images):
+    student, teacher = pair
+    before_student, before_teacher = snapshot(student), snapshot(teacher)
+    mse_before = feature_mse(student, teacher, images)
+    history = feature_mimic_finetune(student, teacher, images, iters=30, batch_size=8, lr=1e-3,
+                                     trainable=trainable_up_to(student, 1), progress=False)
+    assert len(history) == 30 and all(v >= 0 for v in history)
+    assert feature_mse(student, teacher, images) < 0.7 * mse_before
+    predicate = trainable_up_to(student, 1)
+    after = snapshot(student)
+    for name, value in after.items():
+        if not predicate(name):  # blocks.2, the final norm and the head
+            assert torch.equal(value, before_student[name]), name
+    assert not torch.equal(after["blocks.1.mlp.fc1.weight"], before_student["blocks.1.mlp.fc1.weight"])
+    assert all(torch.equal(p, before_teacher[n]) for n, p in teacher.named_parameters())
+    assert all(p.requires_grad for p in student.parameters()) and not student.training
+
+
+def test_feature_mimicking_is_seeded(pair, images):
+    student, teacher = pair
+    other = copy.deepcopy(student)
+    a = feature_mimic_finetune(student, teacher, images, iters=5, batch_size=8, lr=1e-3, progress=False)
+    b = feature_mimic_finetune(other, teacher, images, iters=5, batch_size=8, lr=1e-3, progress=False)
+    assert a == b
+
+
+def test_trainable_as_names_or_parameters(pair, images):
+    student, teacher = pair
+    before = snapshot(student)
+    feature_mimic_finetune(student, teacher, images, iters=3, batch_size=4, lr=1e-2,
+                           trainable=list(student.blocks[0].mlp.parameters()), progress=False)
+    changed = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc1.bias",
+                       "blocks.0.mlp.fc2.weight", "blocks.0.mlp.fc2.bias"}
+    chosen = select_parameters(student, ["blocks.2.attn.qkv.weight"], train_head=False)
+    assert chosen == [student.blocks[2].attn.qkv.weight]
+
+
+def test_bad_input(pair, images):
+    student, teacher = pair
+    with pytest.raises(ValueError, match="classifier head stays frozen"):
+        feature_mimic_finetune(student, teacher, images, iters=1, trainable=["head.weight"], progress=False)
+    with pytest.raises(ValueError, match="not parameters of the student"):
+        feature_mimic_finetune(student, teacher, images, iters=1, trainable=["nope"], progress=False)
+    with pytest.raises(ValueError, match="not parameters of the student"):
+        feature_mimic_finetune(student, teacher, images, iters=1, trainable=list(teacher.parameters()),
+                               progress=False)
+    with pytest.raises(ValueError, match="selected nothing"):
+        feature_mimic_finetune(student, teacher, images, iters=1, trainable=lambda n: False, progress=False)
+    with pytest.raises(ValueError, match="iters"):
+        feature_mimic_finetune(student, teacher, images, iters=0, progress=False)
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        feature_mimic_finetune(student, teacher, images[0], iters=1, progress=False)
+    with pytest.raises(ValueError, match="shares trainable parameters"):
+        feature_mimic_finetune(teacher, teacher, images, iters=1, progress=False)
+    merging = tiny_vit()
+    merging.forward_features = lambda x: teacher.forward_features(x)[:, :9]
+    with pytest.raises(ValueError, match="teacher's shape"):
+        feature_mimic_finetune(merging, teacher, images, iters=1, progress=False)
+
+
+def test_kd_loss_matches_hand_formula():
+    generator = torch.Generator().manual_seed(3)
+    s, t = torch.randn(6, 5, generator=generator, dtype=torch.float64), torch.randn(6, 5, generator=generator,
+                                                                                   dtype=torch.float64)
+    p_t = t.softmax(-1)
+    soft_ce = -(p_t * s.log_softmax(-1)).sum(-1).mean()
+    tau = 2.0
+    kl = (torch.softmax(t / tau, -1) * (torch.log_softmax(t / tau, -1) - torch.log_softmax(s / tau, -1))).sum(-1).mean()
+    expected = 0.9 * soft_ce + 0.1 * tau ** 2 * kl
+    torch.testing.assert_close(kd_loss(s, t, tau=tau), expected)
+    labels = torch.tensor([0, 1, -1, 3, 4, -1])
+    hard = -s.log_softmax(-1)[torch.arange(6), labels.clamp(min=0)]
+    soft = -(p_t * s.log_softmax(-1)).sum(-1)
+    mixed_ce = torch.where(labels >= 0, hard, soft).mean()
+    torch.testing.assert_close(kd_loss(s, t, labels, tau=tau), 0.9 * mixed_ce + 0.1 * tau ** 2 * kl)
+
+
+def test_kd_finetune_lowers_the_loss(pair, images):
+    student, teacher = pair
+    labels = torch.arange(len(images)) % 10
+    with torch.no_grad():
+        loss_before = kd_loss(student(images), teacher(images), labels).item()
+    history = kd_finetune(student, teacher, images, labels=labels, iters=25, batch_size=12, lr=3e-3,
+                          augment=False, progress=False)
+    assert len(history) == 25
+    with torch.no_grad():
+        assert kd_loss(student(images), teacher(images), labels).item() < loss_before
+    with pytest.raises(ValueError, match="labels must have shape"):
+        kd_finetune(student, teacher, images, labels=labels[:3], iters=1, progress=False)
