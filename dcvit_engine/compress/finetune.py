@@ -143,7 +143,9 @@ def few_shot_batches(images: torch.Tensor, labels: torch.Tensor | None, batch_si
 def _teacher_on(teacher: nn.Module, device: torch.device) -> nn.Module:
     """The teacher on device; a copy when it lives elsewhere (the caller's teacher never moves)."""
     current = next(teacher.parameters()).device
-    return teacher if current == device else copy.deepcopy(teacher).to(device)
+    if current.type == device.type and device.index in (None, current.index):
+        return teacher
+    return copy.deepcopy(teacher).to(device)
 
 
 def _check_not_shared(params: list[nn.Parameter], teacher: nn.Module) -> None:
