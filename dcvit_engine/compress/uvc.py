@@ -24,8 +24,9 @@ dcvit_engine.macs), differentiable in the counts and the keep probabilities.
 Few-shot adaptation: counts are learned as fractions of their range (an SGD step moves
 at most count_lr of the range), and group norms in the dual terms are relative to their
 block's mean, so one set of rates fits every model size.
-After the search, the hard structure is projected onto the budget (greedy: the group
-with the smallest norm per MAC saved goes next) and sliced into a smaller spec.
+After the search, the hard structure is projected onto the budget (all pruned fractions
+shift by one common amount, then the slack is filled by relative norm per MAC) and sliced
+into a smaller spec.
 """
 from __future__ import annotations
 
@@ -181,29 +182,21 @@ def _uniform_attn(heads: int, head_dim: int) -> AttentionSpec:
     return AttentionSpec(qk_dims=[head_dim] * heads, v_dims=[head_dim] * heads, scale=head_dim ** -0.5)
 
 
-def _removal_candidates(st: UVCStructure, ordered, costs: WidthCosts, head_dim: int):
-    """(norm per MAC saved, MACs saved, kind, block, head) of every group that can go next."""
-    out = []
-    for i, (head_order, cols, neurons) in enumerate(ordered):
-        if st.skip[i]:
-            continue
-        kept = head_order[st.heads_removed[i]:]
-        if st.neurons_removed[i] < neurons.numel() - 1:
-            out.append((float(neurons[st.neurons_removed[i]]) / costs.neuron[i], costs.neuron[i],
-                        "neuron", i, -1))
-        for h in kept:
-            r = st.channels_removed[i][h]
-            if r < head_dim - 1:
-                out.append((float(cols[h, r]) / costs.v[i], costs.v[i], "channel", i, h))
-        if len(kept) > 1:
-            h, r = kept[0], st.channels_removed[i][kept[0]]
-            saved = costs.qk[i] * head_dim + costs.v[i] * (head_dim - r)
-            out.append((float(cols[h, r:].sum()) / saved, saved, "head", i, h))
-    return out
+def _shifted(structure: UVCStructure, shift: float, heads: int, head_dim: int, hidden: int) -> UVCStructure:
+    """Every pruned fraction (heads, channels of each head, neurons) moved by `shift` in
+    [-1, 1], clipped to its range: the search's allocation, uniformly more or less pruned."""
+    def count(removed: int, most: int) -> int:
+        return math.ceil(min(max(removed / most + shift, 0.0), 1.0) * most) if most else 0
+    return UVCStructure(
+        skip=list(structure.skip),
+        heads_removed=[count(k, heads - 1) for k in structure.heads_removed],
+        channels_removed=[[count(r, head_dim - 1) for r in row] for row in structure.channels_removed],
+        neurons_removed=[count(n, hidden - 1) for n in structure.neurons_removed])
 
 
 def _restore_candidates(st: UVCStructure, ordered, costs: WidthCosts, head_dim: int):
-    """(norm per MAC added, MACs added, kind, block, head) of every removed group that can return."""
+    """(relative norm per MAC added, MACs added, kind, block, head) of every removed group that
+    can return. Norms are relative to their block's mean of the same kind of group."""
     out = []
     for i, (head_order, cols, neurons) in enumerate(ordered):
         if st.skip[i]:
@@ -224,42 +217,41 @@ def _restore_candidates(st: UVCStructure, ordered, costs: WidthCosts, head_dim: 
 
 def fit_to_budget(structure: UVCStructure, scores, costs: WidthCosts, budget: float,
                   gate_margin: list[float], head_dim: int) -> UVCStructure:
-    """The searched structure projected onto the budget. While over it, the group with the
-    smallest norm per MAC saved goes (once every live block is at its minimum, the block
-    whose gate is least sure is skipped); then, while under it, the removed group with the
-    largest norm per MAC returns if it fits. Skipped blocks stay skipped."""
-    st = UVCStructure(skip=list(structure.skip), heads_removed=list(structure.heads_removed),
-                      channels_removed=[list(r) for r in structure.channels_removed],
-                      neurons_removed=list(structure.neurons_removed))
-    ordered = [(head_s.argsort().tolist(), col_s.sort(dim=1).values, neuron_s.sort().values)
-               for head_s, col_s, neuron_s in scores]
+    """The searched structure projected onto the budget: every pruned fraction shifts by the
+    same amount (bisection on the smallest shift that fits), so the search's allocation across
+    blocks and group kinds is kept; if even all-minimal widths do not fit, the live block whose
+    gate is least sure is skipped. The slack left is filled greedily with the removed groups of
+    the largest relative norm per MAC. Skipped blocks stay skipped."""
+    heads, hidden = scores[0][0].numel(), scores[0][2].numel()
+    st = _shifted(structure, 0.0, heads, head_dim, hidden)
+    while _shifted(st, 1.0, heads, head_dim, hidden).macs(costs, scores, head_dim) > budget:
+        live = [i for i, skipped in enumerate(st.skip) if not skipped]
+        if not live:
+            raise ValueError("the MACs budget is below what the patch embedding and the head cost")
+        st.skip[min(live, key=lambda i: gate_margin[i])] = True
+    low, high = -1.0, 1.0  # macs(shift high) <= budget; find the smallest such shift
+    for _ in range(40):
+        mid = (low + high) / 2
+        if _shifted(st, mid, heads, head_dim, hidden).macs(costs, scores, head_dim) <= budget:
+            high = mid
+        else:
+            low = mid
+    st = _shifted(st, high, heads, head_dim, hidden)
+    ordered = [(head_s.argsort().tolist(), (col_s / col_s.mean()).sort(dim=1).values,
+                (neuron_s / neuron_s.mean()).sort().values) for head_s, col_s, neuron_s in scores]
     macs = st.macs(costs, scores, head_dim)
-    while macs > budget:
-        candidates = _removal_candidates(st, ordered, costs, head_dim)
-        if not candidates:
-            live = [i for i, skipped in enumerate(st.skip) if not skipped]
-            st.skip[min(live, key=lambda i: gate_margin[i])] = True
-            macs = st.macs(costs, scores, head_dim)
-            continue
-        _, saved, kind, i, h = min(candidates)
-        _change(st, kind, i, h, 1)
-        macs -= saved
     while True:
         fitting = [c for c in _restore_candidates(st, ordered, costs, head_dim) if macs + c[1] <= budget]
         if not fitting:
             return st
         _, added, kind, i, h = max(fitting)
-        _change(st, kind, i, h, -1)
+        if kind == "neuron":
+            st.neurons_removed[i] -= 1
+        elif kind == "channel":
+            st.channels_removed[i][h] -= 1
+        else:
+            st.heads_removed[i] -= 1
         macs += added
-
-
-def _change(st: UVCStructure, kind: str, i: int, h: int, delta: int) -> None:
-    if kind == "neuron":
-        st.neurons_removed[i] += delta
-    elif kind == "channel":
-        st.channels_removed[i][h] += delta
-    else:
-        st.heads_removed[i] += delta
 
 
 def gated_logits(model: ViTReference, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
