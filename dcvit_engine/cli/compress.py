@@ -18,23 +18,25 @@ from dcvit_engine.cli import CommandError
 from dcvit_engine.cli.data_args import add_data_arguments, images_from_args
 from dcvit_engine.cli.model_args import add_model_arguments
 from dcvit_engine.cli.plan import add_structure_arguments, parse_blocks
-from dcvit_engine.compress.api import compress
+from dcvit_engine.compress.api import METHODS, compress, method_options
 from dcvit_engine.compress.checkpoint import STATE_FILENAME
+from dcvit_engine.macs import count_macs
 from dcvit_engine.models import describe_source, parse_model_kwargs, resolve_model
 from dcvit_engine.spec import SPEC_FILENAME
 
-# options that only one method takes: the CLI refuses them for the other
-DCVIT_ONLY = ("num_blocks", "round_to", "neuron_selection", "select_iters", "metric_size", "metric_iters")
-PRACTISE_ONLY = ("adaptor_iters",)
+# options that only some methods take (None unless given): refused for a method without them
+METHOD_SPECIFIC = ("num_blocks", "round_to", "neuron_selection", "select_iters", "metric_size",
+                   "metric_iters", "adaptor_iters", "finetune_iters", "token_share", "schedule")
 
 
 def register(subparsers):
-    parser = subparsers.add_parser("compress", help="compress a model with a few images (DC-ViT, PRACTISE)",
+    parser = subparsers.add_parser("compress", help="compress a model with a few images "
+                                   "(DC-ViT, PRACTISE, UVC, CAIT, ToMe)",
                                    description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser, weights=True)
     add_data_arguments(parser, num_samples_required=True)
-    add_structure_arguments(parser)
+    add_structure_arguments(parser, methods=tuple(METHODS))
     parser.add_argument("--out", required=True, metavar="DIR", help="artifact folder to write")
     parser.add_argument("--iters", type=int, default=2000,
                         help="finetuning iterations per step (default 2000, as DC-ViT)")
@@ -51,6 +53,13 @@ def register(subparsers):
                         help="dcvit: optimisation steps synthesising the metric set (default 2000)")
     parser.add_argument("--adaptor-iters", type=int, default=None,
                         help="practise: adaptor training iterations per candidate block (default iters/10)")
+    parser.add_argument("--finetune-iters", type=int, default=None,
+                        help="uvc, cait: distillation iterations once the structure is fixed (default 200; "
+                             "--iters counts the search / gate-learning steps)")
+    parser.add_argument("--token-share", type=float, default=None,
+                        help="cait: share of the MACs reduction asked from token merging (default 0.5)")
+    parser.add_argument("--schedule", choices=["constant", "decreasing"], default=None,
+                        help="tome: ToMe's r schedule (default constant)")
     parser.add_argument("--seed", type=int, default=0, help="picks the images and seeds every random choice")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--resume", action="store_true",
@@ -75,12 +84,15 @@ def model_from_source(artifact, model_name, model_kwargs_text, checkpoint, pretr
 
 
 def _method_options(args) -> dict:
-    options = dict(candidates=parse_blocks(args.candidates), iters=args.iters, batch_size=args.batch_size,
-                   lr=args.lr, device=args.device, seed=args.seed)
-    given = {name: getattr(args, name) for name in DCVIT_ONLY + PRACTISE_ONLY
-             if getattr(args, name) is not None}
-    other = PRACTISE_ONLY if args.method == "dcvit" else DCVIT_ONLY
-    wrong = [name for name in given if name in other]
+    accepted = method_options(args.method)
+    common = dict(iters=args.iters, batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed)
+    options = {name: value for name, value in common.items() if name in accepted}
+    given = {name: getattr(args, name) for name in METHOD_SPECIFIC if getattr(args, name) is not None}
+    if args.candidates is not None:
+        given["candidates"] = parse_blocks(args.candidates)
+    wrong = [name for name in given if name not in accepted]
+    if args.resume and "resume" not in accepted:
+        wrong.append("resume")
     if wrong:
         flags = ", ".join("--" + ("round" if n == "round_to" else n.replace("_", "-")) for n in wrong)
         raise CommandError(f"{flags} do(es) not apply to --method {args.method}")
@@ -106,19 +118,25 @@ def run(args):
     started = time.perf_counter()
     model, name = model_from_source(args.artifact, args.model, args.model_kwargs, args.checkpoint,
                                     args.pretrained)
-    images, _labels, _classes = images_from_args(args, model.spec, seed=args.seed)
+    images, labels, _classes = images_from_args(args, model.spec, seed=args.seed)
+    accepted = method_options(args.method)
+    if "checkpoint_dir" in accepted:  # methods with per-step checkpoints resume from OUT.partial
+        options.update(checkpoint_dir=partial, resume=args.resume)
+    if "labels" in accepted and labels is not None:
+        options["labels"] = labels
     loaded_s = time.perf_counter() - started
     print(f"{name}: {images.shape[0]} images from {args.data}, {args.method} to "
           f"{args.target_macs} of the MACs")
     report = {}
     student = compress(model, images, method=args.method, target_macs=args.target_macs,
-                       checkpoint_dir=partial, resume=args.resume, progress=True, report=report, **options)
+                       progress=True, report=report, **options)
     report.update(model=name, data=str(args.data), num_samples=int(images.shape[0]),
                   load_s=loaded_s, wall_s=time.perf_counter() - started)
     save(student, out, report=report)
     shutil.rmtree(partial, ignore_errors=True)  # the run is complete: its checkpoints are spent
-    print(f"chosen blocks {report['chosen_blocks']} (in order); MACs {report['achieved_macs'] / 1e9:.4f} G "
-          f"= {report['achieved_ratio']:.4f} of the teacher's {report['teacher_macs'] / 1e9:.4f} G "
-          f"(target {report['target_macs']['ratio']})")
+    macs, teacher_macs = count_macs(student.spec).total, count_macs(model.spec).total
+    chosen = f"chosen blocks {report['chosen_blocks']} (in order); " if "chosen_blocks" in report else ""
+    print(f"{chosen}MACs {macs / 1e9:.4f} G = {macs / teacher_macs:.4f} of the teacher's "
+          f"{teacher_macs / 1e9:.4f} G (target {args.target_macs})")
     print(f"wrote {out} ({report['wall_s']:.1f} s)")
     return 0

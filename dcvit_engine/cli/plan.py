@@ -22,10 +22,16 @@ def parse_blocks(text: str | None) -> list[int] | None:
                          f"got {text!r}") from None
 
 
-def add_structure_arguments(parser, *, with_round: bool = True) -> None:
+METHOD_HELP = {"dcvit": "drop attention, shrink MLPs (default)", "practise": "drop whole blocks",
+               "uvc": "prune heads, head channels, MLP neurons and skip blocks",
+               "cait": "grid-keeping token merging plus channel pruning shared by all heads",
+               "tome": "training-free token merging"}
+
+
+def add_structure_arguments(parser, *, with_round: bool = True, methods=("dcvit", "practise")) -> None:
     """Options shared with `dcvit compress`: method, target, block count, candidates, rounding."""
-    parser.add_argument("--method", choices=["dcvit", "practise"], default="dcvit",
-                        help="dcvit: drop attention, shrink MLPs (default); practise: drop whole blocks")
+    parser.add_argument("--method", choices=list(methods), default="dcvit",
+                        help="; ".join(f"{m}: {METHOD_HELP[m]}" for m in methods))
     parser.add_argument("--target-macs", type=float, required=True, metavar="R",
                         help="fraction of the teacher's MACs to keep, in (0, 1), e.g. 0.75")
     parser.add_argument("--num-blocks", type=int, default=None, metavar="N",
