@@ -89,9 +89,9 @@ def state_dict_problems(expected: dict[str, tuple], state: dict[str, torch.Tenso
         more = f"; and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
         return [f"{len(items)} {kind} ({'; '.join(items[:MAX_LISTED])}{more})"]
 
-    common = sorted(set(expected) & set(state))
-    return (phrase("with other shapes", [f"{n} is {tuple(state[n].shape)}, the model needs {tuple(expected[n])}"
-                                         for n in common if tuple(state[n].shape) != tuple(expected[n])])
+    reshaped = [f"{n} is {tuple(state[n].shape)}, the model needs {tuple(expected[n])}"
+                for n in sorted(set(expected) & set(state)) if tuple(state[n].shape) != tuple(expected[n])]
+    return (phrase("with other shapes", reshaped)
             + phrase("missing", sorted(set(expected) - set(state)))
             + phrase("unexpected", sorted(set(state) - set(expected))))
 

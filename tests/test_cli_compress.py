@@ -141,7 +141,8 @@ def test_bad_input_is_one_line_exit_2(capsys, files, case):
         other = timm.create_model(NAME, pretrained=False, **dict(KWARGS, depth=3, embed_dim=64, num_heads=4))
         path = files["root"] / "other.safetensors"
         save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path))
-        extra, expected = ["--checkpoint", str(path)], "blocks.0.attn.proj.weight is (64, 64), the model needs (48, 48)"
+        extra = ["--checkpoint", str(path)]
+        expected = "blocks.0.attn.proj.weight is (64, 64), the model needs (48, 48)"
     else:
         extra, expected = ["--method", "dcvit", "--adaptor-iters", "3"], "--adaptor-iters"
     argv = ["compress"] + [x for kv in args.items() for x in kv] + extra + FAST

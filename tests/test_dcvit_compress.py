@@ -157,3 +157,27 @@ def test_package_entry_point_and_bad_input(teacher, images, metric_set):
         compress_dcvit(teacher, images, TARGET, metric_set=metric_set, **dict(FAST, iters=0))
     with pytest.raises(ValueError, match="neuron_selection"):
         compress_dcvit(teacher, images, TARGET, metric_set=metric_set, neuron_selection="gelu", **FAST)
+
+
+def test_failed_save_keeps_the_last_complete_checkpoint(teacher, tmp_path, monkeypatch):
+    from dcvit_engine.compress import checkpoint as checkpoint_module
+    from dcvit_engine.compress.checkpoint import RunCheckpoint
+
+    ckpt = RunCheckpoint(tmp_path, {"run": 1})
+    first = replace_block(teacher, 1, 0)
+    ckpt.state["steps"] = [1]
+    ckpt.commit(first)
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(checkpoint_module, "_write_json_atomically", disk_full)
+    ckpt.state["steps"] = [1, 2]
+    with pytest.raises(OSError):
+        ckpt.commit(replace_block(first, 2, 0))
+    monkeypatch.undo()
+    again = RunCheckpoint(tmp_path, {"run": 1}, resume=True)
+    assert again.state["steps"] == [1]
+    restored = again.model()
+    assert restored.spec == first.spec
+    assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(), first.state_dict().values()))

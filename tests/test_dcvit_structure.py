@@ -92,7 +92,8 @@ def test_rounding_reports_its_cost(deit_base_spec, multiple):
     assert abs(plan.hidden_width - exact.hidden_width) <= multiple // 2
     assert plan.unrounded_macs == exact.macs
     per_neuron = 2 * 197 * 768
-    assert plan.rounding_macs == (plan.hidden_width - exact.hidden_width) * per_neuron * plan.blocks_compressed
+    width_change = plan.hidden_width - exact.hidden_width
+    assert plan.rounding_macs == width_change * per_neuron * plan.blocks_compressed
     assert f"multiple of {multiple}" in plan.summary()
     with pytest.raises(ValueError, match="round_to"):
         plan_dcvit(deit_base_spec, 0.75, round_to=0)
