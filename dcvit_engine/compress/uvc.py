@@ -186,7 +186,8 @@ def _shifted(structure: UVCStructure, shift: float, heads: int, head_dim: int, h
     """Every pruned fraction (heads, channels of each head, neurons) moved by `shift` in
     [-1, 1], clipped to its range: the search's allocation, uniformly more or less pruned."""
     def count(removed: int, most: int) -> int:
-        return math.ceil(min(max(removed / most + shift, 0.0), 1.0) * most) if most else 0
+        # the epsilon keeps shift 0 exact: ceil(3 / 7 * 7) would be 4 in floating point
+        return math.ceil(min(max(removed / most + shift, 0.0), 1.0) * most - 1e-9) if most else 0
     return UVCStructure(
         skip=list(structure.skip),
         heads_removed=[count(k, heads - 1) for k in structure.heads_removed],
