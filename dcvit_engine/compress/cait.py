@@ -67,7 +67,7 @@ def atme_spec(spec: ViTSpec, layers, first_axis: str = "w") -> ViTSpec:
     return out.validate()
 
 
-def candidate_plans(spec: ViTSpec, first_axis: str = "w") -> list[tuple[int, ...]]:
+def candidate_plans(spec: ViTSpec) -> list[tuple[int, ...]]:
     """ATME layer sets: k steps spread evenly from block `start` to the end, every k and start
     the grid allows, plus no merging at all."""
     rows, cols = spec.grid
@@ -92,14 +92,14 @@ def plan_atme(spec: ViTSpec, target: float, token_share: float = 0.5, first_axis
     teacher = count_macs(spec).total
     token_goal = teacher - token_share * (teacher - target * teacher)
     options = []
-    for layers in candidate_plans(spec, first_axis):
+    for layers in candidate_plans(spec):
         merged = atme_spec(spec, layers, first_axis)
         macs = count_macs(merged).total
         if _min_channel_macs(merged) <= target * teacher:
             options.append((abs(macs - token_goal), len(layers), layers, merged))
     if not options:
         smallest = min(_min_channel_macs(atme_spec(spec, p, first_axis))
-                       for p in candidate_plans(spec, first_axis)) / teacher
+                       for p in candidate_plans(spec)) / teacher
         raise ValueError(f"target {target} is out of CAIT's reach for this model: even the most "
                          f"merging and one channel per head keep {smallest:.4f} of the MACs; choose "
                          f"a target >= {smallest:.4f}")
