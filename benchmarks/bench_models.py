@@ -176,6 +176,8 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="timed runs (default 20 on CUDA, 5 on the CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs (default 5 on CUDA, 1 on the CPU)")
     parser.add_argument("--no-compile", action="store_true", help="skip timm + torch.compile")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (on a shared machine 1 thread is the least noisy)")
     parser.add_argument("--out", default="bench_out")
     args = parser.parse_args(argv)
     gpu = args.device.startswith("cuda")
@@ -194,6 +196,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     what = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"CPU, {torch.get_num_threads()} threads")
