@@ -33,6 +33,10 @@ _EXPORTS = {
     "load": "dcvit_engine.artifact",
     "load_spec": "dcvit_engine.artifact",
     "build_engine": "dcvit_engine.engine",
+    "Engine": "dcvit_engine.engine",
+    "run_inference": "dcvit_engine.infer",
+    "resolve_model": "dcvit_engine.models",
+    "measure_throughput": "dcvit_engine.throughput",
 }
 __all__ = sorted(_EXPORTS) + ["compress", "ops"]
 

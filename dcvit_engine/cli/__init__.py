@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from dcvit_engine.ops.dispatch import BackendUnavailableError
+
 # Module names under dcvit_engine.cli, in the order `dcvit --help` lists them.
 COMMAND_MODULES = ["doctor", "info", "bench", "infer", "plan", "compress", "eval", "sweep", "demo"]
 
@@ -29,9 +31,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = args.func(args)
-    except (CommandError, ValueError, FileNotFoundError, NotADirectoryError, TypeError) as exc:
-        # Library code raises these with messages written for users; show just the message.
-        print(f"dcvit {args.command}: error: {exc}", file=sys.stderr)
+    except (CommandError, ValueError, FileNotFoundError, NotADirectoryError, TypeError,
+            BackendUnavailableError) as exc:
+        # Library code raises these with messages written for users; show just the message,
+        # on one line (a backend refusal lists each backend's reason on its own line).
+        message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"dcvit {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dcvit {args.command}: interrupted", file=sys.stderr)
