@@ -9,11 +9,11 @@ from __future__ import annotations
 import difflib
 import json
 import os
-from pathlib import Path
 
 import torch
 
 from .artifact import load, load_spec
+from .checkpoints import load_checkpoint
 from .reference import ViTReference, reference_from_timm
 from .spec import ViTSpec
 
@@ -46,22 +46,15 @@ def _create_timm(model_name: str, model_kwargs: dict | None, checkpoint, pretrai
             "; see timm.list_models('*vit*') for ViT/DeiT names"
         raise ValueError(f"unknown timm model {model_name!r}{hint}")
     kwargs = dict(model_kwargs or {})
-    if checkpoint is not None:
-        checkpoint = Path(checkpoint)
-        if not checkpoint.is_file():
-            raise FileNotFoundError(f"checkpoint {checkpoint} not found (expected a .pth/.pt/.safetensors "
-                                    "state dict of the timm model)")
-        kwargs["checkpoint_path"] = str(checkpoint)
     try:
         with torch.device(device):
             model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
     except TypeError as err:  # a keyword the model class does not take
         raise ValueError(f"timm rejected the model kwargs {model_kwargs} for {model_name}: {err}") from None
-    except RuntimeError as err:  # shape mismatch between the checkpoint and the model
-        if checkpoint is None:
-            raise
-        raise ValueError(f"checkpoint {checkpoint} does not fit {model_name} "
-                         f"with kwargs {model_kwargs or {}}: {err}") from None
+    if checkpoint is not None:
+        # The project's one checkpoint reader: weights_only loading, "model"/"state_dict"
+        # wrappers, and the mismatching tensors named.
+        load_checkpoint(model, checkpoint, what=f"{model_name} with kwargs {model_kwargs or {}}")
     return model.eval()
 
 
