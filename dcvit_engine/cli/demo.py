@@ -34,8 +34,8 @@ def run(args):
     from dcvit_engine.cli.sweep import _options_for, parse_targets
     from dcvit_engine.compress.api import METHODS
     from dcvit_engine.compress.metric_set import synthesize_metric_set
-    from dcvit_engine.demo_teacher import demo_teacher, default_cache_dir
-    from dcvit_engine.digits import digits_splits
+    from dcvit_engine.demo_teacher import DIGITS_SPLIT_SEED, demo_teacher, default_cache_dir
+    from dcvit_engine.digits import DIGITS_MEAN, DIGITS_STD, digits_splits
     from dcvit_engine.reference import reference_from_timm
     from dcvit_engine.sweep import format_table, plot_sweep, run_sweep, table_line, write_csv
 
@@ -54,14 +54,16 @@ def run(args):
     print(f"teacher: timm ViT {info['model_kwargs']} ({source}), test top-1 {info['test_top1']:.2f}%")
     teacher = reference_from_timm(timm_teacher)
     img_size = teacher.spec.img_size[0]
-    train_x, _, test_x, test_y = digits_splits(img_size, seed=args.seed)
+    # The teacher's own split: any other seed would put its training digits in the test set.
+    train_x, _, test_x, test_y = digits_splits(img_size, seed=DIGITS_SPLIT_SEED)
     few_shot = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed))[:args.num_samples]]
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
     metric = synthesize_metric_set(teacher, num_images=args.metric_size, iters=args.metric_iters,
                                    img_size=teacher.spec.img_size, seed=args.seed,
+                                   mean=DIGITS_MEAN, std=DIGITS_STD,
                                    cache_path=cache / f"demo_metric_set-{args.metric_size}-{args.metric_iters}-{args.seed}.pt",
                                    progress=True)
-    metric_images = metric[0] if isinstance(metric, tuple) else metric.images
+    metric_images = metric.images
     print(f"{args.num_samples} unlabeled few-shot digits; {len(metric_images)} synthetic metric-set images; "
           f"{len(test_x)} held-out test digits")
 
