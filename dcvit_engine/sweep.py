@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import atomic_open, atomic_path
 from .engine import build_engine
 from .macs import count_macs
 from .reference import ViTReference
@@ -115,18 +116,12 @@ def format_table(rows: list[SweepRow]) -> str:
     return "\n".join([fmt(lines[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(l) for l in lines[1:]])
 
 
-def _atomic_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
-
-
 def write_csv(rows: list[SweepRow], path: str | os.PathLike) -> Path:
     path = Path(path)
-    tmp = _atomic_path(path)
-    with open(tmp, "w", newline="") as f:
+    with atomic_open(path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
         writer.writeheader()
         writer.writerows(asdict(r) for r in rows)
-    os.replace(tmp, path)
     return path
 
 
@@ -156,8 +151,9 @@ def plot_sweep(rows: list[SweepRow], path: str | os.PathLike, title: str = "") -
         fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
-    tmp = _atomic_path(path)
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
     return path

@@ -1,17 +1,18 @@
 """`dcvit sweep`: compress one model to a dense family of MACs targets with one or more
 methods; print a table and write sweep.csv, sweep.png (accuracy against MACs and against
 measured latency) and every student's artifact."""
+import argparse
 from pathlib import Path
 
 from dcvit_engine.cli import CommandError
+from dcvit_engine.cli.data_args import add_data_arguments, images_from_args
 from dcvit_engine.cli.model_args import add_model_arguments, backend_errors_as_command_errors, model_from_args
 
 
 def register(subparsers):
     parser = subparsers.add_parser("sweep", help="compress to a family of MACs targets and compare methods")
     add_model_arguments(parser)
-    parser.add_argument("--data", required=True, help="folder of few-shot images (labels not needed)")
-    parser.add_argument("--num-samples", type=int, default=64, help="few-shot images used (default 64)")
+    add_data_arguments(parser, num_samples_required=True)  # the few-shot images (labels unused)
     parser.add_argument("--eval-data", required=True,
                         help="folder of evaluation images; with class subfolders top-1 is reported")
     parser.add_argument("--methods", default="dcvit,practise", help="comma-separated (default dcvit,practise)")
@@ -19,8 +20,6 @@ def register(subparsers):
                         help="comma-separated fractions of MACs kept (default 0.9,...,0.5)")
     parser.add_argument("--iters", type=int, default=500, help="finetuning iterations per step")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--mean", type=float, nargs="+", default=None, help="input normalization mean (default ImageNet)")
-    parser.add_argument("--std", type=float, nargs="+", default=None, help="input normalization std (default ImageNet)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backend", default=None, help="engine backend for evaluation and latency")
     parser.add_argument("--seed", type=int, default=0)
@@ -40,7 +39,6 @@ def parse_targets(text: str) -> list[float]:
 
 def run(args):
     from dcvit_engine.compress.api import METHODS
-    from dcvit_engine.data import IMAGENET_MEAN, IMAGENET_STD, load_image_folder, sample_images
     from dcvit_engine.sweep import format_table, plot_sweep, run_sweep, table_line, write_csv
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -49,10 +47,9 @@ def run(args):
         raise CommandError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     targets = parse_targets(args.targets)
     teacher, name = model_from_args(args)
-    spec = teacher.spec
-    norm = dict(mean=args.mean or IMAGENET_MEAN, std=args.std or IMAGENET_STD, in_chans=spec.in_chans)
-    images = sample_images(args.data, args.num_samples, spec.img_size, seed=args.seed, labeled=False, **norm)
-    eval_images, eval_labels = load_image_folder(args.eval_data, spec.img_size, **norm).tensors()
+    images, _, _ = images_from_args(args, teacher.spec, seed=args.seed)
+    eval_args = argparse.Namespace(data=args.eval_data, num_samples=None, mean=args.mean, std=args.std)
+    eval_images, eval_labels, _ = images_from_args(eval_args, teacher.spec)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     options = dict(iters=args.iters, batch_size=args.batch_size, seed=args.seed, device=args.device)

@@ -12,12 +12,12 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..artifact import load as load_artifact
+from ..atomic import atomic_open
 from ..artifact import save as save_artifact
 from ..reference import ViTReference
 
@@ -42,18 +42,8 @@ def model_digest(model: ViTReference) -> str:
 
 
 def _write_json_atomically(path: Path, data: dict) -> None:
-    text = json.dumps(data, indent=2)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=2))
 
 
 class RunCheckpoint:
