@@ -23,7 +23,6 @@ against the measured dense-GEMM peak in the same dtype.
 Prints a table and writes attention.csv into --out.
 """
 import argparse
-import csv
 import os
 import sys
 
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import device_name, matmul_peak_tflops, median_ms  # noqa: E402
+from timing import device_name, matmul_peak_tflops, median_ms, report_table  # noqa: E402
 
 from dcvit_engine import ops  # noqa: E402
 from dcvit_engine.kernels.attention import flash_attention_triton  # noqa: E402
@@ -207,16 +206,7 @@ def main():
                 rows += time_case(model, case, with_bias, args, device, dtype, peak, print)
     add_ratios(rows)
 
-    table = [FIELDS] + [format_row(r) for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(FIELDS))]
-    for line in table:
-        print("  ".join(v.rjust(w) for v, w in zip(line, widths)))
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "attention.csv")
-    with open(path + ".tmp", "w", newline="") as f:
-        csv.writer(f).writerows(table)
-    os.replace(path + ".tmp", path)
-    print(f"wrote {path}")
+    report_table(FIELDS, [format_row(r) for r in rows], args.out, "attention")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ should approach the GEMM floor. Prints a table and writes mlp_block.csv.
   python benchmarks/bench_mlp_block.py --device cpu --out bench_out  # CPU smoke (small shapes)
 """
 import argparse
-import csv
 import os
 import sys
 
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import device_name, matmul_peak_tflops, median_ms  # noqa: E402
+from timing import device_name, matmul_peak_tflops, median_ms, report_table  # noqa: E402
 
 from dcvit_engine import ops  # noqa: E402
 from dcvit_engine.ops.mlp_block import mlp_block_backends  # noqa: E402
@@ -77,15 +76,7 @@ def main():
             tflops = flops / ms / 1e9
             rows_out.append([rows, dim, hidden, name, f"{ms:.4f}", f"{tflops:.2f}",
                              f"{tflops / peak:.3f}", f"{base_ms / ms:.2f}"])
-    widths = [max(len(str(r[i])) for r in rows_out + [header]) for i in range(len(header))]
-    for r in [header] + rows_out:
-        print("  ".join(str(v).rjust(w) for v, w in zip(r, widths)))
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "mlp_block.csv")
-    with open(path + ".tmp", "w", newline="") as f:
-        csv.writer(f).writerows([header] + rows_out)
-    os.replace(path + ".tmp", path)
-    print(f"wrote {path}")
+    report_table(header, rows_out, args.out, "mlp_block")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ device-to-device copy bandwidth. speedup_vs_torch is against the torch reference
 Prints a table and writes token_merge.csv into --out.
 """
 import argparse
-import csv
 import math
 import os
 import sys
@@ -26,7 +25,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import copy_bandwidth_gbs, device_name, median_ms  # noqa: E402
+from timing import copy_bandwidth_gbs, device_name, median_ms, report_table  # noqa: E402
 
 from dcvit_engine import ops  # noqa: E402
 from dcvit_engine.ops.token_merge import token_merge_backends  # noqa: E402
@@ -119,16 +118,7 @@ def main():
         for case in args.cases:
             rows += time_case(model, case, args, device, dtype, peak, print)
 
-    table = [FIELDS] + [format_row(r) for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(FIELDS))]
-    for line in table:
-        print("  ".join(v.rjust(w) for v, w in zip(line, widths)))
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "token_merge.csv")
-    with open(path + ".tmp", "w", newline="") as f:
-        csv.writer(f).writerows(table)
-    os.replace(path + ".tmp", path)
-    print(f"wrote {path}")
+    report_table(FIELDS, [format_row(r) for r in rows], args.out, "token_merge")
 
 
 if __name__ == "__main__":

@@ -53,3 +53,22 @@ def device_name(device: torch.device) -> str:
     import platform
 
     return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def report_table(header, rows, out_dir: str, name: str) -> str:
+    """Prints rows (lists of strings) under header as aligned columns and writes them to
+    out_dir/name.csv atomically; returns the CSV path."""
+    import csv
+    import os
+
+    from dcvit_engine.atomic import atomic_open
+
+    table = [list(header)] + [list(r) for r in rows]
+    widths = [max(len(str(line[i])) for line in table) for i in range(len(header))]
+    for line in table:
+        print("  ".join(str(v).rjust(w) for v, w in zip(line, widths)))
+    path = os.path.join(out_dir, f"{name}.csv")
+    with atomic_open(path, newline="") as f:
+        csv.writer(f).writerows(table)
+    print(f"wrote {path}")
+    return path
