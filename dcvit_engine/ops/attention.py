@@ -14,14 +14,7 @@ import torch
 
 from dcvit_engine import _native
 from dcvit_engine.kernels.attention import attention_block_ref, attention_block_triton
-from dcvit_engine.ops.dispatch import (
-    Impl,
-    OpDispatcher,
-    cpu_native_why_not,
-    cuda_native_why_not,
-    torch_why_not,
-    triton_why_not,
-)
+from dcvit_engine.ops.dispatch import OpDispatcher, standard_impls
 from dcvit_engine.ops.registration import KERNEL_LAUNCHER, triton_kernel_op
 
 OP = "attention_block"
@@ -131,12 +124,7 @@ def _run_triton(*args):
 
 _DISPATCH = OpDispatcher(
     OP,
-    [
-        Impl("torch", lambda x, *rest: torch_why_not([x]), _run_torch),
-        Impl("cpu", lambda x, *rest: cpu_native_why_not(OP, [x]), _run_native),
-        Impl("cuda", lambda x, *rest: cuda_native_why_not(OP, [x]), _run_native),
-        Impl("triton", lambda x, *rest: triton_why_not([x]), _run_triton),
-    ],
+    standard_impls(OP, _run_torch, _run_native, _run_triton),
     # The CUDA impl first on the GPU: it is built from ATen's cuBLAS GEMMs and SDPA kernels
     # around two simple kernels of ours. The Triton impl fuses more (LayerNorm into the qkv
     # GEMM, tiles sized to each head's pruned width) but has not been timed on a GPU yet;

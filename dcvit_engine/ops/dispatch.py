@@ -141,3 +141,15 @@ def torch_why_not(tensors: Sequence[torch.Tensor]) -> str | None:
     if not tensors[0].is_floating_point():
         return f"dtype {tensors[0].dtype} is not a floating-point type"
     return None
+
+
+def standard_impls(op: str, run_torch, run_native, run_triton) -> list[Impl]:
+    """The four backends of an op whose first argument is its main input tensor: the torch
+    reference, the compiled kernels (torch.ops.dcvit.<op> on CPU and CUDA) and the Triton op,
+    each refusing by the shared reasons above."""
+    return [
+        Impl("torch", lambda x, *rest: torch_why_not([x]), run_torch),
+        Impl("cpu", lambda x, *rest: cpu_native_why_not(op, [x]), run_native),
+        Impl("cuda", lambda x, *rest: cuda_native_why_not(op, [x]), run_native),
+        Impl("triton", lambda x, *rest: triton_why_not([x]), run_triton),
+    ]

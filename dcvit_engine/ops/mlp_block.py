@@ -8,14 +8,7 @@ import torch
 
 from dcvit_engine import _native
 from dcvit_engine.kernels.mlp_block import mlp_block_ref, mlp_block_triton
-from dcvit_engine.ops.dispatch import (
-    Impl,
-    OpDispatcher,
-    cpu_native_why_not,
-    cuda_native_why_not,
-    torch_why_not,
-    triton_why_not,
-)
+from dcvit_engine.ops.dispatch import OpDispatcher, standard_impls
 from dcvit_engine.ops.registration import KERNEL_LAUNCHER, triton_kernel_op
 
 OP = "mlp_block"
@@ -92,14 +85,10 @@ def _run_triton(*args):
 
 _DISPATCH = OpDispatcher(
     OP,
-    [
-        Impl("torch", lambda x, *rest: torch_why_not([x]), _run_torch),
-        Impl("cpu", lambda x, *rest: cpu_native_why_not(OP, [x]), _run_native),
-        Impl("cuda", lambda x, *rest: cuda_native_why_not(OP, [x]), _run_native),
-        Impl("triton", lambda x, *rest: triton_why_not([x]), _run_triton),
-    ],
+    standard_impls(OP, _run_torch, _run_native, _run_triton),
     # Triton first on the GPU: it fuses LayerNorm into fc1 and the residual into fc2, the
-    # CUDA impl runs them as separate passes around cuBLAS (see benchmarks/RESULTS.md).
+    # CUDA impl runs them as separate passes around cuBLAS. Expected, not yet timed on a
+    # GPU: benchmarks/bench_mlp_block.py decides (benchmarks/RESULTS.md).
     priority={"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")},
 )
 

@@ -19,14 +19,7 @@ from dcvit_engine.kernels.token_merge import (
     bipartite_merge_triton,
     tome_effective_r,
 )
-from dcvit_engine.ops.dispatch import (
-    Impl,
-    OpDispatcher,
-    cpu_native_why_not,
-    cuda_native_why_not,
-    torch_why_not,
-    triton_why_not,
-)
+from dcvit_engine.ops.dispatch import OpDispatcher, standard_impls
 from dcvit_engine.ops.registration import KERNEL_LAUNCHER, triton_kernel_op
 
 TOME_OP = "tome_merge"
@@ -165,29 +158,20 @@ for _op in (TOME_OP, ATME_OP, UNMERGE_OP):
     _native.native_unavailable(_op, "CUDA")
 
 
-def _impls(op, run_torch, run_native, run_triton):
-    return [
-        Impl("torch", lambda x, *rest: torch_why_not([x]), run_torch),
-        Impl("cpu", lambda x, *rest: cpu_native_why_not(op, [x]), run_native),
-        Impl("cuda", lambda x, *rest: cuda_native_why_not(op, [x]), run_native),
-        Impl("triton", lambda x, *rest: triton_why_not([x]), run_triton),
-    ]
-
-
 # Default priorities (cuda before triton on the GPU): not yet measured against each other.
-_TOME = OpDispatcher(TOME_OP, _impls(
+_TOME = OpDispatcher(TOME_OP, standard_impls(
     TOME_OP,
     lambda x, metric, r, size, cls, dist: bipartite_merge_ref(x, metric, r, size, cls, dist),
     lambda *args: torch.ops.dcvit.tome_merge(*args),
     lambda *args: torch.ops.dcvit.tome_merge_triton(*args),
 ))
-_ATME = OpDispatcher(ATME_OP, _impls(
+_ATME = OpDispatcher(ATME_OP, standard_impls(
     ATME_OP,
     lambda x, metric, gh, gw, axis, p, size: atme_merge_ref(x, metric, (gh, gw), axis, p, size)[:2],
     lambda *args: torch.ops.dcvit.atme_merge(*args),
     lambda *args: torch.ops.dcvit.atme_merge_triton(*args),
 ))
-_UNMERGE = OpDispatcher(UNMERGE_OP, _impls(
+_UNMERGE = OpDispatcher(UNMERGE_OP, standard_impls(
     UNMERGE_OP,
     lambda x, gh, gw, axis, p: atme_unmerge_ref(x, (gh, gw), axis, p),
     lambda *args: torch.ops.dcvit.atme_unmerge(*args),
