@@ -18,10 +18,8 @@ Writes methods.csv into --out and prints the table.
 """
 import argparse
 import copy
-import csv
 import os
 import sys
-import tempfile
 import time
 
 import torch
@@ -33,6 +31,9 @@ from dcvit_engine.models import resolve_model
 from dcvit_engine.ops import BACKENDS, BackendUnavailableError
 from dcvit_engine.reference import ViTReference
 from dcvit_engine.throughput import measure_throughput
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import write_rows_csv  # noqa: E402
 
 MODELS = {"deit_tiny": "deit_tiny_patch16_224", "deit_small": "deit_small_patch16_224",
           "deit_base": "deit_base_patch16_224"}
@@ -124,16 +125,6 @@ def add_speedups(rows: list[dict]) -> None:
         r["realized"] = r["images_per_s"] / teacher[(r["model"], r["runner"], r["batch_size"])] / r["macs_reduction"]
 
 
-def write_csv(rows: list[dict], path: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".methods.csv.", dir=os.path.dirname(os.path.abspath(path)))
-    with os.fdopen(fd, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
-    os.replace(tmp, path)
-
-
 def format_table(rows: list[dict]) -> str:
     header = (f"{'model':10} {'method':8} {'target':>6} {'GMACs':>6} {'MACs red.':>9} {'runner':13} "
               f"{'batch':>5} {'images/s':>9} {'ms':>8} {'vs ref':>6} {'realized':>8}  structure")
@@ -194,7 +185,7 @@ def main(argv=None):
         bench_model(short, args, device, args.dtype, rows, log=lambda line: print(line, flush=True))
     add_speedups(rows)
     print("\n" + format_table(rows))
-    write_csv(rows, os.path.join(args.out, "methods.csv"))
+    write_rows_csv(rows, FIELDS, os.path.join(args.out, "methods.csv"))
     print(f"\nwrote {args.out}/methods.csv ({time.perf_counter() - start:.0f} s)")
 
 

@@ -15,14 +15,13 @@ MACs came back in full as throughput.
 Writes models.csv and models.png into --out.
 """
 import argparse
-import csv
 import os
 import sys
-import tempfile
 import time
 
 import torch
 
+from dcvit_engine.atomic import atomic_path
 from dcvit_engine.compress.structure import compressed_spec, default_candidates, plan_dcvit
 from dcvit_engine.engine import build_engine, parse_dtype
 from dcvit_engine.macs import block_macs, count_macs
@@ -30,6 +29,9 @@ from dcvit_engine.models import resolve_model
 from dcvit_engine.ops import BACKENDS, BackendUnavailableError
 from dcvit_engine.reference import ViTReference
 from dcvit_engine.throughput import measure_throughput
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import write_rows_csv  # noqa: E402
 
 MODELS = {"deit_tiny": "deit_tiny_patch16_224", "deit_small": "deit_small_patch16_224",
           "deit_base": "deit_base_patch16_224"}
@@ -110,16 +112,6 @@ def add_speedups(rows: list[dict]) -> None:
         r["realized_speedup"] = r["speedup"] / r["macs_reduction"]
 
 
-def write_csv(rows: list[dict], path: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".models.csv.", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
-    os.replace(tmp, path)
-
-
 def plot(rows: list[dict], path: str, title: str) -> None:
     import matplotlib
 
@@ -146,11 +138,11 @@ def plot(rows: list[dict], path: str, title: str) -> None:
         right.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=".models.png.", suffix=".png", dir=os.path.dirname(path))
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -208,7 +200,7 @@ def main(argv=None):
         bench_model(short, args, device, args.dtype, rows, log=lambda line: print(line, flush=True))
     add_speedups(rows)
     print("\n" + format_table(rows))
-    write_csv(rows, os.path.join(args.out, "models.csv"))
+    write_rows_csv(rows, FIELDS, os.path.join(args.out, "models.csv"))
     plot(rows, os.path.join(args.out, "models.png"), f"{what}, {str(args.dtype).removeprefix('torch.')}")
     print(f"\nwrote {args.out}/models.csv and models.png ({time.perf_counter() - start:.0f} s)")
 

@@ -72,3 +72,16 @@ def report_table(header, rows, out_dir: str, name: str) -> str:
         csv.writer(f).writerows(table)
     print(f"wrote {path}")
     return path
+
+
+def write_rows_csv(rows: list[dict], fields, path: str) -> None:
+    """Dict rows to a CSV (floats to 4 decimals), written atomically."""
+    import csv
+
+    from dcvit_engine.atomic import atomic_open
+
+    with atomic_open(path, newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fields))
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})

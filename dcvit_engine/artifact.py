@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .adapter import from_timm
+from .atomic import atomic_folder
 from .reference import ViTReference, state_shapes
 from .spec import SPEC_FILENAME, SPEC_VERSION, ViTSpec
 
@@ -73,37 +72,14 @@ def save(model, path: str | os.PathLike, report: dict | None = None) -> Path:
 
     path = Path(path)
     _check_replaceable(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_folder(path) as staging:
         _write_text(staging / SPEC_FILENAME, spec_text)
         save_file(tensors, str(staging / WEIGHTS_FILENAME),
                   metadata={"format": "pt", "dcvit_spec_version": str(SPEC_VERSION)})
         _fsync_file(staging / WEIGHTS_FILENAME)
         if report_text is not None:
             _write_text(staging / REPORT_FILENAME, report_text)
-        _move_into_place(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return path
-
-
-def _move_into_place(staging: Path, path: Path) -> None:
-    # rename() cannot replace a non-empty folder: move the old artifact aside first, and put
-    # it back if the final rename fails, so some complete artifact is always at `path`
-    if not path.exists():
-        os.replace(staging, path)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-    os.rmdir(retired)
-    os.replace(path, retired)
-    try:
-        os.replace(staging, path)
-    except BaseException:
-        os.replace(retired, path)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)
 
 
 def _artifact_folder(path: str | os.PathLike) -> Path:

@@ -1,6 +1,7 @@
-"""Write a file so that readers see either the old file or the complete new one, never a
-half-written one: write to a temporary file in the same folder, then rename over the target."""
+"""Write a file or a folder so that readers see either the old one or the complete new one,
+never a half-written one: write to a temporary sibling, then rename it over the target."""
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,3 +31,35 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **open_kwargs):
         yield f
         f.flush()
         os.fsync(f.fileno())
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike):
+    """Yields an empty staging folder beside `path`; when the block succeeds it replaces
+    `path` (an existing folder is moved aside first, and put back if the final rename
+    fails, so a complete folder is always there); when the block raises it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield staging
+        _swap_into_place(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _swap_into_place(staging: Path, path: Path) -> None:
+    # rename() cannot replace a non-empty folder: move the old one aside first.
+    if not path.exists():
+        os.replace(staging, path)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    os.rmdir(retired)
+    os.replace(path, retired)
+    try:
+        os.replace(staging, path)
+    except BaseException:
+        os.replace(retired, path)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)

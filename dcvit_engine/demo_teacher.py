@@ -18,8 +18,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -31,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .atomic import atomic_folder
 from .digits import DIGITS_MEAN, DIGITS_NUM_CLASSES, DIGITS_STD, digits_splits
 
 TIMM_ARCH = "vit_tiny_patch16_224"
@@ -178,21 +177,9 @@ def _train(config: DemoTeacherConfig, progress: bool) -> tuple[torch.nn.Module, 
 
 def _save(folder: Path, model: torch.nn.Module, info: dict) -> None:
     """Write weights + info into a staging sibling, then rename it over folder."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as staging:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(staging / "model.safetensors"))
         (staging / "info.json").write_text(json.dumps(info, indent=2))
-        if folder.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
-            os.replace(folder, retired / "old")
-            os.replace(staging, folder)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _load(folder: Path, config: DemoTeacherConfig) -> tuple[torch.nn.Module, dict]:

@@ -14,14 +14,14 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from .atomic import atomic_folder
 
 DIGITS_MEAN = (0.3, 0.3, 0.3)   # pixel mean of the upsampled digits in [0, 1], rounded
 DIGITS_STD = (0.33, 0.33, 0.33)  # pixel std at 16..32 px, rounded
@@ -121,9 +121,7 @@ def export_digits_folder(root: str | os.PathLike, split: str = "train", img_size
     pixels = _upsample(images[indices], img_size).squeeze(1)
     as_bytes = (pixels * 255.0).round().to(torch.uint8).numpy()
 
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
+    with atomic_folder(root) as staging:
         written = [0] * DIGITS_NUM_CLASSES
         for image, index in zip(as_bytes, indices):
             digit = int(labels[index])
@@ -134,15 +132,4 @@ def export_digits_folder(root: str | os.PathLike, split: str = "train", img_size
             Image.fromarray(image).save(folder / f"{int(index):04d}.png")
             written[digit] += 1
         (staging / _EXPORT_MANIFEST).write_text(json.dumps(settings))
-        if root.exists():
-            # Swap: move the old folder aside first so root is never half-written.
-            retired = Path(tempfile.mkdtemp(prefix=f".{root.name}.old.", dir=root.parent))
-            os.replace(root, retired / "old")
-            os.replace(staging, root)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, root)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return root

@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -27,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from ..atomic import atomic_path
 
 _REFERENCE_SIZE = 224   # DeepInversion's resolution, for which jitter = 30 px
 _REFERENCE_JITTER = 30
@@ -122,16 +123,9 @@ def _load_cached(path: Path | None, key: str) -> MetricSet | None:
 
 
 def _save_cached(path: Path, key: str, result: MetricSet) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_path(path) as temp:
         torch.save({"key": key, "images": result.images, "target_classes": result.target_classes,
                     "loss_history": torch.tensor(result.loss_history, dtype=torch.float64)}, temp)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def synthesize_metric_set(teacher: nn.Module, num_images: int = 50, iters: int = 2000, lr: float = 0.25,
