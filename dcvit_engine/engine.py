@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from . import ops
 from .adapter import from_timm
 from .ops.dispatch import requested_backend
-from .reference import ViTReference
+from .reference import ViTReference, pool_features
 from .spec import MergeSpec, ViTSpec, merge_schedule
 
 GRAPH_WARMUP_RUNS = 3  # eager runs on a side stream before capture (cuBLAS/Triton autotune, lazy init)
@@ -269,12 +269,7 @@ class Engine(nn.Module):
                 x = F.linear(x, self.head_weight, self.head_bias)
                 x_dist = F.linear(x_dist, self.head_dist_weight, self.head_dist_bias)
             return (x + x_dist) / 2
-        if spec.global_pool == "token":
-            x = feats[:, 0]
-        elif spec.global_pool == "avg":
-            x = feats[:, spec.num_prefix_tokens:].mean(dim=1)
-        else:
-            x = feats
+        x = pool_features(spec, feats)
         if self.fc_norm_weight is not None:
             x = F.layer_norm(x, (spec.embed_dim,), self.fc_norm_weight, self.fc_norm_bias, spec.norm_eps)
         return F.linear(x, self.head_weight, self.head_bias) if self.head_weight is not None else x

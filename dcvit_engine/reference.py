@@ -10,7 +10,6 @@ import copy
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .adapter import from_timm
 from .ops.token_merge import atme_merge, bipartite_merge
@@ -146,6 +145,16 @@ class Block(nn.Module):
         return x + (self.ls2(y) if self.ls2 is not None else y)
 
 
+def pool_features(spec: ViTSpec, feats: torch.Tensor) -> torch.Tensor:
+    """timm's pooling before the head: the class token, the mean of the patch tokens, or
+    (global_pool '') every token."""
+    if spec.global_pool == "token":
+        return feats[:, 0]
+    if spec.global_pool == "avg":
+        return feats[:, spec.num_prefix_tokens:].mean(dim=1)
+    return feats
+
+
 class ViTReference(nn.Module):
     """A timm-compatible ViT computed exactly as its spec says (eval semantics of timm)."""
 
@@ -217,12 +226,7 @@ class ViTReference(nn.Module):
             if self.head is not None:
                 x, x_dist = self.head(x), self.head_dist(x_dist)
             return (x + x_dist) / 2
-        if spec.global_pool == "token":
-            x = feats[:, 0]
-        elif spec.global_pool == "avg":
-            x = feats[:, spec.num_prefix_tokens:].mean(dim=1)
-        else:
-            x = feats
+        x = pool_features(spec, feats)
         if self.fc_norm is not None:
             x = self.fc_norm(x)
         return self.head(x) if self.head is not None else x
