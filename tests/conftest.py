@@ -11,6 +11,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The tests use tiny models, which gain nothing from intra-op threads and lose much when
+# the cores are busy (seen: 10x slower with 2 threads on a loaded 2-core machine).
+torch.set_num_threads(1)
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 

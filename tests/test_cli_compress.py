@@ -21,15 +21,6 @@ NORM = ["--mean", str(DIGITS_MEAN[0]), "--std", str(DIGITS_STD[0])]
 FAST = ["--iters", "3", "--batch-size", "8", "--device", "cpu", "--seed", "1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose much when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def timm_teacher():
     torch.manual_seed(0)

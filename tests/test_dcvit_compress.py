@@ -19,15 +19,6 @@ TARGET = 0.7
 FAST = dict(iters=12, select_iters=2, batch_size=8, lr=1e-3, device="cpu", seed=3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose much when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def teacher():
     torch.manual_seed(0)

@@ -15,15 +15,6 @@ from dcvit_engine.reference import reference_from_timm
 FAST = dict(iters=10, adaptor_iters=15, adaptor_lr=3e-3, batch_size=8, lr=1e-3, device="cpu", seed=5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose much when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def teacher():
     torch.manual_seed(0)

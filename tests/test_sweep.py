@@ -2,7 +2,6 @@
 import csv
 
 import pytest
-import torch
 
 from dcvit_engine.cli import main
 from dcvit_engine.digits import DIGITS_MEAN, DIGITS_STD, export_digits_folder
@@ -18,7 +17,6 @@ def digits_folders(tmp_path_factory):
 
 
 def test_sweep_writes_table_csv_and_plot(digits_folders, tmp_path, capsys):
-    torch.set_num_threads(1)
     train, test = digits_folders
     out = tmp_path / "sweep"
     norm = ["--mean", ",".join(map(str, DIGITS_MEAN)), "--std", ",".join(map(str, DIGITS_STD))]

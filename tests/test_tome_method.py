@@ -1,29 +1,19 @@
 """ToMe method: schedules, r by bisection on count_macs, and the merged reference module
 against ToMe's own algorithm run by hand on the timm model (float64)."""
-import json
 import math
 
 import pytest
 import timm
 import torch
+from compress_cli import run_compress_cli
 
 from dcvit_engine.adapter import spec_from_timm
 from dcvit_engine.artifact import load, load_report, save
-from dcvit_engine.cli import main
 from dcvit_engine.compress import api
 from dcvit_engine.compress.tome import compress_tome, max_useful_r, parse_r, r_for_target, tome_spec
-from dcvit_engine.digits import DIGITS_MEAN, DIGITS_STD, export_digits_folder
 from dcvit_engine.engine import build_engine
 from dcvit_engine.macs import count_macs
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads; on a shared 2-core machine they only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 def tiny_vit(**kw):
     args = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=10)
@@ -153,23 +143,11 @@ def test_bad_inputs_are_rejected():
         api.compress(model, None, method="tome", r=2, inflection=-1)
 
 
-def run_cli(capsys, tmp_path, method, *extra):
-    """`dcvit compress` on a tiny random ViT and a labeled few-shot digits folder."""
-    digits = export_digits_folder(tmp_path / "digits", per_class=2)
-    kwargs = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 4, "num_heads": 3, "num_classes": 10}
-    rc = main(["compress", "--model", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(kwargs),
-               "--data", str(digits), "--num-samples", "12", "--method", method, "--target-macs", "0.6",
-               "--mean", str(DIGITS_MEAN[0]), "--std", str(DIGITS_STD[0]), "--batch-size", "8",
-               "--device", "cpu", "--out", str(tmp_path / method), *extra])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 def test_cli_compress_tome(capsys, tmp_path):
-    rc, out, err = run_cli(capsys, tmp_path, "tome", "--schedule", "decreasing")
+    rc, out, err = run_compress_cli(capsys, tmp_path, "tome", "--schedule", "decreasing")
     assert rc == 0, err
     report = load_report(tmp_path / "tome")
     assert report["method"] == "tome" and report["schedule"] == "decreasing"
     assert report["achieved_macs"] <= 0.6 * report["teacher_macs"]
-    rc, _, err = run_cli(capsys, tmp_path, "tome", "--resume")
+    rc, _, err = run_compress_cli(capsys, tmp_path, "tome", "--resume")
     assert rc == 2 and "--resume do(es) not apply to --method tome" in err

@@ -1,32 +1,22 @@
 """UVC and the shared mask -> sliced-model machinery: the sliced model computes exactly what
 the masked model computes (float64), the differentiable MACs agree with count_macs, the
 budget projection and the whole few-shot run meet the budget."""
-import json
 
 import pytest
 import timm
 import torch
+from compress_cli import run_compress_cli
 
 from dcvit_engine.artifact import load, load_report, save
-from dcvit_engine.cli import main
 from dcvit_engine.compress import api
 from dcvit_engine.compress.slicing import BlockMasks, apply_masks, attention_masks, slice_model, width_costs
 from dcvit_engine.compress.uvc import UVCSearch, UVCStructure, compress_uvc, fit_to_budget, group_scores
-from dcvit_engine.digits import DIGITS_MEAN, DIGITS_STD, export_digits_folder
 from dcvit_engine.engine import build_engine
 from dcvit_engine.macs import count_macs
 from dcvit_engine.reference import reference_from_timm
 
 TOLERANCE = 1.005  # the final MACs may exceed the target by at most 0.5%
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads; on a shared 2-core machine they only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 def tiny_vit(patch_size=8, **kw):
     args = dict(img_size=32, patch_size=patch_size, embed_dim=48, depth=4, num_heads=3, num_classes=10)
@@ -202,23 +192,11 @@ def test_bad_inputs_are_rejected():
         api.compress(model, images, method="uvc", target_macs=0.5, epochs=3)
 
 
-def run_cli(capsys, tmp_path, method, *extra):
-    """`dcvit compress` on a tiny random ViT and a labeled few-shot digits folder."""
-    digits = export_digits_folder(tmp_path / "digits", per_class=2)
-    kwargs = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 4, "num_heads": 3, "num_classes": 10}
-    rc = main(["compress", "--model", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(kwargs),
-               "--data", str(digits), "--num-samples", "12", "--method", method, "--target-macs", "0.6",
-               "--mean", str(DIGITS_MEAN[0]), "--std", str(DIGITS_STD[0]), "--batch-size", "8",
-               "--device", "cpu", "--out", str(tmp_path / method), *extra])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 def test_cli_compress_uvc(capsys, tmp_path):
-    rc, out, err = run_cli(capsys, tmp_path, "uvc", "--iters", "5", "--finetune-iters", "2")
+    rc, out, err = run_compress_cli(capsys, tmp_path, "uvc", "--iters", "5", "--finetune-iters", "2")
     assert rc == 0, err
     report = load_report(tmp_path / "uvc")
     assert report["method"] == "uvc" and report["achieved_macs"] <= 0.6 * TOLERANCE * report["teacher_macs"]
     assert f"wrote {tmp_path / 'uvc'}" in out
-    rc, _, err = run_cli(capsys, tmp_path, "uvc", "--token-share", "0.5")
+    rc, _, err = run_compress_cli(capsys, tmp_path, "uvc", "--token-share", "0.5")
     assert rc == 2 and "--token-share do(es) not apply to --method uvc" in err
