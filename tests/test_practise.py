@@ -52,8 +52,9 @@ def test_drops_whole_blocks_and_reports_honest_macs(teacher, images):
     lowest = sorted(scores, key=lambda b: (scores[b]["score"], b))[:len(dropped)]
     assert sorted(lowest) == dropped
     # score = recoverability / % of MACs saved, the same for every block of a ViT
-    ratios = {s["recoverability"] / s["score"] for s in scores.values()}
-    assert len(ratios) == 1 and ratios.pop() == pytest.approx(100 * plan.block_macs / plan.teacher_macs)
+    # (a quotient of floats: equal only up to rounding, so compared with a tolerance)
+    saved = 100 * plan.block_macs / plan.teacher_macs
+    assert [s["recoverability"] / s["score"] for s in scores.values()] == pytest.approx([saved] * len(scores))
     # the adaptor training lowered the feature loss for every candidate
     for losses in report["losses"]["adaptor"].values():
         assert losses[-1] < losses[0]
