@@ -158,3 +158,59 @@ def test_checkpoint_formats(files, timm_teacher, tmp_path):
     torch.save({"model": state, "args": argparse.Namespace(lr=1)}, pickled)  # refused by weights_only
     with pytest.raises(ValueError, match="holds a Python object"):
         load_checkpoint(timm.create_model(NAME, pretrained=False, **KWARGS), pickled)
+
+
+class _Reached(Exception):
+    """Raised by the recording method stand-in: the options have been seen, stop there."""
+
+
+@pytest.mark.parametrize("method", ["dcvit", "practise", "uvc", "cait", "tome"])
+def test_cli_passes_only_given_options_so_method_defaults_hold(capsys, files, monkeypatch, method):
+    import functools
+    import importlib
+
+    from dcvit_engine.compress.api import METHODS, method_defaults
+    module_name, function_name = METHODS[method]
+    module = importlib.import_module(f"dcvit_engine.compress.{module_name}")
+    real = getattr(module, function_name)
+    seen = []
+
+    @functools.wraps(real)  # keeps the signature the CLI reads the accepted options from
+    def recording(model, images, target_macs, **options):
+        seen.append(options)
+        raise _Reached
+
+    monkeypatch.setattr(module, function_name, recording)
+    base = ["compress", *model_args(files), "--data", files["digits"], "--num-samples", 8,
+            "--method", method, "--target-macs", 0.7, "--out", files["root"] / f"{method}_defaults",
+            "--device", "cpu", *NORM]
+    with pytest.raises(_Reached):
+        dcvit(capsys, *base)
+    options = seen.pop()
+    for name in ("iters", "batch_size", "lr", "finetune_iters", "token_share", "metric_iters"):
+        assert name not in options, f"--method {method} got {name} although the user did not give it"
+    assert options["device"] == "cpu" if "device" in method_defaults(method) else "device" not in options
+    if "iters" in method_defaults(method):  # a value the user gives does reach the method
+        with pytest.raises(_Reached):
+            dcvit(capsys, *base, "--iters", 7, "--lr", 0.25)
+        given = seen.pop()
+        assert given["iters"] == 7 and given["lr"] == 0.25 and "batch_size" not in given
+    assert not (files["root"] / f"{method}_defaults").exists()
+
+
+def test_help_shows_each_methods_own_defaults(capsys):
+    from dcvit_engine.compress.api import method_defaults
+    with pytest.raises(SystemExit):
+        main(["compress", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    uvc, dcvit_defaults = method_defaults("uvc"), method_defaults("dcvit")
+    assert f"uvc {uvc['iters']}" in text and f"dcvit {dcvit_defaults['iters']}" in text
+    assert f"uvc {uvc['batch_size']}" in text and f"uvc {uvc['lr']}" in text
+
+
+def test_sweep_leaves_out_options_not_given():
+    from dcvit_engine.cli.sweep import _options_for
+    given = dict(iters=None, batch_size=None, seed=3, device="cpu")
+    assert _options_for("uvc", given) == dict(seed=3, device="cpu")
+    assert _options_for("tome", dict(given, iters=5)) == {}
+    assert _options_for("cait", dict(given, iters=5)) == dict(iters=5, seed=3, device="cpu")

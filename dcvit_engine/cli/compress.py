@@ -18,12 +18,14 @@ from dcvit_engine.cli import CommandError
 from dcvit_engine.cli.data_args import add_data_arguments, images_from_args
 from dcvit_engine.cli.model_args import add_model_arguments
 from dcvit_engine.cli.plan import add_structure_arguments, parse_blocks
-from dcvit_engine.compress.api import METHODS, compress, method_options
+from dcvit_engine.compress.api import METHODS, compress, method_defaults, method_options
 from dcvit_engine.compress.checkpoint import STATE_FILENAME
 from dcvit_engine.macs import count_macs
 from dcvit_engine.models import describe_source, parse_model_kwargs, resolve_model
 from dcvit_engine.spec import SPEC_FILENAME
 
+# options most methods take: passed to those that do, when given
+SHARED = ("iters", "batch_size", "lr", "device", "seed")
 # options that only some methods take (None unless given): refused for a method without them
 METHOD_SPECIFIC = ("num_blocks", "round_to", "neuron_selection", "select_iters", "metric_size",
                    "metric_iters", "adaptor_iters", "finetune_iters", "token_share", "schedule")
@@ -38,33 +40,46 @@ def register(subparsers):
     add_data_arguments(parser, num_samples_required=True)
     add_structure_arguments(parser, methods=tuple(METHODS))
     parser.add_argument("--out", required=True, metavar="DIR", help="artifact folder to write")
-    parser.add_argument("--iters", type=int, default=2000,
-                        help="finetuning iterations per step (default 2000, as DC-ViT)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-5, help="finetuning learning rate (AdamW)")
+    parser.add_argument("--iters", type=int, default=None,
+                        help="finetuning iterations per step (dcvit, practise) or search steps (uvc, cait); "
+                        "default: the method's own, " + defaults_text("iters"))
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="default: the method's own, " + defaults_text("batch_size"))
+    parser.add_argument("--lr", type=float, default=None,
+                        help="learning rate of the weights (AdamW); default: the method's own, "
+                        + defaults_text("lr"))
     parser.add_argument("--select-iters", type=int, default=None,
                         help="dcvit: finetuning iterations per candidate block while scoring (default iters/10)")
     parser.add_argument("--neuron-selection", choices=["random", "activation"], default=None,
                         help="dcvit: which MLP neurons a compressed block keeps: random (the official "
                              "default) or the highest mean GELU activation on the images")
     parser.add_argument("--metric-size", type=int, default=None,
-                        help="dcvit: synthetic metric-set images (default 50)")
+                        help="dcvit: synthetic metric-set images (default: " + defaults_text("metric_size") + ")")
     parser.add_argument("--metric-iters", type=int, default=None,
-                        help="dcvit: optimisation steps synthesising the metric set (default 2000)")
+                        help="dcvit: optimisation steps synthesising the metric set (default: "
+                        + defaults_text("metric_iters") + ")")
     parser.add_argument("--adaptor-iters", type=int, default=None,
                         help="practise: adaptor training iterations per candidate block (default iters/10)")
     parser.add_argument("--finetune-iters", type=int, default=None,
-                        help="uvc, cait: distillation iterations once the structure is fixed (default 200; "
-                             "--iters counts the search / gate-learning steps)")
+                        help="uvc, cait: distillation iterations once the structure is fixed (default: "
+                        + defaults_text("finetune_iters") + "; --iters counts the search steps)")
     parser.add_argument("--token-share", type=float, default=None,
-                        help="cait: share of the MACs reduction asked from token merging (default 0.5)")
+                        help="cait: share of the MACs reduction asked from token merging (default: "
+                        + defaults_text("token_share") + ")")
     parser.add_argument("--schedule", choices=["constant", "decreasing"], default=None,
-                        help="tome: ToMe's r schedule (default constant)")
+                        help="tome: ToMe's r schedule (default: " + defaults_text("schedule") + ")")
     parser.add_argument("--seed", type=int, default=0, help="picks the images and seeds every random choice")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: the method's, cuda when available)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted run whose checkpoint is in OUT.partial")
     parser.set_defaults(func=run)
+
+
+def defaults_text(option: str) -> str:
+    """'dcvit 2000, practise 2000, uvc 200, ...': each method's default of `option`, read
+    off the method's signature, for help texts (methods without the option are left out)."""
+    defaults = {m: method_defaults(m) for m in METHODS}
+    return ", ".join(f"{m} {d[option]}" for m, d in defaults.items() if option in d)
 
 
 def model_from_source(artifact, model_name, model_kwargs_text, checkpoint, pretrained=False):
@@ -85,8 +100,8 @@ def model_from_source(artifact, model_name, model_kwargs_text, checkpoint, pretr
 
 def _method_options(args) -> dict:
     accepted = method_options(args.method)
-    common = dict(iters=args.iters, batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed)
-    options = {name: value for name, value in common.items() if name in accepted}
+    # only what the user gave reaches the method: its own signature holds its defaults
+    options = {name: getattr(args, name) for name in SHARED if name in accepted and getattr(args, name) is not None}
     given = {name: getattr(args, name) for name in METHOD_SPECIFIC if getattr(args, name) is not None}
     if args.candidates is not None:
         given["candidates"] = parse_blocks(args.candidates)

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from dcvit_engine.cli import CommandError
+from dcvit_engine.cli.compress import defaults_text
 from dcvit_engine.cli.data_args import add_data_arguments, images_from_args
 from dcvit_engine.cli.model_args import add_model_arguments, backend_errors_as_command_errors, model_from_args
 
@@ -18,8 +19,11 @@ def register(subparsers):
     parser.add_argument("--methods", default="dcvit,practise", help="comma-separated (default dcvit,practise)")
     parser.add_argument("--targets", default="0.9,0.8,0.7,0.6,0.5",
                         help="comma-separated fractions of MACs kept (default 0.9,...,0.5)")
-    parser.add_argument("--iters", type=int, default=500, help="finetuning iterations per step")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--iters", type=int, default=None,
+                        help="finetuning iterations per step or search steps; default: each method's own, "
+                        + defaults_text("iters"))
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="default: each method's own, " + defaults_text("batch_size"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backend", default=None, help="engine backend for evaluation and latency")
     parser.add_argument("--seed", type=int, default=0)
@@ -69,8 +73,9 @@ def run(args):
 
 
 def _options_for(method: str, options: dict) -> dict:
-    """The shared options that `method` takes (e.g. ToMe has no finetuning iterations)."""
+    """The shared options that `method` takes (e.g. ToMe has no finetuning iterations);
+    options not given (None) are left out, so the method's own defaults apply."""
     from dcvit_engine.compress.api import method_options
 
     accepted = method_options(method)
-    return {k: v for k, v in options.items() if k in accepted}
+    return {k: v for k, v in options.items() if k in accepted and v is not None}

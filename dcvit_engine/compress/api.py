@@ -41,6 +41,13 @@ def method_options(method: str) -> list[str]:
     return [name for name, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
 
+def method_defaults(method: str) -> dict:
+    """The default of every keyword option of `method`, read off its signature (the one
+    place a method's defaults live; the CLI only passes what the user gave)."""
+    params = inspect.signature(method_function(method)).parameters
+    return {name: p.default for name, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
 def _load_if_path(model):
     if isinstance(model, (str, os.PathLike)):
         from ..artifact import load
