@@ -2,6 +2,7 @@
 exported digits folder, the checkpoint-file formats, and bad input (one line, exit 2)."""
 import argparse
 import json
+import shutil
 
 import pytest
 import timm
@@ -98,6 +99,10 @@ def test_compress_practise_and_resume(capsys, files, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(practise, "feature_mimic_finetune", interrupted)
+    rc, out, err = dcvit(capsys, *argv, "--resume")  # nothing to resume yet: says so, starts
+    assert rc == 130 and out.splitlines()[0] == (f"--resume: no checkpoint in {out_dir}.partial, "
+                                                 "so this run starts from scratch")
+    shutil.rmtree(f"{out_dir}.partial")
     rc, _, err = dcvit(capsys, *argv)
     assert rc == 130 and (files["root"] / "practise_out.partial" / "state.json").is_file()
     monkeypatch.setattr(practise, "feature_mimic_finetune", real)

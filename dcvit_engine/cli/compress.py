@@ -123,6 +123,8 @@ def _check_paths(out: Path, partial: Path, resume: bool) -> None:
     if (partial / STATE_FILENAME).is_file() and not resume:
         raise CommandError(f"{partial} holds the checkpoint of an interrupted run; add --resume to "
                            "continue it, or remove that folder to start over")
+    if resume and not (partial / STATE_FILENAME).is_file():
+        print(f"--resume: no checkpoint in {partial}, so this run starts from scratch")
 
 
 def run(args):
