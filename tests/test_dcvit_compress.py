@@ -87,6 +87,25 @@ def test_progressive_finetuning_lowers_feature_mse(teacher, images, metric_set):
     assert feature_mse(student, teacher, images) < 0.8 * feature_mse(untrained, teacher, images)
 
 
+def test_full_length_scoring_trains_the_final_norm_and_skips_flips(teacher, images, metric_set):
+    """The official code scores each candidate after a full finetuning run and always trains
+    the final norm; "shift" augmentation never flips (digits)."""
+    options = dict(FAST, iters=3, augment="shift", candidates=[1, 2])
+    del options["select_iters"]
+    report = {}
+    student = compress_dcvit(teacher, images, TARGET, metric_set=metric_set, report=report, **options)
+    assert report["finetune_iters"]["per_candidate"] == 3
+    assert all(len(losses) == 3 for losses in report["losses"]["selection"].values())
+    assert report["settings"]["augment"] == "shift"
+    # blocks 3 and 4 stay frozen (candidates 1, 2), so the final norm trains only because
+    # DC-ViT trains it always
+    assert torch.equal(student.blocks[4].mlp.fc1.weight, teacher.blocks[4].mlp.fc1.weight)
+    assert not torch.equal(student.norm.weight, teacher.norm.weight)
+    assert torch.equal(student.head.weight, teacher.head.weight)
+    with pytest.raises(ValueError, match="augment must be one of"):
+        compress_dcvit(teacher, images, TARGET, metric_set=metric_set, augment="mixup", **FAST)
+
+
 def test_activation_selection_keeps_the_most_active_neurons(teacher, images):
     activations = mean_mlp_activations(teacher, images, [2], 8, torch.device("cpu"))
     kept = keep_neurons("activation", 2, 192, 20, 0, activations)

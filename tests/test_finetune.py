@@ -7,7 +7,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from dcvit_engine.compress.finetune import (feature_mimic_finetune, kd_finetune, kd_loss,
+from dcvit_engine.compress.finetune import (feature_mimic_finetune, kd_finetune, kd_loss, light_augment,
                                             select_parameters, trainable_up_to)
 
 KWARGS = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=10)
@@ -54,6 +54,25 @@ def test_trainable_up_to_selects_front_blocks(pair):
     assert everything("blocks.2.mlp.fc1.weight") and everything("norm.weight") and not everything("head.weight")
     with pytest.raises(ValueError, match="last_block"):
         trainable_up_to(student, -1)
+    # DC-ViT's official code trains the final norm whatever the last block
+    with_norm = trainable_up_to(student, 1, final_norm=True)
+    assert with_norm("norm.weight") and with_norm("blocks.1.attn.qkv.weight") and not with_norm("blocks.2.norm1.weight")
+    assert not trainable_up_to(student, 7, final_norm=False)("norm.weight")
+
+
+def test_light_augment_flips_only_when_asked():
+    images = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    padded = F.pad(images, (1,) * 4, mode="reflect")  # a 16-pixel image shifts by up to 1 pixel
+
+    def shifted_crops(source):
+        return [source[..., dy:dy + 16, dx:dx + 16] for dy in range(3) for dx in range(3)]
+
+    for flip in (False, True):
+        out = light_augment(images, torch.Generator().manual_seed(5), flip=flip)
+        straight = [any(torch.equal(out[i], c[i]) for c in shifted_crops(padded)) for i in range(64)]
+        flipped = [any(torch.equal(out[i], c[i]) for c in shifted_crops(padded.flip(-1))) for i in range(64)]
+        assert all(s or f for s, f in zip(straight, flipped))
+        assert any(flipped) and not all(straight) if flip else all(straight)
 
 
 def test_feature_mimicking_lowers_mse_and_freezes_the_rest(pair, images):

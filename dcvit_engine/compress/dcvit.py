@@ -5,11 +5,13 @@
    of a subset of neurons (random, the official default, or the highest mean post-GELU
    activation on the few-shot images).
 2. Block selection on a synthetic metric set: each candidate block alone is compressed
-   and briefly finetuned; its score is KL(teacher || student) on the metric set (lower =
-   more recoverable). The N best blocks are compressed, in score order.
+   and finetuned for as many iterations as a progressive step (the official code's
+   full-length scoring: shorter scoring picked a collapsing block set on one digits seed
+   in five); its score is KL(teacher || student) on the metric set (lower = more
+   recoverable). The N best blocks are compressed, in score order.
 3. Progressive pruning: one block at a time, each followed by feature-mimicking finetuning
    (MSE to the teacher's final features, head frozen, only the blocks up to the one after
-   the latest compressed block trainable).
+   the latest compressed block trainable, and the final norm, as in the official code).
 Every finished candidate score and every progressive step is checkpointed when a
 checkpoint folder is given, so an interrupted run resumes where it stopped.
 """
@@ -24,8 +26,8 @@ from ..reference import ViTReference
 from .checkpoint import RunCheckpoint, model_digest, tensor_digest
 from .finetune import feature_mimic_finetune, trainable_up_to
 from .metric_set import synthesize_metric_set
-from .fewshot import (ProgressLog, as_reference, check_images, check_positive, kl_to_teacher,
-                      mean_mlp_activations, on_device, predict_logits, resolve_device)
+from .fewshot import (ProgressLog, as_reference, augment_flags, check_images, check_positive,
+                      kl_to_teacher, mean_mlp_activations, on_device, predict_logits, resolve_device)
 from .structure import plan_dcvit, replace_block
 
 NEURON_SELECTIONS = ("random", "activation")
@@ -47,20 +49,24 @@ def compress_dcvit(model, images: torch.Tensor, target_macs: float, *,
                    candidates=None, round_to: int | None = None, neuron_selection: str = "random",
                    iters: int = 2000, select_iters: int | None = None, batch_size: int = 64,
                    lr: float = 3e-5, weight_decay: float = 1e-4, metric_size: int = 50,
-                   metric_iters: int = 2000, device=None, seed: int = 0, checkpoint_dir=None,
+                   metric_iters: int = 2000, augment: str = "flip+shift", device=None, seed: int = 0,
+                   checkpoint_dir=None,
                    resume: bool = False, progress: bool = False, report: dict | None = None) -> ViTReference:
     """DC-ViT-compress `model` (timm ViT or ViTReference) to `target_macs`, the fraction of
     its MACs to keep. Returns the student (a new ViTReference, eval mode).
 
     images: the few-shot images (N, C, H, W), labels not needed. metric_set: prepared
     metric-set images (default: synthesized from the teacher, cached in checkpoint_dir).
-    select_iters: finetuning iterations per candidate during block selection (default
-    iters // 10). checkpoint_dir / resume: see checkpoint.RunCheckpoint. report, when
-    given, receives the plan, block scores, losses and timings.
+    iters: finetuning iterations per progressive step. select_iters: finetuning iterations
+    per candidate during block selection (default iters, as the official code). augment:
+    a fewshot.AUGMENTATIONS name ("shift" for digits: no flips). checkpoint_dir / resume:
+    see checkpoint.RunCheckpoint. report, when given, receives the plan, every candidate's
+    score, losses and timings.
     """
     if neuron_selection not in NEURON_SELECTIONS:
         raise ValueError(f"neuron_selection must be one of {NEURON_SELECTIONS}, got {neuron_selection!r}")
-    select_iters = max(1, iters // 10) if select_iters is None else select_iters
+    select_iters = iters if select_iters is None else select_iters
+    augmentation = augment_flags(augment)
     check_positive(iters=iters, select_iters=select_iters, batch_size=batch_size,
                    metric_size=metric_size, metric_iters=metric_iters)
     teacher = as_reference(model)
@@ -76,7 +82,7 @@ def compress_dcvit(model, images: torch.Tensor, target_macs: float, *,
     config = dict(method="dcvit", target=plan.target_ratio, blocks=plan.blocks_compressed,
                   hidden=plan.hidden_width, candidates=list(plan.candidates),
                   neuron_selection=neuron_selection, iters=iters, select_iters=select_iters,
-                  batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
+                  batch_size=batch_size, lr=lr, weight_decay=weight_decay, augment=augment, seed=seed,
                   metric_size=metric_size if metric_set is None else None,
                   metric_iters=metric_iters if metric_set is None else None,
                   teacher=model_digest(teacher), images=tensor_digest(images),
@@ -91,7 +97,7 @@ def compress_dcvit(model, images: torch.Tensor, target_macs: float, *,
     teacher = on_device(teacher, device).eval()
     device = next(teacher.parameters()).device  # "cuda" -> "cuda:0": the same device compares equal
     depth = spec.depth
-    finetune = dict(batch_size=batch_size, lr=lr, weight_decay=weight_decay, device=device)
+    finetune = dict(batch_size=batch_size, lr=lr, weight_decay=weight_decay, device=device, **augmentation)
 
     activations = None
     if neuron_selection == "activation":
@@ -118,7 +124,7 @@ def compress_dcvit(model, images: torch.Tensor, target_macs: float, *,
         start = time.perf_counter()
         student = compress_block(teacher, block)
         losses = feature_mimic_finetune(student, teacher, images, iters=select_iters,
-                                        trainable=trainable_up_to(student, min(block + 1, depth - 1)),
+                                        trainable=trainable_up_to(student, min(block + 1, depth - 1), final_norm=True),
                                         seed=seed + 1 + block, progress=False, **finetune)
         score = kl_to_teacher(student, metric_set, metric_logits, batch_size, device)
         seconds = time.perf_counter() - start
@@ -138,7 +144,7 @@ def compress_dcvit(model, images: torch.Tensor, target_macs: float, *,
         student = compress_block(student, block)
         last_trainable = min(max(chosen[:len(steps) + 1]) + 1, depth - 1)
         losses = feature_mimic_finetune(student, teacher, images, iters=iters,
-                                        trainable=trainable_up_to(student, last_trainable),
+                                        trainable=trainable_up_to(student, last_trainable, final_norm=True),
                                         seed=seed + 10_000 + len(steps), progress=progress, **finetune)
         seconds = time.perf_counter() - start
         steps.append(dict(block=block, trainable_up_to=last_trainable,
@@ -156,6 +162,8 @@ def compress_dcvit(model, images: torch.Tensor, target_macs: float, *,
         teacher_macs=plan.teacher_macs, achieved_macs=achieved,
         achieved_ratio=achieved / plan.teacher_macs, plan=plan.to_dict(),
         chosen_blocks=chosen,
+        finetune_iters=dict(selection=select_iters * len(plan.candidates), per_candidate=select_iters,
+                            student=iters * len(chosen), per_step=iters, steps=len(chosen)),
         block_scores=[dict(block=b, score=scores[str(b)]["score"], rank=r, chosen=b in chosen)
                       for r, b in enumerate(ranking)],
         losses=dict(selection={str(b): scores[str(b)]["losses"] for b in ranking},

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..data import check_finite
 from ..reference import ViTReference, reference_from_timm
 
 
@@ -48,6 +49,7 @@ def check_images(images, spec, what: str = "images") -> torch.Tensor:
         raise ValueError(f"{what} is empty: give at least one image")
     if not images.is_floating_point():
         raise ValueError(f"{what} must be float (normalised as the model expects), got {images.dtype}")
+    check_finite(images)
     return images
 
 
@@ -62,6 +64,19 @@ def on_device(model: ViTReference, device: torch.device) -> ViTReference:
     moved.load_state_dict({k: v.detach().to(device, copy=True) for k, v in model.state_dict().items()},
                           strict=True, assign=True)
     return moved.train(model.training)
+
+
+# Few-shot augmentations: name -> (augment, flip) for finetune.feature_mimic_finetune.
+# Horizontal flips suit natural images (the official recipes) but not digits or text.
+AUGMENTATIONS = {"flip+shift": (True, True), "shift": (True, False), "none": (False, False)}
+
+
+def augment_flags(augment: str) -> dict:
+    """feature_mimic_finetune's augment/flip keywords for an AUGMENTATIONS name."""
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
+    on, flip = AUGMENTATIONS[augment]
+    return dict(augment=on, flip=flip)
 
 
 def check_positive(**values) -> None:

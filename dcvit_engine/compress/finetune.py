@@ -28,11 +28,13 @@ _EMBEDDING_PREFIXES = ("patch_embed.", "cls_token", "dist_token", "reg_token", "
 _HEAD_PREFIXES = ("head.", "head_dist.")
 
 
-def trainable_up_to(model: nn.Module, last_block: int) -> Callable[[str], bool]:
+def trainable_up_to(model: nn.Module, last_block: int, final_norm: bool | None = None
+                    ) -> Callable[[str], bool]:
     """Predicate on parameter names: the embeddings and blocks[0..last_block] train.
 
-    When last_block is the final block (or beyond) the final norm trains too; the
-    classifier head never does.
+    final_norm: whether the final norm trains; None = only when last_block is the final
+    block (or beyond). The official DC-ViT code always trains it (final_norm=True). The
+    classifier head never trains.
     """
     blocks = getattr(model, "blocks", None)
     if blocks is None:
@@ -41,7 +43,7 @@ def trainable_up_to(model: nn.Module, last_block: int) -> Callable[[str], bool]:
         raise ValueError(f"last_block must be >= 0, got {last_block}")
     depth = len(blocks)
     last_block = min(last_block, depth - 1)
-    with_final_norm = last_block == depth - 1
+    with_final_norm = last_block == depth - 1 if final_norm is None else bool(final_norm)
 
     def is_trainable(name: str) -> bool:
         if name.startswith(_EMBEDDING_PREFIXES):
@@ -108,11 +110,13 @@ def _check_images(images: torch.Tensor, labels: torch.Tensor | None) -> None:
         raise ValueError(f"labels must have shape ({len(images)},), got {tuple(labels.shape)}")
 
 
-def light_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random horizontal flip and a random shift of up to 1/16 of the size (reflect padding)."""
+def light_augment(images: torch.Tensor, generator: torch.Generator, flip: bool = True) -> torch.Tensor:
+    """Random horizontal flip (when `flip`; off-distribution for digits or text) and a random
+    shift of up to 1/16 of the size (reflect padding)."""
     n, _, h, w = images.shape
-    flip = (torch.rand(n, generator=generator) < 0.5).to(images.device)
-    images = torch.where(flip.view(n, 1, 1, 1), images.flip(-1), images)
+    if flip:
+        flipped = (torch.rand(n, generator=generator) < 0.5).to(images.device)
+        images = torch.where(flipped.view(n, 1, 1, 1), images.flip(-1), images)
     pad = max(1, min(h, w) // 16)
     if pad >= min(h, w):  # reflect padding needs pad < size
         return images
@@ -122,7 +126,7 @@ def light_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Ten
 
 
 def few_shot_batches(images: torch.Tensor, labels: torch.Tensor | None, batch_size: int, iters: int,
-                     seed: int, augment: bool, device: torch.device
+                     seed: int, augment: bool, device: torch.device, flip: bool = True
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """iters batches of min(batch_size, N) images drawn from back-to-back random permutations,
     so every image is seen equally often (with N = 50 and batch 64, each batch is all 50)."""
@@ -135,7 +139,7 @@ def few_shot_batches(images: torch.Tensor, labels: torch.Tensor | None, batch_si
         index, stream = stream[:size], stream[size:]
         x = images[index.to(images.device)].to(device, non_blocking=True)
         if augment:
-            x = light_augment(x, generator)
+            x = light_augment(x, generator, flip)
         y = None if labels is None else labels[index.to(labels.device)].to(device)
         yield x, y
 
@@ -206,9 +210,11 @@ def _resolve_device(device, student: nn.Module) -> torch.device:
 def feature_mimic_finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor, iters: int,
                            batch_size: int = 64, lr: float = 3e-5, weight_decay: float = 1e-4,
                            trainable: Trainable = None, warmup_frac: float = 0.01, device=None,
-                           seed: int = 0, progress: bool = True, augment: bool = True) -> list[float]:
+                           seed: int = 0, progress: bool = True, augment: bool = True,
+                           flip: bool = True) -> list[float]:
     """Finetune student in place so its forward_features match the teacher's; returns the
-    per-iteration (unweighted) MSE.
+    per-iteration (unweighted) MSE.  augment / flip: light_augment on every batch, with or
+    without horizontal flips.
 
     trainable: None (everything but the head), a predicate on parameter names (see
     trainable_up_to), parameter names, or the student's nn.Parameters.  warmup_frac:
@@ -242,7 +248,7 @@ def feature_mimic_finetune(student: nn.Module, teacher: nn.Module, images: torch
                 "changes the embedding width cannot be finetuned this way (use kd_finetune)")
         return F.mse_loss(features, target)
 
-    batches = few_shot_batches(images, None, batch_size, iters, seed, augment, device)
+    batches = few_shot_batches(images, None, batch_size, iters, seed, augment, device, flip)
     try:
         return _run(student, params, batches, iters, lr, weight_decay, mse, warmup_frac * iters,
                     progress, "feature mimicking")

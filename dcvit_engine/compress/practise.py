@@ -12,8 +12,9 @@
    measured latency would make the choice depend on timing noise).
    score = recoverability / (% of MACs the block saves); the lowest scores are dropped.
 3. The chosen blocks are dropped (the adaptors are not kept: the spec has no place for
-   them) and the student is finetuned by feature mimicking, head frozen, blocks up to the
-   one after the last dropped block trainable.
+   them) and the student is finetuned with DC-ViT's recipe (feature mimicking, AdamW,
+   head frozen, blocks up to the one after the last dropped block and the final norm
+   trainable), so that the two methods differ only in what they remove.
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ import torch.nn as nn
 from ..macs import count_macs
 from ..reference import ViTReference
 from .checkpoint import RunCheckpoint, model_digest, tensor_digest
-from .fewshot import (ProgressLog, as_reference, check_images, check_positive, kl_to_teacher,
-                      on_device, predict_logits, resolve_device)
+from .fewshot import (ProgressLog, as_reference, augment_flags, check_images, check_positive,
+                      kl_to_teacher, on_device, predict_logits, resolve_device)
 from .finetune import feature_mimic_finetune, trainable_up_to
 from .structure import plan_block_drop, replace_block
 
@@ -64,16 +65,19 @@ def compress_practise(model, images: torch.Tensor, target_macs: float, *,
                       metric_set: torch.Tensor | None = None, candidates=None, iters: int = 2000,
                       adaptor_iters: int | None = None, adaptor_lr: float = 1e-3,
                       batch_size: int = 64, lr: float = 3e-5, weight_decay: float = 1e-4,
-                      device=None, seed: int = 0, checkpoint_dir=None, resume: bool = False,
+                      augment: str = "flip+shift", device=None, seed: int = 0, checkpoint_dir=None,
+                      resume: bool = False,
                       progress: bool = False, report: dict | None = None) -> ViTReference:
     """PRACTISE-compress `model` (timm ViT or ViTReference) to at most `target_macs`, the
     fraction of its MACs to keep, by dropping whole blocks. Returns the student (eval mode).
 
-    adaptor_iters: adaptor training iterations per candidate (default iters // 10).
-    report, when given, receives achieved_macs (what the dropped blocks give, generally
-    below the target), the block scores, losses and timings.
+    adaptor_iters: adaptor training iterations per candidate (default iters; PRACTISE's
+    code trains adaptors about as long as it finetunes). augment: a fewshot.AUGMENTATIONS
+    name. report, when given, receives achieved_macs (what the dropped blocks give,
+    generally below the target), every candidate's score, losses and timings.
     """
-    adaptor_iters = max(1, iters // 10) if adaptor_iters is None else adaptor_iters
+    adaptor_iters = iters if adaptor_iters is None else adaptor_iters
+    augmentation = augment_flags(augment)
     check_positive(iters=iters, adaptor_iters=adaptor_iters, batch_size=batch_size)
     teacher = as_reference(model)
     spec = teacher.spec
@@ -88,7 +92,7 @@ def compress_practise(model, images: torch.Tensor, target_macs: float, *,
     config = dict(method="practise", target=plan.target_ratio, blocks=plan.blocks_dropped,
                   candidates=list(plan.candidates), iters=iters, adaptor_iters=adaptor_iters,
                   adaptor_lr=adaptor_lr, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                  seed=seed, teacher=model_digest(teacher), images=tensor_digest(images),
+                  augment=augment, seed=seed, teacher=model_digest(teacher), images=tensor_digest(images),
                   metric_set=None if metric_set is None else tensor_digest(metric_set))
     ckpt = RunCheckpoint(checkpoint_dir, config, resume)
     state = ckpt.state
@@ -112,7 +116,7 @@ def compress_practise(model, images: torch.Tensor, target_macs: float, *,
         losses = feature_mimic_finetune(student, teacher, images, iters=adaptor_iters,
                                         batch_size=batch_size, lr=adaptor_lr, weight_decay=0.0,
                                         trainable=list(adaptor.parameters()), device=device,
-                                        seed=seed + 1 + block, progress=False)
+                                        seed=seed + 1 + block, progress=False, **augmentation)
         recoverability = kl_to_teacher(student, scoring_set, scoring_logits, batch_size, device)
         seconds = time.perf_counter() - start
         scores[str(block)] = dict(recoverability=recoverability, score=recoverability / saved_percent,
@@ -133,8 +137,9 @@ def compress_practise(model, images: torch.Tensor, target_macs: float, *,
         last_trainable = min(max(chosen) + 1, depth - 1)
         losses = feature_mimic_finetune(student, teacher, images, iters=iters,
                                         batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                                        trainable=trainable_up_to(student, last_trainable),
-                                        device=device, seed=seed + 10_000, progress=progress)
+                                        trainable=trainable_up_to(student, last_trainable, final_norm=True),
+                                        device=device, seed=seed + 10_000, progress=progress,
+                                        **augmentation)
         seconds = time.perf_counter() - start
         state["finetune"] = dict(trainable_up_to=last_trainable, losses=[float(v) for v in losses],
                                  seconds=seconds)
@@ -154,6 +159,8 @@ def compress_practise(model, images: torch.Tensor, target_macs: float, *,
         achieved_ratio=achieved / plan.teacher_macs, plan=plan.to_dict(),
         latency_model="proportional to block MACs (not measured)",
         chosen_blocks=chosen,
+        finetune_iters=dict(selection=adaptor_iters * len(plan.candidates), per_candidate=adaptor_iters,
+                            student=iters, per_step=iters, steps=1),
         block_scores=[dict(block=b, score=scores[str(b)]["score"],
                            recoverability=scores[str(b)]["recoverability"], rank=r, chosen=b in chosen)
                       for r, b in enumerate(ranking)],
