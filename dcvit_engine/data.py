@@ -26,6 +26,37 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 UNLABELED = -1
 
 
+def nonfinite_mask(values: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: which items (entries along dim 0: images, or images' outputs) hold a NaN or
+    Inf. Stays on the values' device (no synchronisation)."""
+    if values.numel() == 0:
+        return torch.zeros(values.shape[0], dtype=torch.bool, device=values.device)
+    return (~torch.isfinite(values.detach())).reshape(values.shape[0], -1).any(1)
+
+
+def nonfinite_rows(values: torch.Tensor) -> int:
+    """How many items (entries along dim 0) hold a NaN or Inf."""
+    return int(nonfinite_mask(values).sum())
+
+
+def refuse_nonfinite(total: int, bad_images: int = 0, bad_outputs: int = 0, model: str = "the model") -> None:
+    """The one check every command shares (compress, eval, infer): images with NaN/Inf, or a
+    model whose outputs are NaN/Inf on them, are refused with a one-line ValueError naming
+    how many of the `total` images are affected."""
+    if bad_images:
+        raise ValueError(f"{bad_images} of {total} images hold NaN or Inf values; replace them "
+                         "(or check the normalisation mean/std)")
+    if bad_outputs:
+        raise ValueError(f"{model} gives NaN or Inf outputs on {bad_outputs} of {total} images; "
+                         "check its weights (checkpoint)")
+
+
+def check_finite(images: torch.Tensor, outputs: torch.Tensor | None = None, model: str = "the model") -> None:
+    """refuse_nonfinite for whole tensors: images (N, ...) and, optionally, outputs (N, ...)."""
+    refuse_nonfinite(images.shape[0], nonfinite_rows(images),
+                     0 if outputs is None else nonfinite_rows(outputs), model)
+
+
 def _is_image_file(path: Path) -> bool:
     return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
 

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from .atomic import atomic_open
-from .data import IMAGENET_MEAN, IMAGENET_STD, load_image_folder
+from .data import IMAGENET_MEAN, IMAGENET_STD, load_image_folder, nonfinite_mask, refuse_nonfinite
 from .engine import Engine, build_engine
 
 
@@ -124,10 +124,12 @@ def _device_batches(loader: DataLoader, device: torch.device, dtype: torch.dtype
 
 
 def _predict_shard(engine: Engine, loader: DataLoader, batch_size: int, progress: bool):
-    """Indices, top-1 classes and probabilities of this rank's images (CPU tensors)."""
+    """Indices, top-1 classes and probabilities of this rank's images (CPU tensors), and how
+    many of its images hold NaN/Inf and how many get NaN/Inf outputs (a (2,) tensor)."""
     device, dtype = engine.device, engine.dtype
     pad = device.type == "cuda"  # one batch size -> one CUDA graph; pad the last batch
     indices, classes, probs = [], [], []
+    nonfinite = torch.zeros(2, dtype=torch.long, device=device)
     with torch.no_grad(), tqdm(total=len(loader.sampler), unit="img", disable=not progress,
                                desc="infer") as bar:
         for images, _, batch_indices in _device_batches(loader, device, dtype):
@@ -135,15 +137,16 @@ def _predict_shard(engine: Engine, loader: DataLoader, batch_size: int, progress
             if pad and count < batch_size:
                 images = torch.cat([images, images.new_zeros(batch_size - count, *images.shape[1:])])
             logits = engine(images)[:count]
+            nonfinite += torch.stack([nonfinite_mask(images[:count]).sum(), nonfinite_mask(logits).sum()])
             top_prob, top_class = logits.float().softmax(dim=-1).max(dim=-1)
             indices.append(batch_indices)
             classes.append(top_class)
             probs.append(top_prob)
             bar.update(count)
     if not indices:
-        return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), torch.empty(0)
+        return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), torch.empty(0), nonfinite.cpu()
     # one device-to-host transfer at the end: no per-batch synchronisation
-    return torch.cat(indices), torch.cat(classes).cpu(), torch.cat(probs).cpu()
+    return torch.cat(indices), torch.cat(classes).cpu(), torch.cat(probs).cpu(), nonfinite.cpu()
 
 
 def _write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
@@ -208,6 +211,8 @@ def run_inference(model, data_dir: str | os.PathLike, out_csv: str | os.PathLike
 
 
 def _finish(dataset, gathered, out_csv, class_names, seconds, world_size) -> InferenceResult:
+    bad_images, bad_outputs = sum(g[3] for g in gathered).tolist()
+    refuse_nonfinite(len(dataset), bad_images, bad_outputs)  # before anything is written
     indices = torch.cat([g[0] for g in gathered])
     classes = torch.cat([g[1] for g in gathered])
     probs = torch.cat([g[2] for g in gathered])

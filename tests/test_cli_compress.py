@@ -219,3 +219,37 @@ def test_sweep_leaves_out_options_not_given():
     assert _options_for("uvc", given) == dict(seed=3, device="cpu")
     assert _options_for("tome", dict(given, iters=5)) == {}
     assert _options_for("cait", dict(given, iters=5)) == dict(iters=5, seed=3, device="cpu")
+
+
+def test_nonfinite_images_or_teacher_outputs_are_refused(capsys, files, timm_teacher):
+    import dcvit_engine
+    images = torch.randn(7, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    images[2, 1, 5, 5], images[6, 0, 0, 0] = float("nan"), float("inf")
+    for method in ("uvc", "dcvit"):
+        with pytest.raises(ValueError, match="^2 of 7 images hold NaN or Inf values"):
+            dcvit_engine.compress(timm_teacher, images, method=method, target_macs=0.7)
+    # a checkpoint whose weights give NaN: compress and eval refuse in one line, write nothing
+    broken = {k: v.clone() for k, v in timm_teacher.state_dict().items()}
+    broken["blocks.0.mlp.fc1.bias"][0] = float("nan")
+    path = files["root"] / "nan_teacher.pth"
+    torch.save(broken, path)
+    out_dir = files["root"] / "nan_out"
+    argv = ["compress", "--model", NAME, "--model-kwargs", json.dumps(KWARGS), "--checkpoint", path,
+            "--data", files["digits"], "--num-samples", 8, "--method", "uvc", "--target-macs", 0.7,
+            "--out", out_dir, *NORM, *FAST]
+    rc, _, err = dcvit(capsys, *argv)
+    assert rc == 2 and err.count("\n") == 1 and "the teacher gives NaN or Inf outputs on 8 of 8 images" in err
+    assert not out_dir.exists() and not (files["root"] / "nan_out.partial").exists()
+    rc, _, err = dcvit(capsys, *argv[:-len(NORM) - len(FAST)], "--mean", "nan", "--std", "0.3", *FAST)
+    assert rc == 2 and err.count("\n") == 1 and "8 of 8 images hold NaN" in err and not out_dir.exists()
+    # eval: NaN images, and an artifact whose forward is NaN
+    from dcvit_engine.artifact import save
+    broken_model = reference_from_timm(timm_teacher)
+    broken_model.load_state_dict(broken)
+    save(broken_model, files["root"] / "nan_artifact")
+    save(reference_from_timm(timm_teacher), files["root"] / "good_artifact")
+    eval_args = ["--data", files["digits"], "--device", "cpu", "--json"]
+    rc, out, err = dcvit(capsys, "eval", files["root"] / "good_artifact", *eval_args, "--mean", "nan")
+    assert rc == 2 and not out and err.count("\n") == 1 and "20 of 20 images hold NaN" in err
+    rc, out, err = dcvit(capsys, "eval", files["root"] / "nan_artifact", *eval_args, *NORM)
+    assert rc == 2 and not out and err.count("\n") == 1 and "NaN or Inf outputs on 20 of 20 images" in err

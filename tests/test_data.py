@@ -137,3 +137,17 @@ def test_too_few_images_and_bad_settings(flat, labeled):
     with pytest.raises(ValueError, match="both images and class subfolders"):
         load_image_folder(labeled, 8)
     assert len(ImageFolderData(labeled, 8, labeled=True)) == 9
+
+
+def test_nonfinite_rows_and_the_shared_refusal():
+    from dcvit_engine.data import check_finite, nonfinite_rows
+    images = torch.randn(6, 3, 4, 5, generator=torch.Generator().manual_seed(2))
+    check_finite(images)  # finite: accepted
+    images[1, 2, 3, 4], images[4, 0, 0, 0], images[4, 1, 0, 0] = float("nan"), float("inf"), -float("inf")
+    assert nonfinite_rows(images) == 2 and nonfinite_rows(images[:0]) == 0
+    with pytest.raises(ValueError, match="^2 of 6 images hold NaN or Inf values"):
+        check_finite(images)
+    outputs = torch.zeros(6, 10)
+    outputs[5, 9] = float("nan")
+    with pytest.raises(ValueError, match="^net gives NaN or Inf outputs on 1 of 6 images"):
+        check_finite(torch.ones(6, 3, 4, 5), outputs, model="net")

@@ -155,3 +155,21 @@ def test_cli_infer_errors_are_one_line(digits_folder, model_artifact, tmp_path, 
     code = cli_main(["infer", "--model", "vit_tiny_patch16_224", "--model-kwargs", '{"img_size": 32',
                      "--data", str(digits_folder), "--out", str(tmp_path / "p.csv")])
     assert code == 2 and "JSON" in capsys.readouterr().err
+
+
+def test_nonfinite_images_and_outputs_are_refused_and_nothing_written(digits_folder, model_artifact,
+                                                                       tmp_path, capsys):
+    out = tmp_path / "nan.csv"
+    # a NaN mean makes every image NaN: refused, naming how many, no CSV
+    code = cli_main(["infer", str(model_artifact), "--data", str(digits_folder), "--out", str(out),
+                     "--mean", "nan,0.5,0.5", "--batch-size", "5", "--num-workers", "0", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and f"{NUM_IMAGES} of {NUM_IMAGES} images hold NaN" in err
+    assert not out.exists()
+    # finite images, but a model whose forward is NaN
+    model = artifact.load(model_artifact)
+    with torch.no_grad():
+        model.blocks[1].mlp.fc2.bias[3] = float("nan")
+    with pytest.raises(ValueError, match=f"NaN or Inf outputs on {NUM_IMAGES} of {NUM_IMAGES} images"):
+        run_inference(model, digits_folder, out, backend="torch", batch_size=5, num_workers=0, progress=False)
+    assert not out.exists()

@@ -14,6 +14,7 @@ from dcvit_engine.artifact import load
 from dcvit_engine.cli.compress import model_from_source
 from dcvit_engine.cli.data_args import add_data_arguments, images_from_args
 from dcvit_engine.compress.fewshot import predict_logits, resolve_device
+from dcvit_engine.data import check_finite
 from dcvit_engine.macs import count_macs
 
 
@@ -58,14 +59,19 @@ def run(args):
         raise ValueError(f"the teacher ({teacher_name}) and {args.artifact} differ in input size, "
                          "channels or classes; they cannot be compared")
     images, labels, _classes = images_from_args(args, student.spec, seed=args.seed)
-    preds = predict_logits(student, images, args.batch_size, device).argmax(-1)
+    check_finite(images)
+    logits = predict_logits(student, images, args.batch_size, device)
+    check_finite(images, logits, model=str(args.artifact))
+    preds = logits.argmax(-1)
     result = dict(artifact=str(args.artifact), images=int(images.shape[0]),
                   macs=count_macs(student).total, top1=None, teacher=teacher_name,
                   teacher_macs=None, teacher_top1=None, agreement=None)
     if labels is not None:
         result["top1"] = (preds == labels).float().mean().item()
     if teacher is not None:
-        teacher_preds = predict_logits(teacher.to(device), images, args.batch_size, device).argmax(-1)
+        teacher_logits = predict_logits(teacher.to(device), images, args.batch_size, device)
+        check_finite(images, teacher_logits, model=f"the teacher {teacher_name}")
+        teacher_preds = teacher_logits.argmax(-1)
         result["teacher_macs"] = count_macs(teacher).total
         result["agreement"] = (preds == teacher_preds).float().mean().item()
         if labels is not None:

@@ -14,6 +14,9 @@ import importlib
 import inspect
 import os
 
+import torch
+
+from ..data import check_finite, nonfinite_rows, refuse_nonfinite
 from ..reference import ViTReference
 
 # method name -> (module under dcvit_engine.compress, function). Each function takes
@@ -55,6 +58,35 @@ def _load_if_path(model):
     return model
 
 
+def _input_shape(model) -> tuple | None:
+    """(C, H, W) a ViTReference or a timm ViT takes, else None."""
+    if isinstance(model, ViTReference):
+        return (model.spec.in_chans, *model.spec.img_size)
+    embed = getattr(model, "patch_embed", None) if isinstance(model, torch.nn.Module) else None
+    proj, size = getattr(embed, "proj", None), getattr(embed, "img_size", None)
+    if proj is None or size is None or getattr(embed, "dynamic_img_size", False):
+        return None
+    return (proj.in_channels, *size)
+
+
+@torch.no_grad()
+def _check_teacher_outputs(model, images, batch_size: int = 64) -> None:
+    """Images with NaN/Inf, or a teacher whose outputs are NaN/Inf on them, are refused before
+    any work (one forward pass where the model lives; the caller's model is not moved)."""
+    check_finite(images)
+    if _input_shape(model) != tuple(images.shape[1:]):
+        return  # the method names what is wrong with the model or the images' shape
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        bad = sum(nonfinite_rows(model(images[i:i + batch_size].to(device)))
+                  for i in range(0, images.shape[0], batch_size))
+    finally:
+        model.train(was_training)
+    refuse_nonfinite(images.shape[0], bad_outputs=bad, model="the teacher")
+
+
 def compress(model, images=None, method: str = "dcvit", target_macs: float | None = None, *,
              progress: bool = False, report: dict | None = None, **options) -> ViTReference:
     """Compress `model` with `method` to `target_macs` (see the module docstring).
@@ -75,7 +107,10 @@ def compress(model, images=None, method: str = "dcvit", target_macs: float | Non
         options["progress"] = progress
     if "report" in accepted:
         options["report"] = report
-    student = function(_load_if_path(model), images, target_macs, **options)
+    model = _load_if_path(model)
+    if isinstance(images, torch.Tensor) and images.dim() == 4 and images.is_floating_point():
+        _check_teacher_outputs(model, images)  # shape and dtype errors are the method's to name
+    student = function(model, images, target_macs, **options)
     if report is not None and "report" not in accepted:
         report.setdefault("method", method)
     return student
