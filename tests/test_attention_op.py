@@ -3,7 +3,7 @@ reference: ragged and uniform head widths, optional qkv/proj bias, key bias (pro
 attention) and LayerScale, odd token counts."""
 import pytest
 import torch
-from conftest import requires_cuda
+from conftest import cpu_backends, requires_cuda, requires_interpreter
 from numerics import FACTOR, FLOOR, INTERPRETER_BF16_FACTOR, poisoned_like, rel_err
 
 from dcvit_engine import ops
@@ -103,10 +103,12 @@ TRITON_CASES = [
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch,tokens,dim,qk_dims,v_dims,flags", TRITON_CASES)
+@requires_interpreter
 def test_triton_backend_interpreted(batch, tokens, dim, qk_dims, v_dims, flags, dtype):
     check_backend("triton", batch, tokens, dim, qk_dims, v_dims, dtype, **flags)
 
 
+@requires_interpreter
 def test_triton_ragged_full_width_head_interpreted():
     check_backend("triton", 1, 50, 64, *RAGGED, torch.float32, **PROP_ATTN)
 
@@ -122,6 +124,7 @@ def test_gpu_backends(backend, batch, tokens, dim, qk_dims, v_dims, flags, dtype
     check_backend(backend, batch, tokens, dim, qk_dims, v_dims, dtype, device="cuda", **flags)
 
 
+@requires_interpreter
 def test_flash_core_odd_widths_interpreted():
     """The attention kernel alone, with widths on both sides of the padding steps (1, 15,
     16, 17, 31, 33) and a key bias, against the per-head reference."""
@@ -146,6 +149,7 @@ def test_head_groups_pad_to_powers_of_two():
     assert groups[(32, 16)] == [[64], [185], [306], [64], [17], [5]]
 
 
+@requires_interpreter
 def test_triton_writes_every_output_element():
     x, w, g, kb = make_inputs(1, 50, 48, [16, 5, 12], [16, 3, 9], dtype=torch.float32)
     out = attention_block_triton(x, *w, [16, 5, 12], [16, 3, 9], 0.25, gamma=g, key_bias=kb,
@@ -180,13 +184,13 @@ def test_non_contiguous_inputs():
     x_t = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
     kb_t = kb.t().contiguous().t()
     expected = attention_block_ref(x, *w, [16, 5], [8, 16], 0.25, gamma=g, key_bias=kb)
-    for backend in ["torch", "cpu", "triton"]:
+    for backend in cpu_backends("torch", "cpu", "triton"):
         torch.testing.assert_close(ops.attention_block(x_t, *w, [16, 5], [8, 16], 0.25, gamma=g,
                                                        key_bias=kb_t, backend=backend),
                                    expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=requires_interpreter)])
 def test_opcheck(backend):
     qk_dims, v_dims = [16, 5], [8, 16]
     x, w, g, kb = make_inputs(2, 9, 32, qk_dims, v_dims, dtype=torch.float32)

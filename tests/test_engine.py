@@ -5,7 +5,7 @@ import copy
 import pytest
 import timm
 import torch
-from conftest import requires_cuda
+from conftest import requires_cuda, requires_interpreter
 from numerics import assert_close_to_reference
 
 from dcvit_engine import artifact
@@ -137,6 +137,7 @@ def test_token_merging_bf16():
 
 
 @pytest.mark.parametrize("kind", [None, "tome"])
+@requires_interpreter
 def test_triton_interpreter_tiny_model(kind):
     spec = compressed_spec() if kind is None else merging_spec(kind)
     check_engine(randomize(ViTReference(spec)), "triton", torch.float32, batch=1)

@@ -1,7 +1,7 @@
 """The fused MLP-only block on every backend against a float64 reference."""
 import pytest
 import torch
-from conftest import requires_cuda
+from conftest import cpu_backends, requires_cuda, requires_interpreter
 from numerics import assert_close_to_reference, poisoned_like
 
 from dcvit_engine import ops
@@ -49,11 +49,13 @@ def test_cpu_backend(tokens, dim, hidden, layer_scale, dtype):
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("tokens,dim,hidden", [(50, 96, 37), (197, 96, 1000), (50, 192, 37)])
 @pytest.mark.parametrize("layer_scale", [False, True])
+@requires_interpreter
 def test_triton_backend_interpreted(tokens, dim, hidden, layer_scale, dtype):
     # The interpreter runs every tile in Python: one batch element keeps this fast enough.
     check_backend("triton", 1, tokens, dim, hidden, layer_scale, dtype)
 
 
+@requires_interpreter
 def test_triton_backend_large_hidden_interpreted():
     check_backend("triton", 1, 50, 96, 3072, True, torch.float32)
 
@@ -72,6 +74,7 @@ def test_gpu_backends(backend, tokens, dim, hidden, layer_scale, dtype):
     check_backend(backend, 3, tokens, dim, hidden, layer_scale, dtype, device="cuda")
 
 
+@requires_interpreter
 def test_triton_writes_every_output_element():
     x, w, g = make_inputs(1, 50, 96, 37, True, dtype=torch.float32)
     out = mlp_block_triton(x, *w, gamma=g, out=poisoned_like(x))
@@ -101,12 +104,12 @@ def test_gpu_writes_every_output_element(backend):
 def test_non_contiguous_input():
     x, w, g = make_inputs(2, 50, 96, 37, False, dtype=torch.float32)
     x_t = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
-    for backend in ["torch", "cpu", "triton"]:
+    for backend in cpu_backends("torch", "cpu", "triton"):
         torch.testing.assert_close(ops.mlp_block(x_t, *w, backend=backend),
                                    mlp_block_ref(x, *w), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=requires_interpreter)])
 def test_opcheck(backend):
     x, w, g = make_inputs(2, 9, 48, 37, True, dtype=torch.float32)
     op = torch.ops.dcvit.mlp_block if backend == "cpu" else torch.ops.dcvit.mlp_block_triton
@@ -114,7 +117,7 @@ def test_opcheck(backend):
         torch.library.opcheck(op.default, (x, *w, gamma, 1e-6))
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "torch", pytest.param("triton", marks=requires_interpreter)])
 def test_torch_compile_fullgraph(backend):
     x, w, g = make_inputs(2, 9, 48, 37, True, dtype=torch.float32)
 

@@ -6,7 +6,7 @@ float64 reference, and, through one-hot token features, for merging exactly the 
 """
 import pytest
 import torch
-from conftest import requires_cuda
+from conftest import cpu_backends, requires_cuda, requires_interpreter
 from numerics import assert_close_to_reference, poisoned_like
 
 from dcvit_engine import ops
@@ -172,6 +172,7 @@ def test_tome_cpu_backend(tokens, r, class_token, distill_token, dtype):
 @pytest.mark.parametrize("tokens,r,class_token,distill_token,with_size",
                          [(197, 40, True, False, True), (65, 13, True, True, False),
                           (50, 24, False, False, True)])
+@requires_interpreter
 def test_tome_triton_backend_interpreted(tokens, r, class_token, distill_token, with_size, dtype):
     check_tome_backend("triton", tokens, r, class_token, distill_token, dtype, with_size=with_size,
                        batch=1, channels=24, metric_dim=20)
@@ -260,6 +261,7 @@ def test_atme_cpu_backend(prefix, grid, axis, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("prefix,grid,with_size", [(1, (14, 14), True), (2, (7, 5), False)])
 @pytest.mark.parametrize("axis", ["w", "h"])
+@requires_interpreter
 def test_atme_triton_backend_interpreted(prefix, grid, with_size, axis, dtype):
     check_atme_backend("triton", prefix, grid, axis, dtype, with_size=with_size, batch=1,
                        channels=24, metric_dim=20)
@@ -285,7 +287,7 @@ def test_atme_gpu_backends(backend, prefix, grid, axis, dtype):
 def test_atme_unmerge_restores_grid_with_merged_values_in_both_positions(prefix, grid, axis):
     x, metric, _ = make_inputs(2, prefix + grid[0] * grid[1], 6, 5, False)
     merged, _, new_grid = atme_merge_ref(x, metric, grid, axis, prefix)
-    for backend in ("torch", "cpu", "triton"):
+    for backend in cpu_backends("torch", "cpu", "triton"):
         full = ops.atme_unmerge(merged.float(), grid, axis, prefix, backend=backend)
         assert full.shape == x.shape
         assert torch.equal(full[:, :prefix], merged[:, :prefix].float())
@@ -305,22 +307,32 @@ def test_out_variants_write_every_element():
     out, size_out = poisoned_like(ref), poisoned_like(ref_size)
     torch.ops.dcvit.tome_merge.out(x, metric, 20, size, True, False, out=out, size_out=size_out)
     torch.testing.assert_close((out, size_out), (ref, ref_size))
-    out, size_out = poisoned_like(ref), poisoned_like(ref_size)
-    bipartite_merge_triton(x, metric, 20, size, out=out, size_out=size_out)
-    torch.testing.assert_close((out, size_out), (ref, ref_size))
 
     ref, ref_size, _ = atme_merge_ref(x, metric, (8, 8), "h", 1, size)
     out, size_out = poisoned_like(ref), poisoned_like(ref_size)
     torch.ops.dcvit.atme_merge.out(x, metric, 8, 8, "h", 1, size, out=out, size_out=size_out)
-    torch.testing.assert_close((out, size_out), (ref, ref_size))
-    out, size_out = poisoned_like(ref), poisoned_like(ref_size)
-    atme_merge_triton(x, metric, (8, 8), "h", 1, size, out=out, size_out=size_out)
     torch.testing.assert_close((out, size_out), (ref, ref_size))
 
     full_ref = atme_unmerge_ref(ref, (8, 8), "h", 1)
     full = poisoned_like(full_ref)
     torch.ops.dcvit.atme_unmerge.out(ref, 8, 8, "h", 1, out=full)
     assert torch.equal(full, full_ref)
+
+
+@requires_interpreter
+def test_triton_out_variants_write_every_element():
+    x, metric, size = (t.float() for t in make_inputs(2, 65, 24, 16, True))
+    ref, ref_size = bipartite_merge_ref(x, metric, 20, size)
+    out, size_out = poisoned_like(ref), poisoned_like(ref_size)
+    bipartite_merge_triton(x, metric, 20, size, out=out, size_out=size_out)
+    torch.testing.assert_close((out, size_out), (ref, ref_size))
+
+    ref, ref_size, _ = atme_merge_ref(x, metric, (8, 8), "h", 1, size)
+    out, size_out = poisoned_like(ref), poisoned_like(ref_size)
+    atme_merge_triton(x, metric, (8, 8), "h", 1, size, out=out, size_out=size_out)
+    torch.testing.assert_close((out, size_out), (ref, ref_size))
+
+    full_ref = atme_unmerge_ref(ref, (8, 8), "h", 1)
     full = poisoned_like(full_ref)
     assert torch.equal(atme_unmerge_triton(ref, (8, 8), "h", 1, out=full), full_ref)
 
@@ -341,7 +353,7 @@ def test_cuda_out_variants_write_every_element():
     assert torch.equal(full, atme_unmerge_ref(ref, (14, 14), "w", 1))
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=requires_interpreter)])
 def test_opcheck(backend):
     x, metric, size = (t.float() for t in make_inputs(2, 37, 16, 16, True))
     suffix = "" if backend == "cpu" else "_triton"
