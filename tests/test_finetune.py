@@ -143,7 +143,8 @@ def test_kd_loss_matches_hand_formula():
     p_t = t.softmax(-1)
     soft_ce = -(p_t * s.log_softmax(-1)).sum(-1).mean()
     tau = 2.0
-    kl = (torch.softmax(t / tau, -1) * (torch.log_softmax(t / tau, -1) - torch.log_softmax(s / tau, -1))).sum(-1).mean()
+    # UVC's official weighting: the KL summed, divided by batch x classes (here 6 x 5)
+    kl = (torch.softmax(t / tau, -1) * (torch.log_softmax(t / tau, -1) - torch.log_softmax(s / tau, -1))).sum() / 30
     expected = 0.9 * soft_ce + 0.1 * tau ** 2 * kl
     torch.testing.assert_close(kd_loss(s, t, tau=tau), expected)
     labels = torch.tensor([0, 1, -1, 3, 4, -1])

@@ -264,7 +264,9 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
             labels: torch.Tensor | None = None, alpha: float = 0.1, tau: float = 1.0) -> torch.Tensor:
-    """UVC's distillation loss: (1 - alpha) * CE(targets) + alpha * tau^2 * KL(teacher || student / tau).
+    """UVC's distillation loss: (1 - alpha) * CE(targets) + alpha * tau^2 * KL(teacher || student / tau)
+    / (batch * classes) -- the KL summed and divided by the logits' count, as the official
+    code (DeiT's DistillationLoss, which UVC uses) does, not averaged over the batch only.
 
     The CE targets are the labels where given (>= 0) and the teacher's softmax for
     unlabeled images (labels None or -1).
@@ -278,7 +280,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         targets = torch.where(known.unsqueeze(-1), one_hot, targets)
     cross_entropy = -(targets * log_probs).sum(-1).mean()
     kl = F.kl_div(F.log_softmax(student_logits / tau, dim=-1), F.log_softmax(teacher_logits / tau, dim=-1),
-                  reduction="batchmean", log_target=True)
+                  reduction="sum", log_target=True) / student_logits.numel()
     return (1.0 - alpha) * cross_entropy + alpha * tau * tau * kl
 
 
