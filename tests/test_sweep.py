@@ -45,3 +45,46 @@ def test_sweep_rejects_bad_targets_and_methods(digits_folders, tmp_path, capsys)
     assert "--targets" in capsys.readouterr().err
     assert main(base + ["--methods", "dcvit,magic"]) == 2
     assert "unknown method" in capsys.readouterr().err
+
+
+def test_seeds_equal_budget_and_equal_macs_pairs(digits_folders, tmp_path, capsys):
+    """Two draws; DC-ViT is also run at PRACTISE's MACs point with one block more; each
+    student's finetuning budget is the same total and stated; the table shows mean ± std."""
+    train, test = digits_folders
+    out = tmp_path / "sweep"
+    norm = ["--mean", ",".join(map(str, DIGITS_MEAN)), "--std", ",".join(map(str, DIGITS_STD))]
+    status = main(["sweep", "--model", "vit_tiny_patch16_224", "--model-kwargs", MODEL_KWARGS,
+                   "--data", str(train), "--num-samples", "12", "--eval-data", str(test),
+                   "--methods", "dcvit,practise", "--targets", "0.8", "--iters", "4", "--seeds", "2",
+                   "--metric-size", "4", "--metric-iters", "2", "--batch-size", "8", *norm, "--out", str(out)])
+    assert status == 0
+    printed = capsys.readouterr().out
+    table = [line for line in printed.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + 4, "teacher, dcvit, practise, dcvit@practise"
+    assert all("±" in line for line in table[3:]) and "FT iters" in table[0]
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    assert [(r["method"], r["seed"]) for r in rows[1:]] == [
+        ("dcvit", "0"), ("practise", "0"), ("dcvit@practise", "0"),
+        ("dcvit", "1"), ("practise", "1"), ("dcvit@practise", "1")]
+    by = {(r["method"], r["seed"]): r for r in rows[1:]}
+    for seed in "01":
+        practise, paired = by[("practise", seed)], by[("dcvit@practise", seed)]
+        assert abs(float(paired["macs_ratio"]) - float(practise["macs_ratio"])) < 0.01
+        assert practise["budget"].startswith("4 ") and "sel" in practise["budget"]
+        assert paired["budget"].startswith("2x2 "), "4 iterations split over DC-ViT's two steps"
+        assert "of 1:" in paired["blocks"] and " 2:" in paired["blocks"], "every candidate's score"
+    assert (out / "sweep.png").stat().st_size > 10_000
+
+
+def test_no_seeds_and_unpaired_targets_are_one_line_errors(digits_folders, tmp_path, capsys):
+    train, test = digits_folders
+    out = tmp_path / "never"
+    base = ["sweep", "--model", "vit_tiny_patch16_224", "--model-kwargs", MODEL_KWARGS, "--data", str(train),
+            "--num-samples", "8", "--eval-data", str(test), "--methods", "dcvit,practise", "--out", str(out)]
+    assert main(base + ["--targets", "0.8", "--seeds", "0"]) == 2
+    assert "--seeds must be at least 1" in capsys.readouterr().err
+    # PRACTISE drops both candidate blocks of the depth-4 model: DC-ViT cannot use a third
+    assert main(base + ["--targets", "0.6"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no equal-MACs pair" in err and "\n" not in err
+    assert not out.exists(), "nothing written"

@@ -26,9 +26,33 @@ def register(subparsers):
                         help="default: each method's own, " + defaults_text("batch_size"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backend", default=None, help="engine backend for evaluation and latency")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--metric-size", type=int, default=50,
+                        help="synthetic metric-set images per seed, shared by DC-ViT and PRACTISE (default 50)")
+    parser.add_argument("--metric-iters", type=int, default=2000,
+                        help="metric-set optimization steps (default 2000, the official value)")
+    parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    add_fairness_arguments(parser, default_seeds=1)
     parser.add_argument("--out", required=True, help="output folder")
     parser.set_defaults(func=run)
+
+
+def add_fairness_arguments(parser, default_seeds: int) -> None:
+    """--seeds, --budget, --no-pair: shared by `dcvit sweep` and `dcvit demo`."""
+    parser.add_argument("--seeds", type=int, default=default_seeds,
+                        help="few-shot draws (image subset, metric set, method seed): seeds --seed .. "
+                        f"--seed + K - 1; tables show mean ± std (default {default_seeds})")
+    parser.add_argument("--budget", choices=("equal", "official"), default="equal",
+                        help="equal (default): every DC-ViT/PRACTISE student gets --iters finetuning "
+                        "iterations in total (DC-ViT splits them over its steps); official: DC-ViT "
+                        "finetunes --iters per progressive step, as its code does")
+    parser.add_argument("--no-pair", dest="pair", action="store_false",
+                        help="do not also run DC-ViT at each PRACTISE MACs point (one block more)")
+
+
+def check_seeds(seeds: int) -> int:
+    if seeds < 1:
+        raise CommandError(f"--seeds must be at least 1 (the number of few-shot draws), got {seeds}")
+    return seeds
 
 
 def parse_targets(text: str) -> list[float]:
@@ -43,26 +67,43 @@ def parse_targets(text: str) -> list[float]:
 
 def run(args):
     from dcvit_engine.compress.api import METHODS
-    from dcvit_engine.sweep import format_table, plot_sweep, run_sweep, table_line, write_csv
+    from dcvit_engine.sweep import (ROW_COLUMNS, Draw, equal_macs_pairs, format_table, plot_sweep,
+                                    run_sweep, table_line, write_csv)
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise CommandError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     targets = parse_targets(args.targets)
+    seeds = range(args.seed, args.seed + check_seeds(args.seeds))
     teacher, name = model_from_args(args)
-    images, _, _ = images_from_args(args, teacher.spec, seed=args.seed)
+    if args.pair and "dcvit" in methods and "practise" in methods:
+        try:
+            equal_macs_pairs(teacher.spec, targets)
+        except ValueError as err:
+            raise CommandError(str(err)) from None
+    draws = [Draw(seed, images_from_args(args, teacher.spec, seed=seed)[0]) for seed in seeds]
+    images = draws[0].images
+    if "dcvit" in methods or "practise" in methods:
+        from dcvit_engine.compress.metric_set import synthesize_metric_set
+
+        for draw in draws:  # one metric set per draw, the same for both methods (scored alike)
+            draw.options["metric_set"] = synthesize_metric_set(
+                teacher, num_images=args.metric_size, iters=args.metric_iters, seed=draw.seed,
+                mean=args.mean, std=args.std, device=args.device, progress=True).images
     eval_args = argparse.Namespace(data=args.eval_data, num_samples=None, mean=args.mean, std=args.std)
     eval_images, eval_labels, _ = images_from_args(eval_args, teacher.spec)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    options = dict(iters=args.iters, batch_size=args.batch_size, seed=args.seed, device=args.device)
-    print(f"sweep of {name}: {len(images)} few-shot images, {len(eval_images)} evaluation images, "
-          f"methods {', '.join(methods)}, targets {', '.join(f'{t:.2f}' for t in targets)}")
-    print(" | ".join(("method", "target", "MACs(M)", "MACs%", "params(K)", "top1", "agree", "ms", "img/s", "s")))
+    options = dict(iters=args.iters, batch_size=args.batch_size, device=args.device)
+    print(f"sweep of {name}: {len(images)} few-shot images x {len(draws)} seeds, {len(eval_images)} "
+          f"evaluation images, methods {', '.join(methods)}, targets {', '.join(f'{t:.2f}' for t in targets)}, "
+          f"{args.budget} finetuning budget")
+    print(" | ".join(ROW_COLUMNS))
     with backend_errors_as_command_errors():
-        rows = run_sweep(teacher, images, eval_images, eval_labels,
-                         {m: _options_for(m, options) for m in methods}, targets,
+        rows = run_sweep(teacher, None, eval_images, eval_labels,
+                         {m: _options_for(m, options) for m in methods}, targets, draws=draws,
+                         budget=args.budget, pair=args.pair,
                          device=args.device, backend=args.backend, progress=True,
                          on_row=lambda row: print(" | ".join(table_line(row))))
     if len(rows) == 1:
