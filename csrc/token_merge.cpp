@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <numeric>
 #include <vector>
 
 namespace dcvit {
@@ -80,45 +81,6 @@ void check_merge_outputs(const char* op, const at::Tensor& x, int64_t out_tokens
   }
 }
 
-TomePlan tome_merge_plan(const at::Tensor& metric, int64_t r, bool class_token,
-                         bool distill_token) {
-  const int64_t batch = metric.size(0), tokens = metric.size(1);
-  const int64_t num_a = (tokens + 1) / 2, num_b = tokens / 2;
-  const auto score_type = metric.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor m = metric.to(score_type);
-  m = m / at::linalg_vector_norm(m, 2, {-1}, /*keepdim=*/true);
-  at::Tensor scores = at::bmm(m.slice(1, 0, tokens, 2), m.slice(1, 1, tokens, 2).transpose(1, 2));
-  const double neg_inf = -std::numeric_limits<double>::infinity();
-  if (class_token) scores.select(1, 0).fill_(neg_inf);    // class token is never a source
-  if (distill_token) scores.select(2, 0).fill_(neg_inf);  // distillation token never a destination
-  auto [node_max, node_idx] = scores.max(-1);
-  const at::Tensor edge = node_max.argsort(/*stable=*/true, -1, /*descending=*/true);
-  const at::Tensor src_a = edge.narrow(1, 0, r);
-  const at::Tensor unm_a = std::get<0>(edge.narrow(1, r, num_a - r).sort(-1));
-  const at::Tensor dst_b = node_idx.gather(1, src_a);
-  // group the merged tokens by destination, in token order within a group
-  const at::Tensor order = (dst_b * num_a + src_a).argsort(/*stable=*/true, 1, /*descending=*/false);
-  TomePlan plan;
-  plan.sources = (src_a.gather(1, order) * 2).contiguous();
-  const auto long_opts = edge.options();
-  at::Tensor count_b = at::zeros({batch, num_b}, long_opts);
-  count_b.scatter_add_(1, dst_b, at::ones_like(dst_b));
-  const at::Tensor begin_b = count_b.cumsum(1) - count_b;
-  const at::Tensor primary_b = (at::arange(num_b, long_opts) * 2 + 1).expand({batch, num_b});
-  const at::Tensor zeros_a = at::zeros_like(unm_a);
-  auto ordered = [&](const at::Tensor& unm, const at::Tensor& dst) {
-    if (distill_token) {  // class token, distillation token (B's first), then the rest
-      return at::cat({unm.narrow(1, 0, 1), dst.narrow(1, 0, 1), unm.narrow(1, 1, unm.size(1) - 1),
-                      dst.narrow(1, 1, num_b - 1)}, 1);
-    }
-    return at::cat({unm, dst}, 1);
-  };
-  plan.primary = ordered(unm_a * 2, primary_b).contiguous();
-  plan.begin = ordered(zeros_a, begin_b).contiguous();
-  plan.count = ordered(zeros_a, count_b).contiguous();
-  return plan;
-}
-
 AtmeLayout atme_layout(const char* op, const at::Tensor& x, int64_t grid_h, int64_t grid_w,
                        c10::string_view axis, int64_t num_prefix_tokens, bool merged) {
   check_tokens_tensor(op, "x", x);
@@ -153,6 +115,84 @@ namespace {
 
 // ---- ToMe ----------------------------------------------------------------------------------
 
+// ToMe's selection for one batch element from its (Na, Nb) cosine scores, written into the
+// plan rows of that element (see TomePlan).
+template <typename score_t>
+void plan_from_scores(const score_t* scores, int64_t num_a, int64_t num_b, int64_t r,
+                      bool class_token, bool distill_token, int32_t* primary, int32_t* begin,
+                      int32_t* count, int32_t* sources) {
+  constexpr score_t neg_inf = -std::numeric_limits<score_t>::infinity();
+  std::vector<score_t> best(num_a, neg_inf);
+  std::vector<int32_t> dst(num_a, 0);
+  for (int64_t i = class_token ? 1 : 0; i < num_a; ++i) {  // the class token never merges
+    const score_t* row = scores + i * num_b;
+    for (int64_t j = distill_token ? 1 : 0; j < num_b; ++j) {  // nor is the dist token a target
+      if (row[j] > best[i]) {  // strict: the earliest index wins a tie, as torch.max
+        best[i] = row[j];
+        dst[i] = static_cast<int32_t>(j);
+      }
+    }
+  }
+  std::vector<int32_t> edge(num_a);
+  std::iota(edge.begin(), edge.end(), 0);
+  std::stable_sort(edge.begin(), edge.end(),
+                   [&](int32_t a, int32_t b) { return best[a] > best[b]; });
+  // kept A tokens: back in token order only with a class token (ToMe keeps it first)
+  if (class_token) std::sort(edge.begin() + r, edge.end());
+  // merged tokens listed by destination, then token order
+  std::sort(edge.begin(), edge.begin() + r, [&](int32_t a, int32_t b) {
+    return dst[a] != dst[b] ? dst[a] < dst[b] : a < b;
+  });
+  std::vector<int32_t> count_b(num_b, 0);
+  for (int64_t k = 0; k < r; ++k) {
+    sources[k] = 2 * edge[k];
+    ++count_b[dst[edge[k]]];
+  }
+  const int64_t kept = num_a - r;
+  auto put = [&](int64_t slot, int32_t own, int32_t first, int32_t num) {
+    primary[slot] = own;
+    begin[slot] = first;
+    count[slot] = num;
+  };
+  for (int64_t p = 0; p < kept; ++p) {  // with a distillation token it takes slot 1
+    put(distill_token && p > 0 ? p + 1 : p, 2 * edge[r + p], 0, 0);
+  }
+  int32_t first = 0;
+  for (int64_t d = 0; d < num_b; ++d) {
+    put(distill_token && d == 0 ? 1 : kept + d, static_cast<int32_t>(2 * d + 1), first, count_b[d]);
+    first += count_b[d];
+  }
+}
+
+// Cosine scores by one BLAS bmm of the L2-normalized metric (fp32, fp64 for double), then
+// ToMe's selection per batch element in plain loops.
+TomePlan tome_merge_plan_cpu(const at::Tensor& metric, int64_t r, bool class_token,
+                             bool distill_token) {
+  const int64_t batch = metric.size(0), tokens = metric.size(1);
+  const int64_t num_a = (tokens + 1) / 2, num_b = tokens / 2, n_out = tokens - r;
+  const auto score_type = metric.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor m = metric.to(score_type);
+  m = m / at::linalg_vector_norm(m, 2, {-1}, /*keepdim=*/true);
+  const at::Tensor scores =
+      at::bmm(m.slice(1, 0, tokens, 2), m.slice(1, 1, tokens, 2).transpose(1, 2)).contiguous();
+  const auto int_opts = metric.options().dtype(at::kInt);
+  TomePlan plan{at::empty({batch, n_out}, int_opts), at::empty({batch, n_out}, int_opts),
+                at::empty({batch, n_out}, int_opts), at::empty({batch, r}, int_opts)};
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "tome_merge_plan_cpu", [&] {
+    const scalar_t* s = scores.data_ptr<scalar_t>();
+    at::parallel_for(0, batch, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t b = lo; b < hi; ++b) {
+        plan_from_scores<scalar_t>(s + b * num_a * num_b, num_a, num_b, r, class_token,
+                                   distill_token, plan.primary.data_ptr<int32_t>() + b * n_out,
+                                   plan.begin.data_ptr<int32_t>() + b * n_out,
+                                   plan.count.data_ptr<int32_t>() + b * n_out,
+                                   plan.sources.data_ptr<int32_t>() + b * r);
+      }
+    });
+  });
+  return plan;
+}
+
 template <typename scalar_t>
 void weighted_gather_cpu(const at::Tensor& x, const scalar_t* size, const TomePlan& plan,
                          at::Tensor& out, at::Tensor& size_out) {
@@ -160,10 +200,10 @@ void weighted_gather_cpu(const at::Tensor& x, const scalar_t* size, const TomePl
   const int64_t tokens = x.size(1), channels = x.size(2), n_out = out.size(1);
   const int64_t r = plan.sources.size(1);
   const scalar_t* xs = x.data_ptr<scalar_t>();
-  const int64_t* primary = plan.primary.data_ptr<int64_t>();
-  const int64_t* begin = plan.begin.data_ptr<int64_t>();
-  const int64_t* count = plan.count.data_ptr<int64_t>();
-  const int64_t* sources = plan.sources.data_ptr<int64_t>();
+  const int32_t* primary = plan.primary.data_ptr<int32_t>();
+  const int32_t* begin = plan.begin.data_ptr<int32_t>();
+  const int32_t* count = plan.count.data_ptr<int32_t>();
+  const int32_t* sources = plan.sources.data_ptr<int32_t>();
   scalar_t* os = out.data_ptr<scalar_t>();
   scalar_t* ss = size_out.data_ptr<scalar_t>();
   at::parallel_for(0, x.size(0) * n_out, 16, [&](int64_t lo, int64_t hi) {
@@ -182,7 +222,7 @@ void weighted_gather_cpu(const at::Tensor& x, const scalar_t* size, const TomePl
         continue;
       }
       for (int64_t c = 0; c < channels; ++c) acc[c] = acc_t(own_row[c]) * total;
-      const int64_t* list = sources + b * r + begin[row];
+      const int32_t* list = sources + b * r + begin[row];
       for (int64_t k = 0; k < count[row]; ++k) {
         const acc_t s = size_of(list[k]);
         const scalar_t* src_row = xb + list[k] * channels;
@@ -206,7 +246,7 @@ std::tuple<at::Tensor&, at::Tensor&> tome_merge_out_cpu(
     size.has_value() ? size_out.copy_(*size) : size_out.fill_(1);
     return {out, size_out};
   }
-  const TomePlan plan = tome_merge_plan(metric, eff_r, class_token, distill_token);
+  const TomePlan plan = tome_merge_plan_cpu(metric, eff_r, class_token, distill_token);
   const at::Tensor xc = x.contiguous();
   const at::Tensor sc = size.has_value() ? size->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tome_merge_cpu", [&] {

@@ -23,15 +23,13 @@ int64_t check_tome_merge_inputs(const at::Tensor& x, const at::Tensor& metric, i
 
 // A ToMe merge as a gather: output token i of batch b is the size-weighted average of
 // token primary[b, i] and tokens sources[b, begin[b, i] : begin[b, i] + count[b, i]].
-// All int64; primary/begin/count are (B, N - r), sources (B, r).
+// All int32; primary/begin/count are (B, N - r), sources (B, r). Output order is ToMe's:
+// the kept A tokens (in token order with a class token, else in score order), then the B
+// tokens; with a distillation token, class token, distillation token, then the rest.
+// Built by the CPU impl from a BLAS score matrix and by the CUDA impl in three kernels.
 struct TomePlan {
   at::Tensor primary, begin, count, sources;
 };
-
-// Best matches by at::bmm of the L2-normalized metric (fp32, fp64 for double), then
-// ToMe's top-r edge selection. Device-generic ATen; r must be the effective r (>= 1).
-TomePlan tome_merge_plan(const at::Tensor& metric, int64_t r, bool class_token,
-                         bool distill_token);
 
 // Checks the out buffers: contiguous, x's dtype and device, the given token count.
 void check_merge_outputs(const char* op, const at::Tensor& x, int64_t out_tokens,

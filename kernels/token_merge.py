@@ -6,11 +6,15 @@ ToMe (facebookresearch/ToMe `bipartite_soft_matching` + `merge_wavg`) on the GPU
      and both sides' squared norms are accumulated in the same K loop), so the normalized
      metric and the (Na, Nb) score matrix never reach memory; only each row's max and
      argmax do.
-  2. torch picks the r best edges (argsort) and turns them into a gather plan: per output
-     token its own token plus the list of tokens merged into it.
-  3. `_weighted_gather_kernel`: every output token is the size-weighted average of its
+  2. `_tome_rank_kernel`: each A token's place in ToMe's stable descending edge sort, by
+     counting the tokens that sort before it (a few hundred A tokens: O(Na^2) compares are
+     cheaper than a sort's launches).
+  3. `_tome_plan_kernel`: from the ranks, the gather plan: per output token its own token
+     and the list of tokens merged into it, in ToMe's output order.
+  4. `_weighted_gather_kernel`: every output token is the size-weighted average of its
      list, read once from x, written once; sizes add up in the same pass. A gather instead
      of ToMe's scatter_reduce: no atomics, deterministic summation order.
+Four launches per merge and no ATen op between them (the merge is launch-bound otherwise).
 
 ATME (this project's definition of CAIT's asymmetric token merging, see DESIGN/METHODS):
 tokens are P prefix tokens followed by an H x W grid (row-major). Axis "w" merges the
@@ -55,10 +59,14 @@ def atme_merged_grid(grid, axis):
 def bipartite_merge_ref(x, metric, r, size=None, class_token=True, distill_token=False):
     """ToMe's bipartite soft matching followed by merge_wavg, transcribed step by step.
 
-    Differences from ToMe, none of which changes which tokens merge: scores are computed in
-    fp32 (or fp64) whatever the metric dtype, the edge sort is stable, and unmerged A tokens
-    keep their original order also without a class token (ToMe leaves them in score order
-    then, a permutation that attention and pooling do not see).
+    Output order is ToMe's: the unmerged A tokens, then the B tokens (with a distillation
+    token: class token, distillation token, then the rest of each). The unmerged A tokens are
+    sorted back into token order only with a class token (to keep it first); without one
+    they stay in score order (most similar first). That order matters: the next merge splits
+    tokens into A and B by position, so a different order merges different tokens there.
+    Differences from ToMe, neither of which changes which tokens merge for distinct scores:
+    scores are computed in fp32 (or fp64) whatever the metric dtype, and the edge sort is
+    stable (ties in token order).
     """
     if size is None:
         size = torch.ones_like(x[..., :1])
@@ -76,7 +84,9 @@ def bipartite_merge_ref(x, metric, r, size=None, class_token=True, distill_token
             scores[..., :, 0] = -torch.inf
         node_max, node_idx = scores.max(dim=-1)
         edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)[..., None]
-        unm_idx = edge_idx[..., r:, :].sort(dim=-2).values
+        unm_idx = edge_idx[..., r:, :]
+        if class_token:  # ToMe sorts only to keep the class token first
+            unm_idx = unm_idx.sort(dim=-2).values
         src_idx = edge_idx[..., :r, :]
         dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
 
@@ -212,6 +222,86 @@ def _tome_best_match_kernel(
 
 
 @triton.jit
+def _tome_rank_kernel(best_ptr, rank_ptr, NA, BLOCK: tl.constexpr):
+    """rank[i] = place of A token i in the stable descending sort of best: the tokens with a
+    higher score, plus the earlier tokens with the same score (torch's stable argsort)."""
+    pid = tl.program_id(0).to(tl.int64)
+    batch = tl.program_id(1).to(tl.int64)
+    i = pid * BLOCK + tl.arange(0, BLOCK)
+    i_ok = i < NA
+    v_i = tl.load(best_ptr + batch * NA + i, mask=i_ok, other=0.0)
+    rank = tl.zeros((BLOCK,), dtype=tl.int32)
+    for j0 in range(0, NA, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        j_ok = j < NA
+        v_j = tl.load(best_ptr + batch * NA + j, mask=j_ok, other=0.0)
+        before = (v_j[None, :] > v_i[:, None]) | ((v_j[None, :] == v_i[:, None]) & (j[None, :] < i[:, None]))
+        rank += tl.sum((before & j_ok[None, :]).to(tl.int32), axis=1)
+    tl.store(rank_ptr + batch * NA + i, rank, mask=i_ok)
+
+
+@triton.jit
+def _tome_plan_kernel(
+    rank_ptr, best_idx_ptr, primary_ptr, begin_ptr, count_ptr, sources_ptr,
+    NA, NB, N_OUT, R,
+    CLASS_TOKEN: tl.constexpr, DISTILL_TOKEN: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Program (tile, batch) places A tokens tile*BLOCK.. and B tokens tile*BLOCK.. in the
+    plan. A tokens with rank < R merge into their best B match; the others are kept, in token
+    order with a class token, else in rank (score) order, as ToMe. Merged tokens are listed
+    by destination, then token order, so each B token's list is contiguous."""
+    pid = tl.program_id(0).to(tl.int64)
+    batch = tl.program_id(1).to(tl.int64)
+    t = pid * BLOCK + tl.arange(0, BLOCK)
+    a_ok = t < NA
+    d_ok = t < NB
+    rank_i = tl.load(rank_ptr + batch * NA + t, mask=a_ok, other=0)
+    dst_i = tl.load(best_idx_ptr + batch * NA + t, mask=a_ok, other=0).to(tl.int32)
+    merged_i = rank_i < R
+    kept_before = tl.zeros((BLOCK,), dtype=tl.int32)   # kept A tokens before token i
+    merged_before = tl.zeros((BLOCK,), dtype=tl.int32)  # merged tokens listed before token i
+    count_d = tl.zeros((BLOCK,), dtype=tl.int32)        # tokens merged into B token d
+    begin_d = tl.zeros((BLOCK,), dtype=tl.int32)        # tokens merged into B tokens < d
+    t32 = t.to(tl.int32)
+    for j0 in range(0, NA, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        j_ok = j < NA
+        rank_j = tl.load(rank_ptr + batch * NA + j, mask=j_ok, other=0)
+        dst_j = tl.load(best_idx_ptr + batch * NA + j, mask=j_ok, other=0).to(tl.int32)
+        merged_j = (rank_j < R) & j_ok
+        kept_j = (rank_j >= R) & j_ok
+        earlier = j[None, :] < t[:, None]
+        kept_before += tl.sum((kept_j[None, :] & earlier).to(tl.int32), axis=1)
+        listed_before = (dst_j[None, :] < dst_i[:, None]) | ((dst_j[None, :] == dst_i[:, None]) & earlier)
+        merged_before += tl.sum((merged_j[None, :] & listed_before).to(tl.int32), axis=1)
+        count_d += tl.sum((merged_j[None, :] & (dst_j[None, :] == t32[:, None])).to(tl.int32), axis=1)
+        begin_d += tl.sum((merged_j[None, :] & (dst_j[None, :] < t32[:, None])).to(tl.int32), axis=1)
+    plan = batch * N_OUT
+    zero = tl.zeros((BLOCK,), dtype=tl.int32)
+    # kept A token: its place among the kept ones, then ToMe's slot (class, dist, rest)
+    if CLASS_TOKEN:
+        place = kept_before
+    else:
+        place = rank_i - R
+    if DISTILL_TOKEN:
+        slot = tl.where(place == 0, 0, place + 1)
+    else:
+        slot = place
+    kept = a_ok & ~merged_i
+    tl.store(primary_ptr + plan + slot, 2 * t32, mask=kept)
+    tl.store(begin_ptr + plan + slot, zero, mask=kept)
+    tl.store(count_ptr + plan + slot, zero, mask=kept)
+    tl.store(sources_ptr + batch * R + merged_before, 2 * t32, mask=a_ok & merged_i)
+    # B token d: after the NA - R kept A tokens; with a distillation token that one is second
+    slot_d = NA - R + t32
+    if DISTILL_TOKEN:
+        slot_d = tl.where(t == 0, 1, slot_d)
+    tl.store(primary_ptr + plan + slot_d, 2 * t32 + 1, mask=d_ok)
+    tl.store(begin_ptr + plan + slot_d, begin_d, mask=d_ok)
+    tl.store(count_ptr + plan + slot_d, count_d, mask=d_ok)
+
+
+@triton.jit
 def _weighted_gather_kernel(
     x_ptr, size_ptr, primary_ptr, begin_ptr, count_ptr, sources_ptr, out_ptr, size_out_ptr,
     N, N_OUT, C, R,
@@ -220,9 +310,9 @@ def _weighted_gather_kernel(
     o = tl.program_id(0).to(tl.int64)
     batch = tl.program_id(1).to(tl.int64)
     plan = batch * N_OUT + o
-    own = tl.load(primary_ptr + plan)
-    begin = tl.load(begin_ptr + plan)
-    count = tl.load(count_ptr + plan).to(tl.int32)  # a few tokens: 32-bit loop bound
+    own = tl.load(primary_ptr + plan).to(tl.int64)
+    begin = tl.load(begin_ptr + plan).to(tl.int64)
+    count = tl.load(count_ptr + plan)  # int32: a few tokens
     x_base = x_ptr + batch * N * C
     src_base = sources_ptr + batch * R + begin
 
@@ -244,7 +334,7 @@ def _weighted_gather_kernel(
         x_own = tl.load(x_base + own * C + cols, mask=ok, other=0.0).to(tl.float32)
         acc = x_own * own_size
         for k in range(count):
-            src = tl.load(src_base + k)
+            src = tl.load(src_base + k).to(tl.int64)
             if HAS_SIZE:
                 src_size = tl.load(size_ptr + batch * N + src).to(tl.float32)
             else:
@@ -359,39 +449,28 @@ def _on_gpu(t):
     return t.device.type == "cuda"
 
 
-def tome_merge_plan(node_max, node_idx, r, num_b, distill_token):
-    """Gather plan from each A token's best B match (node_max/node_idx, (batch, Na)).
-
-    Returns int64 (batch, N - r) tensors `primary` (the output token's own token index),
-    `begin` and `count` (its merged-in tokens are sources[:, begin : begin + count]) and
-    `sources` (batch, r): token indices of the merged A tokens grouped by destination.
-    Output order is ToMe's: unmerged A tokens (original order), then all B tokens; with a
-    distillation token the class token, the distillation token, then the rest of each.
-    """
+def tome_merge_plan_triton(node_max, node_idx, r, num_b, n_out, class_token, distill_token,
+                           launch=lambda kernel: kernel):
+    """Gather plan from each A token's best B match (node_max/node_idx, (batch, Na)): int32
+    `primary` (batch, n_out): each output token's own token; `begin`, `count` (batch, n_out):
+    its merged-in tokens are sources[b, begin : begin + count]; `sources` (batch, r): the
+    merged A tokens grouped by destination. Two launches; every element is written."""
     batch, num_a = node_max.shape
     device = node_max.device
-    edge = node_max.argsort(dim=-1, descending=True, stable=True)
-    src_a = edge[:, :r]
-    unm_a = edge[:, r:].sort(dim=-1).values
-    dst_b = node_idx.gather(1, src_a)
-    # group the merged tokens by destination (then by index, so sums run in token order)
-    order = (dst_b * num_a + src_a).argsort(dim=-1)
-    sources = 2 * src_a.gather(1, order)
-    count_b = torch.zeros(batch, num_b, dtype=torch.int64, device=device)
-    count_b.scatter_add_(1, dst_b, torch.ones_like(dst_b))
-    begin_b = count_b.cumsum(dim=1) - count_b
-    primary_b = (2 * torch.arange(num_b, device=device) + 1).expand(batch, num_b)
-    zeros_a = torch.zeros_like(unm_a)
-    parts = [(2 * unm_a, zeros_a, zeros_a), (primary_b, begin_b, count_b)]
-
-    def ordered(k):
-        unm, dst = parts[0][k], parts[1][k]
-        if distill_token:
-            return torch.cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]], dim=1)
-        return torch.cat([unm, dst], dim=1)
-
-    primary, begin, count = (ordered(k).contiguous() for k in range(3))
-    return primary, begin, count, sources.contiguous()
+    rank = torch.empty((batch, num_a), device=device, dtype=torch.int32)
+    primary, begin, count = (torch.empty((batch, n_out), device=device, dtype=torch.int32)
+                             for _ in range(3))
+    sources = torch.empty((batch, r), device=device, dtype=torch.int32)
+    block = 64 if device.type == "cuda" else 32
+    tiles = triton.cdiv(num_a, block)
+    launch(_tome_rank_kernel)[(tiles, batch)](node_max, rank, num_a, BLOCK=block,
+                                              num_warps=4 if device.type == "cuda" else 1)
+    launch(_tome_plan_kernel)[(tiles, batch)](
+        rank, node_idx, primary, begin, count, sources, num_a, num_b, n_out, r,
+        CLASS_TOKEN=class_token, DISTILL_TOKEN=distill_token, BLOCK=block,
+        num_warps=4 if device.type == "cuda" else 1,
+    )
+    return primary, begin, count, sources
 
 
 def _match_config(device_type):
@@ -437,7 +516,8 @@ def bipartite_merge_triton(x, metric, r, size=None, class_token=True, distill_to
         DOT_PRECISION=_dot_precision(metric.dtype),
         DOT_UPCAST=_dot_upcast(x.device.type, metric.dtype), **cfg,
     )
-    primary, begin, count, sources = tome_merge_plan(node_max, node_idx, r, num_b, distill_token)
+    primary, begin, count, sources = tome_merge_plan_triton(
+        node_max, node_idx, r, num_b, n_out, class_token, distill_token, launch)
     launch(_weighted_gather_kernel)[(n_out, batch)](
         x, size if size is not None else x, primary, begin, count, sources, out, size_out,
         tokens, n_out, channels, r,

@@ -45,11 +45,14 @@ def loop_tome(x, metric, r, size, class_token, distill_token):
             sims = (cand @ metric[b, a] / (cand.norm(dim=1) * metric[b, a].norm())).tolist()
             k = max(range(len(sims)), key=lambda i: sims[i])
             best[a] = (sims[k], candidates[k])
-        merged_a = sorted(best, key=lambda a: -best[a][0])[:r]
+        # ToMe's edge order: most similar first, ties in token order; the class token last
+        by_score = sorted(best, key=lambda a: -best[a][0]) + ([0] if class_token else [])
+        merged_a = by_score[:r]
         groups = {t: [t] for t in b_tokens}
         for a in merged_a:
             groups[best[a][1]].append(a)
-        kept_a = [a for a in a_tokens if a not in merged_a]
+        # kept A tokens: back in token order only with a class token, else in score order
+        kept_a = sorted(by_score[r:]) if class_token else by_score[r:]
         order = [[a] for a in kept_a] + [sorted(groups[t]) for t in b_tokens]
         if distill_token:
             order = [order[0], order[len(kept_a)]] + order[1:len(kept_a)] + order[len(kept_a) + 1:]
