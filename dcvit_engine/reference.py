@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 
 from .adapter import from_timm
-from .ops.token_merge import atme_merge, bipartite_merge
+from .exportable_merge import bipartite_merge_static
+from .ops.token_merge import atme_merge
 from .spec import AttentionSpec, BlockSpec, ViTSpec, merge_schedule
 
 
@@ -191,12 +192,14 @@ class ViTReference(nn.Module):
         return torch.cat(prefix + [x], dim=1) + self.pos_embed
 
     def _merge(self, i: int, x: torch.Tensor, size: torch.Tensor | None, metric: torch.Tensor):
-        """Apply block i's token merge with the torch reference ops; returns (x, size) with
-        size (B, N, 1) token counts. metric: the block's keys (see Attention.merge_metric)."""
+        """Apply block i's token merge with plain torch ops that torch.export and ONNX take;
+        returns (x, size) with size (B, N, 1) token counts. metric: the block's keys (see
+        Attention.merge_metric)."""
         spec, merge = self.spec, self.spec.blocks[i].merge
         if merge.kind == "tome":
-            return bipartite_merge(x, metric, merge.r, size, class_token=spec.class_token,
-                                   distill_token=spec.dist_token, backend="torch")
+            # the exportable form of bipartite_merge_ref (same numbers, tested in float64)
+            return bipartite_merge_static(x, metric, merge.r, size, class_token=spec.class_token,
+                                          distill_token=spec.dist_token)
         grid = merge_schedule(spec)[i][2]  # the patch grid entering block i
         x, size, _ = atme_merge(x, metric, grid, merge.axis, spec.num_prefix_tokens, size,
                                 backend="torch")

@@ -1,0 +1,106 @@
+"""ToMe's bipartite merge written with ops that torch.export and ONNX both take.
+
+The reference module merges with this function, so the module that `dcvit export`
+traces is the module every backend is tested against (one implementation, not two).
+It computes what `kernels.token_merge.bipartite_merge_ref` computes, but:
+
+- the stable descending argsort of the edge scores (ONNX has no stable sort, and the
+  legacy exporter refuses sort with an out parameter) is a rank from pairwise comparisons,
+  rank_i = #{j : v_j > v_i} + #{j < i : v_j == v_i}, inverted with one scatter. That is
+  exactly the stable order, ties included, at O(Na^2) comparisons per image: ~100^2 for a
+  224px ViT-B/16, negligible beside attention;
+- unmerged A tokens are put back in index order (with a class token, as official ToMe)
+  by their rank among the unmerged tokens (cumsum) instead of a second sort;
+- the protected class / distillation token is masked with masked_fill of a constant mask,
+  not an in-place index assignment;
+- every gather / scatter has a shape fixed by (tokens, r), so a fixed image size gives a
+  fixed token count through every block, whatever the batch size.
+"""
+from __future__ import annotations
+
+import torch
+
+from .kernels.token_merge import tome_effective_r
+
+
+def _score_dtype(metric: torch.Tensor) -> torch.dtype:
+    # as bipartite_merge_ref: choose merges in at least fp32 whatever the model dtype
+    return torch.float64 if metric.dtype == torch.float64 else torch.float32
+
+
+def stable_argsort_descending(values: torch.Tensor) -> torch.Tensor:
+    """argsort(values, dim=-1, descending=True, stable=True) for (B, N) values without NaN."""
+    n = values.shape[-1]
+    index = torch.arange(n, device=values.device)
+    greater = values.unsqueeze(-2) > values.unsqueeze(-1)          # [b, i, j]: v_j > v_i
+    tie_before = (values.unsqueeze(-2) == values.unsqueeze(-1)) & (index < index.unsqueeze(-1))
+    rank = (greater | tie_before).sum(dim=-1)
+    return _invert(rank)
+
+
+def _invert(rank: torch.Tensor) -> torch.Tensor:
+    """order with order[b, rank[b, i]] = i (rank is a permutation of 0..N-1 per row)."""
+    positions = torch.arange(rank.shape[-1], device=rank.device).expand_as(rank)
+    return torch.zeros_like(rank).scatter(-1, rank, positions)
+
+
+def _merge_plan(metric: torch.Tensor, r: int, class_token: bool, distill_token: bool):
+    """Indices (B, k, 1) of the unmerged A tokens (output order), the merged A tokens and
+    their B destinations, all within A = even tokens, B = odd tokens."""
+    m = metric.to(_score_dtype(metric))
+    m = m / m.norm(dim=-1, keepdim=True)
+    a, b = m[..., ::2, :], m[..., 1::2, :]
+    scores = a @ b.transpose(-1, -2)
+    num_a, num_b = scores.shape[-2:]
+    protected = torch.zeros(num_a, num_b, dtype=torch.bool, device=scores.device)
+    if class_token:  # the class token (A's first) is never merged away
+        protected = protected | (torch.arange(num_a, device=scores.device) == 0).unsqueeze(-1)
+    if distill_token:  # the distillation token (B's first) never receives a merge
+        protected = protected | (torch.arange(num_b, device=scores.device) == 0)
+    scores = scores.masked_fill(protected, -torch.inf)
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = stable_argsort_descending(node_max)
+    src_idx = edge_idx[..., :r, None]
+    dst_idx = node_idx.gather(-1, edge_idx[..., :r])[..., None]
+    if class_token:
+        # index order: each unmerged token's place is the count of unmerged tokens before it
+        merged = torch.zeros_like(node_idx, dtype=torch.bool).scatter(-1, edge_idx[..., :r], True)
+        # each token's place: unmerged ones first in index order, then the merged ones
+        unmerged_place = (~merged).long().cumsum(dim=-1) - 1
+        merged_place = (num_a - r) + merged.long().cumsum(dim=-1) - 1
+        order = _invert(torch.where(merged, merged_place, unmerged_place))
+        unm_idx = order[..., :num_a - r, None]
+    else:  # official ToMe: score order
+        unm_idx = edge_idx[..., r:, None]
+    return unm_idx, src_idx, dst_idx
+
+
+def bipartite_merge_static(x: torch.Tensor, metric: torch.Tensor, r: int, size: torch.Tensor | None = None,
+                           class_token: bool = True, distill_token: bool = False):
+    """ToMe merge (see dcvit_engine.ops.bipartite_merge for the contract); returns (x, size)."""
+    if size is None:
+        size = torch.ones_like(x[..., :1])
+    r = tome_effective_r(x.shape[1], r, class_token, distill_token)
+    if r == 0:
+        return x, size
+    with torch.no_grad():
+        unm_idx, src_idx, dst_idx = _merge_plan(metric, r, class_token, distill_token)
+
+    # Sums in at least fp32, as the engine's kernels do (and ONNX Runtime's CPU scatter-add
+    # takes no fp16); the result is rounded back to x's dtype.
+    out_dtype, sum_dtype = x.dtype, torch.promote_types(x.dtype, torch.float32)
+    x, size = x.to(sum_dtype), size.to(sum_dtype)
+
+    def merge_sum(t):
+        src, dst = t[..., ::2, :], t[..., 1::2, :]
+        channels = t.shape[-1]
+        unm = src.gather(-2, unm_idx.expand(-1, -1, channels))
+        src = src.gather(-2, src_idx.expand(-1, -1, channels))
+        dst = dst.scatter_add(-2, dst_idx.expand(-1, -1, channels), src)
+        if distill_token:  # class token, then the distillation token (B's first), as ToMe
+            return torch.cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]], dim=1)
+        return torch.cat([unm, dst], dim=1)
+
+    merged = merge_sum(x * size)
+    size = merge_sum(size)
+    return (merged / size).to(out_dtype), size.to(out_dtype)
