@@ -411,3 +411,79 @@ def test_bad_input_is_named():
         torch.ops.dcvit.atme_merge(x, metric, 8, 8, "d", 1, None)
     with pytest.raises(RuntimeError, match="r must be >= 0"):
         torch.ops.dcvit.tome_merge(x, metric, -2, None, True, False)
+
+
+# ---- launches per ToMe merge ------------------------------------------------------------
+
+class CountingLauncher:
+    """kernel_launcher for bipartite_merge_triton: counts Triton launches and marks the time
+    spent inside them, so that ops the interpreter itself runs are not counted as ours."""
+
+    def __init__(self):
+        self.launches, self.inside = [], False
+
+    def __call__(self, kernel):
+        counter = self
+
+        class Launch:
+            def __getitem__(self, grid):
+                def run(*args, **kwargs):
+                    counter.launches.append(kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel))
+                    counter.inside = True
+                    try:
+                        return kernel[grid](*args, **kwargs)
+                    finally:
+                        counter.inside = False
+                return run
+        return Launch()
+
+
+# ATen ops that launch nothing on a GPU: allocations and views.
+NO_LAUNCH_OPS = {"empty", "empty_strided", "empty_like", "view", "_unsafe_view", "as_strided",
+                 "slice", "select", "expand", "t", "transpose", "unsqueeze", "detach", "alias"}
+
+
+@requires_interpreter
+@pytest.mark.parametrize("class_token,distill_token", [(True, False), (False, False), (True, True)])
+def test_tome_triton_merge_is_four_launches_and_no_aten_op(class_token, distill_token):
+    """issue 10: match, rank, plan and gather-merge; nothing launches between them. The ATen
+    ops the merge issues (outside the Triton kernels) are recorded by a dispatch mode; on a
+    GPU every op not in NO_LAUNCH_OPS would be one more launch."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counter = CountingLauncher()
+
+    class RecordOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not counter.inside:
+                self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    x, metric, size = (t.float() for t in make_inputs(2, 65, 24, 16, True))
+    ref, ref_size = bipartite_merge_ref(x.double(), metric.double(), 20, size.double(),
+                                        class_token, distill_token)
+    with RecordOps() as recorder:
+        out, out_size = bipartite_merge_triton(x, metric, 20, size, class_token, distill_token,
+                                               kernel_launcher=counter)
+    launching = [op for op in recorder.ops if op not in NO_LAUNCH_OPS]
+    assert counter.launches == ["_tome_best_match_kernel", "_tome_rank_kernel",
+                                "_tome_plan_kernel", "_weighted_gather_kernel"]
+    assert launching == [], f"ATen ops between the kernels: {launching}"
+    torch.testing.assert_close((out, out_size), (ref.float(), ref_size.float()))
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_tome_gpu_merge_is_at_most_four_kernels(backend):
+    x, metric, size = (t.to(torch.bfloat16).cuda() for t in make_inputs(4, 197, 384, 64, True))
+    ops.bipartite_merge(x, metric, 13, size, backend=backend)  # compile / warm up
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ops.bipartite_merge(x, metric, 13, size, backend=backend)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert 1 <= len(kernels) <= 4, kernels
