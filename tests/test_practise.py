@@ -36,6 +36,17 @@ def test_untrained_adaptor_is_the_dropped_block(teacher, images):
     assert adaptor.linear.weight.abs().sum() == 0 and adaptor.linear.weight.shape == (48, 48)
 
 
+def test_score_cache_scores_each_candidate_once_across_targets(teacher, images):
+    cache, first, second, fresh = {}, {}, {}, {}
+    compress_practise(teacher, images, 0.8, score_cache=cache, report=first, **dict(FAST, iters=2))
+    compress_practise(teacher, images, 0.6, score_cache=cache, report=second, **dict(FAST, iters=2))
+    assert [s["score"] for s in second["block_scores"]] == [s["score"] for s in first["block_scores"]]
+    assert second["timings"]["selection_s"] == 0.0 < first["timings"]["selection_s"]
+    # another seed is another setting: scored afresh
+    compress_practise(teacher, images, 0.6, score_cache=cache, report=fresh, **dict(FAST, iters=2, seed=6))
+    assert fresh["timings"]["selection_s"] > 0.0 and len(cache) == 2
+
+
 def test_drops_whole_blocks_and_reports_honest_macs(teacher, images):
     report = {}
     student = compress_practise(teacher, images, 0.7, report=report, **FAST)

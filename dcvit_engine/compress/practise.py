@@ -65,8 +65,8 @@ def compress_practise(model, images: torch.Tensor, target_macs: float, *,
                       metric_set: torch.Tensor | None = None, candidates=None, iters: int = 2000,
                       adaptor_iters: int | None = None, adaptor_lr: float = 1e-3,
                       batch_size: int = 64, lr: float = 3e-5, weight_decay: float = 1e-4,
-                      augment: str = "flip+shift", device=None, seed: int = 0, checkpoint_dir=None,
-                      resume: bool = False,
+                      augment: str = "flip+shift", score_cache: dict | None = None, device=None,
+                      seed: int = 0, checkpoint_dir=None, resume: bool = False,
                       progress: bool = False, report: dict | None = None) -> ViTReference:
     """PRACTISE-compress `model` (timm ViT or ViTReference) to at most `target_macs`, the
     fraction of its MACs to keep, by dropping whole blocks. Returns the student (eval mode).
@@ -75,6 +75,8 @@ def compress_practise(model, images: torch.Tensor, target_macs: float, *,
     code trains adaptors about as long as it finetunes). augment: a fewshot.AUGMENTATIONS
     name. report, when given, receives achieved_macs (what the dropped blocks give,
     generally below the target), every candidate's score, losses and timings.
+    score_cache: a dict kept by the caller between calls; a candidate's score does not
+    depend on the target, so a sweep over targets scores each block once per setting.
     """
     adaptor_iters = iters if adaptor_iters is None else adaptor_iters
     augmentation = augment_flags(augment)
@@ -108,7 +110,14 @@ def compress_practise(model, images: torch.Tensor, target_macs: float, *,
     saved_percent = 100.0 * plan.block_macs / plan.teacher_macs  # latency model: proportional to MACs
 
     scores = state.setdefault("scores", {})
+    # everything a candidate's score depends on (not the target, nor the finetuning)
+    cache_key = repr({k: config[k] for k in ("adaptor_iters", "adaptor_lr", "batch_size", "augment", "seed",
+                                             "teacher", "images", "metric_set")})
+    cached = {} if score_cache is None else score_cache.setdefault(cache_key, {})
     for block in plan.candidates:
+        if str(block) not in scores and str(block) in cached:
+            scores[str(block)] = dict(cached[str(block)], seconds=0.0)
+            log(f"candidate block {block}: score {scores[str(block)]['score']:.6f} (computed for another target)")
         if str(block) in scores:
             continue
         start = time.perf_counter()
@@ -121,6 +130,7 @@ def compress_practise(model, images: torch.Tensor, target_macs: float, *,
         seconds = time.perf_counter() - start
         scores[str(block)] = dict(recoverability=recoverability, score=recoverability / saved_percent,
                                   losses=[float(v) for v in losses], seconds=seconds)
+        cached[str(block)] = scores[str(block)]
         timings["selection_s"] += seconds
         ckpt.commit()
         log(f"candidate block {block}: recoverability (KL) {recoverability:.5f}, "
