@@ -39,3 +39,24 @@ def test_atme_unmerge_cpu(benchmark, deit_small_tokens, backend):
     merged = atme_merge_ref(x, metric, (14, 14), "w", 1, size)[0]
     full = benchmark(lambda: ops.atme_unmerge(merged, (14, 14), "w", 1, backend=backend))
     assert full.shape == x.shape
+
+
+def test_cpu_mode_reports_the_floor_next_to_each_timing(tmp_path, monkeypatch, capsys):
+    """The script's CPU mode runs end to end; every row carries its floor (bytes / measured
+    copy bandwidth) and frac_of_peak is floor / time. No timing is checked."""
+    import csv
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    import bench_token_merge
+
+    monkeypatch.setattr(sys, "argv", ["bench_token_merge.py", "--device", "cpu", "--batch", "1",
+                                      "--grid", "4", "--models", "deit_s", "--out", str(tmp_path)])
+    bench_token_merge.main()
+    rows = list(csv.DictReader(open(tmp_path / "token_merge.csv")))
+    assert {r["case"] for r in rows} == set(bench_token_merge.CASES)
+    assert {r["impl"] for r in rows} == {"torch", "cpu"}
+    for r in rows:
+        floor, ms = float(r["floor_ms"]), float(r["median_ms"])
+        assert 0 < floor and abs(float(r["frac_of_peak"]) - floor / ms) <= 1e-3 + 0.01 * floor / ms
+    assert "floor" in capsys.readouterr().out
