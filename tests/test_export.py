@@ -2,6 +2,8 @@
 method's model through torch.export (.pt2) and ONNX (onnxruntime), the exported files run
 without dcvit_engine, the bad-input refusals (one line, exit 2, nothing written), and
 `dcvit bench --onnx`. Tiny random models: an ONNX export takes seconds."""
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -74,6 +76,22 @@ def model_for(spec, seed=0):
 def artifacts(tmp_path_factory):
     root = tmp_path_factory.mktemp("artifacts")
     return {name: artifact.save(model_for(make()), root / name) for name, make in SPECS.items()}
+
+
+@pytest.fixture(scope="module")
+def distilled_exports(artifacts, tmp_path_factory):
+    """The ATME + ToMe + distillation-token model exported once to both formats with a dynamic
+    batch through the CLI (shared by the tests that only need the files): (onnx, pt2, stdout)."""
+    folder = tmp_path_factory.mktemp("exports")
+    files, stdout = {}, io.StringIO()
+    for fmt in ("onnx", "pt2"):
+        files[fmt] = folder / f"model.{fmt}"
+        with contextlib.redirect_stdout(stdout):
+            code = main(["export", str(artifacts["atme_tome_distilled"]), "--format", fmt,
+                         "--out", str(files[fmt]), "--dynamic-batch"])
+        assert code == 0
+    assert sorted(os.listdir(folder)) == ["model.onnx", "model.pt2"]  # no temporary file left
+    return files["onnx"], files["pt2"], stdout.getvalue()
 
 
 def run(capsys, *argv):
@@ -167,7 +185,6 @@ def onnx_logits(path, images):
 @pytest.mark.parametrize("name, options", [
     ("dcvit_layerscale", ["--batch-size", "2"]),
     ("practise_uvc_ragged", ["--batch-size", "3", "--opset", "20"]),
-    ("atme_tome_distilled", ["--dynamic-batch"]),
     ("tome_avg_pool_no_class_token", ["--dynamic-batch", "--dtype", "fp16"]),
 ])
 def test_onnx_export_runs_in_onnxruntime_like_the_reference(name, options, artifacts, tmp_path, capsys):
@@ -188,15 +205,14 @@ def test_onnx_export_runs_in_onnxruntime_like_the_reference(name, options, artif
     assert (got - expected).abs().max() <= tolerance * expected.abs().max()
 
 
-def test_exported_files_run_without_dcvit_engine(artifacts, tmp_path, capsys):
-    """A fresh interpreter where importing dcvit_engine fails loads both files and gets the
-    reference module's logits."""
+def test_exported_files_run_without_dcvit_engine(artifacts, distilled_exports, tmp_path):
+    """A fresh interpreter where importing dcvit_engine fails loads both files (dynamic batch,
+    ATME + ToMe merges, distillation token) and gets the reference module's logits."""
+    onnx_file, pt2_file, stdout = distilled_exports
+    assert stdout.count("verified on batch(es) 1, 3") == 2 and "dynamic batch" in stdout
     name = "atme_tome_distilled"
-    onnx_file, pt2_file = tmp_path / "m.onnx", tmp_path / "m.pt2"
-    for fmt, out in (("onnx", onnx_file), ("pt2", pt2_file)):
-        assert run(capsys, "export", artifacts[name], "--format", fmt, "--out", out, "--batch-size", "2")[0] == 0
     spec = artifact.load_spec(artifacts[name])
-    images = images_for(spec, 2)
+    images = images_for(spec, 5)
     torch.save(images, tmp_path / "images.pt")
     script = f"""
 import sys
@@ -276,10 +292,9 @@ def test_dynamic_batch_the_exporter_cannot_keep_is_refused(artifacts, tmp_path, 
 
 # ---- dcvit bench --onnx -------------------------------------------------------------------------
 
-def test_bench_times_the_engine_and_onnxruntime_in_one_run(artifacts, tmp_path, capsys):
+def test_bench_times_the_engine_and_onnxruntime_in_one_run(artifacts, distilled_exports, capsys):
     name = "atme_tome_distilled"
-    out = tmp_path / "m.onnx"
-    assert run(capsys, "export", artifacts[name], "--format", "onnx", "--out", out, "--dynamic-batch")[0] == 0
+    out = distilled_exports[0]
     code, stdout, err = run(capsys, "bench", artifacts[name], "--onnx", out, "--device", "cpu",
                             "--backend", "torch", "--batch-size", "3", "--warmup", "1", "--repeats", "2",
                             "--json")
