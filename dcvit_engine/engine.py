@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 
 from . import ops
 from .adapter import from_timm
+from .head_padding import pad_heads
+from .kernels.fused_linear import fold_layer_norm
 from .ops.dispatch import requested_backend
 from .reference import ViTReference, pool_features
 from .spec import MergeSpec, ViTSpec, merge_schedule
@@ -54,12 +57,29 @@ class EngineBlock(nn.Module):
             for norm in ("q_norm", "k_norm"):
                 for part in ("weight", "bias"):
                     self.register_buffer(f"{norm}_{part}", _optional(state, f"{name}attn.{norm}.{part}", prepare))
+            self._pad_heads()
         if self.has_mlp:
             for key, buffer in (("norm2.weight", "norm2_weight"), ("norm2.bias", "norm2_bias"),
                                 ("mlp.fc1.weight", "fc1_weight"), ("mlp.fc1.bias", "fc1_bias"),
                                 ("mlp.fc2.weight", "fc2_weight"), ("mlp.fc2.bias", "fc2_bias")):
                 self.register_buffer(buffer, prepare(state[name + key]))
             self.register_buffer("ls2", _optional(state, name + "ls2.gamma", prepare))
+
+    def _pad_heads(self) -> None:
+        """The widths the attention op runs (`kernel_qk_dims`, `kernel_v_dims`): every head
+        zero-padded to a multiple of 16 (see head_padding), except q_norm/k_norm blocks, which
+        torch runs per teacher-wide head. `key_columns` picks the real key channels for the
+        merge metric (None when nothing was padded). qk_dims/v_dims stay the real widths."""
+        self.kernel_qk_dims, self.kernel_v_dims = self.qk_dims, self.v_dims
+        self.register_buffer("key_columns", None, persistent=False)
+        if self.qk_norm:
+            return
+        padded = pad_heads(self.qk_dims, self.v_dims, self.qkv_weight, self.qkv_bias, self.proj_weight)
+        if padded.qk_dims == self.qk_dims and padded.v_dims == self.v_dims:
+            return
+        self.kernel_qk_dims, self.kernel_v_dims = padded.qk_dims, padded.v_dims
+        self.qkv_weight, self.qkv_bias, self.proj_weight = padded.qkv_weight, padded.qkv_bias, padded.proj_weight
+        self.key_columns = padded.key_columns
 
     def extra_repr(self) -> str:
         parts = []
@@ -96,17 +116,19 @@ def attention_residual(block: EngineBlock, x: torch.Tensor, key_bias: torch.Tens
     merging block recomputes them: LayerNorm plus the k rows of qkv, N x D x qk_total MACs,
     a small fraction of the block.
     """
-    qk_total = sum(block.qk_dims)
+    qk_total = sum(block.kernel_qk_dims)  # the padded widths (see EngineBlock._pad_heads)
     if not block.qk_norm:
         out = ops.attention_block(x, block.norm1_weight, block.norm1_bias, block.qkv_weight,
-                                  block.qkv_bias, block.proj_weight, block.proj_bias, block.qk_dims,
-                                  block.v_dims, block.scale, eps=block.eps, gamma=block.ls1,
-                                  key_bias=key_bias, backend=backend)
+                                  block.qkv_bias, block.proj_weight, block.proj_bias,
+                                  block.kernel_qk_dims, block.kernel_v_dims, block.scale,
+                                  eps=block.eps, gamma=block.ls1, key_bias=key_bias, backend=backend)
         if not want_metric:
             return out, None
         h = F.layer_norm(x, (x.shape[-1],), block.norm1_weight, block.norm1_bias, block.eps)
         k_bias = None if block.qkv_bias is None else block.qkv_bias[qk_total:2 * qk_total]
         keys = F.linear(h, block.qkv_weight[qk_total:2 * qk_total], k_bias)
+        if block.key_columns is not None:
+            keys = keys.index_select(-1, block.key_columns)
         return out, merge_metric(block, keys)
     heads, head_dim = len(block.qk_dims), block.qk_dims[0]
     h = F.layer_norm(x, (x.shape[-1],), block.norm1_weight, block.norm1_bias, block.eps)
@@ -119,6 +141,20 @@ def attention_residual(block: EngineBlock, x: torch.Tensor, key_bias: torch.Tens
     out = x + (y * block.ls1 if block.ls1 is not None else y)
     # k is already normalised per head here: (B, heads, N, d) -> mean over heads
     return out, (k.mean(dim=1) if want_metric else None)
+
+
+def fold_block_norms(engine: "Engine") -> None:
+    """Fold each block's LayerNorm affine into the Linear after it, once, for the Triton ops
+    (kernels/fused_linear.py: fold_layer_norm): `fc1_folded` for the MLP, `qkv_folded` for
+    attention; None where no Triton op can run (CPU without the interpreter backend), so
+    the CPU engine holds no second copy of those weights. Plain attributes, not buffers:
+    they are derived, never saved, and recomputed here whenever dtype or device change."""
+    fold = engine.device.type == "cuda" or engine.backend == "triton"
+    for block in engine.blocks:
+        block.fc1_folded = fold_layer_norm(block.norm2_weight, block.norm2_bias, block.fc1_weight,
+                                           block.fc1_bias) if fold and block.has_mlp else None
+        block.qkv_folded = fold_layer_norm(block.norm1_weight, block.norm1_bias, block.qkv_weight,
+                                           block.qkv_bias) if fold and block.has_attn else None
 
 
 def merge_metric(block: EngineBlock, keys: torch.Tensor) -> torch.Tensor:
@@ -174,6 +210,7 @@ class Engine(nn.Module):
         schedule = merge_schedule(self.spec)
         self.blocks = nn.ModuleList(EngineBlock(self.spec, i, state, prepare, schedule[i][2])
                                     for i in range(spec.depth))
+        fold_block_norms(self)
         self._graphs: dict[int, _CapturedGraph] = {}
         self._graph_pool = None
         self._run = torch.compile(self.forward_eager, fullgraph=True, dynamic=False) if compile \
@@ -186,6 +223,7 @@ class Engine(nn.Module):
         self.device, self.dtype = self.pos_embed.device, self.pos_embed.dtype
         self.cuda_graphs = self._graphs_requested and self.device.type == "cuda"
         self._graphs.clear()
+        fold_block_norms(self)  # the folded weights follow the new dtype/device exactly
         return self
 
     def extra_repr(self) -> str:
@@ -245,7 +283,8 @@ class Engine(nn.Module):
             if block.has_mlp:
                 x = ops.mlp_block(x, block.norm2_weight, block.norm2_bias, block.fc1_weight,
                                   block.fc1_bias, block.fc2_weight, block.fc2_bias,
-                                  eps=spec.norm_eps, gamma=block.ls2, backend=backend)
+                                  eps=spec.norm_eps, gamma=block.ls2, backend=backend,
+                                  fc1_folded=block.fc1_folded)
         if self.norm_weight is not None:
             x = F.layer_norm(x, (spec.embed_dim,), self.norm_weight, self.norm_bias, spec.norm_eps)
         return x
@@ -356,22 +395,37 @@ def _source_spec_state(source) -> tuple[ViTSpec, dict[str, torch.Tensor]]:
                     f"folder path, got {type(source).__name__}")
 
 
+def default_dtype(model_dtype: torch.dtype, device: torch.device) -> tuple[torch.dtype, str | None]:
+    """The run dtype when none is given, and the note saying so (None: the model's dtype).
+    On CUDA: bf16, since fp32 keeps the Triton GEMMs (refused) and tensor cores out."""
+    if device.type == "cuda" and model_dtype == torch.float32:
+        return torch.bfloat16, ("build_engine: running in bfloat16, the default on CUDA; pass "
+                                "dtype=torch.float32 (CLI: --dtype fp32) for fp32")
+    return model_dtype, None
+
+
 def build_engine(model_or_artifact, backend: str | None = None, dtype=None, device=None, *,
                  cuda_graphs: bool = True, compile: bool = False) -> Engine:
     """An Engine for a timm ViT, a ViTReference or an artifact folder.
 
     backend: torch | cpu | cuda | triton for every op, or None/'auto' to let each op choose
     (DCVIT_BACKEND applies then). dtype: torch dtype or name ('fp16', 'bf16', ...), default
-    the model's. device: default the model's (artifacts load on the CPU). cuda_graphs:
+    bf16 on CUDA for fp32 models (a warning says so), else the model's. device: default the
+    model's (artifacts load on the CPU). cuda_graphs:
     capture and replay a CUDA graph per batch size on CUDA devices. compile: run the forward
     through torch.compile(fullgraph=True) (inside the CUDA graph when both are on).
     """
     spec, state = _source_spec_state(model_or_artifact)
     requested_backend(backend)  # rejects unknown backend names with the list of choices
     reference_tensor = state["pos_embed"]
-    dtype = parse_dtype(dtype) if dtype is not None else reference_tensor.dtype
     device = _resolve_device(device if device is not None else reference_tensor.device)
     if device.type == "meta":
         raise ValueError("the model's weights are on the meta device; load real weights first")
+    if dtype is not None:
+        dtype = parse_dtype(dtype)
+    else:
+        dtype, note = default_dtype(reference_tensor.dtype, device)
+        if note:
+            warnings.warn(note, stacklevel=2)
     return Engine(spec, state, backend=None if backend == "auto" else backend, dtype=dtype,
                   device=device, cuda_graphs=cuda_graphs, compile=compile).eval()

@@ -1,16 +1,28 @@
-"""GEMMs with fused prologues/epilogues shared by the block ops (MLP block, attention block).
+"""GEMMs with fused epilogues shared by the block ops (MLP block, attention block).
 
-  `_ln_linear_kernel`:       y = act(LayerNorm(x) @ W^T + b). LayerNorm is applied in the
-                             GEMM's prologue (row statistics in fp32, computed per row tile
-                             from L2-resident x), so the normalized x is never written to
-                             memory. act is identity or exact (erf) GELU; b is optional.
-  `_linear_residual_kernel`: out = x + gamma * (h @ W^T + b): bias, LayerScale and the
+  `ln_linear`:               y = act(LayerNorm(x) @ W^T + b) as a plain GEMM. The LayerNorm
+                             affine is folded into the weights once (`fold_layer_norm`:
+                             W' = W diag(g), b' = W beta + b, s = row sums of W'), so
+                             LayerNorm(x) W^T + b = rstd * (x W'^T - mean * s) + b'.
+                             `_row_stats_kernel` makes each row's mean and rstd in one small
+                             pass; `_norm_linear_kernel` applies them in the epilogue, so both
+                             GEMM operands stay in shared memory (no per-K-step normalization).
+                             act is identity or exact (erf) GELU.
+  `linear_residual`:         out = x + gamma * (h @ W^T + b): bias, LayerScale and the
                              residual add in the epilogue; b and gamma are optional.
 Both run on tensor cores with fp32 accumulation and grouped program ordering for L2 reuse.
+Tiles: a fixed choice on the CPU interpreter and, without autotuning, on the GPU
+(`gemm_tile_config`); on a GPU `triton.autotune` picks among `gemm_configs()` per shape.
 """
+import os
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
+
+# DCVIT_GEMM_AUTOTUNE=0 launches the fixed choice on the GPU too (to compare against it).
+AUTOTUNE_ON_GPU = os.environ.get("DCVIT_GEMM_AUTOTUNE", "1") != "0"
 
 
 def dot_precision(dtype):
@@ -23,6 +35,27 @@ def dot_upcast(device_type, dtype):
     # no bf16). A product of two bf16 values is exact in fp32, so upcasting the operands
     # gives what the GPU's bf16 MMA computes, up to summation order.
     return device_type == "cpu" and dtype == torch.bfloat16
+
+
+class FoldedNorm(NamedTuple):
+    """A LayerNorm affine folded into the Linear after it (see `fold_layer_norm`)."""
+
+    weight: torch.Tensor  # (N, D) W diag(norm_weight), in W's dtype
+    bias: torch.Tensor    # (N,) fp32: W norm_bias + b
+    sums: torch.Tensor    # (N,) fp32: row sums of the rounded `weight` (the mean term)
+
+
+def fold_layer_norm(norm_weight, norm_bias, weight, bias) -> FoldedNorm:
+    """Fold LayerNorm's affine into the Linear that follows it. Done once per weight (the
+    engine folds at build time); computed in fp64. The sums are taken over the rounded
+    folded weight, so x W'^T - mean * s is exactly (x - mean) W'^T before rounding."""
+    w64 = weight.detach().double()
+    folded = (w64 * norm_weight.detach().double()[None, :]).to(weight.dtype).contiguous()
+    sums = folded.double().sum(dim=1).float()
+    b64 = w64 @ norm_bias.detach().double()
+    if bias is not None:
+        b64 = b64 + bias.detach().double()
+    return FoldedNorm(folded, b64.float(), sums)
 
 
 @triton.jit
@@ -39,56 +72,113 @@ def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 
 
 @triton.jit
-def _ln_linear_kernel(
-    x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, y_ptr,
-    M, D, N, eps,
+def _gemm_tile(a_ptr, w_ptr, rows, cols, row_ok, col_ok, K, stride_am, stride_wn,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    # fp32 accumulator of one (BLOCK_M, BLOCK_N) tile of A @ W^T; both operands go from
+    # global memory to shared memory untouched, so the loop pipelines (cp.async / TMA).
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        ks = k + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        at = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :],
+                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None],
+                     mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        if DOT_UPCAST:
+            acc = tl.dot(at.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(at, wt, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _row_stats_kernel(
+    x_ptr, mean_ptr, rstd_ptr, xc_ptr,
+    M, D, eps, stride_xm, stride_cm,
+    WRITE_CENTRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # LayerNorm statistics of BLOCK_M rows in fp32: mean, then the centred variance (no
+    # E[x^2] - E[x]^2 cancellation). WRITE_CENTRED also stores x - mean (fp32 inputs: there
+    # the mean term of the folded GEMM would cost more accuracy than torch loses).
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    x_rows = x_ptr + rows[:, None] * stride_xm
+    acc_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k in range(0, D, BLOCK_D):
+        ks = k + tl.arange(0, BLOCK_D)
+        xt = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < D), other=0.0)
+        acc_sum += tl.sum(xt.to(tl.float32), axis=1)
+    mean = acc_sum / D
+    acc_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k in range(0, D, BLOCK_D):
+        ks = k + tl.arange(0, BLOCK_D)
+        ok = row_ok[:, None] & (ks[None, :] < D)
+        xt = tl.load(x_rows + ks[None, :], mask=ok, other=0.0).to(tl.float32)
+        centred = tl.where(ok, xt - mean[:, None], 0.0)
+        acc_sq += tl.sum(centred * centred, axis=1)
+        if WRITE_CENTRED:
+            tl.store(xc_ptr + rows[:, None] * stride_cm + ks[None, :],
+                     centred.to(xc_ptr.dtype.element_ty), mask=ok)
+    tl.store(mean_ptr + rows, mean, mask=row_ok)
+    tl.store(rstd_ptr + rows, 1.0 / tl.sqrt(acc_sq / D + eps), mask=row_ok)
+
+
+@triton.jit
+def _norm_linear_kernel(
+    x_ptr, w_ptr, b_ptr, sums_ptr, mean_ptr, rstd_ptr, y_ptr,
+    M, K, N,
     stride_xm, stride_wn, stride_ym,
-    HAS_BIAS: tl.constexpr, APPLY_GELU: tl.constexpr,
+    SUBTRACT_MEAN: tl.constexpr, APPLY_GELU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
+    # y = act(rstd * (x W'^T - mean * s) + b'): LayerNorm + Linear with the affine folded in.
     pid = tl.program_id(0).to(tl.int64)
     pid_m, pid_n = _grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < N
-    x_rows = x_ptr + rows[:, None] * stride_xm
+    acc = _gemm_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, K, stride_xm, stride_wn,
+                     BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, DOT_UPCAST)
+    if SUBTRACT_MEAN:
+        mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
+    else:
+        mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+    if BLOCK_N > 128:
+        # a 256-wide tile's epilogue in two halves: one pass would need addresses for a
+        # 128x256 tile of loads and stores at once and spill (seen at sm_90)
+        lo, hi = _column_halves(acc, BLOCK_M, BLOCK_N)
+        _norm_epilogue(lo, rows, pid_n * BLOCK_N, BLOCK_N // 2, row_ok, mean, rstd, N, b_ptr, sums_ptr, y_ptr,
+                       stride_ym, SUBTRACT_MEAN, APPLY_GELU)
+        _norm_epilogue(hi, rows, pid_n * BLOCK_N + BLOCK_N // 2, BLOCK_N // 2, row_ok, mean, rstd, N, b_ptr, sums_ptr, y_ptr,
+                       stride_ym, SUBTRACT_MEAN, APPLY_GELU)
+    else:
+        _norm_epilogue(acc, rows, pid_n * BLOCK_N, BLOCK_N, row_ok, mean, rstd, N, b_ptr, sums_ptr, y_ptr, stride_ym,
+                       SUBTRACT_MEAN, APPLY_GELU)
 
-    # LayerNorm statistics in fp32, two passes (mean, then centred variance).
-    acc_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k in range(0, D, BLOCK_K):
-        ks = k + tl.arange(0, BLOCK_K)
-        xt = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < D), other=0.0)
-        acc_sum += tl.sum(xt.to(tl.float32), axis=1)
-    mean = acc_sum / D
-    acc_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k in range(0, D, BLOCK_K):
-        ks = k + tl.arange(0, BLOCK_K)
-        ok = row_ok[:, None] & (ks[None, :] < D)
-        xt = tl.load(x_rows + ks[None, :], mask=ok, other=0.0).to(tl.float32)
-        centred = tl.where(ok, xt - mean[:, None], 0.0)
-        acc_sq += tl.sum(centred * centred, axis=1)
-    rstd = 1.0 / tl.sqrt(acc_sq / D + eps)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, D, BLOCK_K):
-        ks = k + tl.arange(0, BLOCK_K)
-        k_ok = ks < D
-        xt = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        nw = tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-        nb = tl.load(nb_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-        xn = (xt.to(tl.float32) - mean[:, None]) * rstd[:, None] * nw[None, :] + nb[None, :]
-        wt = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None],
-                     mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        xn = xn.to(wt.dtype)
-        if DOT_UPCAST:
-            acc = tl.dot(xn.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(xn, wt, acc, input_precision=DOT_PRECISION)
+@triton.jit
+def _column_halves(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # (BLOCK_M, BLOCK_N) -> its left and right (BLOCK_M, BLOCK_N // 2) halves
+    parts = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+    return tl.split(parts)
 
-    if HAS_BIAS:
-        acc = acc + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+
+@triton.jit
+def _norm_epilogue(acc, rows, first_col, WIDTH: tl.constexpr, row_ok, mean, rstd, N, b_ptr, sums_ptr, y_ptr, stride_ym,
+                   SUBTRACT_MEAN: tl.constexpr, APPLY_GELU: tl.constexpr):
+    cols = first_col + tl.arange(0, WIDTH)
+    col_ok = cols < N
+    if SUBTRACT_MEAN:
+        # the products are exact and accumulate in fp32, so the cancellation against the
+        # mean term loses ~|mean|/std fp32 ulps: far below a bf16/fp16 output's rounding
+        sums = tl.load(sums_ptr + cols, mask=col_ok, other=0.0)
+        acc = acc - mean[:, None] * sums[None, :]
+    acc = acc * rstd[:, None] + tl.load(b_ptr + cols, mask=col_ok, other=0.0)[None, :]
     if APPLY_GELU:
         acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
     y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :]
@@ -110,20 +200,24 @@ def _linear_residual_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < N
+    acc = _gemm_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, K, stride_hm, stride_wn,
+                     BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, DOT_UPCAST)
+    if BLOCK_N > 128:  # in two halves, as in _norm_linear_kernel
+        lo, hi = _column_halves(acc, BLOCK_M, BLOCK_N)
+        _residual_epilogue(lo, rows, pid_n * BLOCK_N, BLOCK_N // 2, row_ok, N, b_ptr, gamma_ptr, x_ptr, out_ptr,
+                           stride_xm, stride_om, HAS_BIAS, HAS_GAMMA)
+        _residual_epilogue(hi, rows, pid_n * BLOCK_N + BLOCK_N // 2, BLOCK_N // 2, row_ok, N, b_ptr, gamma_ptr, x_ptr, out_ptr,
+                           stride_xm, stride_om, HAS_BIAS, HAS_GAMMA)
+    else:
+        _residual_epilogue(acc, rows, pid_n * BLOCK_N, BLOCK_N, row_ok, N, b_ptr, gamma_ptr, x_ptr, out_ptr,
+                           stride_xm, stride_om, HAS_BIAS, HAS_GAMMA)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        ks = k + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        ht = tl.load(h_ptr + rows[:, None] * stride_hm + ks[None, :],
-                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        wt = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None],
-                     mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        if DOT_UPCAST:
-            acc = tl.dot(ht.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(ht, wt, acc, input_precision=DOT_PRECISION)
 
+@triton.jit
+def _residual_epilogue(acc, rows, first_col, WIDTH: tl.constexpr, row_ok, N, b_ptr, gamma_ptr, x_ptr, out_ptr,
+                       stride_xm, stride_om, HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr):
+    cols = first_col + tl.arange(0, WIDTH)
+    col_ok = cols < N
     ok = row_ok[:, None] & col_ok[None, :]
     if HAS_BIAS:
         acc = acc + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -135,50 +229,130 @@ def _linear_residual_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+# ---- tile configurations -------------------------------------------------------------
+
+def _cfg(block_m, block_n, warps, stages):
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, GROUP_M=8, num_warps=warps,
+                num_stages=stages)
+
+
+# The GPU set, all compiled for sm_90 without spills for both GEMM kernels (bf16 and fp16;
+# see benchmarks/RESULTS.md for the code-generation figures). 128x256 uses two warpgroups of
+# 64x256 wgmma; 64x128 / 128x64 serve narrow (pruned) widths and few rows.
+GPU_GEMM_CONFIGS = (
+    _cfg(128, 128, 8, 3),
+    _cfg(128, 128, 8, 4),
+    _cfg(128, 256, 8, 3),
+    _cfg(128, 256, 8, 4),
+    _cfg(64, 128, 4, 4),
+    _cfg(128, 64, 4, 4),
+)
+# Under the CPU interpreter every tile element costs Python time, so tiles stay small.
+INTERPRETER_GEMM_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4,
+                               num_stages=1)
+
+
+def gemm_config_name(cfg) -> str:
+    """e.g. 'm128n256k64w8s4' (tile M x N x K, warps, pipeline stages)."""
+    return (f"m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}k{cfg['BLOCK_K']}"
+            f"w{cfg['num_warps']}s{cfg['num_stages']}")
+
+
+def gemm_configs(device_type="cuda"):
+    """Every config autotuning may pick on this device type (a list of dicts)."""
+    return [dict(c) for c in GPU_GEMM_CONFIGS] if device_type == "cuda" else [dict(INTERPRETER_GEMM_CONFIG)]
+
+
 def gemm_tile_config(device_type, n_cols):
-    """Tile sizes. On the GPU: 128x128x64 tiles suit H100/A100 tensor cores at ViT widths.
-    Under the CPU interpreter every tile element costs Python time, so tiles stay small."""
+    """The fixed choice, used without autotuning (the CPU interpreter; DCVIT_GEMM_AUTOTUNE=0)
+    and reported by the code-generation gate: 128x128x64, 8 warps, 4 stages for widths of
+    128 and more, 128x64 below."""
     if device_type != "cuda":
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
-    block_n = 128 if n_cols >= 128 else 64
-    return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+        return dict(INTERPRETER_GEMM_CONFIG)
+    return _cfg(128, 128, 8, 4) if n_cols >= 128 else _cfg(128, 64, 4, 4)
 
 
-def ln_linear(rows_in, norm_weight, norm_bias, weight, bias, eps, *, gelu, launch):
-    """act(LayerNorm(rows_in) @ weight^T + bias) for contiguous rows_in (M, D); bias may be None."""
+def _autotuned(kernel):
+    configs = [triton.Config({k: v for k, v in c.items() if k.isupper()},
+                             num_warps=c["num_warps"], num_stages=c["num_stages"])
+               for c in GPU_GEMM_CONFIGS]
+    return triton.autotune(configs=configs, key=["M", "N", "K"])(kernel)
+
+
+_TUNED = {kernel: _autotuned(kernel) for kernel in (_norm_linear_kernel, _linear_residual_kernel)}
+
+
+def _launch_gemm(kernel, launch, device_type, m, n, args, constexprs, tile_config):
+    if tile_config is None and device_type == "cuda" and AUTOTUNE_ON_GPU:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        launch(_TUNED[kernel])[grid](*args, **constexprs)
+        return
+    cfg = tile_config or gemm_tile_config(device_type, n)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    launch(kernel)[grid](*args, **constexprs, **cfg)
+
+
+# ---- launchers ------------------------------------------------------------------------
+
+def row_stats(rows_in, eps, *, launch, centred=None):
+    """Per-row mean and rstd (fp32) of contiguous rows (M, D); writes x - mean into `centred`
+    when given."""
     m, dim = rows_in.shape
-    width = weight.shape[0]
-    weight = weight.contiguous()
-    y = torch.empty((m, width), device=rows_in.device, dtype=rows_in.dtype)
-    cfg = gemm_tile_config(rows_in.device.type, width)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(width, cfg["BLOCK_N"]),)
-    launch(_ln_linear_kernel)[grid](
-        rows_in, norm_weight, norm_bias, weight, bias if bias is not None else norm_bias, y,
-        m, dim, width, eps,
-        rows_in.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, APPLY_GELU=gelu,
-        DOT_PRECISION=dot_precision(rows_in.dtype),
-        DOT_UPCAST=dot_upcast(rows_in.device.type, rows_in.dtype), **cfg,
+    mean = torch.empty(m, device=rows_in.device, dtype=torch.float32)
+    rstd = torch.empty(m, device=rows_in.device, dtype=torch.float32)
+    gpu = rows_in.device.type == "cuda"
+    block_m, block_d = (4, 256) if gpu else (16, 64)
+    launch(_row_stats_kernel)[(triton.cdiv(m, block_m),)](
+        rows_in, mean, rstd, centred if centred is not None else rows_in,
+        m, dim, eps, rows_in.stride(0), centred.stride(0) if centred is not None else 0,
+        WRITE_CENTRED=centred is not None, BLOCK_M=block_m, BLOCK_D=block_d,
+        num_warps=4 if gpu else 1,
     )
+    return mean, rstd
+
+
+def ln_linear(rows_in, norm_weight, norm_bias, weight, bias, eps, *, gelu, launch, folded=None,
+              tile_config=None):
+    """act(LayerNorm(rows_in) @ weight^T + bias) for contiguous rows_in (M, D); bias may be None.
+
+    `folded` is `fold_layer_norm(norm_weight, norm_bias, weight, bias)`, made once by the
+    caller (the engine at build time); without it the weights are folded here, per call.
+    `tile_config`: one of gemm_configs() instead of the device's choice (tests, benchmarks)."""
+    if folded is None:
+        folded = fold_layer_norm(norm_weight, norm_bias, weight, bias)
+    m, dim = rows_in.shape
+    width = folded.weight.shape[0]
+    # fp32 rows are centred in the statistics pass (see _row_stats_kernel); half-precision
+    # rows go to the GEMM as they are and the mean is subtracted in the epilogue.
+    centred = torch.empty_like(rows_in) if rows_in.dtype == torch.float32 else None
+    mean, rstd = row_stats(rows_in, eps, launch=launch, centred=centred)
+    a = centred if centred is not None else rows_in
+    y = torch.empty((m, width), device=rows_in.device, dtype=rows_in.dtype)
+    args = (a, folded.weight, folded.bias, folded.sums, mean, rstd, y, m, dim, width,
+            a.stride(0), folded.weight.stride(0), y.stride(0))
+    constexprs = dict(SUBTRACT_MEAN=centred is None, APPLY_GELU=gelu,
+                      DOT_PRECISION=dot_precision(rows_in.dtype),
+                      DOT_UPCAST=dot_upcast(rows_in.device.type, rows_in.dtype))
+    _launch_gemm(_norm_linear_kernel, launch, rows_in.device.type, m, width, args, constexprs,
+                 tile_config)
     return y
 
 
-def linear_residual(h, weight, bias, gamma, residual, out, *, launch):
+def linear_residual(h, weight, bias, gamma, residual, out, *, launch, tile_config=None):
     """out = residual + gamma * (h @ weight^T + bias) for row-major h (M, K), residual and
-    out (M, N) with unit column stride; bias and gamma may be None."""
+    out (M, N) with unit column stride; bias and gamma may be None. `tile_config` as in
+    ln_linear."""
     m, k_dim = h.shape
     width = weight.shape[0]
     weight = weight.contiguous()
-    cfg = gemm_tile_config(h.device.type, width)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(width, cfg["BLOCK_N"]),)
     # An unused pointer argument still needs a tensor; the constexpr flag keeps it unread.
     placeholder = residual
-    launch(_linear_residual_kernel)[grid](
-        h, weight, bias if bias is not None else placeholder,
-        gamma if gamma is not None else placeholder, residual, out,
-        m, k_dim, width,
-        h.stride(0), weight.stride(0), residual.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None,
-        DOT_PRECISION=dot_precision(h.dtype), DOT_UPCAST=dot_upcast(h.device.type, h.dtype), **cfg,
-    )
+    args = (h, weight, bias if bias is not None else placeholder,
+            gamma if gamma is not None else placeholder, residual, out,
+            m, k_dim, width,
+            h.stride(0), weight.stride(0), residual.stride(0), out.stride(0))
+    constexprs = dict(HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None,
+                      DOT_PRECISION=dot_precision(h.dtype), DOT_UPCAST=dot_upcast(h.device.type, h.dtype))
+    _launch_gemm(_linear_residual_kernel, launch, h.device.type, m, width, args, constexprs,
+                 tile_config)
     return out

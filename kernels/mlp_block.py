@@ -1,10 +1,11 @@
 """Fused MLP-only block: out = x + gamma * fc2(GELU(fc1(LayerNorm(x)))).
 
-Two kernels (from fused_linear), because the whole D-wide output row of fc2 cannot stay in
-registers next to an H-wide hidden tile:
-  1. `_ln_linear_kernel` with GELU: LayerNorm applied in the GEMM's prologue, fc1 on tensor
-     cores, bias + exact (erf) GELU in the epilogue. The normalized x is never written.
-  2. `_linear_residual_kernel`: fc2 with bias, LayerScale and the residual add in the epilogue.
+Three kernels (from fused_linear); fc1 and fc2 stay separate because the whole D-wide output
+row of fc2 cannot stay in registers next to an H-wide hidden tile:
+  1. `_row_stats_kernel`: each row's LayerNorm mean and rstd (8 bytes a row).
+  2. `_norm_linear_kernel` with GELU: fc1 as a plain GEMM on the LayerNorm-folded weights,
+     mean/rstd, bias and exact (erf) GELU in the epilogue. The normalized x is never written.
+  3. `_linear_residual_kernel`: fc2 with bias, LayerScale and the residual add in the epilogue.
 Memory traffic is x read ~3x (from L2 after the first), hidden written and read once, out
 written once: the floor is the two GEMMs' FLOPs.
 """
@@ -23,9 +24,11 @@ def mlp_block_ref(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, f
 
 
 def mlp_block_triton(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                     gamma=None, eps=1e-6, out=None, kernel_launcher=None):
-    """Runs the two fused kernels; writes into `out` when given (tests poison it).
+                     gamma=None, eps=1e-6, out=None, kernel_launcher=None, fc1_folded=None):
+    """Runs the fused kernels; writes into `out` when given (tests poison it).
 
+    `fc1_folded` is fused_linear.fold_layer_norm(norm_weight, norm_bias, fc1_weight, fc1_bias),
+    made once by the caller (the engine); without it fc1 is folded per call.
     `kernel_launcher` wraps each kernel for torch.library.triton_op (wrap_triton); the
     default launches directly."""
     launch = kernel_launcher or (lambda kernel: kernel)
@@ -36,6 +39,6 @@ def mlp_block_triton(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     hidden = ln_linear(rows_in, norm_weight, norm_bias, fc1_weight, fc1_bias, eps,
-                       gelu=True, launch=launch)
+                       gelu=True, launch=launch, folded=fc1_folded)
     linear_residual(hidden, fc2_weight, fc2_bias, gamma, rows_in, out.view(-1, dim), launch=launch)
     return out

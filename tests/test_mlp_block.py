@@ -5,14 +5,19 @@ from conftest import cpu_backends, requires_cuda, requires_interpreter
 from numerics import assert_close_to_reference, poisoned_like
 
 from dcvit_engine import ops
+from dcvit_engine.kernels.fused_linear import (fold_layer_norm, gemm_config_name, gemm_configs,
+                                               gemm_tile_config, linear_residual, ln_linear)
 from dcvit_engine.kernels.mlp_block import mlp_block_ref, mlp_block_triton
+from dcvit_engine.ops.dispatch import BackendUnavailableError
 
 CPU_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def make_inputs(batch, tokens, dim, hidden, layer_scale, dtype=torch.float64, device="cpu"):
-    """Fresh random inputs at realistic scales: LayerNorm affine near 1/0, weights ~ 1/sqrt(fan_in)."""
-    x = torch.randn(batch, tokens, dim, dtype=torch.float64) * 2 + 0.5
+def make_inputs(batch, tokens, dim, hidden, layer_scale, dtype=torch.float64, device="cpu",
+                mean=0.5):
+    """Fresh random inputs at realistic scales: LayerNorm affine near 1/0, weights ~ 1/sqrt(fan_in).
+    `mean`: the rows' offset (large values test the folded LayerNorm's mean term)."""
+    x = torch.randn(batch, tokens, dim, dtype=torch.float64) * 2 + mean
     weights = [
         1 + 0.2 * torch.randn(dim, dtype=torch.float64),
         0.1 * torch.randn(dim, dtype=torch.float64),
@@ -26,8 +31,8 @@ def make_inputs(batch, tokens, dim, hidden, layer_scale, dtype=torch.float64, de
     return cast(x), [cast(w) for w in weights], cast(gamma)
 
 
-def check_backend(backend, batch, tokens, dim, hidden, layer_scale, dtype, device="cpu"):
-    x64, w64, g64 = make_inputs(batch, tokens, dim, hidden, layer_scale)
+def check_backend(backend, batch, tokens, dim, hidden, layer_scale, dtype, device="cpu", mean=0.5):
+    x64, w64, g64 = make_inputs(batch, tokens, dim, hidden, layer_scale, mean=mean)
     ref64 = mlp_block_ref(x64, *w64, gamma=g64)
     cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
     x, w, g = cast(x64), [cast(t) for t in w64], cast(g64)
@@ -61,6 +66,85 @@ def test_triton_backend_large_hidden_interpreted():
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("mean", [40.0, -300.0])
+@requires_interpreter
+def test_triton_large_row_mean_interpreted(dtype, mean):
+    # The folded LayerNorm subtracts mean * sum(W') after the GEMM: rows far from zero mean
+    # (std 2) must not lose accuracy to that cancellation. Checked on fc1's output, since the
+    # block's residual (|x| ~ |mean|) would hide an error in the branch.
+    x64, (nw, nb, w1, b1, *_), _ = make_inputs(1, 50, 96, 37, False, mean=mean)
+    fc1 = lambda x, *w: torch.nn.functional.gelu(  # noqa: E731
+        torch.nn.functional.linear(torch.nn.functional.layer_norm(x, (96,), w[0], w[1], 1e-6), w[2], w[3]))
+    x, *w = (t.to(dtype) for t in (x64[0], nw, nb, w1, b1))
+    # reference from the rounded inputs: x's own rounding (~|mean| ulps) would swamp the
+    # compute errors compared here
+    ref64 = fc1(x.double(), *(t.double() for t in w))
+    out = ln_linear(x, *w, 1e-6, gelu=True, launch=lambda kernel: kernel)
+    assert_close_to_reference(out, ref64, fc1(x, *w), interpreter_bf16=dtype == torch.bfloat16,
+                              what=f"fc1 {dtype} mean {mean}")
+
+
+@pytest.mark.parametrize("config", gemm_configs("cuda"), ids=gemm_config_name)
+@requires_interpreter
+def test_every_gpu_tile_config_interpreted(config):
+    # the GPU configs' tiles (128x256 splits its epilogue in halves) on odd shapes, in the
+    # interpreter; the fixed CPU tiles never reach those code paths
+    x64, (nw, nb, w1, b1, w2, b2), g64 = make_inputs(1, 131, 96, 300, True)
+    rows64 = x64[0]
+    fc1 = lambda x, *w: torch.nn.functional.gelu(  # noqa: E731
+        torch.nn.functional.linear(torch.nn.functional.layer_norm(x, (96,), w[0], w[1], 1e-6), w[2], w[3]))
+    launch = lambda kernel: kernel  # noqa: E731
+    rows, nw32, nb32, w132, b132, w232, b232, g32 = (t.float() for t in (rows64, nw, nb, w1, b1, w2, b2, g64))
+    hidden = ln_linear(rows, nw32, nb32, w132, b132, 1e-6, gelu=True, launch=launch, tile_config=config)
+    assert_close_to_reference(hidden, fc1(rows64, nw, nb, w1, b1), fc1(rows, nw32, nb32, w132, b132),
+                              what=f"fc1 {gemm_config_name(config)}")
+    out = linear_residual(hidden, w232, b232, g32, rows, poisoned_like(rows), launch=launch,
+                          tile_config=config)
+    ref = rows + g32 * torch.nn.functional.linear(hidden, w232, b232)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gpu_tile_configs_include_wide_tiles_and_the_fixed_choice():
+    configs = gemm_configs("cuda")
+    names = [gemm_config_name(c) for c in configs]
+    assert "m128n256k64w8s4" in names and "m128n128k64w8s4" in names
+    for width in (37, 768, 3072):
+        assert gemm_tile_config("cuda", width) in configs
+
+
+def test_fold_layer_norm_is_exact_in_float64():
+    x, (nw, nb, w1, b1, *_), _ = make_inputs(1, 7, 48, 37, False)
+    folded = fold_layer_norm(nw, nb, w1, b1)
+    mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+    rstd = (var + 1e-6).rsqrt()
+    via_fold = rstd * (x @ folded.weight.t() - mean * folded.sums.double()) + folded.bias.double()
+    direct = torch.nn.functional.linear(torch.nn.functional.layer_norm(x, (48,), nw, nb, 1e-6), w1, b1)
+    # bias and sums are kept in fp32: agreement to fp32 rounding, not fp64
+    torch.testing.assert_close(via_fold, direct, rtol=1e-6, atol=1e-6)
+    assert folded.bias.dtype == folded.sums.dtype == torch.float32
+
+
+@requires_interpreter
+def test_prefolded_weights_give_the_same_result():
+    x, w, g = make_inputs(1, 50, 96, 37, True, dtype=torch.bfloat16)
+    folded = fold_layer_norm(w[0], w[1], w[2], w[3])
+    out = ops.mlp_block(x, *w, gamma=g, backend="triton", fc1_folded=folded)
+    torch.testing.assert_close(out, ops.mlp_block(x, *w, gamma=g, backend="triton"), rtol=0, atol=0)
+    # the other backends ignore the folded weights
+    torch.testing.assert_close(ops.mlp_block(x, *w, gamma=g, backend="cpu", fc1_folded=folded),
+                               ops.mlp_block(x, *w, gamma=g, backend="cpu"), rtol=0, atol=0)
+
+
+def test_mismatched_folded_weights_are_refused():
+    x, w, g = make_inputs(1, 5, 48, 37, True, dtype=torch.float32)
+    folded = fold_layer_norm(w[0], w[1], w[2], w[3])
+    with pytest.raises(ValueError, match="fc1_folded.weight"):
+        ops.mlp_block(x, *w, fc1_folded=folded._replace(weight=folded.weight[:-1]))
+    with pytest.raises(ValueError, match="fc1_folded.sums"):
+        ops.mlp_block(x, *w, fc1_folded=folded._replace(sums=folded.sums.double()))
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
 def test_torch_backend_is_the_reference(dtype):
     check_backend("torch", 2, 50, 96, 37, True, dtype)
 
@@ -71,6 +155,11 @@ def test_torch_backend_is_the_reference(dtype):
 @pytest.mark.parametrize("tokens,dim,hidden", [(197, 192, 37), (197, 768, 3072), (50, 96, 1000)])
 @pytest.mark.parametrize("layer_scale", [False, True])
 def test_gpu_backends(backend, tokens, dim, hidden, layer_scale, dtype):
+    if backend == "triton" and dtype == torch.float32:
+        x, w, g = make_inputs(1, tokens, dim, hidden, layer_scale, dtype=dtype, device="cuda")
+        with pytest.raises(BackendUnavailableError, match="fp32 on CUDA"):
+            ops.mlp_block(x, *w, gamma=g, backend="triton")
+        return
     check_backend(backend, 3, tokens, dim, hidden, layer_scale, dtype, device="cuda")
 
 
@@ -97,7 +186,7 @@ def test_gpu_writes_every_output_element(backend):
     if backend == "cuda":
         torch.ops.dcvit.mlp_block.out(x, *w, g, 1e-6, out=out)
     else:
-        mlp_block_triton(x, *w, gamma=g, out=out)
+        mlp_block_triton(x, *w, gamma=g, out=out)  # fp32 runs here, only dispatch refuses it
     torch.testing.assert_close(out, mlp_block_ref(x, *w, gamma=g), rtol=1e-5, atol=1e-5)
 
 

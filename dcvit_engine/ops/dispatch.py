@@ -26,6 +26,24 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The CPU interpreter runs Triton kernels for testing only; it is never picked on its own.
 DEFAULT_PRIORITY = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
+# Backend order per op: the one place it is written. Until a GPU has timed the ops
+# (benchmarks/RESULTS.md), the GPU order follows the sm_90 code-generation report:
+# - mlp_block: Triton first. With LayerNorm folded out of fc1's K loop both GEMMs are plain
+#   shared-memory GEMMs with their epilogues fused (row statistics, bias, GELU, LayerScale,
+#   residual), while the cuda impl adds a LayerNorm pass, a GELU pass over the (rows, H)
+#   hidden activations and a residual pass around cuBLAS.
+# - attention_block: the cuda impl (cuBLAS + SDPA) first; the report estimated the Triton
+#   attention at 0.3-0.6x SDPA before its alignment work.
+# - token merges: the compiled kernels first (default order).
+# A GPU measurement replaces these rows (bench_mlp_block / bench_attention / bench_token_merge).
+PRIORITY = {
+    "mlp_block": {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")},
+    "attention_block": {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")},
+    "tome_merge": DEFAULT_PRIORITY,
+    "atme_merge": DEFAULT_PRIORITY,
+    "atme_unmerge": DEFAULT_PRIORITY,
+}
+
 
 class BackendUnavailableError(RuntimeError):
     """A requested backend cannot run the given inputs; the message lists each reason."""
@@ -56,9 +74,10 @@ class OpDispatcher:
     """Chooses and runs one op's implementation; see the module docstring."""
 
     def __init__(self, op: str, impls: Sequence[Impl], priority: dict | None = None):
+        # `priority` overrides the PRIORITY table (tests); ops take their row from the table
         self.op = op
         self.impls = {impl.backend: impl for impl in impls}
-        self.priority = priority or DEFAULT_PRIORITY
+        self.priority = priority or PRIORITY.get(op, DEFAULT_PRIORITY)
 
     def reasons(self, *args) -> dict[str, str | None]:
         """Every backend's reason for refusing these inputs (None: it can run them)."""
@@ -137,19 +156,31 @@ def triton_why_not(tensors: Sequence[torch.Tensor], dtypes=FLOAT_DTYPES) -> str 
     return None
 
 
+def triton_gemm_why_not(tensors: Sequence[torch.Tensor]) -> str | None:
+    """triton_why_not for ops that run Triton GEMMs: fp32 on CUDA is refused, since an exact
+    fp32 tl.dot compiles to FFMA (no tensor cores) with kilobytes of register spills."""
+    reason = triton_why_not(tensors)
+    if reason is None and tensors[0].device.type == "cuda" and tensors[0].dtype == torch.float32:
+        return ("fp32 on CUDA: Triton GEMMs would run exact-fp32 dots without tensor cores; "
+                "use bf16/fp16 or the cuda backend")
+    return reason
+
+
 def torch_why_not(tensors: Sequence[torch.Tensor]) -> str | None:
     if not tensors[0].is_floating_point():
         return f"dtype {tensors[0].dtype} is not a floating-point type"
     return None
 
 
-def standard_impls(op: str, run_torch, run_native, run_triton) -> list[Impl]:
+def standard_impls(op: str, run_torch, run_native, run_triton, *, gemm: bool = False) -> list[Impl]:
     """The four backends of an op whose first argument is its main input tensor: the torch
     reference, the compiled kernels (torch.ops.dcvit.<op> on CPU and CUDA) and the Triton op,
-    each refusing by the shared reasons above."""
+    each refusing by the shared reasons above. `gemm`: the Triton op runs GEMMs, so it also
+    refuses fp32 on CUDA (triton_gemm_why_not)."""
+    triton_check = triton_gemm_why_not if gemm else triton_why_not
     return [
         Impl("torch", lambda x, *rest: torch_why_not([x]), run_torch),
         Impl("cpu", lambda x, *rest: cpu_native_why_not(op, [x]), run_native),
         Impl("cuda", lambda x, *rest: cuda_native_why_not(op, [x]), run_native),
-        Impl("triton", lambda x, *rest: triton_why_not([x]), run_triton),
+        Impl("triton", lambda x, *rest: triton_check([x]), run_triton),
     ]
