@@ -9,7 +9,8 @@ import sys
 from dcvit_engine.ops.dispatch import BackendUnavailableError
 
 # Module names under dcvit_engine.cli, in the order `dcvit --help` lists them.
-COMMAND_MODULES = ["doctor", "info", "bench", "infer", "plan", "compress", "export", "eval", "sweep", "demo"]
+COMMAND_MODULES = ["doctor", "info", "bench", "infer", "plan", "compress", "export", "eval", "sweep", "demo",
+                   "reproduce"]
 
 
 class CommandError(Exception):

@@ -1,0 +1,57 @@
+"""`dcvit reproduce`: the DC-ViT paper's DeiT-B table (DC-ViT vs PRACTISE at the paper's MACs
+points, 50/100/500/1000 images, official hyper-parameters) on your ImageNet copy, printed
+beside the paper's numbers; resumable (run the same command again after an interruption)."""
+from dcvit_engine.cli import CommandError
+from dcvit_engine.cli.model_args import add_model_arguments, model_from_args
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CommandError(f"{what} must be comma-separated whole numbers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise CommandError(f"{what} must be positive whole numbers, got {text!r}")
+    return values
+
+
+def register(subparsers):
+    from dcvit_engine.reproduce import OFFICIAL, POINTS, SAMPLES
+
+    parser = subparsers.add_parser("reproduce", help="the DC-ViT paper's DeiT-B comparison on your ImageNet copy")
+    add_model_arguments(parser)
+    parser.add_argument("--data", required=True, metavar="IMAGENET_DIR",
+                        help="folder with train/<class>/ and val/<class>/ (the ImageNet layout)")
+    parser.add_argument("--out", default="dcvit_reproduce", help="results and checkpoints (default ./dcvit_reproduce)")
+    parser.add_argument("--samples", default=",".join(map(str, SAMPLES)),
+                        help=f"few-shot image counts (default {','.join(map(str, SAMPLES))})")
+    parser.add_argument("--points", default=",".join(map(str, POINTS)),
+                        help="MACs points as the blocks PRACTISE drops; DC-ViT compresses one more "
+                        f"(default {','.join(map(str, POINTS))}: -8.3/-16.6/-25%% of DeiT-B's FLOPs)")
+    parser.add_argument("--iters", type=int, default=OFFICIAL["iters"], help=f"default {OFFICIAL['iters']} (official)")
+    parser.add_argument("--batch-size", type=int, default=OFFICIAL["batch_size"])
+    parser.add_argument("--metric-size", type=int, default=OFFICIAL["metric_size"])
+    parser.add_argument("--metric-iters", type=int, default=OFFICIAL["metric_iters"])
+    parser.add_argument("--val-samples", type=int, default=None, help="evaluate on this many val images (default all)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(func=run)
+
+
+def run(args):
+    from dcvit_engine.reproduce import PAPER_DEIT_B, results_table, run_reproduction
+
+    samples, points = _ints(args.samples, "--samples"), _ints(args.points, "--points")
+    teacher, name = model_from_args(args)
+    print(f"reproducing the DC-ViT paper's DeiT-B comparison with {name}: samples {samples}, PRACTISE "
+          f"dropping {points} blocks (DC-ViT one more), {args.iters} iterations; paper numbers: DeiT-B at "
+          f"-{PAPER_DEIT_B[2]['flops_cut']}% FLOPs")
+    results = run_reproduction(
+        teacher, args.data, args.out, samples=samples, points=points, seed=args.seed, device=args.device,
+        iters=args.iters, batch_size=args.batch_size, metric_size=args.metric_size,
+        metric_iters=args.metric_iters, val_samples=args.val_samples,
+        on_result=lambda r: print(f"  {r['method']} with {r['samples']} images, point {r['dropped']}: "
+                                  f"top-1 {r['top1']:.2f}", flush=True))
+    print("\n" + results_table(results))
+    print(f"\nresults in {args.out}/results.json")
+    return 0
