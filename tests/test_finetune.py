@@ -166,3 +166,25 @@ def test_kd_finetune_lowers_the_loss(pair, images):
         assert kd_loss(student(images), teacher(images), labels).item() < loss_before
     with pytest.raises(ValueError, match="labels must have shape"):
         kd_finetune(student, teacher, images, labels=labels[:3], iters=1, progress=False)
+
+
+def test_sgd_step_decay_learning_rates(pair, images):
+    """PRACTISE's recipe: SGD, learning rate divided by 10 at half and three quarters."""
+    from dcvit_engine.compress.finetune import _optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    optimizer, schedule = _optimizer("sgd", params, 0.02, 0.0, 8)
+    rates = []
+    for _ in range(8):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates == pytest.approx([0.02] * 4 + [0.002] * 2 + [0.0002] * 2)
+    student, teacher = pair
+    student = copy.deepcopy(student)
+    mse_before = feature_mse(student, teacher, images)
+    feature_mimic_finetune(student, teacher, images, iters=20, batch_size=8, lr=0.02, optimizer="sgd",
+                           trainable=trainable_up_to(student, 1), progress=False)
+    assert feature_mse(student, teacher, images) < mse_before
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        feature_mimic_finetune(student, teacher, images, iters=2, optimizer="lamb", progress=False)

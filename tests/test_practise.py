@@ -7,7 +7,7 @@ import torch
 
 from dcvit_engine.compress import practise as practise_module
 from dcvit_engine.compress.checkpoint import STATE_FILENAME
-from dcvit_engine.compress.practise import compress_practise, with_adaptor
+from dcvit_engine.compress.practise import compress_practise, with_adaptor, with_neighbour_adaptors
 from dcvit_engine.compress.structure import plan_block_drop, replace_block
 from dcvit_engine.macs import count_macs
 from dcvit_engine.reference import reference_from_timm
@@ -34,6 +34,24 @@ def test_untrained_adaptor_is_the_dropped_block(teacher, images):
     with torch.no_grad():
         assert torch.equal(adapted(images), dropped(images))
     assert adaptor.linear.weight.abs().sum() == 0 and adaptor.linear.weight.shape == (48, 48)
+
+
+def test_official_recipe_adaptors_sgd_and_label(teacher, images):
+    adapted, params = with_neighbour_adaptors(teacher, 3)
+    with torch.no_grad():  # identity adaptors: exactly the dropped block before training
+        assert torch.allclose(adapted(images), replace_block(teacher, 3, 0)(images), atol=1e-5)
+    assert len(params) == 4 and params[0].shape == (48, 48)
+    shared, official = {}, {}
+    compress_practise(teacher, images, 0.7, report=shared, **dict(FAST, iters=3))
+    student = compress_practise(teacher, images, 0.7, recipe="official", report=official, **dict(FAST, iters=3))
+    assert official["recipe"] == "official" and shared["recipe"] == "shared"
+    assert official["settings"]["lr"] == FAST["lr"] and "feature MSE" in official["scoring"]
+    assert [s["score"] for s in official["block_scores"]] != [s["score"] for s in shared["block_scores"]]
+    # every layer but the classifier trains in the official recipe, the last block included
+    assert not torch.equal(student.blocks[5].mlp.fc1.weight, teacher.blocks[5].mlp.fc1.weight)
+    assert torch.equal(student.head.weight, teacher.head.weight)
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        compress_practise(teacher, images, 0.7, recipe="paper", **FAST)
 
 
 def test_score_cache_scores_each_candidate_once_across_targets(teacher, images):

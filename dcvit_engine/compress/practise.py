@@ -15,6 +15,12 @@
    them) and the student is finetuned with DC-ViT's recipe (feature mimicking, AdamW,
    head frozen, blocks up to the one after the last dropped block and the final norm
    trainable), so that the two methods differ only in what they remove.
+
+recipe="official" follows PRACTISE's own code instead (labelled in the report):
+identity-initialised Linear adaptors on the layers next to the dropped block (after the
+previous block's fc2, before the next block's qkv), trained by SGD lr 0.02; score =
+feature MSE on the few-shot images / % of MACs saved; then SGD lr 0.02 with step decay,
+every layer but the classifier trainable. Adaptors are not kept in the student.
 """
 from __future__ import annotations
 
@@ -61,11 +67,55 @@ def with_adaptor(teacher: ViTReference, block: int) -> tuple[ViTReference, Linea
     return student, adaptor
 
 
+RECIPES = ("shared", "official")
+OFFICIAL = dict(adaptor_lr=0.02, lr=0.02)  # PRACTISE's SGD learning rates
+
+
+def identity_linear(dim: int, device, dtype) -> nn.Linear:
+    linear = nn.Linear(dim, dim, device=device, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(torch.eye(dim, device=device, dtype=dtype))
+        linear.bias.zero_()
+    return linear
+
+
+def with_neighbour_adaptors(teacher: ViTReference, block: int) -> tuple[ViTReference, list[nn.Parameter]]:
+    """A copy of the teacher with `block` dropped and PRACTISE's adaptors on the neighbouring
+    layers: after the previous block's fc2 and before the next block's qkv (identity at start,
+    so the untrained student is exactly the dropped block)."""
+    student = replace_block(teacher, block, 0)
+    weight = next(teacher.parameters())
+    before, after = student.blocks[block - 1], student.blocks[block + 1]
+    if before.mlp is None or after.attn is None:
+        raise ValueError(f"block {block}: PRACTISE's official adaptors need an MLP in block {block - 1} "
+                         f"and attention in block {block + 1}")
+    dim = teacher.spec.embed_dim
+    first, second = identity_linear(dim, weight.device, weight.dtype), identity_linear(dim, weight.device, weight.dtype)
+    before.mlp.fc2 = nn.Sequential(before.mlp.fc2, first)
+    after.attn.qkv = nn.Sequential(second, after.attn.qkv)
+    return student, [*first.parameters(), *second.parameters()]
+
+
+@torch.no_grad()
+def feature_mse(student: ViTReference, teacher: ViTReference, images: torch.Tensor, batch_size: int,
+                device) -> float:
+    """Mean squared difference of the final features over `images` (eval mode)."""
+    total, count = 0.0, 0
+    student.eval()
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start:start + batch_size].to(device)
+        diff = student.forward_features(x).float() - teacher.forward_features(x).float()
+        total += float(diff.pow(2).sum())
+        count += diff.numel()
+    return total / count
+
+
 def compress_practise(model, images: torch.Tensor, target_macs: float, *,
                       metric_set: torch.Tensor | None = None, candidates=None, iters: int = 2000,
                       adaptor_iters: int | None = None, adaptor_lr: float = 1e-3,
                       batch_size: int = 64, lr: float = 3e-5, weight_decay: float = 1e-4,
-                      augment: str = "flip+shift", score_cache: dict | None = None, device=None,
+                      augment: str = "flip+shift", recipe: str = "shared",
+                      score_cache: dict | None = None, device=None,
                       seed: int = 0, checkpoint_dir=None, resume: bool = False,
                       progress: bool = False, report: dict | None = None) -> ViTReference:
     """PRACTISE-compress `model` (timm ViT or ViTReference) to at most `target_macs`, the
@@ -75,11 +125,19 @@ def compress_practise(model, images: torch.Tensor, target_macs: float, *,
     code trains adaptors about as long as it finetunes). augment: a fewshot.AUGMENTATIONS
     name. report, when given, receives achieved_macs (what the dropped blocks give,
     generally below the target), every candidate's score, losses and timings.
-    score_cache: a dict kept by the caller between calls; a candidate's score does not
+    recipe: "shared" (DC-ViT's finetuning, see the module docstring) or "official"
+    (PRACTISE's adaptors and SGD; adaptor_lr and lr then default to 0.02 when left at the
+    shared defaults). score_cache: a dict kept by the caller between calls; a candidate's score does not
     depend on the target, so a sweep over targets scores each block once per setting.
     """
     adaptor_iters = iters if adaptor_iters is None else adaptor_iters
     augmentation = augment_flags(augment)
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    if recipe == "official":  # PRACTISE's SGD rates unless the caller chose others
+        adaptor_lr = OFFICIAL["adaptor_lr"] if adaptor_lr == 1e-3 else adaptor_lr
+        lr = OFFICIAL["lr"] if lr == 3e-5 else lr
+    optimizer = "sgd" if recipe == "official" else "adamw"
     check_positive(iters=iters, adaptor_iters=adaptor_iters, batch_size=batch_size)
     teacher = as_reference(model)
     spec = teacher.spec
@@ -94,7 +152,7 @@ def compress_practise(model, images: torch.Tensor, target_macs: float, *,
     config = dict(method="practise", target=plan.target_ratio, blocks=plan.blocks_dropped,
                   candidates=list(plan.candidates), iters=iters, adaptor_iters=adaptor_iters,
                   adaptor_lr=adaptor_lr, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                  augment=augment, seed=seed, teacher=model_digest(teacher), images=tensor_digest(images),
+                  augment=augment, recipe=recipe, seed=seed, teacher=model_digest(teacher), images=tensor_digest(images),
                   metric_set=None if metric_set is None else tensor_digest(metric_set))
     ckpt = RunCheckpoint(checkpoint_dir, config, resume)
     state = ckpt.state
@@ -111,7 +169,7 @@ def compress_practise(model, images: torch.Tensor, target_macs: float, *,
 
     scores = state.setdefault("scores", {})
     # everything a candidate's score depends on (not the target, nor the finetuning)
-    cache_key = repr({k: config[k] for k in ("adaptor_iters", "adaptor_lr", "batch_size", "augment", "seed",
+    cache_key = repr({k: config[k] for k in ("adaptor_iters", "adaptor_lr", "batch_size", "augment", "recipe", "seed",
                                              "teacher", "images", "metric_set")})
     cached = {} if score_cache is None else score_cache.setdefault(cache_key, {})
     for block in plan.candidates:
@@ -121,12 +179,19 @@ def compress_practise(model, images: torch.Tensor, target_macs: float, *,
         if str(block) in scores:
             continue
         start = time.perf_counter()
-        student, adaptor = with_adaptor(teacher, block)
+        if recipe == "official":
+            student, adaptor_params = with_neighbour_adaptors(teacher, block)
+        else:
+            student, adaptor = with_adaptor(teacher, block)
+            adaptor_params = list(adaptor.parameters())
         losses = feature_mimic_finetune(student, teacher, images, iters=adaptor_iters,
                                         batch_size=batch_size, lr=adaptor_lr, weight_decay=0.0,
-                                        trainable=list(adaptor.parameters()), device=device,
+                                        trainable=adaptor_params, device=device, optimizer=optimizer,
                                         seed=seed + 1 + block, progress=False, **augmentation)
-        recoverability = kl_to_teacher(student, scoring_set, scoring_logits, batch_size, device)
+        if recipe == "official":  # PRACTISE's recoverability: feature error on the training images
+            recoverability = feature_mse(student, teacher, images, batch_size, device)
+        else:
+            recoverability = kl_to_teacher(student, scoring_set, scoring_logits, batch_size, device)
         seconds = time.perf_counter() - start
         scores[str(block)] = dict(recoverability=recoverability, score=recoverability / saved_percent,
                                   losses=[float(v) for v in losses], seconds=seconds)
@@ -144,12 +209,13 @@ def compress_practise(model, images: torch.Tensor, target_macs: float, *,
         student = teacher
         for block in chosen:
             student = replace_block(student, block, 0)
-        last_trainable = min(max(chosen) + 1, depth - 1)
+        # official: every layer but the classifier; shared: DC-ViT's front part and final norm
+        last_trainable = depth - 1 if recipe == "official" else min(max(chosen) + 1, depth - 1)
         losses = feature_mimic_finetune(student, teacher, images, iters=iters,
                                         batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                                         trainable=trainable_up_to(student, last_trainable, final_norm=True),
                                         device=device, seed=seed + 10_000, progress=progress,
-                                        **augmentation)
+                                        optimizer=optimizer, **augmentation)
         seconds = time.perf_counter() - start
         state["finetune"] = dict(trainable_up_to=last_trainable, losses=[float(v) for v in losses],
                                  seconds=seconds)
@@ -167,7 +233,8 @@ def compress_practise(model, images: torch.Tensor, target_macs: float, *,
         target_macs=dict(ratio=plan.target_ratio, macs=plan.target_macs),
         teacher_macs=plan.teacher_macs, achieved_macs=achieved,
         achieved_ratio=achieved / plan.teacher_macs, plan=plan.to_dict(),
-        latency_model="proportional to block MACs (not measured)",
+        latency_model="proportional to block MACs (not measured)", recipe=recipe,
+        scoring="feature MSE on the images (official)" if recipe == "official" else "KL on the scoring set",
         chosen_blocks=chosen,
         finetune_iters=dict(selection=adaptor_iters * len(plan.candidates), per_candidate=adaptor_iters,
                             student=iters, per_step=iters, steps=1),
