@@ -4,6 +4,7 @@
 
 #include <torch/library.h>
 
+#include <algorithm>
 #include <map>
 #include <numeric>
 #include <utility>
@@ -68,35 +69,72 @@ void check_attention_block_args(const at::Tensor& x, const at::Tensor& norm_weig
 
 namespace {
 
-// The given heads (all of one width, in increasing order) of one of q/k/v (B, N, C), as
-// (B, heads, N, width): a view when the heads are adjacent (so are their columns), else a
-// stacked copy.
+// Heads run together by one SDPA call: their q/k and v widths are padded with zero columns
+// to `qk_width` / `v_width` (exact: a zero q/k column adds nothing to q k^T, a zero v column
+// gives a context column that is dropped).
+struct HeadGroup {
+  int64_t qk_width = 0, v_width = 0;
+  std::vector<int64_t> heads;
+};
+
+int64_t round_up(int64_t value, int64_t step) { return (value + step - 1) / step * step; }
+
+// Heads grouped by their q/k width rounded up to kWidthStep, each group as wide as its widest
+// member: a DeiT-B block pruned per head (UVC) runs as at most 4 batched calls instead of one
+// small call per head, for at most kWidthStep - 1 zero columns per head.
+constexpr int64_t kWidthStep = 16;
+
+std::vector<HeadGroup> group_heads(at::IntArrayRef qk_dims, at::IntArrayRef v_dims) {
+  std::map<int64_t, HeadGroup> by_width;
+  for (size_t h = 0; h < qk_dims.size(); ++h) {
+    HeadGroup& group = by_width[round_up(qk_dims[h], kWidthStep)];
+    group.qk_width = std::max(group.qk_width, qk_dims[h]);
+    group.v_width = std::max(group.v_width, v_dims[h]);
+    group.heads.push_back(static_cast<int64_t>(h));
+  }
+  std::vector<HeadGroup> groups;
+  for (auto& [key, group] : by_width) groups.push_back(std::move(group));
+  return groups;
+}
+
+// The group's heads of one of q/k/v (B, N, C), as (B, heads, N, width): a view when the
+// heads are adjacent and all exactly `width` wide, else a zero-padded copy.
 at::Tensor gather_heads(const at::Tensor& part, const std::vector<int64_t>& heads,
-                        const std::vector<int64_t>& offsets, int64_t width) {
+                        const std::vector<int64_t>& offsets, at::IntArrayRef widths,
+                        int64_t width) {
   const int64_t count = static_cast<int64_t>(heads.size());
-  if (heads.back() - heads.front() + 1 == count) {
+  bool view = heads.back() - heads.front() + 1 == count;
+  for (int64_t h : heads) view = view && widths[h] == width;
+  if (view) {
     return part.narrow(2, offsets[heads.front()], count * width)
         .unflatten(2, {count, width})
         .transpose(1, 2);
   }
-  std::vector<at::Tensor> slices;
-  slices.reserve(heads.size());
-  for (int64_t h : heads) slices.push_back(part.narrow(2, offsets[h], width));
-  return at::stack(slices, 1);
+  at::Tensor padded = at::zeros({part.size(0), part.size(1), count, width}, part.options());
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t h = heads[i];
+    padded.select(2, i).narrow(2, 0, widths[h]).copy_(part.narrow(2, offsets[h], widths[h]));
+  }
+  return padded.transpose(1, 2);
 }
 
-// Writes heads_out (B, heads, N, width) into their columns of ctx (B, N, sum(v_dims)).
+// Writes each head's first v_dims[h] columns of heads_out (B, heads, N, width) into its
+// columns of ctx (B, N, sum(v_dims)).
 void scatter_heads(const at::Tensor& heads_out, const std::vector<int64_t>& heads,
-                   const std::vector<int64_t>& offsets, int64_t width, at::Tensor& ctx) {
+                   const std::vector<int64_t>& offsets, at::IntArrayRef v_dims, int64_t width,
+                   at::Tensor& ctx) {
   const int64_t count = static_cast<int64_t>(heads.size());
-  if (heads.back() - heads.front() + 1 == count) {
+  bool view = heads.back() - heads.front() + 1 == count;
+  for (int64_t h : heads) view = view && v_dims[h] == width;
+  if (view) {
     ctx.narrow(2, offsets[heads.front()], count * width)
         .unflatten(2, {count, width})
         .copy_(heads_out.transpose(1, 2));
     return;
   }
   for (int64_t i = 0; i < count; ++i) {
-    ctx.narrow(2, offsets[heads[i]], width).copy_(heads_out.select(1, i));
+    const int64_t h = heads[i];
+    ctx.narrow(2, offsets[h], v_dims[h]).copy_(heads_out.select(1, i).narrow(2, 0, v_dims[h]));
   }
 }
 
@@ -122,18 +160,14 @@ at::Tensor attention_context(const at::Tensor& qkv, at::IntArrayRef qk_dims,
   std::optional<at::Tensor> mask;
   if (key_bias.has_value()) mask = key_bias->reshape({batch, 1, 1, tokens});
 
-  // SDPA needs one q/k width and one v width per call: group heads by their width pair.
-  std::map<std::pair<int64_t, int64_t>, std::vector<int64_t>> groups;
-  for (int64_t h = 0; h < heads; ++h) groups[{qk_dims[h], v_dims[h]}].push_back(h);
-
   at::Tensor ctx = at::empty({batch, tokens, v_total}, qkv.options());
-  for (const auto& [widths, members] : groups) {
-    const auto [qk_width, v_width] = widths;
+  for (const HeadGroup& group : group_heads(qk_dims, v_dims)) {
     const at::Tensor out = at::scaled_dot_product_attention(
-        gather_heads(q, members, qk_offsets, qk_width), gather_heads(k, members, qk_offsets, qk_width),
-        gather_heads(v, members, v_offsets, v_width), mask, /*dropout_p=*/0.0,
+        gather_heads(q, group.heads, qk_offsets, qk_dims, group.qk_width),
+        gather_heads(k, group.heads, qk_offsets, qk_dims, group.qk_width),
+        gather_heads(v, group.heads, v_offsets, v_dims, group.v_width), mask, /*dropout_p=*/0.0,
         /*is_causal=*/false, scale);  // (B, heads in group, N, v_width)
-    scatter_heads(out, members, v_offsets, v_width, ctx);
+    scatter_heads(out, group.heads, v_offsets, v_dims, group.v_width, ctx);
   }
   return ctx;
 }

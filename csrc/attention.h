@@ -21,8 +21,10 @@ void check_attention_block_args(const at::Tensor& x, const at::Tensor& norm_weig
                                 const std::optional<at::Tensor>& key_bias, const at::Tensor& out);
 
 // The attention core on packed qkv (B, N, 2*sum(qk_dims)+sum(v_dims)) -> context
-// (B, N, sum(v_dims)), heads concatenated in order. Heads of equal (qk, v) widths run as one
-// batched at::scaled_dot_product_attention call, so it works on any device.
+// (B, N, sum(v_dims)), heads concatenated in order. Heads whose q/k widths round up to the
+// same multiple of 16 run as one batched at::scaled_dot_product_attention call, zero-padded
+// to the group's widest q/k and v (so it works on any device, and a block pruned per head
+// costs a few calls, not one per head).
 at::Tensor attention_context(const at::Tensor& qkv, at::IntArrayRef qk_dims,
                              at::IntArrayRef v_dims, double scale,
                              const std::optional<at::Tensor>& key_bias);

@@ -121,7 +121,8 @@ def attention_residual(block: EngineBlock, x: torch.Tensor, key_bias: torch.Tens
         out = ops.attention_block(x, block.norm1_weight, block.norm1_bias, block.qkv_weight,
                                   block.qkv_bias, block.proj_weight, block.proj_bias,
                                   block.kernel_qk_dims, block.kernel_v_dims, block.scale,
-                                  eps=block.eps, gamma=block.ls1, key_bias=key_bias, backend=backend)
+                                  eps=block.eps, gamma=block.ls1, key_bias=key_bias, backend=backend,
+                                  qkv_folded=block.qkv_folded)
         if not want_metric:
             return out, None
         h = F.layer_norm(x, (x.shape[-1],), block.norm1_weight, block.norm1_bias, block.eps)

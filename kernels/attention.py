@@ -7,17 +7,24 @@ separately) or be uniform (CAIT's CDCP). qkv rows are packed [q_0|q_1|..|k_0|k_1
 with each head's rows contiguous; the context heads are concatenated in head order.
 key_bias (B, N) is ToMe's proportional attention (log of each key's token count).
 
-Three Triton launches:
-  1. `_ln_linear_kernel` (fused_linear): LayerNorm in the qkv GEMM's prologue, bias in its
-     epilogue; writes the packed (B*N, 2*sum(qk)+sum(v)) qkv rows.
-  2. `_flash_attention_kernel`: one program per (batch*head, q-block), online softmax over
-     key blocks with fp32 statistics and accumulator. Heads are grouped by their widths
-     padded to the next power of two (>= 16 for tl.dot); each group is one launch with a
-     per-head table of column offsets and true widths, and channels past a head's width
-     are masked. So removing heads removes programs and narrowing heads shrinks tiles.
+Triton launches:
+  1. `ln_linear` (fused_linear): the qkv GEMM with LayerNorm folded into its weights (row
+     statistics pass + GEMM with the normalization and bias in the epilogue); writes the
+     packed (B*N, 2*sum(qk)+sum(v)) qkv rows.
+  2. `_flash_attention_kernel`: one launch for all heads, one program per (batch*head,
+     q-block), online softmax over key blocks with fp32 statistics and accumulator. Its
+     tiles are as wide as the widest head, rounded up to a multiple of 16 and split into at
+     most two power-of-two parts (48 = 32 + 16). Three specializations: `UNIFORM` (every
+     head exactly the tile's width: columns from the head index, no column masks), `ALIGNED`
+     (widths and columns multiples of 16, as build_engine pads them: read from a per-head
+     table, promised aligned with tl.multiple_of, so loads are 16-byte vectors and cp.async
+     pipelines them), and the general table (any widths, masked per head). So removing
+     heads removes programs and narrowing every head shrinks the tiles.
   3. `_linear_residual_kernel` (fused_linear): proj GEMM with bias, LayerScale and the
      residual add in the epilogue.
 """
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -25,11 +32,6 @@ import triton.language as tl
 from .fused_linear import dot_precision, dot_upcast, linear_residual, ln_linear
 
 _LOG2E = 1.4426950408889634
-_MIN_DOT_WIDTH = 16  # tl.dot needs every dimension >= 16
-
-# Rows of a head table (int32, shape (_TABLE_ROWS, heads in the group)).
-_Q_COL, _K_COL, _V_COL, _OUT_COL, _QK_WIDTH, _V_WIDTH = range(6)
-_TABLE_ROWS = 6
 
 
 def attention_context_ref(qkv, qk_dims, v_dims, scale, key_bias=None):
@@ -57,55 +59,100 @@ def attention_block_ref(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_we
 
 
 @triton.jit
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    if DOT_UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _flash_attention_kernel(
     qkv_ptr, table_ptr, key_bias_ptr, ctx_ptr,
-    N, GROUP_HEADS, qk_scale_log2,
+    N, HEADS, qk_scale_log2,
     stride_qkv, stride_ctx, stride_key_bias,
-    HAS_KEY_BIAS: tl.constexpr,
+    HAS_KEY_BIAS: tl.constexpr, UNIFORM: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DQK0: tl.constexpr, DQK1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
+    # Head widths are tiled as two power-of-two parts (DQK0 + DQK1, DV0 + DV1; the second
+    # part may be 0), so a 48-wide head costs 48 columns of tensor-core work, not 64.
     pid = tl.program_id(0).to(tl.int64)
     num_m = tl.cdiv(N, BLOCK_M)
     # q-blocks of one (batch, head) are adjacent, so they run together and share K/V in L2.
     pid_bh = pid // num_m
     pid_m = pid % num_m
-    batch = pid_bh // GROUP_HEADS
-    slot = pid_bh % GROUP_HEADS
-    q_col = tl.load(table_ptr + 0 * GROUP_HEADS + slot).to(tl.int64)
-    k_col = tl.load(table_ptr + 1 * GROUP_HEADS + slot).to(tl.int64)
-    v_col = tl.load(table_ptr + 2 * GROUP_HEADS + slot).to(tl.int64)
-    out_col = tl.load(table_ptr + 3 * GROUP_HEADS + slot).to(tl.int64)
-    qk_width = tl.load(table_ptr + 4 * GROUP_HEADS + slot)
-    v_width = tl.load(table_ptr + 5 * GROUP_HEADS + slot)
+    batch = pid_bh // HEADS
+    head = pid_bh % HEADS
+    if UNIFORM:
+        # Every head exactly DQK0+DQK1 / DV0+DV1 wide: columns follow from the head index,
+        # and their alignment is visible to the compiler (16-byte vector loads, cp.async).
+        q_col = head * (DQK0 + DQK1)
+        k_col = HEADS * (DQK0 + DQK1) + q_col
+        v_col = 2 * HEADS * (DQK0 + DQK1) + head * (DV0 + DV1)
+        out_col = head * (DV0 + DV1)
+        qk_width = DQK0 + DQK1
+        v_width = DV0 + DV1
+    else:
+        q_col = tl.load(table_ptr + 0 * HEADS + head).to(tl.int64)
+        k_col = tl.load(table_ptr + 1 * HEADS + head).to(tl.int64)
+        v_col = tl.load(table_ptr + 2 * HEADS + head).to(tl.int64)
+        out_col = tl.load(table_ptr + 3 * HEADS + head).to(tl.int64)
+        qk_width = tl.load(table_ptr + 4 * HEADS + head)
+        v_width = tl.load(table_ptr + 5 * HEADS + head)
+        if ALIGNED:
+            # The host checked that every width and column is a multiple of 16 (the engine
+            # pads heads so); without this promise every element is a scalar 2-byte load.
+            q_col = tl.multiple_of(q_col, 16)
+            k_col = tl.multiple_of(k_col, 16)
+            v_col = tl.multiple_of(v_col, 16)
+            out_col = tl.multiple_of(out_col, 16)
+            qk_width = tl.multiple_of(qk_width, 16)
+            v_width = tl.multiple_of(v_width, 16)
 
     first_row = batch * N
     queries = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     query_ok = queries < N
-    dqk = tl.arange(0, BLOCK_DQK)
-    dv = tl.arange(0, BLOCK_DV)
-    dqk_ok = dqk < qk_width
-    dv_ok = dv < v_width
-
-    q = tl.load(qkv_ptr + (first_row + queries)[:, None] * stride_qkv + q_col + dqk[None, :],
-                mask=query_ok[:, None] & dqk_ok[None, :], other=0.0)
-    if DOT_UPCAST:
-        q = q.to(tl.float32)
+    q_rows = qkv_ptr + (first_row + queries)[:, None] * stride_qkv
+    dq0 = tl.arange(0, DQK0)
+    dv0 = tl.arange(0, DV0)
+    # Column masks only where a head can be narrower than its tile.
+    if UNIFORM:
+        q0 = tl.load(q_rows + q_col + dq0[None, :], mask=query_ok[:, None], other=0.0)
+    else:
+        q0 = tl.load(q_rows + q_col + dq0[None, :],
+                     mask=query_ok[:, None] & (dq0 < qk_width)[None, :], other=0.0)
+    if DQK1 > 0:
+        dq1 = DQK0 + tl.arange(0, DQK1)
+        if UNIFORM:
+            q1 = tl.load(q_rows + q_col + dq1[None, :], mask=query_ok[:, None], other=0.0)
+        else:
+            q1 = tl.load(q_rows + q_col + dq1[None, :],
+                         mask=query_ok[:, None] & (dq1 < qk_width)[None, :], other=0.0)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+    acc0 = tl.zeros((BLOCK_M, DV0), dtype=tl.float32)
+    if DV1 > 0:
+        dv1 = DV0 + tl.arange(0, DV1)
+        acc1 = tl.zeros((BLOCK_M, DV1), dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         key_ok = keys < N
-        key_rows = first_row + keys
-        k_t = tl.load(qkv_ptr + key_rows[None, :] * stride_qkv + k_col + dqk[:, None],
-                      mask=key_ok[None, :] & dqk_ok[:, None], other=0.0)
-        if DOT_UPCAST:
-            s = tl.dot(q, k_t.to(tl.float32), input_precision="ieee")
+        kv_rows = qkv_ptr + (first_row + keys) * stride_qkv
+        if UNIFORM:
+            k0 = tl.load(kv_rows[None, :] + k_col + dq0[:, None], mask=key_ok[None, :], other=0.0)
         else:
-            s = tl.dot(q, k_t, input_precision=DOT_PRECISION)
+            k0 = tl.load(kv_rows[None, :] + k_col + dq0[:, None],
+                         mask=key_ok[None, :] & (dq0 < qk_width)[:, None], other=0.0)
+        s = _mma(q0, k0, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_PRECISION, DOT_UPCAST)
+        if DQK1 > 0:
+            if UNIFORM:
+                k1 = tl.load(kv_rows[None, :] + k_col + dq1[:, None], mask=key_ok[None, :], other=0.0)
+            else:
+                k1 = tl.load(kv_rows[None, :] + k_col + dq1[:, None],
+                             mask=key_ok[None, :] & (dq1 < qk_width)[:, None], other=0.0)
+            s = _mma(q1, k1, s, DOT_PRECISION, DOT_UPCAST)
         # Logits in log2 units: exp2 is the GPU's native exponential.
         s = s * qk_scale_log2
         if HAS_KEY_BIAS:
@@ -117,39 +164,93 @@ def _flash_attention_kernel(
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        v = tl.load(qkv_ptr + key_rows[:, None] * stride_qkv + v_col + dv[None, :],
-                    mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
-        if DOT_UPCAST:
-            acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
+        # Probabilities in the input precision for the tensor cores, as flash-attention.
+        p = p.to(qkv_ptr.dtype.element_ty)
+        if UNIFORM:
+            v0 = tl.load(kv_rows[:, None] + v_col + dv0[None, :], mask=key_ok[:, None], other=0.0)
         else:
-            # Probabilities in the input precision for the tensor cores, as flash-attention.
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+            v0 = tl.load(kv_rows[:, None] + v_col + dv0[None, :],
+                         mask=key_ok[:, None] & (dv0 < v_width)[None, :], other=0.0)
+        acc0 = _mma(p, v0, acc0 * alpha[:, None], DOT_PRECISION, DOT_UPCAST)
+        if DV1 > 0:
+            if UNIFORM:
+                v1 = tl.load(kv_rows[:, None] + v_col + dv1[None, :], mask=key_ok[:, None], other=0.0)
+            else:
+                v1 = tl.load(kv_rows[:, None] + v_col + dv1[None, :],
+                             mask=key_ok[:, None] & (dv1 < v_width)[None, :], other=0.0)
+            acc1 = _mma(p, v1, acc1 * alpha[:, None], DOT_PRECISION, DOT_UPCAST)
         m_i = m_new
 
-    acc = acc / l_i[:, None]
-    tl.store(ctx_ptr + (first_row + queries)[:, None] * stride_ctx + out_col + dv[None, :],
-             acc.to(ctx_ptr.dtype.element_ty), mask=query_ok[:, None] & dv_ok[None, :])
+    out_rows = ctx_ptr + (first_row + queries)[:, None] * stride_ctx + out_col
+    out_ty = ctx_ptr.dtype.element_ty
+    if UNIFORM:
+        tl.store(out_rows + dv0[None, :], (acc0 / l_i[:, None]).to(out_ty), mask=query_ok[:, None])
+    else:
+        tl.store(out_rows + dv0[None, :], (acc0 / l_i[:, None]).to(out_ty),
+                 mask=query_ok[:, None] & (dv0 < v_width)[None, :])
+    if DV1 > 0:
+        if UNIFORM:
+            tl.store(out_rows + dv1[None, :], (acc1 / l_i[:, None]).to(out_ty), mask=query_ok[:, None])
+        else:
+            tl.store(out_rows + dv1[None, :], (acc1 / l_i[:, None]).to(out_ty),
+                     mask=query_ok[:, None] & (dv1 < v_width)[None, :])
 
 
-def _padded_width(width):
-    return max(_MIN_DOT_WIDTH, triton.next_power_of_2(width))
+# Head widths the kernel's tiles cover: the query tile's fp32 accumulator lives in registers,
+# and beyond 128 columns it spills.
+MAX_HEAD_WIDTH = 128
+WIDTH_ALIGNMENT = 16  # tl.dot's smallest dimension, and 32 bytes of bf16: vector loads
 
 
-def head_groups(qk_dims, v_dims):
-    """Heads grouped by padded (qk, v) widths: [(block_dqk, block_dv, table rows)], where the
-    table rows are the six int lists (q col, k col, v col, ctx col, qk width, v width)."""
+def tile_split(width):
+    """The kernel's tile for a head `width` wide: (lo, hi), powers of two >= 16 (hi may be
+    0), covering the multiple of 16 at or above `width` exactly when two such parts can
+    (48 = 32 + 16, 96 = 64 + 32), else the next power of two (112 -> 128)."""
+    padded = -(-max(width, 1) // WIDTH_ALIGNMENT) * WIDTH_ALIGNMENT
+    lo = triton.next_power_of_2(padded)
+    if lo == padded:
+        return padded, 0
+    lo //= 2
+    rest = padded - lo
+    if triton.next_power_of_2(rest) == rest:
+        return lo, rest
+    return triton.next_power_of_2(padded), 0
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """How the kernel covers a block's heads in its one launch: `uniform` when every head has
+    exactly the tile's widths (no table, no column masks), `aligned` when every width and
+    column is a multiple of 16 (the engine's padded heads), the (lo, hi) tile splits of the
+    widest q/k and v heads, and the head table: six int rows (q col, k col, v col, ctx col,
+    qk width, v width), one column per head."""
+
+    uniform: bool
+    aligned: bool
+    dqk: tuple
+    dv: tuple
+    table: tuple
+
+
+def head_layout(qk_dims, v_dims):
     qk_total = sum(qk_dims)
-    groups = {}
-    q_col, v_col = 0, 0
-    for qk_w, v_w in zip(qk_dims, v_dims):
-        key = (_padded_width(qk_w), _padded_width(v_w))
-        rows = groups.setdefault(key, [[] for _ in range(_TABLE_ROWS)])
-        for row, value in zip(rows, (q_col, qk_total + q_col, 2 * qk_total + v_col, v_col, qk_w, v_w)):
-            row.append(value)
-        q_col += qk_w
-        v_col += v_w
-    return [(dqk, dv, rows) for (dqk, dv), rows in groups.items()]
+    dqk, dv = tile_split(max(qk_dims)), tile_split(max(v_dims))
+    q_cols = [sum(qk_dims[:h]) for h in range(len(qk_dims))]
+    v_cols = [sum(v_dims[:h]) for h in range(len(v_dims))]
+    table = (tuple(q_cols), tuple(qk_total + c for c in q_cols),
+             tuple(2 * qk_total + c for c in v_cols), tuple(v_cols), tuple(qk_dims), tuple(v_dims))
+    uniform = set(qk_dims) == {sum(dqk)} and set(v_dims) == {sum(dv)}
+    aligned = all(w % WIDTH_ALIGNMENT == 0 for w in (*qk_dims, *v_dims))
+    return HeadLayout(uniform, aligned, dqk, dv, table)
+
+
+def flash_attention_why_not(qk_dims, v_dims):
+    """None when the kernel takes these head widths, else the reason."""
+    widest = max(max(qk_dims), max(v_dims))
+    if widest > MAX_HEAD_WIDTH:
+        return (f"head width {widest} > {MAX_HEAD_WIDTH}: the Triton attention tile would spill "
+                "its accumulator; use the cuda or torch backend")
+    return None
 
 
 # Head tables per (qk_dims, v_dims, device), built once: rebuilding one would copy host
@@ -157,8 +258,8 @@ def head_groups(qk_dims, v_dims):
 _TABLE_CACHE: dict = {}
 
 
-def _head_tables(qk_dims, v_dims, device):
-    key = (tuple(qk_dims), tuple(v_dims), str(device))
+def _head_table(layout, device):
+    key = (layout.table, str(device))
     cached = _TABLE_CACHE.get(key)
     if cached is not None:
         return cached
@@ -166,51 +267,78 @@ def _head_tables(qk_dims, v_dims, device):
         raise RuntimeError(
             "attention_block (triton): first call with these head widths happened during CUDA "
             "graph capture; run the op once (warm-up) before capturing")
-    tables = [(dqk, dv, torch.tensor(rows, dtype=torch.int32, device=device))
-              for dqk, dv, rows in head_groups(qk_dims, v_dims)]
-    # Under torch.compile's tracing the tables come out as fake tensors; keep real ones only.
-    if all(type(table) is torch.Tensor for _, _, table in tables):
-        _TABLE_CACHE[key] = tables
-    return tables
+    table = torch.tensor(layout.table, dtype=torch.int32, device=device)
+    # Under torch.compile's tracing the table comes out as a fake tensor; keep real ones only.
+    if type(table) is torch.Tensor:
+        _TABLE_CACHE[key] = table
+    return table
 
 
-def _attention_tile_config(device_type, block_dqk, block_dv):
-    """Tile sizes. On the GPU: 64x64 query/key tiles with 4 warps (the flash-attention forward
-    setting for head widths <= 64; 197 tokens waste less of 64-row tiles than of 128-row ones).
-    Under the CPU interpreter tiles stay small."""
+# Enough 128-row programs to fill an H100/H200 (132 SMs) twice; below that, 64-row tiles
+# give small batches twice the programs.
+_MIN_PROGRAMS_128 = 264
+
+
+def _attention_tile_config(device_type, block_dqk, block_dv, batch_heads=None, tokens=None):
+    """Tile sizes for heads whose tiles are block_dqk / block_dv wide (lo + hi).
+
+    On the GPU, 128 query rows with 8 warps: at sm_90 it compiles (64/64 heads, bf16) to
+    120 registers, no spills, 16-byte cp.async, 401 instructions per key-block iteration per
+    warp against 436 for 64 rows with 4 warps, and loads each K/V tile for twice the queries
+    (197 tokens fill two 128-row tiles as well as four 64-row ones). Small launches
+    (batch_heads * row tiles < _MIN_PROGRAMS_128) keep 64-row tiles for parallelism. Keys in
+    blocks of 64, of 32 beyond 64 columns (registers). Under the CPU interpreter tiles stay
+    small."""
     if device_type != "cuda":
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
-    wide = max(block_dqk, block_dv) > 64
-    return dict(BLOCK_M=64, BLOCK_N=64 if not wide else 32, num_warps=4, num_stages=3)
+    block_n = 64 if max(block_dqk, block_dv) <= 64 else 32
+    if batch_heads is not None and tokens is not None and \
+            batch_heads * triton.cdiv(tokens, 128) < _MIN_PROGRAMS_128:
+        return dict(BLOCK_M=64, BLOCK_N=block_n, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=block_n, num_warps=8, num_stages=3)
+
+
+def flash_attention_constexprs(layout, dtype, device_type, has_key_bias, batch_heads=None,
+                               tokens=None):
+    """The kernel's constexpr and launch keywords (tile config included) for one layout."""
+    return dict(HAS_KEY_BIAS=has_key_bias, UNIFORM=layout.uniform, ALIGNED=layout.aligned,
+                DQK0=layout.dqk[0], DQK1=layout.dqk[1], DV0=layout.dv[0], DV1=layout.dv[1],
+                DOT_PRECISION=dot_precision(dtype), DOT_UPCAST=dot_upcast(device_type, dtype),
+                **_attention_tile_config(device_type, sum(layout.dqk), sum(layout.dv),
+                                         batch_heads, tokens))
 
 
 def flash_attention_triton(qkv, batch, tokens, qk_dims, v_dims, scale, key_bias=None,
                            ctx=None, kernel_launcher=None):
     """Attention core on packed qkv rows (B*N, 2*sum(qk)+sum(v)) (unit column stride) ->
-    context rows (B*N, sum(v)), written into `ctx` when given."""
+    context rows (B*N, sum(v)), written into `ctx` when given. One launch for all heads."""
+    reason = flash_attention_why_not(qk_dims, v_dims)
+    if reason is not None:
+        raise ValueError(f"attention_block (triton): {reason}")
     launch = kernel_launcher or (lambda kernel: kernel)
     if ctx is None:
         ctx = torch.empty((batch * tokens, sum(v_dims)), device=qkv.device, dtype=qkv.dtype)
-    for block_dqk, block_dv, table in _head_tables(qk_dims, v_dims, qkv.device):
-        group_heads = table.shape[1]
-        cfg = _attention_tile_config(qkv.device.type, block_dqk, block_dv)
-        grid = (batch * group_heads * triton.cdiv(tokens, cfg["BLOCK_M"]),)
-        launch(_flash_attention_kernel)[grid](
-            qkv, table, key_bias if key_bias is not None else qkv, ctx,
-            tokens, group_heads, scale * _LOG2E,
-            qkv.stride(0), ctx.stride(0), key_bias.stride(0) if key_bias is not None else 0,
-            HAS_KEY_BIAS=key_bias is not None, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
-            DOT_PRECISION=dot_precision(qkv.dtype), DOT_UPCAST=dot_upcast(qkv.device.type, qkv.dtype),
-            **cfg,
-        )
+    layout = head_layout(qk_dims, v_dims)
+    # A uniform layout needs no table; the kernel never reads the pointer then.
+    table = qkv if layout.uniform else _head_table(layout, qkv.device)
+    heads = len(qk_dims)
+    kw = flash_attention_constexprs(layout, qkv.dtype, qkv.device.type, key_bias is not None,
+                                    batch * heads, tokens)
+    grid = (batch * heads * triton.cdiv(tokens, kw["BLOCK_M"]),)
+    launch(_flash_attention_kernel)[grid](
+        qkv, table, key_bias if key_bias is not None else qkv, ctx,
+        tokens, heads, scale * _LOG2E,
+        qkv.stride(0), ctx.stride(0), key_bias.stride(0) if key_bias is not None else 0, **kw)
     return ctx
 
 
 def attention_block_triton(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight,
                            proj_bias, qk_dims, v_dims, scale, gamma=None, key_bias=None,
-                           eps=1e-6, out=None, kernel_launcher=None):
-    """Runs the three fused launches on x (B, N, D); writes into `out` when given (tests
-    poison it). `kernel_launcher` wraps each kernel for torch.library.triton_op."""
+                           eps=1e-6, out=None, kernel_launcher=None, qkv_folded=None):
+    """Runs the fused launches on x (B, N, D); writes into `out` when given (tests poison
+    it). `kernel_launcher` wraps each kernel for torch.library.triton_op. `qkv_folded` is
+    fused_linear.fold_layer_norm(norm_weight, norm_bias, qkv_weight, qkv_bias), made once by
+    the caller (the engine); without it the qkv weights are folded per call."""
     launch = kernel_launcher or (lambda kernel: kernel)
     batch, tokens, dim = x.shape
     rows_in = x.reshape(-1, dim)
@@ -221,7 +349,7 @@ def attention_block_triton(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj
     if key_bias is not None and key_bias.stride(-1) != 1:
         key_bias = key_bias.contiguous()
     qkv = ln_linear(rows_in, norm_weight, norm_bias, qkv_weight, qkv_bias, eps, gelu=False,
-                    launch=launch)
+                    launch=launch, folded=qkv_folded)
     ctx = flash_attention_triton(qkv, batch, tokens, qk_dims, v_dims, scale, key_bias,
                                  kernel_launcher=launch)
     linear_residual(ctx, proj_weight, proj_bias, gamma, rows_in, out.view(-1, dim), launch=launch)

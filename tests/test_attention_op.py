@@ -7,12 +7,15 @@ from conftest import cpu_backends, requires_cuda, requires_interpreter
 from numerics import FACTOR, FLOOR, INTERPRETER_BF16_FACTOR, poisoned_like, rel_err
 
 from dcvit_engine import ops
+from dcvit_engine.kernels.fused_linear import fold_layer_norm
 from dcvit_engine.kernels.attention import (
     attention_block_ref,
     attention_block_triton,
     attention_context_ref,
     flash_attention_triton,
-    head_groups,
+    flash_attention_why_not,
+    head_layout,
+    tile_split,
 )
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -124,32 +127,73 @@ def test_gpu_backends(backend, batch, tokens, dim, qk_dims, v_dims, flags, dtype
     check_backend(backend, batch, tokens, dim, qk_dims, v_dims, dtype, device="cuda", **flags)
 
 
-@requires_interpreter
-def test_flash_core_odd_widths_interpreted():
-    """The attention kernel alone, with widths on both sides of the padding steps (1, 15,
-    16, 17, 31, 33) and a key bias, against the per-head reference."""
-    qk_dims, v_dims = [16, 17, 1, 33], [31, 1, 16, 15]
-    batch, tokens = 2, 37
+def check_flash_core(qk_dims, v_dims, dtype, batch=2, tokens=37):
+    """The attention kernel alone against the per-head float64 reference, writing into a
+    NaN-poisoned context."""
     qkv = torch.randn(batch, tokens, 2 * sum(qk_dims) + sum(v_dims), dtype=torch.float64)
     key_bias = torch.rand(batch, tokens, dtype=torch.float64)
     ref = attention_context_ref(qkv, qk_dims, v_dims, 0.3, key_bias)
-    ctx = flash_attention_triton(qkv.float().reshape(batch * tokens, -1), batch, tokens, qk_dims,
-                                 v_dims, 0.3, key_bias.float(),
-                                 ctx=torch.full((batch * tokens, sum(v_dims)), float("nan")))
-    assert rel_err(ctx.reshape(batch, tokens, -1), ref) < 1e-6
-
-
-def test_head_groups_pad_to_powers_of_two():
-    groups = {(dqk, dv): rows for dqk, dv, rows in head_groups(*RAGGED)}
-    # heads 0 (64/64) and 2 (40/33) share 64-wide tiles; head 1 (17/5) gets 32x16 tiles
-    assert set(groups) == {(64, 64), (32, 16)}
-    q_cols, k_cols, v_cols, out_cols, qk_widths, v_widths = groups[(64, 64)]
-    assert (q_cols, k_cols, v_cols, out_cols) == ([0, 81], [121, 202], [242, 311], [0, 69])
-    assert (qk_widths, v_widths) == ([64, 40], [64, 33])
-    assert groups[(32, 16)] == [[64], [185], [306], [64], [17], [5]]
+    same = attention_context_ref(qkv.to(dtype), qk_dims, v_dims, 0.3, key_bias.to(dtype))
+    ctx = flash_attention_triton(qkv.to(dtype).reshape(batch * tokens, -1), batch, tokens, qk_dims,
+                                 v_dims, 0.3, key_bias.to(dtype),
+                                 ctx=torch.full((batch * tokens, sum(v_dims)), float("nan"), dtype=dtype))
+    factor = INTERPRETER_BF16_FACTOR if dtype == torch.bfloat16 else FACTOR
+    budget = factor * rel_err(same.double(), ref) + FLOOR[dtype]
+    assert rel_err(ctx.reshape(batch, tokens, -1).double(), ref) <= budget
 
 
 @requires_interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("qk_dims,v_dims", [
+    ([16, 17, 1, 33], [31, 1, 16, 15]),   # general table: widths on both sides of 16, 32
+    ([48] * 3, [48] * 3),                 # uniform, tiles split 32 + 16
+    ([64, 16, 48, 32], [32, 48, 16, 64]),  # aligned table (build_engine's padded UVC heads)
+    ([96, 32], [80, 16]),                  # aligned, split 64 + 32 and 64 + 16
+])
+def test_flash_core_layouts_interpreted(qk_dims, v_dims, dtype):
+    check_flash_core(qk_dims, v_dims, dtype)
+
+
+def test_tile_split_pads_to_16_not_powers_of_two():
+    assert [tile_split(w) for w in (1, 16, 17, 33, 40, 48, 64, 80, 96, 112, 128)] == [
+        (16, 0), (16, 0), (32, 0), (32, 16), (32, 16), (32, 16), (64, 0), (64, 16), (64, 32),
+        (128, 0), (128, 0)]
+
+
+def test_head_layout_specializations():
+    dense = head_layout([64] * 12, [64] * 12)
+    assert dense.uniform and dense.aligned and dense.dqk == dense.dv == (64, 0)
+    padded = head_layout([64, 32, 48], [64, 16, 48])  # RAGGED as build_engine pads it
+    assert not padded.uniform and padded.aligned and padded.dqk == (64, 0)
+    assert padded.table == ((0, 64, 96), (144, 208, 240), (288, 352, 368), (0, 64, 80),
+                            (64, 32, 48), (64, 16, 48))
+    raw = head_layout(*RAGGED)
+    assert not raw.uniform and not raw.aligned and raw.dv == (64, 0)
+    assert not head_layout([8] * 6, [8] * 6).uniform  # narrower than the 16-wide tile
+
+
+def test_wide_heads_are_refused_with_the_reason():
+    assert flash_attention_why_not([64, 128], [128, 64]) is None
+    assert "head width 144" in flash_attention_why_not([144], [64])
+    x, w, _, _ = make_inputs(1, 5, 32, [144], [16], dtype=torch.float32)
+    assert "head width 144" in ops.attention_block_backends(x, *w, [144], [16], 0.25)["triton"]
+
+
+@requires_interpreter
+def test_triton_takes_prefolded_qkv_interpreted():
+    """The engine folds LayerNorm into the qkv weights once; the op then skips its own fold."""
+    qk_dims, v_dims = [32, 16, 48], [16, 32, 48]  # padded widths, as the engine passes them
+    x, w, g, kb = make_inputs(2, 37, 48, qk_dims, v_dims, dtype=torch.float32)
+    folded = fold_layer_norm(w[0], w[1], w[2], w[3])
+    out = ops.attention_block(x, *w, qk_dims, v_dims, 0.25, gamma=g, key_bias=kb, backend="triton",
+                              qkv_folded=folded)
+    torch.testing.assert_close(out, attention_block_ref(x, *w, qk_dims, v_dims, 0.25, gamma=g,
+                                                        key_bias=kb), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="qkv_folded"):
+        ops.attention_block(x, *w, qk_dims, v_dims, 0.25, backend="triton",
+                            qkv_folded=folded._replace(sums=folded.sums[1:]))
+
+
 def test_triton_writes_every_output_element():
     x, w, g, kb = make_inputs(1, 50, 48, [16, 5, 12], [16, 3, 9], dtype=torch.float32)
     out = attention_block_triton(x, *w, [16, 5, 12], [16, 3, 9], 0.25, gamma=g, key_bias=kb,

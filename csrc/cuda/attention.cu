@@ -2,15 +2,16 @@
 //
 //   1. LayerNorm           x -> xn                             (our kernel, fp32 statistics)
 //   2. GEMM                qkv = xn @ qkv_weight^T (+ bias)    (cuBLAS(Lt) via at::addmm/at::mm)
-//   3. attention core      heads grouped by equal (qk, v) widths, one
-//                          at::scaled_dot_product_attention call per group (flash /
-//                          memory-efficient / cuDNN kernels as PyTorch picks; the key bias is
-//                          an additive (B, 1, 1, N) mask)
+//   3. attention core      heads grouped by q/k width rounded up to 16 (attention_context in
+//                          ../attention.cpp), one batched at::scaled_dot_product_attention
+//                          call per group (flash / memory-efficient / cuDNN kernels as PyTorch
+//                          picks; the key bias is an additive (B, 1, 1, N) mask)
 //   4. GEMM                ctx @ proj_weight^T                 (cuBLAS via at::mm)
 //   5. epilogue            out = x + gamma * (y + proj_bias)   (our kernel)
 // Pruned heads and channels shrink every step: the GEMMs' widths, the number of heads per
-// SDPA call and their head widths. A ragged configuration costs one SDPA call per distinct
-// width pair.
+// SDPA call and their head widths. Heads pruned one by one (UVC) cost one SDPA call per
+// padded width (at most 4 for heads up to 64 wide), never one per head; build_engine's
+// zero-padded heads (multiples of 16) make those groups views without copies when adjacent.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>

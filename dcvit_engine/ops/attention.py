@@ -13,8 +13,11 @@ import operator
 import torch
 
 from dcvit_engine import _native
-from dcvit_engine.kernels.attention import attention_block_ref, attention_block_triton
-from dcvit_engine.ops.dispatch import OpDispatcher, standard_impls
+from dcvit_engine.kernels.attention import (attention_block_ref, attention_block_triton,
+                                            flash_attention_why_not)
+from dcvit_engine.kernels.fused_linear import FoldedNorm
+from dcvit_engine.ops.dispatch import Impl, OpDispatcher, standard_impls, triton_gemm_why_not
+from dcvit_engine.ops.mlp_block import check_folded
 from dcvit_engine.ops.registration import KERNEL_LAUNCHER, triton_kernel_op
 
 OP = "attention_block"
@@ -83,7 +86,8 @@ def check_attention_block_args(x, norm_weight, norm_bias, qkv_weight, qkv_bias, 
 
 
 def _attention_block_fake(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias,
-                          qk_dims, v_dims, scale, eps, gamma, key_bias):
+                          qk_dims, v_dims, scale, eps, gamma, key_bias, qkv_folded_weight=None,
+                          qkv_folded_bias=None, qkv_weight_sums=None):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -93,10 +97,15 @@ def _attention_block_triton_op(
     qkv_bias: torch.Tensor | None, proj_weight: torch.Tensor, proj_bias: torch.Tensor | None,
     qk_dims: list[int], v_dims: list[int], scale: float, eps: float,
     gamma: torch.Tensor | None, key_bias: torch.Tensor | None,
+    qkv_folded_weight: torch.Tensor | None = None, qkv_folded_bias: torch.Tensor | None = None,
+    qkv_weight_sums: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    # the three qkv_folded tensors: fold_layer_norm's result, all or none (see attention_block)
+    folded = None if qkv_folded_weight is None else \
+        FoldedNorm(qkv_folded_weight, qkv_folded_bias, qkv_weight_sums)
     return attention_block_triton(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight,
                                   proj_bias, qk_dims, v_dims, scale, gamma=gamma, key_bias=key_bias,
-                                  eps=eps, kernel_launcher=KERNEL_LAUNCHER)
+                                  eps=eps, kernel_launcher=KERNEL_LAUNCHER, qkv_folded=folded)
 
 
 if _native.LOAD_ERROR is None:
@@ -107,34 +116,39 @@ _native.native_unavailable(OP, "CPU")
 _native.native_unavailable(OP, "CUDA")
 
 
+# Every impl gets (x, 6 weights, qk_dims, v_dims, scale, eps, gamma, key_bias, qkv_folded);
+# only Triton uses qkv_folded.
 def _run_torch(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias,
-               qk_dims, v_dims, scale, eps, gamma, key_bias):
+               qk_dims, v_dims, scale, eps, gamma, key_bias, _folded):
     return attention_block_ref(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight,
                                proj_bias, qk_dims, v_dims, scale, gamma=gamma, key_bias=key_bias,
                                eps=eps)
 
 
 def _run_native(*args):
-    return torch.ops.dcvit.attention_block(*args)
+    return torch.ops.dcvit.attention_block(*args[:-1])
 
 
 def _run_triton(*args):
-    return torch.ops.dcvit.attention_block_triton(*args)
+    *rest, folded = args
+    return torch.ops.dcvit.attention_block_triton(*rest, *(folded if folded is not None else ()))
 
 
-_DISPATCH = OpDispatcher(
-    OP,
-    standard_impls(OP, _run_torch, _run_native, _run_triton),
-    # The CUDA impl first on the GPU: it is built from ATen's cuBLAS GEMMs and SDPA kernels
-    # around two simple kernels of ours. The Triton impl fuses more (LayerNorm into the qkv
-    # GEMM, tiles sized to each head's pruned width) but has not been timed on a GPU yet;
-    # benchmarks/bench_attention.py decides whether it should lead.
-    priority={"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")},
-)
+def _triton_why_not(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias,
+                    qk_dims, v_dims, *rest):
+    # the GEMMs' shared refusals (fp32 on CUDA among them), then the head layout's
+    return triton_gemm_why_not([x]) or flash_attention_why_not(qk_dims, v_dims)
+
+
+# Backend order: dispatch.PRIORITY["attention_block"].
+_DISPATCH = OpDispatcher(OP, [
+    impl if impl.backend != "triton" else Impl("triton", _triton_why_not, _run_triton)
+    for impl in standard_impls(OP, _run_torch, _run_native, _run_triton)])
 
 
 def attention_block(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias,
-                    qk_dims, v_dims, scale, *, eps=1e-6, gamma=None, key_bias=None, backend=None):
+                    qk_dims, v_dims, scale, *, eps=1e-6, gamma=None, key_bias=None, backend=None,
+                    qkv_folded: FoldedNorm | None = None):
     """x + gamma * proj(MHA(LayerNorm(x))) for x (B, N, D) with pruned heads and channels.
 
     qkv_weight (2*sum(qk_dims)+sum(v_dims), D) packed [q_0|q_1|..|k_0|k_1|..|v_0|v_1|..];
@@ -143,13 +157,19 @@ def attention_block(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight
     of width v_dims[h]; proj_weight (D, sum(v_dims)), proj_bias (D,) or None; gamma LayerScale
     (D,) or None; key_bias (B, N) additive per-key bias (ToMe's proportional attention:
     log of each token's size) or None. `backend` in {torch, cpu, cuda, triton} forces one
-    implementation (else DCVIT_BACKEND, else the device's priority list).
+    implementation (else DCVIT_BACKEND, else the device's priority list). `qkv_folded`:
+    kernels.fused_linear.fold_layer_norm(norm_weight, norm_bias, qkv_weight, qkv_bias), made
+    once (the engine does at build time) for the Triton impl; without it Triton folds per call.
+    The Triton impl takes heads up to 128 wide; it is fastest when every width is a multiple
+    of 16 (build_engine pads heads so, see dcvit_engine/head_padding.py).
     """
     qk_dims, v_dims = check_attention_block_args(x, norm_weight, norm_bias, qkv_weight, qkv_bias,
                                                  proj_weight, proj_bias, qk_dims, v_dims, scale,
                                                  gamma, key_bias)
+    if qkv_folded is not None:
+        check_folded(qkv_folded, qkv_weight, x, name="qkv_folded")
     args = (x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias,
-            qk_dims, v_dims, float(scale), float(eps), gamma, key_bias)
+            qk_dims, v_dims, float(scale), float(eps), gamma, key_bias, qkv_folded)
     return _DISPATCH(x.device, *args, backend=backend)
 
 
@@ -159,4 +179,5 @@ def attention_block_backends(x, norm_weight, norm_bias, qkv_weight, qkv_bias, pr
     """Each backend's reason for refusing these inputs (None: available)."""
     qk_dims, v_dims = head_widths(qk_dims, v_dims)
     return _DISPATCH.reasons(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight,
-                             proj_bias, qk_dims, v_dims, float(scale), float(eps), gamma, key_bias)
+                             proj_bias, qk_dims, v_dims, float(scale), float(eps), gamma, key_bias,
+                             None)
