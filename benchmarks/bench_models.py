@@ -10,6 +10,10 @@ realized speedup = (engine images/s of the variant / engine images/s of the unco
 model, same backend and batch) / (uncompressed MACs / variant MACs): 1.0 means the removed
 MACs came back in full as throughput.
 
+floor = the time the model's FLOPs (2 x MACs x batch) take at the matmul peak measured in the
+same run and dtype (timing.matmul_peak_tflops); of_floor = floor / measured time, the share of
+the peak a runner reaches (1.0 is the ceiling).
+
   python benchmarks/bench_models.py --out bench_out                 # GPU: bf16, batch 1,64,256, DeiT-T/S/B
   python benchmarks/bench_models.py --device cpu --out bench_out    # CPU: fp32, batch 1,4, DeiT-T/S
 Writes models.csv and models.png into --out.
@@ -31,12 +35,12 @@ from dcvit_engine.reference import ViTReference
 from dcvit_engine.throughput import measure_throughput
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import write_rows_csv  # noqa: E402
+from timing import matmul_peak_tflops, write_rows_csv  # noqa: E402
 
 MODELS = {"deit_tiny": "deit_tiny_patch16_224", "deit_small": "deit_small_patch16_224",
           "deit_base": "deit_base_patch16_224"}
 FIELDS = ["model", "variant", "blocks_compressed", "mlp_hidden", "gmacs", "macs_reduction", "runner",
-          "batch_size", "images_per_s", "median_ms", "speedup", "realized_speedup"]
+          "batch_size", "images_per_s", "median_ms", "floor_ms", "of_floor", "speedup", "realized_speedup"]
 
 
 def dcvit_variant(spec, num_blocks: int):
@@ -49,10 +53,10 @@ def dcvit_variant(spec, num_blocks: int):
     return compressed_spec(spec, plan.candidates[:num_blocks], plan.hidden_width), plan.hidden_width
 
 
-def engine_backends(device: torch.device) -> list[str]:
+def engine_backends(device: torch.device, chosen=None) -> list[str]:
     # the Triton interpreter on the CPU is a testing tool, far too slow to time
     return [b for b in BACKENDS if not (device.type == "cpu" and b in ("cuda", "triton"))
-            and not (device.type == "cuda" and b == "cpu")]
+            and not (device.type == "cuda" and b == "cpu") and (chosen is None or b in chosen)]
 
 
 def timed(runner, images, args):
@@ -90,7 +94,7 @@ def bench_model(short: str, args, device, dtype, rows: list[dict], log):
     for n in args.variants:
         spec, hidden = dcvit_variant(spec0, n)
         variants.append((f"N={n}", n, hidden, ViTReference(spec).eval()))
-    for backend in engine_backends(device):
+    for backend in engine_backends(device, args.backends):
         for variant, n, hidden, model in variants:
             engine = build_engine(model, backend=backend, dtype=dtype, device=device)
             try:
@@ -104,12 +108,14 @@ def bench_model(short: str, args, device, dtype, rows: list[dict], log):
             del engine
 
 
-def add_speedups(rows: list[dict]) -> None:
+def add_speedups(rows: list[dict], peak_tflops: float) -> None:
     base = {(r["model"], r["runner"], r["batch_size"]): r["images_per_s"] for r in rows if r["variant"] == "full"}
     for r in rows:
         full = base[(r["model"], r["runner"], r["batch_size"])]
         r["speedup"] = r["images_per_s"] / full
         r["realized_speedup"] = r["speedup"] / r["macs_reduction"]
+        r["floor_ms"] = 2 * r["gmacs"] * 1e9 * r["batch_size"] / (peak_tflops * 1e12) * 1e3
+        r["of_floor"] = r["floor_ms"] / r["median_ms"]
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
@@ -147,12 +153,13 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
 def format_table(rows: list[dict]) -> str:
     header = (f"{'model':10} {'variant':7} {'hidden':>6} {'GMACs':>6} {'MACs red.':>9} {'runner':14} "
-              f"{'batch':>5} {'images/s':>10} {'ms':>9} {'speedup':>7} {'realized':>8}")
+              f"{'batch':>5} {'images/s':>10} {'ms':>9} {'floor ms':>9} {'of floor':>8} {'speedup':>7} {'realized':>8}")
     lines = [header]
     for r in rows:
         lines.append(f"{r['model']:10} {r['variant']:7} {r['mlp_hidden']:>6} {r['gmacs']:6.3f} "
                      f"{r['macs_reduction']:9.3f} {r['runner']:14} {r['batch_size']:5} "
-                     f"{r['images_per_s']:10.1f} {r['median_ms']:9.2f} {r['speedup']:7.3f} "
+                     f"{r['images_per_s']:10.1f} {r['median_ms']:9.2f} {r['floor_ms']:9.3f} {r['of_floor']:8.3f} "
+                     f"{r['speedup']:7.3f} "
                      f"{r['realized_speedup']:8.3f}")
     return "\n".join(lines)
 
@@ -168,6 +175,8 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="timed runs (default 20 on CUDA, 5 on the CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs (default 5 on CUDA, 1 on the CPU)")
     parser.add_argument("--no-compile", action="store_true", help="skip timm + torch.compile")
+    parser.add_argument("--backends", default=None,
+                        help=f"comma list of engine backends from {list(BACKENDS)} (default: every one this device runs)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (on a shared machine 1 thread is the least noisy)")
     parser.add_argument("--out", default="bench_out")
@@ -180,6 +189,11 @@ def parse_args(argv=None):
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {sorted(MODELS)}")
     args.variants = [int(n) for n in args.variants.split(",") if n]
+    if args.backends is not None:
+        args.backends = [b for b in args.backends.split(",") if b]
+        unknown = [b for b in args.backends if b not in BACKENDS]
+        if unknown:
+            parser.error(f"unknown backend(s) {unknown}; choose from {list(BACKENDS)}")
     args.repeats = args.repeats or (20 if gpu else 5)
     args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
     return args
@@ -198,7 +212,9 @@ def main(argv=None):
     rows: list[dict] = []
     for short in args.models:
         bench_model(short, args, device, args.dtype, rows, log=lambda line: print(line, flush=True))
-    add_speedups(rows)
+    peak = matmul_peak_tflops(device, args.dtype)
+    print(f"matmul peak (measured, {args.dtype}): {peak:.1f} TFLOP/s: the floor of each timing", flush=True)
+    add_speedups(rows, peak)
     print("\n" + format_table(rows))
     write_rows_csv(rows, FIELDS, os.path.join(args.out, "models.csv"))
     plot(rows, os.path.join(args.out, "models.png"), f"{what}, {str(args.dtype).removeprefix('torch.')}")
