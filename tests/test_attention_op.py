@@ -7,6 +7,8 @@ from conftest import cpu_backends, requires_cuda, requires_interpreter
 from numerics import FACTOR, FLOOR, INTERPRETER_BF16_FACTOR, poisoned_like, rel_err
 
 from dcvit_engine import ops
+from dcvit_engine.ops import attention as attention_dispatch
+from dcvit_engine.ops.dispatch import PRIORITY, BackendUnavailableError
 from dcvit_engine.kernels.fused_linear import fold_layer_norm
 from dcvit_engine.kernels.attention import (
     attention_block_ref,
@@ -124,7 +126,28 @@ def test_triton_ragged_full_width_head_interpreted():
     (4, 197, 768, [64] * 6, [64] * 6, PROP_ATTN),
 ])
 def test_gpu_backends(backend, batch, tokens, dim, qk_dims, v_dims, flags, dtype):
+    if backend == "triton" and dtype == torch.float32:
+        x, w, g, kb = make_inputs(batch, tokens, dim, qk_dims, v_dims, dtype=dtype, device="cuda")
+        with pytest.raises(BackendUnavailableError, match="fp32 on CUDA"):
+            ops.attention_block(x, *w, qk_dims, v_dims, 0.125, gamma=g, key_bias=kb, backend="triton")
+        return
     check_backend(backend, batch, tokens, dim, qk_dims, v_dims, dtype, device="cuda", **flags)
+
+
+class _FakeTensor:
+    """Just the device and dtype a backend's refusal reads (no CUDA device here)."""
+
+    def __init__(self, device, dtype):
+        self.device, self.dtype = torch.device(device), dtype
+
+
+def test_triton_refusals_fp32_on_cuda_and_wide_heads():
+    refuse = attention_dispatch._triton_why_not
+    weights = [None] * 6
+    assert "fp32 on CUDA" in refuse(_FakeTensor("cuda", torch.float32), *weights, [64], [64])
+    assert refuse(_FakeTensor("cuda", torch.bfloat16), *weights, [64, 48], [64, 16]) is None
+    assert "head width 160" in refuse(_FakeTensor("cuda", torch.float16), *weights, [160], [64])
+    assert attention_dispatch._DISPATCH.priority is PRIORITY["attention_block"]
 
 
 def check_flash_core(qk_dims, v_dims, dtype, batch=2, tokens=37):
