@@ -79,7 +79,10 @@ def test_shared_channel_masks_slice_exactly_with_merges():
     gates = ChannelGates(student, 0.5, count_macs(teacher.spec).total)
     keep = ((torch.rand(gates.logits.shape) > 0.4) * (0.5 + torch.rand(gates.logits.shape))).double()
     keep[:, :, 0] = 1.0  # at least one channel of each kind
-    masks = gates.masks(student, keep)
+    neuron_keep = [((torch.rand(n.shape) > 0.5) * (0.5 + torch.rand(n.shape))).double() for n in gates.neuron_logits]
+    neuron_keep[1][:5] = 1.0
+    neuron_keep[2].zero_()  # an MLP with no neuron left: the branch goes, with its bias
+    masks = gates.masks(student, keep, neuron_keep)
     images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad(), apply_masks(student, masks):
         masked = student(images)
@@ -90,7 +93,10 @@ def test_shared_channel_masks_slice_exactly_with_merges():
     for row, block in enumerate(sliced.spec.blocks):
         kept = (keep[row] != 0).sum(1).tolist()
         assert block.attn.qk_dims == [kept[0]] * 3 and block.attn.v_dims == [kept[1]] * 3
-    assert float(gates.macs((keep != 0).double())) == count_macs(sliced.spec).total
+        assert block.mlp_hidden == int((neuron_keep[row] != 0).sum())
+    # integer widths times integer costs in float64: exact
+    hard_neurons = [(n != 0).double() for n in neuron_keep]
+    assert float(gates.macs((keep != 0).double(), hard_neurons)) == count_macs(sliced.spec).total
     costs = width_costs(sliced.spec)
     assert costs.total([b.attn.qk_total for b in sliced.spec.blocks], [b.attn.v_total for b in sliced.spec.blocks],
                        [b.mlp_hidden for b in sliced.spec.blocks]) == count_macs(sliced.spec).total
@@ -114,11 +120,14 @@ def test_plan_and_masks_fit_the_budget(target):
     layers, merged = plan_atme(teacher.spec, target, token_share=0.5)
     gates = ChannelGates(with_spec(teacher, merged), target, count_macs(teacher.spec).total)
     budget = target * gates.teacher_macs
-    keep = fit_masks(gates, gates.hard(), budget)
-    assert float(gates.macs(keep)) <= budget
-    assert (keep.sum(2) >= 1).all()
-    one_more = min(gates.channel_macs(r, k) for r in range(keep.shape[0]) for k in (0, 1))
-    assert float(gates.macs(keep)) + one_more > budget or bool(keep.all())  # nothing more fits
+    keep, neuron_keep = fit_masks(gates, gates.hard(), budget, gates.hard_neurons())
+    macs = float(gates.macs(keep, neuron_keep))
+    assert macs <= budget
+    assert (keep.sum(2) >= 1).all() and all(n.sum() >= 1 for n in neuron_keep)
+    one_more = min([gates.channel_macs(r, k) for r in range(keep.shape[0]) for k in (0, 1)]
+                   + [gates.channel_macs(r, 2) for r in range(len(neuron_keep))])
+    everything = bool(keep.all()) and all(bool(n.all()) for n in neuron_keep)
+    assert macs + one_more > budget or everything  # nothing more fits
 
 
 @pytest.mark.parametrize("target,token_share", [(0.6, 0.5), (0.7, 0.0), (0.5, 1.0)])
@@ -150,7 +159,7 @@ def test_bad_inputs_are_rejected():
     model = tiny_vit()
     images = torch.randn(4, 3, 32, 32)
     with pytest.raises(ValueError, match="out of CAIT's reach"):
-        compress_cait(model, images, 0.05)
+        compress_cait(model, images, 0.02)  # below one channel and one neuron per block
     with pytest.raises(ValueError, match="token_share"):
         compress_cait(model, images, 0.5, token_share=1.5)
     with pytest.raises(ValueError, match="first_axis"):
@@ -170,5 +179,10 @@ def test_cli_compress_cait(capsys, tmp_path):
     assert rc == 0, err
     report = load_report(tmp_path / "cait")
     assert report["method"] == "cait" and report["achieved_macs"] <= 0.6 * TOLERANCE * report["teacher_macs"]
+    assert set(report["removed_share"]) == {"tokens", "attention", "mlp"}
+    from dcvit_engine.cli import main
+    assert main(["info", str(tmp_path / "cait")]) == 0
+    assert "CAIT (ATME token merging + CDCP channel pruning) is this project's own definition" \
+        in capsys.readouterr().out
     rc, _, err = run_compress_cli(capsys, tmp_path, "cait", "--schedule", "decreasing")
     assert rc == 2 and "--schedule do(es) not apply to --method cait" in err

@@ -14,11 +14,18 @@ def register(subparsers):
     parser.set_defaults(func=run)
 
 
+CAIT_NOTE = ("CAIT (ATME token merging + CDCP channel pruning) is this project's own definition: the "
+             "paper's method section and code are not public (see dcvit_engine/compress/cait.py)")
+
+
 def run(args):
     spec, name = spec_from_args(args)
     summary = model_summary(spec)
+    cait = any(b.merge is not None and b.merge.kind == "atme" for b in spec.blocks)
     if args.json:
-        print(json.dumps(dict(summary, model=name), indent=2))
+        print(json.dumps(dict(summary, model=name, **({"note": CAIT_NOTE} if cait else {})), indent=2))
     else:
         print(format_summary(summary, name))
+        if cait:
+            print(f"note: {CAIT_NOTE}")
     return 0
