@@ -27,6 +27,9 @@ from .reference import ViTReference, pool_features
 from .spec import MergeSpec, ViTSpec, merge_schedule
 
 GRAPH_WARMUP_RUNS = 3  # eager runs on a side stream before capture (cuBLAS/Triton autotune, lazy init)
+# MLP hidden widths are zero-padded to a multiple of this for the Triton GEMMs: their loads
+# vectorize (16-byte cp.async) only when widths and row strides are multiples of 16 elements.
+HIDDEN_MULTIPLE = 16
 
 
 class EngineBlock(nn.Module):
@@ -41,6 +44,7 @@ class EngineBlock(nn.Module):
         self.grid_in = grid_in  # patch grid entering the block (None after a ToMe merge)
         self.has_attn = block.attn is not None
         self.has_mlp = block.mlp_hidden > 0
+        self.mlp_hidden = block.mlp_hidden
         self.qk_norm = False
         if self.has_attn:
             attn = block.attn
@@ -91,7 +95,7 @@ class EngineBlock(nn.Module):
             parts.append(f"merge {self.merge.kind} " + (f"r={self.merge.r}" if self.merge.kind == "tome"
                                                         else f"axis={self.merge.axis}"))
         if self.has_mlp:
-            parts.append(f"mlp {self.fc1_weight.shape[0]}")
+            parts.append(f"mlp {self.mlp_hidden}")  # the spec's width, not the padded one
         return "; ".join(parts) or "identity"
 
 
@@ -144,13 +148,30 @@ def attention_residual(block: EngineBlock, x: torch.Tensor, key_bias: torch.Tens
     return out, (k.mean(dim=1) if want_metric else None)
 
 
+def runs_triton(engine: "Engine") -> bool:
+    """Whether a Triton op may run: on CUDA (by the ops' priority) or when requested."""
+    return engine.device.type == "cuda" or engine.backend == "triton"
+
+
+def pad_mlp_hidden(engine: "Engine") -> None:
+    """Zero-pad each MLP's hidden width to a multiple of HIDDEN_MULTIPLE: extra fc1 rows and
+    bias entries of zero give GELU(0) = 0 activations, which meet zero fc2 columns, so the
+    result is exact. MACs and `dcvit info` read the spec, which keeps the real width."""
+    for block in engine.blocks:
+        extra = -block.mlp_hidden % HIDDEN_MULTIPLE if block.has_mlp else 0
+        if extra:
+            block.fc1_weight = F.pad(block.fc1_weight, (0, 0, 0, extra))
+            block.fc1_bias = F.pad(block.fc1_bias, (0, extra))
+            block.fc2_weight = F.pad(block.fc2_weight, (0, extra))
+
+
 def fold_block_norms(engine: "Engine") -> None:
     """Fold each block's LayerNorm affine into the Linear after it, once, for the Triton ops
     (kernels/fused_linear.py: fold_layer_norm): `fc1_folded` for the MLP, `qkv_folded` for
     attention; None where no Triton op can run (CPU without the interpreter backend), so
     the CPU engine holds no second copy of those weights. Plain attributes, not buffers:
     they are derived, never saved, and recomputed here whenever dtype or device change."""
-    fold = engine.device.type == "cuda" or engine.backend == "triton"
+    fold = runs_triton(engine)
     for block in engine.blocks:
         block.fc1_folded = fold_layer_norm(block.norm2_weight, block.norm2_bias, block.fc1_weight,
                                            block.fc1_bias) if fold and block.has_mlp else None
@@ -211,6 +232,8 @@ class Engine(nn.Module):
         schedule = merge_schedule(self.spec)
         self.blocks = nn.ModuleList(EngineBlock(self.spec, i, state, prepare, schedule[i][2])
                                     for i in range(spec.depth))
+        if runs_triton(self):
+            pad_mlp_hidden(self)
         fold_block_norms(self)
         self._graphs: dict[int, _CapturedGraph] = {}
         self._graph_pool = None

@@ -236,15 +236,22 @@ def _cfg(block_m, block_n, warps, stages):
                 num_stages=stages)
 
 
-# The GPU set, all compiled for sm_90 without spills for both GEMM kernels (bf16 and fp16;
-# see benchmarks/RESULTS.md for the code-generation figures). 128x256 uses two warpgroups of
-# 64x256 wgmma; 64x128 / 128x64 serve narrow (pruned) widths and few rows.
+# The GPU set for aligned shapes (N, K and the row strides multiples of 16 elements, as the
+# engine pads them): all compile for sm_90 without spills for both GEMM kernels in bf16 and
+# fp16 (benchmarks/codegen_report.py). 128x256 uses two warpgroups of 64x256 wgmma;
+# 64x128 / 128x64 serve narrow (pruned) widths and few rows.
 GPU_GEMM_CONFIGS = (
     _cfg(128, 128, 8, 3),
     _cfg(128, 128, 8, 4),
     _cfg(128, 256, 8, 3),
     _cfg(128, 256, 8, 4),
     _cfg(64, 128, 4, 4),
+    _cfg(128, 64, 4, 4),
+)
+# Unaligned shapes get scalar loads without cp.async; there 128x256 and 64x128 spill.
+GPU_UNALIGNED_GEMM_CONFIGS = (
+    _cfg(128, 128, 8, 3),
+    _cfg(128, 128, 8, 4),
     _cfg(128, 64, 4, 4),
 )
 # Under the CPU interpreter every tile element costs Python time, so tiles stay small.
@@ -258,9 +265,12 @@ def gemm_config_name(cfg) -> str:
             f"w{cfg['num_warps']}s{cfg['num_stages']}")
 
 
-def gemm_configs(device_type="cuda"):
-    """Every config autotuning may pick on this device type (a list of dicts)."""
-    return [dict(c) for c in GPU_GEMM_CONFIGS] if device_type == "cuda" else [dict(INTERPRETER_GEMM_CONFIG)]
+def gemm_configs(device_type="cuda", aligned=True):
+    """Every config autotuning may pick on this device type (a list of dicts); `aligned`:
+    N, K and the row strides are multiples of 16 elements."""
+    if device_type != "cuda":
+        return [dict(INTERPRETER_GEMM_CONFIG)]
+    return [dict(c) for c in (GPU_GEMM_CONFIGS if aligned else GPU_UNALIGNED_GEMM_CONFIGS)]
 
 
 def gemm_tile_config(device_type, n_cols):
@@ -272,20 +282,23 @@ def gemm_tile_config(device_type, n_cols):
     return _cfg(128, 128, 8, 4) if n_cols >= 128 else _cfg(128, 64, 4, 4)
 
 
-def _autotuned(kernel):
+def _autotuned(kernel, configs):
     configs = [triton.Config({k: v for k, v in c.items() if k.isupper()},
                              num_warps=c["num_warps"], num_stages=c["num_stages"])
-               for c in GPU_GEMM_CONFIGS]
+               for c in configs]
     return triton.autotune(configs=configs, key=["M", "N", "K"])(kernel)
 
 
-_TUNED = {kernel: _autotuned(kernel) for kernel in (_norm_linear_kernel, _linear_residual_kernel)}
+_TUNED = {(kernel, aligned): _autotuned(kernel, GPU_GEMM_CONFIGS if aligned else GPU_UNALIGNED_GEMM_CONFIGS)
+          for kernel in (_norm_linear_kernel, _linear_residual_kernel) for aligned in (True, False)}
 
 
-def _launch_gemm(kernel, launch, device_type, m, n, args, constexprs, tile_config):
+def _launch_gemm(kernel, launch, device_type, m, n, args, constexprs, tile_config, sizes):
+    # sizes: N, K and the row strides; the JIT vectorizes when all are multiples of 16
     if tile_config is None and device_type == "cuda" and AUTOTUNE_ON_GPU:
+        aligned = all(v % 16 == 0 for v in sizes)
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        launch(_TUNED[kernel])[grid](*args, **constexprs)
+        launch(_TUNED[kernel, aligned])[grid](*args, **constexprs)
         return
     cfg = tile_config or gemm_tile_config(device_type, n)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
@@ -334,7 +347,7 @@ def ln_linear(rows_in, norm_weight, norm_bias, weight, bias, eps, *, gelu, launc
                       DOT_PRECISION=dot_precision(rows_in.dtype),
                       DOT_UPCAST=dot_upcast(rows_in.device.type, rows_in.dtype))
     _launch_gemm(_norm_linear_kernel, launch, rows_in.device.type, m, width, args, constexprs,
-                 tile_config)
+                 tile_config, (width, dim, a.stride(0), folded.weight.stride(0), y.stride(0)))
     return y
 
 
@@ -354,5 +367,6 @@ def linear_residual(h, weight, bias, gamma, residual, out, *, launch, tile_confi
     constexprs = dict(HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None,
                       DOT_PRECISION=dot_precision(h.dtype), DOT_UPCAST=dot_upcast(h.device.type, h.dtype))
     _launch_gemm(_linear_residual_kernel, launch, h.device.type, m, width, args, constexprs,
-                 tile_config)
+                 tile_config, (width, k_dim, h.stride(0), weight.stride(0), residual.stride(0),
+                               out.stride(0)))
     return out

@@ -7,7 +7,7 @@ import torch
 from conftest import requires_interpreter
 from test_engine import compressed_spec, randomize
 
-from dcvit_engine.engine import build_engine, default_dtype
+from dcvit_engine.engine import HIDDEN_MULTIPLE, build_engine, default_dtype
 from dcvit_engine.kernels.fused_linear import fold_layer_norm
 from dcvit_engine.ops.dispatch import PRIORITY, OpDispatcher, triton_gemm_why_not
 from dcvit_engine.reference import ViTReference
@@ -80,3 +80,15 @@ def test_triton_engine_passes_its_folded_weights(monkeypatch):
     engine(torch.randn(1, engine.spec.in_chans, *engine.spec.img_size))
     folded = [b.fc1_folded for b in engine.blocks if b.has_mlp]
     assert len(seen) == len(folded) and all(s.weight is f.weight for s, f in zip(seen, folded))
+
+
+def test_triton_engine_pads_mlp_hidden_invisibly():
+    spec = compressed_spec()
+    engine = build_engine(randomize(ViTReference(spec)), backend="triton")
+    for block, block_spec in zip(engine.blocks, spec.blocks):
+        if block.has_mlp:
+            assert block.fc1_weight.shape[0] % HIDDEN_MULTIPLE == 0
+            assert block.fc2_weight.shape[1] == block.fc1_weight.shape[0]
+            assert f"mlp {block_spec.mlp_hidden}" in block.extra_repr()
+    assert any(b.mlp_hidden % HIDDEN_MULTIPLE for b in spec.blocks if b.mlp_hidden), \
+        "the spec should have a hidden width that needs padding"

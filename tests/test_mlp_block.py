@@ -112,6 +112,30 @@ def test_gpu_tile_configs_include_wide_tiles_and_the_fixed_choice():
         assert gemm_tile_config("cuda", width) in configs
 
 
+def test_unaligned_shapes_autotune_over_the_spill_free_set():
+    from dcvit_engine.kernels import fused_linear
+
+    launched = []
+
+    class _NoLaunch:  # records which kernel (autotuner) would launch; launches nothing
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    def recorder(kernel):
+        launched.append(kernel)
+        return _NoLaunch()
+
+    kernel = fused_linear._norm_linear_kernel
+    for sizes in ((3072, 768, 768, 768, 3072), (568, 384, 384, 384, 568)):
+        fused_linear._launch_gemm(kernel, recorder, "cuda", 100, sizes[0], (), {}, None, sizes)
+    aligned, unaligned = (sorted(gemm_config_name({**c.kwargs, "num_warps": c.num_warps,
+                                                   "num_stages": c.num_stages}) for c in k.configs)
+                          for k in launched)
+    assert aligned == sorted(map(gemm_config_name, gemm_configs("cuda")))
+    assert unaligned == sorted(map(gemm_config_name, gemm_configs("cuda", aligned=False)))
+    assert not any("n256" in name for name in unaligned)
+
+
 def test_fold_layer_norm_is_exact_in_float64():
     x, (nw, nb, w1, b1, *_), _ = make_inputs(1, 7, 48, 37, False)
     folded = fold_layer_norm(nw, nb, w1, b1)
