@@ -310,13 +310,15 @@ void atme_merge_cpu_kernel(const at::Tensor& x, const at::Tensor& metric, const 
         sq_src += c * c;
       }
       const acc_t cos = dot / std::max(std::sqrt(sq_dst) * std::sqrt(sq_src), acc_t(kCosineEps));
-      const acc_t s_dst = size_of(dst), s_src = size_of(src);
-      const acc_t alpha = std::max(cos, acc_t(0)) * s_src / (s_dst + s_src);
+      // the destination absorbs the share max(cos, 0) of the source, and only that share's size
+      const acc_t absorbed = std::max(cos, acc_t(0)) * size_of(src);
+      const acc_t new_size = size_of(dst) + absorbed;
+      const acc_t alpha = absorbed / new_size;
       const scalar_t* x_src = xs + (b * tokens + src) * channels;
       for (int64_t c = 0; c < channels; ++c) {
         out_row[c] = static_cast<scalar_t>((1 - alpha) * acc_t(x_dst[c]) + alpha * acc_t(x_src[c]));
       }
-      ss[row] = static_cast<scalar_t>(s_dst + s_src);
+      ss[row] = static_cast<scalar_t>(new_size);
     }
   });
 }

@@ -19,9 +19,12 @@ Four launches per merge and no ATen op between them (the merge is launch-bound o
 ATME (this project's definition of CAIT's asymmetric token merging, see DESIGN/METHODS):
 tokens are P prefix tokens followed by an H x W grid (row-major). Axis "w" merges the
 column pairs (2j, 2j+1) of each row, axis "h" the row pairs (2i, 2i+1); the first token
-of a pair is the destination. With s the cosine similarity of the pair's metric vectors,
-  alpha = max(s, 0) * size_src / (size_dst + size_src)
-  merged = (1 - alpha) * x_dst + alpha * x_src,   size = size_dst + size_src
+of a pair is the destination. With s the cosine similarity of the pair's metric vectors, the
+destination absorbs the share w = max(s, 0) of the source:
+  size = size_dst + w * size_src,   alpha = w * size_src / size
+  merged = (1 - alpha) * x_dst + alpha * x_src
+so a dissimilar source (s <= 0) is dropped: x_dst and size_dst pass unchanged (its size is
+not counted where nothing of it was kept), and identical ones (s = 1) average by size.
 An odd last column/row and the prefix tokens pass through. `_atme_merge_kernel` computes
 the similarity and the blend in one pass over the pairs; `_atme_unmerge_kernel` copies
 each merged token back to both grid positions (for dense prediction heads).
@@ -126,9 +129,11 @@ def atme_merge_ref(x, metric, grid, axis, num_prefix_tokens=1, size=None):
     m_dst, m_src = m_dst.to(_score_dtype(metric)), m_src.to(_score_dtype(metric))
     cos = (m_dst * m_src).sum(-1, keepdim=True) / (
         m_dst.norm(dim=-1, keepdim=True) * m_src.norm(dim=-1, keepdim=True)).clamp_min(COSINE_EPS)
-    alpha = (cos.clamp_min(0) * s_src / (s_dst + s_src)).to(x.dtype)
+    absorbed = cos.clamp_min(0) * s_src  # w * size_src, in the score dtype
+    new_size = s_dst + absorbed
+    alpha = (absorbed / new_size).to(x.dtype)
     merged = (1 - alpha) * x_dst + alpha * x_src
-    merged_size = s_dst + s_src
+    merged_size = new_size.to(x.dtype)
     if grid[dim - 1] % 2:  # the odd last column / row stays as it is
         merged = torch.cat([merged, xg.narrow(dim, 2 * pairs, 1)], dim=dim)
         merged_size = torch.cat([merged_size, sg.narrow(dim, 2 * pairs, 1)], dim=dim)
@@ -403,9 +408,10 @@ def _atme_merge_kernel(
     else:
         s_dst = tl.full((BLOCK_T,), 1.0, dtype=tl.float32)
         s_src = tl.where(pair, 1.0, 0.0)
-    alpha = tl.where(pair, tl.maximum(cos, 0.0) * s_src / (s_dst + s_src), 0.0)
-    tl.store(size_out_ptr + batch * N_OUT + o, (s_dst + s_src).to(size_out_ptr.dtype.element_ty),
-             mask=ok)
+    absorbed = tl.where(pair, tl.maximum(cos, 0.0), 0.0) * s_src  # w * size_src
+    new_size = s_dst + absorbed
+    alpha = absorbed / new_size
+    tl.store(size_out_ptr + batch * N_OUT + o, new_size.to(size_out_ptr.dtype.element_ty), mask=ok)
 
     x_base = x_ptr + batch * N * C
     out_base = out_ptr + batch * N_OUT * C

@@ -325,8 +325,11 @@ TomePlan tome_merge_plan_cuda(const at::Tensor& metric, int64_t r, bool class_to
 
 // ---- ToMe: gather-merge --------------------------------------------------------------------
 
-// Block (output token, batch). Every thread sums the (few) sizes itself to avoid a
-// shared-memory trip. kVec: each thread handles 16-byte packs of the row.
+constexpr int kStagedSources = 128;
+
+// Block (output token, batch). The merged-in tokens' indices and sizes are staged in shared
+// memory (kStagedSources at a time), so the row loop reads only x: 16-byte packs (kVec) or
+// scalars. The channel loop runs the same trip count in every thread (barriers inside).
 template <typename scalar_t, bool kVec>
 __global__ void weighted_gather_kernel(const scalar_t* __restrict__ x,
                                        const scalar_t* __restrict__ size,
@@ -337,6 +340,9 @@ __global__ void weighted_gather_kernel(const scalar_t* __restrict__ x,
                                        scalar_t* __restrict__ out, scalar_t* __restrict__ size_out,
                                        int64_t tokens, int64_t n_out, int64_t channels, int64_t r) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr int P = kVec ? kPack<scalar_t> : 1;
+  __shared__ int32_t staged_src[kStagedSources];
+  __shared__ acc_t staged_size[kStagedSources];
   const int64_t b = blockIdx.y;
   const int64_t row = b * n_out + blockIdx.x;
   const int64_t own = primary[row];
@@ -345,42 +351,57 @@ __global__ void weighted_gather_kernel(const scalar_t* __restrict__ x,
   const scalar_t* xb = x + b * tokens * channels;
   const scalar_t* sb = size != nullptr ? size + b * tokens : nullptr;
   const acc_t own_size = load_size<acc_t>(sb, own);
-  acc_t total = own_size;
-  for (int k = 0; k < num; ++k) total += load_size<acc_t>(sb, list[k]);
-  scalar_t* dst = out + row * channels;
   const scalar_t* own_row = xb + own * channels;
-  if constexpr (kVec) {
-    constexpr int P = kPack<scalar_t>;
-    for (int64_t c = static_cast<int64_t>(threadIdx.x) * P; c < channels; c += blockDim.x * P) {
-      Pack<scalar_t> pack = load_pack(own_row + c);
-      if (num > 0) {  // else copied bit-exactly
-        acc_t acc[P];
+  scalar_t* dst = out + row * channels;
+  acc_t total = own_size;
+  for (int64_t c0 = 0; c0 < channels; c0 += static_cast<int64_t>(blockDim.x) * P) {
+    const int64_t c = c0 + static_cast<int64_t>(threadIdx.x) * P;
+    const bool active = c < channels;
+    Pack<scalar_t> pack{};
+    if (active) {
+      if constexpr (kVec) {
+        pack = load_pack(own_row + c);
+      } else {
+        pack.v[0] = own_row[c];
+      }
+    }
+    acc_t acc[P];
 #pragma unroll
-        for (int e = 0; e < P; ++e) acc[e] = static_cast<acc_t>(pack.v[e]) * own_size;
-        for (int k = 0; k < num; ++k) {
-          const int64_t src = list[k];
-          const acc_t s = load_size<acc_t>(sb, src);
-          const Pack<scalar_t> other = load_pack(xb + src * channels + c);
-#pragma unroll
-          for (int e = 0; e < P; ++e) acc[e] += static_cast<acc_t>(other.v[e]) * s;
+    for (int e = 0; e < P; ++e) acc[e] = static_cast<acc_t>(pack.v[e]) * own_size;
+    total = own_size;
+    for (int k0 = 0; k0 < num; k0 += kStagedSources) {
+      const int n = num - k0 < kStagedSources ? num - k0 : kStagedSources;
+      __syncthreads();  // the previous chunk's readers are done
+      for (int k = threadIdx.x; k < n; k += blockDim.x) {
+        const int32_t src = list[k0 + k];
+        staged_src[k] = src;
+        staged_size[k] = load_size<acc_t>(sb, src);
+      }
+      __syncthreads();
+      for (int k = 0; k < n; ++k) {
+        const acc_t s = staged_size[k];
+        total += s;
+        if (!active) continue;
+        const scalar_t* src_row = xb + static_cast<int64_t>(staged_src[k]) * channels + c;
+        Pack<scalar_t> other;
+        if constexpr (kVec) {
+          other = load_pack(src_row);
+        } else {
+          other.v[0] = *src_row;
         }
 #pragma unroll
-        for (int e = 0; e < P; ++e) pack.v[e] = static_cast<scalar_t>(acc[e] / total);
+        for (int e = 0; e < P; ++e) acc[e] += static_cast<acc_t>(other.v[e]) * s;
       }
-      store_pack(dst + c, pack);
     }
-  } else {
-    for (int64_t c = threadIdx.x; c < channels; c += blockDim.x) {
-      if (num == 0) {  // nothing merged in: copied bit-exactly
-        dst[c] = own_row[c];
-        continue;
-      }
-      acc_t acc = static_cast<acc_t>(own_row[c]) * own_size;
-      for (int k = 0; k < num; ++k) {
-        acc += static_cast<acc_t>(xb[list[k] * static_cast<int64_t>(channels) + c]) *
-               load_size<acc_t>(sb, list[k]);
-      }
-      dst[c] = static_cast<scalar_t>(acc / total);
+    if (!active) continue;
+    if (num > 0) {  // else the own token is copied bit-exactly
+#pragma unroll
+      for (int e = 0; e < P; ++e) pack.v[e] = static_cast<scalar_t>(acc[e] / total);
+    }
+    if constexpr (kVec) {
+      store_pack(dst + c, pack);
+    } else {
+      dst[c] = pack.v[0];
     }
   }
   if (threadIdx.x == 0) size_out[row] = static_cast<scalar_t>(total);
@@ -503,8 +524,10 @@ __global__ void atme_merge_kernel(const scalar_t* __restrict__ x, const scalar_t
   sq_dst = block_sum(sq_dst, scratch);
   sq_src = block_sum(sq_src, scratch);
   const float cos = dot / fmaxf(sqrtf(sq_dst) * sqrtf(sq_src), static_cast<float>(kCosineEps));
-  const float s_dst = load_size<float>(sb, dst), s_src = load_size<float>(sb, src);
-  const acc_t alpha = fmaxf(cos, 0.f) * s_src / (s_dst + s_src);
+  // the destination absorbs the share max(cos, 0) of the source, and only that share's size
+  const float absorbed = fmaxf(cos, 0.f) * load_size<float>(sb, src);
+  const float new_size = load_size<float>(sb, dst) + absorbed;
+  const acc_t alpha = absorbed / new_size;
   const scalar_t* x_src = x + (b * tokens + src) * channels;
   if constexpr (kVec) {
     for (int64_t c = static_cast<int64_t>(threadIdx.x) * P; c < channels; c += blockDim.x * P) {
@@ -523,7 +546,7 @@ __global__ void atme_merge_kernel(const scalar_t* __restrict__ x, const scalar_t
                                          alpha * static_cast<acc_t>(x_src[c]));
     }
   }
-  if (threadIdx.x == 0) size_out[row] = static_cast<scalar_t>(s_dst + s_src);
+  if (threadIdx.x == 0) size_out[row] = static_cast<scalar_t>(new_size);
 }
 
 std::tuple<at::Tensor&, at::Tensor&> atme_merge_out_cuda(
