@@ -4,7 +4,8 @@ The exported graph is the reference module's (plain PyTorch, token merges includ
 exportable_merge), so the file runs without dcvit_engine: ONNX in onnxruntime, .pt2 with
 `torch.export.load(FILE).module()`. export_model() writes to a temporary file beside the
 target, runs it on random images next to the reference module, and renames it into place
-only when the logits agree within the dtype's tolerance; otherwise nothing is written.
+only when the outputs (logits, or CAIT's full-resolution features) agree within the
+dtype's tolerance; otherwise nothing is written.
 """
 from __future__ import annotations
 
@@ -17,13 +18,15 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_path
+from .kernels.token_merge import atme_unmerge_ref
 from .reference import ViTReference
+from .spec import merge_schedule
 
 FORMATS = ("onnx", "pt2")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # onnxruntime's CPU provider, which runs the verification, has no bf16 kernels for most ops
 FORMAT_DTYPES = {"onnx": ("fp32", "fp16"), "pt2": ("fp32", "fp16", "bf16")}
-# Verification bound on max |exported - reference| / max |reference| over the logits. fp32:
+# Verification bound on max |exported - reference| / max |reference| over the outputs. fp32:
 # the issue's bound (measured: ~4e-7). fp16/bf16: a few units of the format's rounding of
 # the largest logit, as two runtimes order their sums differently.
 TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
@@ -32,7 +35,9 @@ MIN_OPSET = 18
 DEFAULT_OPSET = 18
 EXPORT_EXTRA = 'pip install -e ".[export]"'
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
-INPUT_NAME, OUTPUT_NAME = "images", "logits"
+INPUT_NAME = "images"
+# what the exported model returns, and the name of its ONNX output
+OUTPUTS = {"logits": "logits", "full-features": "features"}
 DYNAMIC_CHECK_BATCHES = (1, 3)  # a dynamic-batch export is verified at two batch sizes
 
 
@@ -40,15 +45,42 @@ class ExportError(ValueError):
     """A refused or failed export; nothing was written."""
 
 
+class FullResolutionFeatures(torch.nn.Module):
+    """CAIT's dense-prediction output (compress.cait.full_resolution_features): the final
+    tokens with every ATME merge undone, (B, prefix + H * W, D) on the input grid. Written
+    with atme_unmerge_ref so that the traced graph holds plain torch ops only."""
+
+    def __init__(self, model: ViTReference):
+        super().__init__()
+        self.model = model
+        schedule = merge_schedule(model.spec)
+        self.unmerges = [(grid_in, block.merge.axis) for block, (_, _, grid_in)
+                         in zip(model.spec.blocks, schedule) if block.merge is not None][::-1]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.model.forward_features(images)
+        for grid_in, axis in self.unmerges:
+            tokens = atme_unmerge_ref(tokens, grid_in, axis, self.model.spec.num_prefix_tokens)
+        return tokens
+
+
+def _check_unmergeable(model: ViTReference) -> None:
+    for i, block in enumerate(model.spec.blocks):
+        if block.merge is not None and block.merge.kind != "atme":
+            raise ExportError(f"--output full-features needs the token grid, but block {i} merges with "
+                              f"{block.merge.kind} (only ATME merges can be undone); export the logits")
+
+
 @dataclass(frozen=True)
 class ExportResult:
     path: str
     format: str
+    output: str
     dtype: str
     batch: int | None          # None: dynamic
     checked_batches: tuple[int, ...]
     max_abs_diff: float
-    max_rel_diff: float        # max |exported - reference| / max |reference|
+    max_rel_diff: float        # max |exported - reference| / max |reference| over the outputs
     tolerance: float
     export_s: float
 
@@ -64,10 +96,12 @@ def require_onnx() -> None:
 
 
 def check_options(format: str, dtype: str, batch_size: int | None, dynamic_batch: bool,
-                  opset: int | None) -> None:
+                  opset: int | None, output: str = "logits") -> None:
     """Refuses option combinations before any work (ExportError, one line)."""
     if format not in FORMATS:
         raise ExportError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    if output not in OUTPUTS:
+        raise ExportError(f"unknown output {output!r}; choose one of {', '.join(OUTPUTS)}")
     if dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if dtype not in FORMAT_DTYPES[format]:
@@ -107,10 +141,10 @@ def _export_program(model: torch.nn.Module, example: torch.Tensor, dynamic: bool
                           "fixed its batch size); export with --batch-size N") from err
 
 
-def _write_onnx(program, example, path: Path, opset: int) -> None:
+def _write_onnx(program, example, path: Path, opset: int, output_name: str) -> None:
     require_onnx()
     onnx_program = torch.onnx.export(program, (example,), dynamo=True, opset_version=opset,
-                                     input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                     input_names=[INPUT_NAME], output_names=[output_name],
                                      optimize=True, verbose=False)
     # one self-contained file: an external weights file would not move with the rename
     onnx_program.save(str(path), external_data=False)
@@ -129,7 +163,7 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None):
 
 
 def _runner(format: str, path: Path):
-    """A function images -> logits running the file at `path`, as its users would load it."""
+    """A function images -> outputs running the file at `path`, as its users would load it."""
     if format == "onnx":
         session = onnx_session(path)
         return lambda images: torch.from_numpy(session.run(None, {INPUT_NAME: images.numpy()})[0])
@@ -145,11 +179,11 @@ def _compare(run, model, spec, batches, dtype) -> tuple[float, float]:
             expected = model(images).float()
             got = run(images).float()
         if got.shape != expected.shape:
-            raise ExportError(f"the exported model returned logits of shape {tuple(got.shape)} for a "
+            raise ExportError(f"the exported model returned outputs of shape {tuple(got.shape)} for a "
                               f"batch of {batch}, the reference {tuple(expected.shape)}")
         diff = (got - expected).abs().max().item()
         if diff != diff:  # NaN
-            raise ExportError("the exported model returned NaN logits; nothing written")
+            raise ExportError("the exported model returned NaN; nothing written")
         max_abs = max(max_abs, diff)
         max_rel = max(max_rel, diff / max(expected.abs().max().item(), 1e-30))
     return max_abs, max_rel
@@ -164,14 +198,17 @@ def _chmod_as_new_file(path: Path) -> None:
 
 def export_model(model: ViTReference, out: str | os.PathLike, format: str = "onnx",
                  dtype: str = "fp32", batch_size: int | None = None, dynamic_batch: bool = False,
-                 opset: int | None = None) -> ExportResult:
+                 opset: int | None = None, output: str = "logits") -> ExportResult:
     """Export `model` to `out` and verify it (see the module docstring). batch_size: the
-    static batch (default 1) unless dynamic_batch. Raises ExportError and writes nothing when
-    an option is refused or the exported logits differ from the reference module's."""
-    check_options(format, dtype, batch_size, dynamic_batch, opset)
+    static batch (default 1) unless dynamic_batch. output: "logits", or "full-features"
+    (FullResolutionFeatures, for models without ToMe merges). Raises ExportError and writes
+    nothing when an option is refused or the exported outputs differ from the reference's."""
+    check_options(format, dtype, batch_size, dynamic_batch, opset, output)
     if not isinstance(model, ViTReference):
         raise ExportError(f"export takes a dcvit_engine ViTReference (dcvit_engine.load), got "
                           f"{type(model).__name__}")
+    if output == "full-features":
+        _check_unmergeable(model)
     if format == "onnx":
         require_onnx()
     out = Path(out)
@@ -180,6 +217,8 @@ def export_model(model: ViTReference, out: str | os.PathLike, format: str = "onn
     torch_dtype = DTYPES[dtype]
     model = model.to(device="cpu", dtype=torch_dtype).eval()
     spec = model.spec
+    if output == "full-features":
+        model = FullResolutionFeatures(model).eval()
     batch = batch_size or 1
     # a dynamic dimension of example size 1 would be specialized away: trace with 2 images
     example = _images(spec, 2 if dynamic_batch else batch, torch_dtype, seed=0)
@@ -190,7 +229,7 @@ def export_model(model: ViTReference, out: str | os.PathLike, format: str = "onn
             with torch.no_grad():
                 program = _export_program(model, example, dynamic_batch)
                 if format == "onnx":
-                    _write_onnx(program, example, tmp, opset or DEFAULT_OPSET)
+                    _write_onnx(program, example, tmp, opset or DEFAULT_OPSET, OUTPUTS[output])
                 else:
                     torch.export.save(program, str(tmp))
         except ExportError:
@@ -202,11 +241,11 @@ def export_model(model: ViTReference, out: str | os.PathLike, format: str = "onn
         max_abs, max_rel = _compare(_runner(format, tmp), model, spec, batches, torch_dtype)
         tolerance = TOLERANCES[dtype]
         if not max_rel <= tolerance:
-            raise ExportError(f"verification failed: exported logits differ from the reference module "
+            raise ExportError(f"verification failed: exported {output} differ from the reference module "
                               f"by {max_rel:.3g} relative (max abs {max_abs:.3g}), above the {dtype} "
                               f"tolerance {tolerance:g}; nothing written")
         _chmod_as_new_file(tmp)
-    return ExportResult(path=str(out), format=format, dtype=dtype,
+    return ExportResult(path=str(out), format=format, output=output, dtype=dtype,
                         batch=None if dynamic_batch else batch, checked_batches=tuple(batches),
                         max_abs_diff=max_abs, max_rel_diff=max_rel, tolerance=tolerance,
                         export_s=export_s)

@@ -224,6 +224,24 @@ def test_onnx_export_runs_in_onnxruntime_like_the_reference(name, options, artif
     assert (got - expected).abs().max() <= tolerance * expected.abs().max()
 
 
+def test_cait_full_resolution_features_export(artifacts, tmp_path, capsys):
+    """--output full-features: CAIT's tokens unmerged back to the input grid, as
+    compress.cait.full_resolution_features computes them."""
+    from dcvit_engine.compress.cait import full_resolution_features
+    name = "cait_atme"
+    out = tmp_path / "features.onnx"
+    code, stdout, err = run(capsys, "export", artifacts[name], "--format", "onnx", "--out", out,
+                            "--batch-size", "2", "--output", "full-features")
+    assert code == 0, err
+    assert "max abs feature diff" in stdout and "full-features" in stdout
+    spec = artifact.load_spec(artifacts[name])
+    images = images_for(spec, 2)
+    with torch.no_grad():
+        expected = full_resolution_features(artifact.load(artifacts[name]), images)
+    assert expected.shape == (2, 1 + 6 * 7, spec.embed_dim)
+    torch.testing.assert_close(onnx_logits(out, images), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_exported_files_run_without_dcvit_engine(artifacts, distilled_exports, tmp_path):
     """A fresh interpreter where importing dcvit_engine fails loads both files (dynamic batch,
     ATME + ToMe merges, distillation token) and gets the reference module's logits."""
@@ -261,6 +279,8 @@ torch.save((onnx, pt2), {str(tmp_path / 'logits.pt')!r})
     (["--format", "onnx", "--opset", "13"], "--opset must be >= 18"),
     (["--format", "pt2", "--batch-size", "2", "--dynamic-batch"], "either --batch-size N or --dynamic-batch"),
     (["--format", "pt2", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--format", "pt2", "--output", "probs"], "unknown output 'probs'"),
+    (["--format", "pt2", "--output", "full-features"], "block 0 merges with tome"),
 ])
 def test_refused_options(options, message, artifacts, tmp_path, capsys):
     out = tmp_path / "model.out"
