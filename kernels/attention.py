@@ -279,33 +279,41 @@ def _head_table(layout, device):
 _MIN_PROGRAMS_128 = 264
 
 
-def _attention_tile_config(device_type, block_dqk, block_dv, batch_heads=None, tokens=None):
-    """Tile sizes for heads whose tiles are block_dqk / block_dv wide (lo + hi).
+def _attention_tile_config(device_type, block_dqk, block_dv, batch_heads=None, tokens=None,
+                           arch=90):
+    """Tile sizes for heads whose tiles are block_dqk / block_dv wide (lo + hi); `arch` is
+    the GPU's compute capability as an int (90 for sm_90).
 
-    On the GPU, 128 query rows with 8 warps: at sm_90 it compiles (64/64 heads, bf16) to
-    120 registers, no spills, 16-byte cp.async, 401 instructions per key-block iteration per
-    warp against 436 for 64 rows with 4 warps, and loads each K/V tile for twice the queries
-    (197 tokens fill two 128-row tiles as well as four 64-row ones). Small launches
-    (batch_heads * row tiles < _MIN_PROGRAMS_128) keep 64-row tiles for parallelism. Keys in
-    blocks of 64, of 32 beyond 64 columns (registers). Under the CPU interpreter tiles stay
-    small."""
+    sm_90: 128 query rows with 8 warps. Compiled (64/64 heads, bf16, triton 3.8) that is 120
+    registers, no spills, 16-byte cp.async, 401 instructions per key-block iteration per warp
+    against 436 for 64 rows with 4 warps, and each K/V tile serves twice the queries (197
+    tokens fill two 128-row tiles as well as four 64-row ones). Small launches
+    (batch_heads * row tiles < _MIN_PROGRAMS_128) keep 64-row tiles for parallelism, and so
+    does sm_80, where 128 rows spill with a key bias (12 B) and 64 rows do not. Keys in blocks
+    of 64, of 32 beyond 64 columns (registers). Under the CPU interpreter tiles stay small."""
     if device_type != "cuda":
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     block_n = 64 if max(block_dqk, block_dv) <= 64 else 32
-    if batch_heads is not None and tokens is not None and \
-            batch_heads * triton.cdiv(tokens, 128) < _MIN_PROGRAMS_128:
+    small = batch_heads is not None and tokens is not None and \
+        batch_heads * triton.cdiv(tokens, 128) < _MIN_PROGRAMS_128
+    if small or arch < 90:
         return dict(BLOCK_M=64, BLOCK_N=block_n, num_warps=4, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=block_n, num_warps=8, num_stages=3)
 
 
 def flash_attention_constexprs(layout, dtype, device_type, has_key_bias, batch_heads=None,
-                               tokens=None):
+                               tokens=None, arch=90):
     """The kernel's constexpr and launch keywords (tile config included) for one layout."""
     return dict(HAS_KEY_BIAS=has_key_bias, UNIFORM=layout.uniform, ALIGNED=layout.aligned,
                 DQK0=layout.dqk[0], DQK1=layout.dqk[1], DV0=layout.dv[0], DV1=layout.dv[1],
                 DOT_PRECISION=dot_precision(dtype), DOT_UPCAST=dot_upcast(device_type, dtype),
                 **_attention_tile_config(device_type, sum(layout.dqk), sum(layout.dv),
-                                         batch_heads, tokens))
+                                         batch_heads, tokens, arch))
+
+
+def _arch(device):
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 def flash_attention_triton(qkv, batch, tokens, qk_dims, v_dims, scale, key_bias=None,
@@ -322,8 +330,9 @@ def flash_attention_triton(qkv, batch, tokens, qk_dims, v_dims, scale, key_bias=
     # A uniform layout needs no table; the kernel never reads the pointer then.
     table = qkv if layout.uniform else _head_table(layout, qkv.device)
     heads = len(qk_dims)
+    arch = _arch(qkv.device) if qkv.device.type == "cuda" else 90
     kw = flash_attention_constexprs(layout, qkv.dtype, qkv.device.type, key_bias is not None,
-                                    batch * heads, tokens)
+                                    batch * heads, tokens, arch)
     grid = (batch * heads * triton.cdiv(tokens, kw["BLOCK_M"]),)
     launch(_flash_attention_kernel)[grid](
         qkv, table, key_bias if key_bias is not None else qkv, ctx,
