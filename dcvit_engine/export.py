@@ -9,6 +9,7 @@ dtype's tolerance; otherwise nothing is written.
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 import time
@@ -16,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
 
 from .atomic import atomic_path
 from .kernels.token_merge import atme_unmerge_ref
@@ -116,7 +118,7 @@ def check_options(format: str, dtype: str, batch_size: int | None, dynamic_batch
             raise ExportError(f"--opset applies to ONNX only, not to {format}")
         if opset < MIN_OPSET:
             raise ExportError(f"--opset must be >= {MIN_OPSET} (the torch.onnx exporter's minimum), got {opset}")
-        if format == "onnx" and importlib.util.find_spec("onnx") is not None:
+        if importlib.util.find_spec("onnx") is not None:
             import onnx
             newest = onnx.defs.onnx_opset_version()
             if opset > newest:
@@ -134,9 +136,12 @@ def _export_program(model: torch.nn.Module, example: torch.Tensor, dynamic: bool
     try:
         return torch.export.export(model, (example,), strict=False,
                                    dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-    except torch.fx.experimental.symbolic_shapes.ConstraintViolationError as err:
-        # the graph fixed the batch size somewhere (every merge kind of this project keeps a
-        # batch-independent token count, so this is a model the exporter specializes)
+    except Exception as err:
+        # torch.export reports a batch that the graph fixed as "Constraints violated" (a
+        # UserError from torch._dynamo, or ConstraintViolationError); both merge kinds of this
+        # project keep a batch-independent token count, so this is some other specialization
+        if "Constraints violated" not in str(err) and not isinstance(err, ConstraintViolationError):
+            raise
         raise ExportError("this model cannot be exported with a dynamic batch (the exporter "
                           "fixed its batch size); export with --batch-size N") from err
 
@@ -215,7 +220,8 @@ def export_model(model: ViTReference, out: str | os.PathLike, format: str = "onn
     if out.is_dir():
         raise ExportError(f"{out} is a folder; --out takes a file name")
     torch_dtype = DTYPES[dtype]
-    model = model.to(device="cpu", dtype=torch_dtype).eval()
+    # a copy: the caller's module keeps its dtype and device
+    model = copy.deepcopy(model).to(device="cpu", dtype=torch_dtype).eval()
     spec = model.spec
     if output == "full-features":
         model = FullResolutionFeatures(model).eval()

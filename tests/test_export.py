@@ -323,15 +323,22 @@ def test_failed_verification_writes_nothing_and_keeps_an_old_file(artifacts, tmp
 
 
 def test_dynamic_batch_the_exporter_cannot_keep_is_refused(artifacts, tmp_path, capsys, monkeypatch):
-    from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
+    """A head that reshapes with a fixed batch: torch.export specializes the batch, and the
+    command says to export with a fixed batch instead."""
+    def fixed_batch_head(self, feats):
+        return feats.reshape(2, -1)[:, :7]
 
-    def specializing_export(*args, dynamic_shapes=None, **kwargs):
-        raise ConstraintViolationError("batch was specialized to 2")
-
-    monkeypatch.setattr(export.torch.export, "export", specializing_export)
+    monkeypatch.setattr(ViTReference, "forward_head", fixed_batch_head)
     code, _, err = run(capsys, "export", artifacts["tome"], "--format", "pt2", "--out",
                        tmp_path / "m.pt2", "--dynamic-batch")
-    assert code == 2 and "export with --batch-size N" in err and os.listdir(tmp_path) == []
+    assert code == 2 and "export with --batch-size N" in err and len(err.strip().splitlines()) == 1
+    assert os.listdir(tmp_path) == []
+
+
+def test_export_leaves_the_callers_module_as_it_was(tmp_path):
+    model = model_for(SPECS["tome"]())
+    export.export_model(model, tmp_path / "m.pt2", format="pt2", dtype="bf16")
+    assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
 # ---- dcvit bench --onnx -------------------------------------------------------------------------
