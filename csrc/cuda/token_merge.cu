@@ -71,6 +71,12 @@ __device__ __forceinline__ acc_t load_size(const scalar_t* size, int64_t index) 
   return size != nullptr ? static_cast<acc_t>(size[index]) : acc_t(1);
 }
 
+// Every kernel here runs a (tokens, batch) grid: gridDim.y caps the batch.
+void check_grid_batch(const char* op, const at::Tensor& x) {
+  TORCH_CHECK(x.size(0) <= 65535, op, " (cuda): batch ", x.size(0),
+              " is over 65535; split the batch into chunks");
+}
+
 // Threads for one row of `width` elements read as `per_thread` each: a multiple of a warp.
 int row_threads(int64_t width, int per_thread, int max_threads) {
   const int64_t needed = (width + per_thread - 1) / per_thread;
@@ -413,6 +419,7 @@ std::tuple<at::Tensor&, at::Tensor&> tome_merge_out_cuda(
   const int64_t eff_r = check_tome_merge_inputs(x, metric, r, size, class_token, distill_token);
   check_merge_outputs("tome_merge", x, x.size(1) - eff_r, out, &size_out);
   TORCH_CHECK(x.is_cuda(), "tome_merge (cuda): x must be a CUDA tensor");
+  check_grid_batch("tome_merge", x);
   const c10::cuda::CUDAGuard guard(x.device());
   if (eff_r == 0) {
     out.copy_(x);
@@ -557,6 +564,7 @@ std::tuple<at::Tensor&, at::Tensor&> atme_merge_out_cuda(
   check_atme_merge_inputs(x, metric, size);
   check_merge_outputs("atme_merge", x, g.out_tokens(), out, &size_out);
   TORCH_CHECK(x.is_cuda(), "atme_merge (cuda): x must be a CUDA tensor");
+  check_grid_batch("atme_merge", x);
   TORCH_CHECK(x.scalar_type() != at::kDouble,
               "atme_merge (cuda): float64 is not supported; use the torch backend");
   const c10::cuda::CUDAGuard guard(x.device());
@@ -624,6 +632,7 @@ at::Tensor& atme_unmerge_out_cuda(const at::Tensor& x, int64_t grid_h, int64_t g
   const AtmeLayout g = atme_layout("atme_unmerge", x, grid_h, grid_w, axis, num_prefix_tokens, true);
   check_merge_outputs("atme_unmerge", x, g.in_tokens(), out, nullptr);
   TORCH_CHECK(x.is_cuda(), "atme_unmerge (cuda): x must be a CUDA tensor");
+  check_grid_batch("atme_unmerge", x);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   if (out.numel() == 0) return out;

@@ -188,8 +188,10 @@ def bipartite_merge(x, metric, r, size=None, class_token=True, distill_token=Fal
     averaged over heads), size (B, N, 1) token counts or None (all ones). A = even tokens,
     B = odd tokens; the r A tokens with the most similar B partner are averaged into it.
     The class (and distillation) token is never merged; r is clamped to
-    (N - protected) // 2 like ToMe. Output: unmerged A tokens in order, then the B tokens
-    (class and distillation token first), N - r tokens. `backend` in {torch, cpu, cuda,
+    (N - protected) // 2 like ToMe. Output, N - r tokens in ToMe's order: the unmerged A
+    tokens (in token order with a class token, else in score order, most similar first, as
+    ToMe: the next merge's A/B split depends on it), then the B tokens (class and
+    distillation token first). `backend` in {torch, cpu, cuda,
     triton} forces an implementation (else DCVIT_BACKEND, else the device's priority list).
     """
     check_bipartite_merge_args(x, metric, r, size, class_token, distill_token)
