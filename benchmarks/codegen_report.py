@@ -343,9 +343,14 @@ def sass_facts(text):
     instrs, labels = parse_sass(text)
     loops = []
     for address, opcode, operands in instrs:
-        target = re.search(r"`?\(?\.?(L_x_\d+)", operands) if opcode.startswith("BRA") else None
-        if target and target.group(1) in labels and labels[target.group(1)] < address:
-            loops.append([i for i in instrs if labels[target.group(1)] <= i[0] <= address])
+        if not opcode.startswith("BRA"):
+            continue
+        # nvdisasm names branch targets (.L_x_3), cuobjdump gives addresses (0x5d0)
+        label = re.search(r"`?\(?\.?(L_x_\d+)", operands)
+        number = re.match(r"\s*(0x[0-9a-f]+)", operands)
+        target = labels.get(label.group(1)) if label else int(number.group(1), 16) if number else None
+        if target is not None and target < address:
+            loops.append([i for i in instrs if target <= i[0] <= address])
     facts = dict(tc_instructions=sum(_is_tensor_core(op) for _, op, _ in instrs),
                  cp_async=any(op.startswith("LDGSTS") for _, op, _ in instrs),
                  tma=any(op.startswith("UTMALDG") for _, op, _ in instrs))
@@ -380,9 +385,12 @@ def cuda_rows(archs):
         sass = _run([cuobjdump, "-sass", "-arch", f"sm_{arch}", libs[0]])
         functions = re.findall(r"Function ([^\s:]+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
         bodies = dict(re.findall(r"Function : (\S+)\n(.*?)(?=\n\s*Function : |\Z)", sass, re.S))
+        seen = set()
         for name, regs, stack, shared, local in functions:
-            if "dcvit" not in name and "cuda" not in name.lower():
+            # a kernel from a header shared by several .cu files is in several cubins: once here
+            if ("dcvit" not in name and "cuda" not in name.lower()) or name in seen:
                 continue
+            seen.add(name)
             row = dict(arch=arch, kernel=_demangle(name), dtype=_cuda_dtype(name), config="", variant="",
                        workloads="csrc/cuda", compiles=True, error="", compile_s=0.0, regs=int(regs),
                        spill_bytes=int(local) + int(stack), smem_bytes=int(shared))
@@ -395,16 +403,20 @@ def cuda_rows(archs):
 
 
 def _demangle(name):
+    """'void dcvit::(anonymous namespace)::ln_kernel<c10::BFloat16>(...)' -> 'ln_kernel'."""
     text = _run(["c++filt", name]).strip() or name
-    text = text.replace("(anonymous namespace)::", "")
-    return text[: text.index("(")] if "(" in text else text
+    text = text.replace("(anonymous namespace)::", "").removeprefix("void ")
+    text = text.split("(")[0].split("<")[0]
+    return text.removeprefix("dcvit::")
 
 
 def _cuda_dtype(name):
-    for mangled, short in (("BFloat16", "bf16"), ("Half", "fp16"), ("f", "fp32")):
-        if mangled in name:
-            return short
-    return "?"
+    if "BFloat16" in name:
+        return "bf16"
+    if "Half" in name:
+        return "fp16"
+    scalar = re.search(r"I([fd])E", name)  # a float / double template argument
+    return {"f": "fp32", "d": "fp64"}[scalar.group(1)] if scalar else "?"
 
 
 # ---- rules ------------------------------------------------------------------------------
@@ -512,7 +524,6 @@ def run_report(archs=(90, 80), jobs=None, only=None, with_cuda=True, profile="fu
     global _LAUNCHES, _DRIVER
     if os.environ.pop("TRITON_INTERPRET", "0") == "1" and "triton" in sys.modules:
         raise RuntimeError("codegen_report: run it in a process without TRITON_INTERPRET=1")
-    sys.path.insert(0, ROOT)
     cache = tempfile.mkdtemp(prefix="codegen-triton-cache-")
     os.environ["TRITON_CACHE_DIR"] = cache  # nothing is reused from an earlier run
     _DRIVER = _install_fake_driver()
