@@ -143,7 +143,7 @@ def _blocks_text(report: dict) -> str:
 def run_sweep(teacher: ViTReference, images: torch.Tensor | None, eval_images: torch.Tensor,
               eval_labels: torch.Tensor | None, methods: dict[str, dict], targets, *,
               draws: list[Draw] | None = None, budget: str = "equal", pair: bool = True,
-              device="cpu", backend=None, latency_batch: int = 32, progress: bool = True,
+              first_draw_only=(), device="cpu", backend=None, latency_batch: int = 32, progress: bool = True,
               on_row=None) -> list[SweepRow]:
     """Compress `teacher` with every method at every target, for every draw, and evaluate
     each result.
@@ -153,7 +153,8 @@ def run_sweep(teacher: ViTReference, images: torch.Tensor | None, eval_images: t
     module docstring) or "official" (DC-ViT: `iters` per progressive step). pair: with both
     dcvit and practise, also run DC-ViT at PRACTISE's MACs points (method PAIRED); a target
     without such a pair raises ValueError before anything runs. on_row(row) is called as
-    each row is ready. Targets a method cannot reach are reported and skipped.
+    each row is ready. first_draw_only: methods run on the first draw only (to save time).
+    Targets a method cannot reach are reported and skipped.
     """
     from .compress import api
 
@@ -176,13 +177,18 @@ def run_sweep(teacher: ViTReference, images: torch.Tensor | None, eval_images: t
                          device=device, backend=backend, latency_batch=latency_batch)]
     if on_row:
         on_row(rows[0])
-    for draw in draws:
+    score_cache: dict = {}
+    for index, draw in enumerate(draws):
         for method, target, options in plan:
+            if index > 0 and method in first_draw_only:
+                continue
             function = "dcvit" if method == PAIRED else method
             accepted = api.method_options(function)
             if draw.seed is not None and "seed" in accepted:
                 options = dict(options, seed=draw.seed)
             options = dict(options, **{k: v for k, v in draw.options.items() if k in accepted})
+            if "score_cache" in accepted:  # PRACTISE: block scores do not depend on the target
+                options.setdefault("score_cache", score_cache)
             try:
                 options = _budget_options(method, options, spec, target, budget)
                 report: dict = {}
@@ -192,7 +198,8 @@ def run_sweep(teacher: ViTReference, images: torch.Tensor | None, eval_images: t
             except ValueError as err:
                 print(f"  {method} @ {target:.2f}: skipped ({err})")
                 continue
-            row = evaluate_row(method, target, student, teacher_macs, eval_images, eval_labels,
+            label = f"{method}-{options['recipe']}" if options.get("recipe", "shared") != "shared" else method
+            row = evaluate_row(label, target, student, teacher_macs, eval_images, eval_labels,
                                teacher_preds, device=device, backend=backend,
                                latency_batch=latency_batch, compress_s=time.perf_counter() - start,
                                seed=draw.seed, budget=_budget_text(report, options),

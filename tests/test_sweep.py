@@ -23,13 +23,13 @@ def test_sweep_writes_table_csv_and_plot(digits_folders, tmp_path, capsys):
     status = main(["sweep", "--model", "vit_tiny_patch16_224", "--model-kwargs", MODEL_KWARGS,
                    "--data", str(train), "--num-samples", "16", "--eval-data", str(test),
                    "--methods", "tome,practise", "--targets", "0.8,0.6", "--iters", "2",
-                   "--batch-size", "8", *norm, "--out", str(out)])
+                   "--recipe", "official", "--batch-size", "8", *norm, "--out", str(out)])
     assert status == 0
     printed = capsys.readouterr().out
     table = [line for line in printed.splitlines() if line.startswith("|")]
     assert len(table) == 2 + 5 and "method" in table[0], "header, rule, one line per row"
     rows = list(csv.DictReader(open(out / "sweep.csv")))
-    assert [r["method"] for r in rows] == ["teacher", "tome", "tome", "practise", "practise"]
+    assert [r["method"] for r in rows] == ["teacher", "tome", "tome", "practise-official", "practise-official"]
     for row in rows[1:]:
         assert float(row["macs_ratio"]) <= float(row["target"]) * 1.005
         assert 0 <= float(row["agreement"]) <= 1 and float(row["latency_ms"]) > 0

@@ -47,6 +47,9 @@ def add_fairness_arguments(parser, default_seeds: int) -> None:
                         "finetunes --iters per progressive step, as its code does")
     parser.add_argument("--no-pair", dest="pair", action="store_false",
                         help="do not also run DC-ViT at each PRACTISE MACs point (one block more)")
+    parser.add_argument("--recipe", choices=("shared", "official"), default="shared",
+                        help="PRACTISE's finetuning: shared (default; DC-ViT's recipe, so the methods differ "
+                        "only in what they remove) or official (its adaptors and SGD; rows 'practise-official')")
 
 
 def check_seeds(seeds: int) -> int:
@@ -96,13 +99,16 @@ def run(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     options = dict(iters=args.iters, batch_size=args.batch_size, device=args.device)
+    methods_options = {m: _options_for(m, options) for m in methods}
+    if "practise" in methods_options and args.recipe != "shared":
+        methods_options["practise"]["recipe"] = args.recipe
     print(f"sweep of {name}: {len(images)} few-shot images x {len(draws)} seeds, {len(eval_images)} "
           f"evaluation images, methods {', '.join(methods)}, targets {', '.join(f'{t:.2f}' for t in targets)}, "
           f"{args.budget} finetuning budget")
     print(" | ".join(ROW_COLUMNS))
     with backend_errors_as_command_errors():
         rows = run_sweep(teacher, None, eval_images, eval_labels,
-                         {m: _options_for(m, options) for m in methods}, targets, draws=draws,
+                         methods_options, targets, draws=draws,
                          budget=args.budget, pair=args.pair,
                          device=args.device, backend=args.backend, progress=True,
                          on_row=lambda row: print(" | ".join(table_line(row))))
