@@ -130,3 +130,20 @@ def test_sass_main_loop_is_the_one_with_tensor_cores():
     # no tensor cores anywhere: the loop with the most global loads is the main loop
     assert without_mma["loop_tc"] == 0 and without_mma["loop_instructions"] == 4
     assert codegen.sass_facts("")["loop_instructions"] is None
+
+
+def test_cuobjdump_sass_branches_by_address_and_kernel_names():
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;                    /* 0x000fe40000000f00 */
+        /*0010*/                   LDG.E.U16 R2, desc[UR4][R4.64] ;         /* 0x000ea8000c1e1500 */
+        /*0020*/                   STG.E.U16 desc[UR4][R6.64], R2 ;         /* 0x000fe2000c101504 */
+        /*0030*/              @!P0 BRA 0x10 ;                                /* 0x000fea000383ffff */
+        /*0040*/                   EXIT ;                                    /* 0x000fea0003800000 */
+    """
+    facts = codegen.sass_facts(sass)
+    assert facts["loop_instructions"] == 3 and facts["loop_narrowest_load_bits"] == 16
+    row = codegen.evaluate([{**_row(workloads="csrc/cuda", kernel="bias_gelu_kernel"), **facts}])[0]
+    assert row["gate"] == "" and row["missed"] == "cuda_no_scalar_16bit_loads"
+    mangled = "_ZN5dcvit22layer_norm_rows_kernelIN3c108BFloat16EEEvPKT_S5_S5_PS3_lf"
+    assert (codegen._demangle(mangled), codegen._cuda_dtype(mangled)) == ("layer_norm_rows_kernel", "bf16")
+    assert codegen._cuda_dtype("_ZN5dcvit16bias_gelu_kernelIfEEvPKT_S3_PS1_ll") == "fp32"
