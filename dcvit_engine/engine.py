@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .adapter import from_timm
-from .head_padding import pad_heads
+from .kernels.head_padding import pad_heads
 from .kernels.fused_linear import fold_layer_norm
 from .ops.dispatch import requested_backend
 from .reference import ViTReference, pool_features
@@ -158,7 +158,7 @@ def pad_mlp_hidden(engine: "Engine") -> None:
     bias entries of zero give GELU(0) = 0 activations, which meet zero fc2 columns, so the
     result is exact. MACs and `dcvit info` read the spec, which keeps the real width."""
     for block in engine.blocks:
-        extra = -block.mlp_hidden % HIDDEN_MULTIPLE if block.has_mlp else 0
+        extra = -block.fc1_weight.shape[0] % HIDDEN_MULTIPLE if block.has_mlp else 0  # idempotent
         if extra:
             block.fc1_weight = F.pad(block.fc1_weight, (0, 0, 0, extra))
             block.fc1_bias = F.pad(block.fc1_bias, (0, extra))
@@ -247,6 +247,8 @@ class Engine(nn.Module):
         self.device, self.dtype = self.pos_embed.device, self.pos_embed.dtype
         self.cuda_graphs = self._graphs_requested and self.device.type == "cuda"
         self._graphs.clear()
+        if runs_triton(self):
+            pad_mlp_hidden(self)  # e.g. a CPU-built engine moved to CUDA
         fold_block_norms(self)  # the folded weights follow the new dtype/device exactly
         return self
 

@@ -92,3 +92,6 @@ def test_triton_engine_pads_mlp_hidden_invisibly():
             assert f"mlp {block_spec.mlp_hidden}" in block.extra_repr()
     assert any(b.mlp_hidden % HIDDEN_MULTIPLE for b in spec.blocks if b.mlp_hidden), \
         "the spec should have a hidden width that needs padding"
+    widths = [b.fc1_weight.shape[0] for b in engine.blocks if b.has_mlp]
+    engine.to(torch.bfloat16)  # moving re-pads: padding must be idempotent
+    assert [b.fc1_weight.shape[0] for b in engine.blocks if b.has_mlp] == widths
