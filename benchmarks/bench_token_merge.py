@@ -90,7 +90,7 @@ def time_case(model, case, args, device, dtype, peak_gbs, log):
 
 def format_row(r):
     return [r["model"], r["case"], str(r["tokens_in"]), str(r["tokens_out"]), r["impl"],
-            f"{r['median_ms']:.4f}", f"{r['floor_ms']:.4f}", f"{r['gb_per_s']:.1f}",
+            f"{r['median_ms']:.4f}", f"{r['floor_ms']:.4g}", f"{r['gb_per_s']:.1f}",
             f"{r['frac_of_peak']:.3f}", f"{r['speedup_vs_torch']:.2f}"]
 
 

@@ -45,6 +45,7 @@ def test_cpu_mode_reports_the_floor_next_to_each_timing(tmp_path, monkeypatch, c
     """The script's CPU mode runs end to end; every row carries its floor (bytes / measured
     copy bandwidth) and frac_of_peak is floor / time. No timing is checked."""
     import csv
+    import math
     import sys
 
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
@@ -58,5 +59,6 @@ def test_cpu_mode_reports_the_floor_next_to_each_timing(tmp_path, monkeypatch, c
     assert {r["impl"] for r in rows} == {"torch", "cpu"}
     for r in rows:
         floor, ms = float(r["floor_ms"]), float(r["median_ms"])
-        assert 0 < floor and abs(float(r["frac_of_peak"]) - floor / ms) <= 1e-3 + 0.01 * floor / ms
+        # the CSV rounds to 4 decimals: a few percent at the CPU smoke sizes
+        assert 0 < floor and math.isclose(float(r["frac_of_peak"]), floor / ms, rel_tol=0.05, abs_tol=2e-3)
     assert "floor" in capsys.readouterr().out
