@@ -14,7 +14,7 @@ F.scaled_dot_product_attention per head group against the Triton flash kernel, b
 same packed qkv.
 
 The op's backends and the Triton core get the weights as build_engine prepares them: every
-head zero-padded to a multiple of 16 (dcvit_engine/head_padding.py); the unfused torch
+head zero-padded to a multiple of 16 (kernels/head_padding.py); the unfused torch
 baseline and SDPA run the real widths. MACs always count the real widths.
 
 realized speedup = (time of the dense case / time of the case, same implementation and key
@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import device_name, matmul_peak_tflops, median_ms, report_table  # noqa: E402
 
 from dcvit_engine import ops  # noqa: E402
-from dcvit_engine.head_padding import pad_heads  # noqa: E402
+from dcvit_engine.kernels.head_padding import pad_heads  # noqa: E402
 from dcvit_engine.kernels.attention import flash_attention_triton  # noqa: E402
 from dcvit_engine.macs import attention_macs  # noqa: E402
 from dcvit_engine.ops.attention import attention_block_backends  # noqa: E402

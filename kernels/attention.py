@@ -18,8 +18,10 @@ Triton launches:
      head exactly the tile's width: columns from the head index, no column masks), `ALIGNED`
      (widths and columns multiples of 16, as build_engine pads them: read from a per-head
      table, promised aligned with tl.multiple_of, so loads are 16-byte vectors and cp.async
-     pipelines them), and the general table (any widths, masked per head). So removing
-     heads removes programs and narrowing every head shrinks the tiles.
+     pipelines them), and the general table (any widths, masked per head; at sm_90 it
+     spills, so `attention_block_triton` pads other widths to 16 first, see
+     head_padding.py). So removing heads removes programs and narrowing every head shrinks
+     the tiles.
   3. `_linear_residual_kernel` (fused_linear): proj GEMM with bias, LayerScale and the
      residual add in the epilogue.
 """
@@ -30,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .fused_linear import dot_precision, dot_upcast, linear_residual, ln_linear
+from .head_padding import HEAD_WIDTH_MULTIPLE, pad_head_weights
 
 _LOG2E = 1.4426950408889634
 
@@ -311,9 +314,10 @@ def flash_attention_constexprs(layout, dtype, device_type, has_key_bias, batch_h
                                          batch_heads, tokens, arch))
 
 
-def _arch(device):
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
+def _arch():
+    # The target Triton compiles for (the current device's compute capability; a code-
+    # generation report's fake driver reports the architecture it compiles for).
+    return triton.runtime.driver.active.get_current_target().arch
 
 
 def flash_attention_triton(qkv, batch, tokens, qk_dims, v_dims, scale, key_bias=None,
@@ -330,7 +334,7 @@ def flash_attention_triton(qkv, batch, tokens, qk_dims, v_dims, scale, key_bias=
     # A uniform layout needs no table; the kernel never reads the pointer then.
     table = qkv if layout.uniform else _head_table(layout, qkv.device)
     heads = len(qk_dims)
-    arch = _arch(qkv.device) if qkv.device.type == "cuda" else 90
+    arch = _arch() if qkv.device.type == "cuda" else 90
     kw = flash_attention_constexprs(layout, qkv.dtype, qkv.device.type, key_bias is not None,
                                     batch * heads, tokens, arch)
     grid = (batch * heads * triton.cdiv(tokens, kw["BLOCK_M"]),)
@@ -349,6 +353,13 @@ def attention_block_triton(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj
     fused_linear.fold_layer_norm(norm_weight, norm_bias, qkv_weight, qkv_bias), made once by
     the caller (the engine); without it the qkv weights are folded per call."""
     launch = kernel_launcher or (lambda kernel: kernel)
+    if any(w % HEAD_WIDTH_MULTIPLE for w in (*qk_dims, *v_dims)):
+        # Widths off the multiples of 16 would take the kernel's masked path (scalar loads,
+        # register spills at sm_90) and an unaligned proj GEMM: pad the heads here (exact;
+        # build_engine pads once instead), and fold LayerNorm into the padded weights.
+        qk_dims, v_dims, qkv_weight, qkv_bias, proj_weight = pad_head_weights(
+            qk_dims, v_dims, qkv_weight, qkv_bias, proj_weight)
+        qkv_folded = None
     batch, tokens, dim = x.shape
     rows_in = x.reshape(-1, dim)
     if not rows_in.is_contiguous():

@@ -1,8 +1,8 @@
-"""Head padding (dcvit_engine/head_padding.py): exact in float64, invisible outside the engine."""
+"""Head padding (kernels/head_padding.py): exact in float64, invisible outside the engine and the op."""
 import torch
 
 from dcvit_engine.engine import build_engine
-from dcvit_engine.head_padding import pad_heads, padded_width
+from dcvit_engine.kernels.head_padding import pad_head_weights, pad_heads, padded_width
 from dcvit_engine.kernels.attention import attention_block_ref
 from dcvit_engine.reference import ViTReference
 from dcvit_engine.spec import AttentionSpec, BlockSpec, ViTSpec
@@ -28,6 +28,12 @@ def test_padding_is_exact_in_float64():
     got = attention_block_ref(x, *norm, padded.qkv_weight, padded.qkv_bias, padded.proj_weight, proj_b,
                               padded.qk_dims, padded.v_dims, 0.2, key_bias=key_bias)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    # the per-call padding (device ops only) gives the same weights
+    qk_p, v_p, w_p, b_p, proj_p = pad_head_weights(QK, V, qkv_w, qkv_b, proj_w)
+    assert (qk_p, v_p) == (padded.qk_dims, padded.v_dims)
+    assert torch.equal(w_p, padded.qkv_weight) and torch.equal(b_p, padded.qkv_bias)
+    assert torch.equal(proj_p, padded.proj_weight)
+    assert pad_head_weights(QK, V, qkv_w, None, proj_w)[3] is None
     # the real key channels, in order, from the padded keys
     k_rows = qkv_w[sum(QK):2 * sum(QK)]
     padded_k = padded.qkv_weight[sum(padded.qk_dims):2 * sum(padded.qk_dims)]

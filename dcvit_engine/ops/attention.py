@@ -161,7 +161,8 @@ def attention_block(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight
     kernels.fused_linear.fold_layer_norm(norm_weight, norm_bias, qkv_weight, qkv_bias), made
     once (the engine does at build time) for the Triton impl; without it Triton folds per call.
     The Triton impl takes heads up to 128 wide; it is fastest when every width is a multiple
-    of 16 (build_engine pads heads so, see dcvit_engine/head_padding.py).
+    of 16 (build_engine pads heads so once; the Triton impl pads other widths per call, see
+    kernels/head_padding.py).
     """
     qk_dims, v_dims = check_attention_block_args(x, norm_weight, norm_bias, qkv_weight, qkv_bias,
                                                  proj_weight, proj_bias, qk_dims, v_dims, scale,
