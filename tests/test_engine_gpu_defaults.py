@@ -95,3 +95,13 @@ def test_triton_engine_pads_mlp_hidden_invisibly():
     widths = [b.fc1_weight.shape[0] for b in engine.blocks if b.has_mlp]
     engine.to(torch.bfloat16)  # moving re-pads: padding must be idempotent
     assert [b.fc1_weight.shape[0] for b in engine.blocks if b.has_mlp] == widths
+
+
+def test_every_op_has_a_row_in_the_priority_table():
+    attention = importlib.import_module("dcvit_engine.ops.attention")
+    mlp = importlib.import_module("dcvit_engine.ops.mlp_block")
+    merge = importlib.import_module("dcvit_engine.ops.token_merge")
+    names = {attention.OP, mlp.OP, merge.TOME_OP, merge.ATME_OP, merge.UNMERGE_OP}
+    assert names == set(PRIORITY)
+    for name in names:
+        assert set(PRIORITY[name]) == {"cuda", "cpu"} and PRIORITY[name]["cpu"][-1] == "torch"
