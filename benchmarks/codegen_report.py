@@ -5,7 +5,8 @@ and the SASS; the CUDA kernels of the built extension read back with cuobjdump.
 How a kernel gets here: each workload below calls the engine's real launcher
 (`mlp_block_triton`, `attention_block_triton`, `bipartite_merge_triton`, ...) on fake CUDA
 tensors (torch's FakeTensorMode: shapes, strides and dtypes, no memory, no GPU) with a
-`kernel_launcher` that records each launch instead of running it. So the tile configs are
+`kernel_launcher` that records each launch instead of running it; a launcher that asks for the
+arch (torch.cuda.get_device_capability) is told the one being compiled for. So the tile configs are
 whatever the launchers choose on CUDA today (`gemm_tile_config`, the autotuner's configs,
 `_attention_tile_config`, the token-merge blocks), never copies. Each recorded launch is then
 compiled through the kernel's own `JITFunction.warmup(...)` against a fake driver that reports
@@ -125,7 +126,7 @@ def _workloads(dim):
     ]
 
 
-def collect_launches(dtypes=("bf16", "fp16"), only=None, every_shape=True):
+def collect_launches(dtypes=("bf16", "fp16"), archs=(90, 80), only=None, every_shape=True):
     """Every distinct (kernel, specialization, constexprs) the workloads launch on CUDA, as
     dicts: kernel (JITFunction), args (dtypes for tensors), kwargs, names (workloads), dtype.
     every_shape=False keeps one shape per (kernel, dtypes, constexprs): the int arguments'
@@ -133,10 +134,11 @@ def collect_launches(dtypes=("bf16", "fp16"), only=None, every_shape=True):
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    # the attention launcher asks whether a CUDA graph is being captured; there is no GPU
+    # launchers ask whether a CUDA graph is being captured and which arch runs: no GPU answers
     torch.cuda.is_current_stream_capturing = lambda: False
     launches = collections.OrderedDict()
-    for short in dtypes:
+    for arch, short in [(arch, short) for arch in archs for short in dtypes]:
+        torch.cuda.get_device_capability = lambda device=None, arch=arch: divmod(arch, 10)
         model_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[short]
         for model, dim in MODELS.items():
             for name, run in _workloads(dim):
@@ -156,9 +158,9 @@ def collect_launches(dtypes=("bf16", "fp16"), only=None, every_shape=True):
                     dtype = next((n for t, n in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"),
                                                  (torch.float32, "fp32")) if t in kinds), "int")
                     spec = _spec_key(args) if every_shape else tuple(str(a) for a in args if not isinstance(a, (int, float)))
-                    key = (kernel.__name__, spec, tuple(sorted(kwargs.items())))
+                    key = (arch, kernel.__name__, spec, tuple(sorted(kwargs.items())))
                     entry = launches.setdefault(key, dict(kernel=kernel, args=args, kwargs=kwargs,
-                                                          names=[], dtype=dtype))
+                                                          names=[], dtype=dtype, arch=arch))
                     if label not in entry["names"]:
                         entry["names"].append(label)
     return list(launches.values())
@@ -528,8 +530,8 @@ def run_report(archs=(90, 80), jobs=None, only=None, with_cuda=True, profile="fu
     os.environ["TRITON_CACHE_DIR"] = cache  # nothing is reused from an earlier run
     _DRIVER = _install_fake_driver()
     chosen = PROFILES[profile]
-    _LAUNCHES = collect_launches(chosen["dtypes"], only=only, every_shape=chosen["every_shape"])
-    tasks = [(i, arch) for arch in archs for i in range(len(_LAUNCHES))]
+    _LAUNCHES = collect_launches(chosen["dtypes"], archs, only=only, every_shape=chosen["every_shape"])
+    tasks = [(i, launch["arch"]) for i, launch in enumerate(_LAUNCHES)]
     jobs = jobs or os.cpu_count() or 1
     rows = []
     try:
@@ -538,7 +540,7 @@ def run_report(archs=(90, 80), jobs=None, only=None, with_cuda=True, profile="fu
             rows = list(pool.map(_compile_one, *zip(*tasks))) if tasks else []
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-    notes = [f"profile {profile}: {len(tasks)} Triton compiles ({len(_LAUNCHES)} distinct launches; "
+    notes = [f"profile {profile}: {len(tasks)} Triton compiles (distinct launches on "
              f"sm_{'/sm_'.join(map(str, archs))}; {jobs} processes)"]
     if with_cuda:
         extra, reason = cuda_rows(archs)
