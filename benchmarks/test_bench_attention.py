@@ -29,3 +29,12 @@ def test_attention_block_cpu(benchmark, backend, widths, key_bias):
                                                 key_bias=bias, backend=backend))
     torch.testing.assert_close(out, attention_block_ref(x, *w, qk_dims, v_dims, 0.125, gamma=gamma,
                                                         key_bias=bias), rtol=1e-4, atol=1e-4)
+
+
+def test_ragged_cpu_benchmark_reports_every_case():
+    import bench_attention_ragged_cpu as bench
+
+    lines = []
+    results = bench.run(batch=1, tokens=9, dtype=torch.float32, repeats=1, log=lines.append)
+    assert set(results) == {"dense", "ragged", "ragged_engine"} and len(lines) == 3
+    assert results["ragged"][1] == results["ragged_engine"][1] < results["dense"][1]  # real MACs
