@@ -2,7 +2,7 @@
 
 Every compression method outputs a ViTSpec plus weights; the engine, the reference
 module and the MACs count only ever read a spec. The format is a project-wide
-contract (see notes/spec_contract.md): field names and meanings must not drift.
+contract (docs/ARCHITECTURE.md, "The spec contract"): field names and meanings must not drift.
 """
 from __future__ import annotations
 
