@@ -17,6 +17,7 @@ from dcvit_engine.kernels.attention import (
     flash_attention_triton,
     flash_attention_why_not,
     head_layout,
+    _attention_tile_config,
     tile_split,
 )
 
@@ -181,6 +182,18 @@ def test_tile_split_pads_to_16_not_powers_of_two():
     assert [tile_split(w) for w in (1, 16, 17, 33, 40, 48, 64, 80, 96, 112, 128)] == [
         (16, 0), (16, 0), (32, 0), (32, 16), (32, 16), (32, 16), (64, 0), (64, 16), (64, 32),
         (128, 0), (128, 0)]
+
+
+def test_tile_config_by_launch_size_and_arch():
+    """128 query rows (8 warps) on sm_90 when the launch fills the GPU, else 64 rows (4 warps);
+    sm_80 always 64 rows; keys in blocks of 32 past 64 columns; small tiles in the interpreter."""
+    big, small = dict(batch_heads=256 * 12, tokens=197), dict(batch_heads=12, tokens=197)
+    assert _attention_tile_config("cuda", 64, 64, **big)["BLOCK_M"] == 128
+    assert _attention_tile_config("cuda", 64, 64, **big)["num_warps"] == 8
+    assert _attention_tile_config("cuda", 64, 64, **small)["BLOCK_M"] == 64
+    assert _attention_tile_config("cuda", 64, 64, **big, arch=80)["BLOCK_M"] == 64
+    assert _attention_tile_config("cuda", 128, 64, **big)["BLOCK_N"] == 32
+    assert _attention_tile_config("cpu", 64, 64)["BLOCK_M"] == 32
 
 
 def test_head_layout_specializations():
