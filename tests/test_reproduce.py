@@ -6,7 +6,7 @@ import pytest
 
 from dcvit_engine.cli import main
 from dcvit_engine.compress import api
-from dcvit_engine.digits import DIGITS_MEAN, DIGITS_STD, export_digits_folder
+from dcvit_engine.digits import export_digits_folder
 
 MODEL = ["--model", "vit_tiny_patch16_224", "--model-kwargs",
          '{"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 4, "num_heads": 3, "num_classes": 10}']

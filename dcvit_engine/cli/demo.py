@@ -22,7 +22,7 @@ from dcvit_engine.cli.sweep import add_fairness_arguments
 DEFAULT_TARGETS = "0.9,0.75,0.6"
 DEFAULT_METHODS = "dcvit,practise,uvc,cait,tome"
 SEEDED_METHODS = ("dcvit", "practise")  # the others run on the first draw only
-DEFAULT_LR = 3e-4
+DEFAULT_LR = 1e-3
 DEFAULT_ITERS = 100
 
 
