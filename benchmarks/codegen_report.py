@@ -65,6 +65,10 @@ SHARED_MEMORY_LIMIT = {90: 232448, 80: 166912}  # opt-in max dynamic shared memo
 KERNEL_KINDS = {"_norm_linear_kernel": "gemm", "_linear_residual_kernel": "gemm",
                 "_flash_attention_kernel": "attention", "_tome_best_match_kernel": "match"}
 PLAIN_GEMM = {"_norm_linear_kernel": "_linear_residual_kernel"}  # norm GEMM -> its plain twin
+# A gate rule a kernel variant is known to break, with the reason and the issue that fixes it:
+# (rule, kernel, substring of its variant) -> reason. Reported as "waived: ..." in `missed`,
+# never silently. Keep this empty; an entry is a debt that the report shows on every run.
+WAIVERS = {}
 
 # ---- workloads: DeiT-S / DeiT-B shapes through the real launchers -----------------------
 BATCH, TOKENS = 256, 197
@@ -429,8 +433,9 @@ def kind_of(row):
     return KERNEL_KINDS.get(row["kernel"], "memory")
 
 
-def evaluate(rows, rules=RULES):
-    """Adds `gate` (failed gate rules) and `missed` (missed targets) to each row."""
+def evaluate(rows, rules=RULES, waivers=None):
+    """Adds `gate` (failed gate rules) and `missed` (missed targets, waived gate rules) to each row."""
+    waivers = WAIVERS if waivers is None else waivers
     plain_loop = {(r["arch"], r["dtype"], r["config"], r["kernel"]): r.get("loop_instructions")
                   for r in rows if r.get("compiles")}
     for row in rows:
@@ -444,7 +449,12 @@ def evaluate(rows, rules=RULES):
                 continue
             ok = _check(name, rule, row, plain_loop)
             if ok is False:
-                (failed if rule["level"] == "gate" else missed).append(name)
+                waived = next((why for (rule_name, kernel, variant), why in waivers.items()
+                               if rule_name == name and kernel == row["kernel"] and variant in row["variant"]), None)
+                if rule["level"] == "gate" and waived is None:
+                    failed.append(name)
+                else:
+                    missed.append(name if waived is None else f"{name} (waived: {waived})")
         row["gate"] = " ".join(failed)
         row["missed"] = " ".join(missed)
     return rows

@@ -147,3 +147,13 @@ def test_cuobjdump_sass_branches_by_address_and_kernel_names():
     mangled = "_ZN5dcvit22layer_norm_rows_kernelIN3c108BFloat16EEEvPKT_S5_S5_PS3_lf"
     assert (codegen._demangle(mangled), codegen._cuda_dtype(mangled)) == ("layer_norm_rows_kernel", "bf16")
     assert codegen._cuda_dtype("_ZN5dcvit16bias_gelu_kernelIfEEvPKT_S3_PS1_ll") == "fp32"
+
+
+def test_a_waiver_turns_one_gate_failure_into_a_reported_miss():
+    waivers = {("no_spills", "_flash_attention_kernel", "ALIGNED=False"): "issue 10"}
+    rows = codegen.evaluate([_row(kernel="_flash_attention_kernel", variant="UNIFORM=False ALIGNED=False",
+                                  spill_bytes=160),
+                             _row(kernel="_flash_attention_kernel", variant="ALIGNED=True", spill_bytes=8)],
+                            waivers=waivers)
+    assert rows[0]["gate"] == "" and "no_spills (waived: issue 10)" in rows[0]["missed"]
+    assert rows[1]["gate"] == "no_spills"
