@@ -314,10 +314,11 @@ def flash_attention_constexprs(layout, dtype, device_type, has_key_bias, batch_h
                                          batch_heads, tokens, arch))
 
 
-def _arch():
-    # The target Triton compiles for (the current device's compute capability; a code-
-    # generation report's fake driver reports the architecture it compiles for).
-    return triton.runtime.driver.active.get_current_target().arch
+def _arch(device):
+    # The device's compute capability as an int (90 for sm_90); benchmarks/codegen_report.py
+    # answers this call with the architecture it compiles for.
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 def flash_attention_triton(qkv, batch, tokens, qk_dims, v_dims, scale, key_bias=None,
@@ -334,7 +335,7 @@ def flash_attention_triton(qkv, batch, tokens, qk_dims, v_dims, scale, key_bias=
     # A uniform layout needs no table; the kernel never reads the pointer then.
     table = qkv if layout.uniform else _head_table(layout, qkv.device)
     heads = len(qk_dims)
-    arch = _arch() if qkv.device.type == "cuda" else 90
+    arch = _arch(qkv.device) if qkv.device.type == "cuda" else 90
     kw = flash_attention_constexprs(layout, qkv.dtype, qkv.device.type, key_bias is not None,
                                     batch * heads, tokens, arch)
     grid = (batch * heads * triton.cdiv(tokens, kw["BLOCK_M"]),)
