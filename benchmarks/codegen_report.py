@@ -6,7 +6,8 @@ How a kernel gets here: each workload below calls the engine's real launcher
 (`mlp_block_triton`, `attention_block_triton`, `bipartite_merge_triton`, ...) on fake CUDA
 tensors (torch's FakeTensorMode: shapes, strides and dtypes, no memory, no GPU) with a
 `kernel_launcher` that records each launch instead of running it; a launcher that asks for the
-arch (torch.cuda.get_device_capability) is told the one being compiled for. So the tile configs are
+arch (torch.cuda.get_device_capability, or triton's driver target) is told the one being compiled
+for. So the tile configs are
 whatever the launchers choose on CUDA today (`gemm_tile_config`, the autotuner's configs,
 `_attention_tile_config`, the token-merge blocks), never copies. Each recorded launch is then
 compiled through the kernel's own `JITFunction.warmup(...)` against a fake driver that reports
@@ -143,6 +144,8 @@ def collect_launches(dtypes=("bf16", "fp16"), archs=(90, 80), only=None, every_s
     launches = collections.OrderedDict()
     for arch, short in [(arch, short) for arch in archs for short in dtypes]:
         torch.cuda.get_device_capability = lambda device=None, arch=arch: divmod(arch, 10)
+        if _DRIVER is not None:  # launchers may ask triton's driver for the target instead
+            _DRIVER.arch = arch
         model_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[short]
         for model, dim in MODELS.items():
             for name, run in _workloads(dim):
