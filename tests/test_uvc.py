@@ -200,3 +200,23 @@ def test_cli_compress_uvc(capsys, tmp_path):
     assert f"wrote {tmp_path / 'uvc'}" in out
     rc, _, err = run_compress_cli(capsys, tmp_path, "uvc", "--token-share", "0.5")
     assert rc == 2 and "--token-share do(es) not apply to --method uvc" in err
+
+
+def test_report_gives_searched_and_final_macs_and_the_reallocated_share():
+    from dcvit_engine.compress.uvc import reallocated_share
+    ref = reference_from_timm(tiny_vit(patch_size=4))
+    search = UVCSearch(ref.spec, 0.5)
+    scores = group_scores(ref, 3, 16)
+    same = UVCStructure(skip=[False] * 4, heads_removed=[0, 1, 0, 0], channels_removed=[[0, 2, 0]] * 4,
+                        neurons_removed=[10, 0, 50, 0])
+    assert reallocated_share(same, same, search.costs, scores, 16, search.teacher_macs) == 0.0
+    more = UVCStructure(skip=[False] * 4, heads_removed=[0, 1, 0, 0], channels_removed=[[0, 2, 0]] * 4,
+                        neurons_removed=[10, 0, 60, 0])
+    cut = search.teacher_macs - more.macs(search.costs, scores, 16)
+    share = reallocated_share(same, more, search.costs, scores, 16, search.teacher_macs)
+    assert share == pytest.approx(10 * search.costs.neuron[2] / cut)
+    report = {}
+    compress_uvc(tiny_vit(), torch.randn(8, 3, 32, 32), 0.6, iters=6, finetune_iters=0, batch_size=4,
+                 device="cpu", report=report)
+    assert 0 <= report["reallocated_share"] and len(report["gate_margins"]) == 4
+    assert report["searched_macs"] > 0 and {"resource", "hard_resource"} <= set(report["search_history"][0])
