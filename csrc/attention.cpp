@@ -2,6 +2,8 @@
 // device-independent attention core shared with the CUDA impl.
 #include "attention.h"
 
+#include "cpu_linear.h"
+
 #include <torch/library.h>
 
 #include <algorithm>
@@ -98,7 +100,8 @@ std::vector<HeadGroup> group_heads(at::IntArrayRef qk_dims, at::IntArrayRef v_di
 }
 
 // The group's heads of one of q/k/v (B, N, C), as (B, heads, N, width): a view when the
-// heads are adjacent and all exactly `width` wide, else a zero-padded copy.
+// heads are adjacent and all exactly `width` wide, else one stacked copy (heads narrower
+// than `width` zero-padded first; build_engine's padded heads need no padding for q/k).
 at::Tensor gather_heads(const at::Tensor& part, const std::vector<int64_t>& heads,
                         const std::vector<int64_t>& offsets, at::IntArrayRef widths,
                         int64_t width) {
@@ -110,12 +113,14 @@ at::Tensor gather_heads(const at::Tensor& part, const std::vector<int64_t>& head
         .unflatten(2, {count, width})
         .transpose(1, 2);
   }
-  at::Tensor padded = at::zeros({part.size(0), part.size(1), count, width}, part.options());
-  for (int64_t i = 0; i < count; ++i) {
-    const int64_t h = heads[i];
-    padded.select(2, i).narrow(2, 0, widths[h]).copy_(part.narrow(2, offsets[h], widths[h]));
+  std::vector<at::Tensor> slices;
+  slices.reserve(heads.size());
+  for (int64_t h : heads) {
+    const at::Tensor slice = part.narrow(2, offsets[h], widths[h]);
+    slices.push_back(widths[h] == width ? slice
+                                        : at::constant_pad_nd(slice, {0, width - widths[h]}, 0));
   }
-  return padded.transpose(1, 2);
+  return at::stack(slices, 1);
 }
 
 // Writes each head's first v_dims[h] columns of heads_out (B, heads, N, width) into its
@@ -187,11 +192,29 @@ at::Tensor& attention_block_out_cpu(const at::Tensor& x, const at::Tensor& norm_
   TORCH_CHECK(x.device().is_cpu(), "attention_block (cpu): x must be a CPU tensor");
   const int64_t dim = x.size(2);
   const at::Tensor normed = at::layer_norm(x, {dim}, norm_weight, norm_bias, eps);
-  const at::Tensor qkv = at::linear(normed, qkv_weight, qkv_bias);
-  const at::Tensor ctx = attention_context(qkv, qk_dims, v_dims, scale, key_bias);
-  at::Tensor branch = at::linear(ctx, proj_weight, proj_bias);
-  if (gamma.has_value()) branch.mul_(*gamma);
-  at::add_out(out, x, branch);
+  if (!cpu_fused_linear_ok(x.scalar_type())) {
+    const at::Tensor qkv = at::linear(normed, qkv_weight, qkv_bias);
+    const at::Tensor ctx = attention_context(qkv, qk_dims, v_dims, scale, key_bias);
+    at::Tensor branch = at::linear(ctx, proj_weight, proj_bias);
+    if (gamma.has_value()) branch.mul_(*gamma);
+    at::add_out(out, x, branch);
+    return out;
+  }
+  // oneDNN linears (cpu_linear.h): qkv's bias and proj's bias + residual in the epilogues
+  const int64_t batch = x.size(0), tokens = x.size(1);
+  const at::Tensor qkv = cpu_linear(normed.view({batch * tokens, dim}), qkv_weight, qkv_bias,
+                                    /*gelu=*/false)
+                             .view({batch, tokens, -1});
+  const at::Tensor ctx = attention_context(qkv, qk_dims, v_dims, scale, key_bias)
+                             .view({batch * tokens, -1});
+  at::Tensor rows_out = out.view({batch * tokens, dim});
+  const at::Tensor rows_in = x.reshape({batch * tokens, dim});
+  if (gamma.has_value()) {
+    at::Tensor branch = cpu_linear(ctx, proj_weight, proj_bias, /*gelu=*/false);
+    at::add_out(rows_out, rows_in, branch.mul_(*gamma));
+  } else {
+    rows_out.copy_(cpu_linear_add(ctx, proj_weight, proj_bias, rows_in));
+  }
   return out;
 }
 

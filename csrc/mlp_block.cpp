@@ -1,6 +1,8 @@
 // Schema and CPU implementation of dcvit::mlp_block (see mlp_block.h).
 #include "mlp_block.h"
 
+#include "cpu_linear.h"
+
 #include <torch/library.h>
 
 namespace dcvit {
@@ -47,8 +49,9 @@ void check_mlp_block_args(const at::Tensor& x, const at::Tensor& norm_weight,
 namespace {
 
 // Rows are processed in chunks so the hidden activations of one chunk stay in cache
-// instead of materializing (B*N, H) at once; the GEMMs are ATen's (MKL/oneDNN).
-constexpr int64_t kRowChunk = 256;
+// instead of materializing (B*N, H) at once. With the fused oneDNN linears (cpu_linear.h)
+// 256 to 1024 rows ran alike on DeiT-S shapes; fewer chunks mean fewer oneDNN calls.
+constexpr int64_t kRowChunk = 512;
 
 at::Tensor& mlp_block_out_cpu(const at::Tensor& x, const at::Tensor& norm_weight,
                               const at::Tensor& norm_bias, const at::Tensor& fc1_weight,
@@ -61,18 +64,31 @@ at::Tensor& mlp_block_out_cpu(const at::Tensor& x, const at::Tensor& norm_weight
   const int64_t dim = x.size(-1);
   const at::Tensor rows_in = x.reshape({-1, dim}).contiguous();
   at::Tensor rows_out = out.view({-1, dim});
+  const bool fused = cpu_fused_linear_ok(x.scalar_type());
   const at::Tensor fc1_t = fc1_weight.t();
   const at::Tensor fc2_t = fc2_weight.t();
   const int64_t rows = rows_in.size(0);
   for (int64_t start = 0; start < rows; start += kRowChunk) {
     const int64_t len = std::min(kRowChunk, rows - start);
     const at::Tensor chunk = rows_in.narrow(0, start, len);
-    at::Tensor hidden = at::layer_norm(chunk, {dim}, norm_weight, norm_bias, eps);
-    hidden = at::addmm(fc1_bias, hidden, fc1_t);
+    at::Tensor dest = rows_out.narrow(0, start, len);
+    const at::Tensor normed = at::layer_norm(chunk, {dim}, norm_weight, norm_bias, eps);
+    if (fused) {
+      // bias + exact GELU in fc1's epilogue; bias + residual in fc2's (LayerScale between
+      // them leaves fc2 with its bias only)
+      const at::Tensor hidden = cpu_linear(normed, fc1_weight, fc1_bias, /*gelu=*/true);
+      if (gamma.has_value()) {
+        at::Tensor branch = cpu_linear(hidden, fc2_weight, fc2_bias, /*gelu=*/false);
+        at::add_out(dest, chunk, branch.mul_(*gamma));
+      } else {
+        dest.copy_(cpu_linear_add(hidden, fc2_weight, fc2_bias, chunk));
+      }
+      continue;
+    }
+    at::Tensor hidden = at::addmm(fc1_bias, normed, fc1_t);
     at::gelu_(hidden);  // exact (erf) GELU, as timm's nn.GELU
     at::Tensor branch = at::addmm(fc2_bias, hidden, fc2_t);
     if (gamma.has_value()) branch.mul_(*gamma);
-    at::Tensor dest = rows_out.narrow(0, start, len);
     at::add_out(dest, chunk, branch);
   }
   return out;

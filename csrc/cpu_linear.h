@@ -1,0 +1,24 @@
+// Linear layers of the CPU impls through oneDNN's fused matmul (mkldnn::_linear_pointwise,
+// the op Inductor's CPU backend uses): bias, exact-erf GELU and the residual add run as
+// epilogues of the matmul, so no separate bias-broadcast copy, GELU pass or add pass is made.
+// On this project's AMD CPUs ATen's own fp32 linear goes to MKL, which runs about half as fast
+// as oneDNN there; bf16 uses the CPU's native bf16 dot products (AVX512-BF16 or AMX).
+#pragma once
+#include <ATen/ATen.h>
+#include <optional>
+
+namespace dcvit {
+
+// Whether the fused oneDNN linears take this dtype on this CPU (fp32 always when oneDNN is
+// built in; bf16 only with native bf16 instructions; fp16 never).
+bool cpu_fused_linear_ok(at::ScalarType dtype);
+
+// act(x @ w^T + b) for x (M, K), w (N, K); act "none" or "gelu" (exact erf).
+at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                      bool gelu);
+
+// x @ w^T + b + residual for x (M, K), w (N, K), residual (M, N) contiguous.
+at::Tensor cpu_linear_add(const at::Tensor& x, const at::Tensor& w,
+                          const std::optional<at::Tensor>& b, const at::Tensor& residual);
+
+}  // namespace dcvit
