@@ -94,9 +94,11 @@ def run(args):
     draws = []
     for seed in seeds:  # one few-shot draw per seed: its images, its metric set, the methods' seed
         order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))
+        # keyed by the teacher's settings too: a --depth 12 teacher must not evict the default's
+        name = f"demo_metric_set-{config.cache_key()}-{args.metric_size}-{args.metric_iters}-{seed}.pt"
         metric = synthesize_metric_set(teacher, num_images=args.metric_size, iters=args.metric_iters,
                                        img_size=teacher.spec.img_size, seed=seed, mean=DIGITS_MEAN, std=DIGITS_STD,
-                                       cache_path=cache / f"demo_metric_set-{args.metric_size}-{args.metric_iters}-{seed}.pt",
+                                       cache_path=cache / name,
                                        progress=True)
         draws.append(Draw(seed, train_x[order[:args.num_samples]], dict(metric_set=metric.images)))
     print(f"{args.num_samples} unlabeled few-shot digits and {args.metric_size} synthetic metric-set images "
