@@ -8,7 +8,7 @@ import torch
 
 from dcvit_engine.cli import CommandError
 from dcvit_engine.cli.model_args import add_model_arguments, backend_errors_as_command_errors, model_from_args
-from dcvit_engine.engine import build_engine, parse_dtype
+from dcvit_engine.engine import build_engine, command_dtype
 from dcvit_engine.macs import count_macs
 from dcvit_engine.ops import BACKENDS
 from dcvit_engine.throughput import measure_throughput
@@ -19,7 +19,8 @@ def register(subparsers):
                                    description=__doc__)
     add_model_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--dtype", default=None, help="float32 | bf16 | fp16 (default: bf16 on CUDA, float32 on CPU)")
+    parser.add_argument("--dtype", default=None, help="float32 | bf16 | fp16 (default: bf16 on CUDA and on CPUs with native bf16 "
+                             "(AVX512-BF16/AMX), else float32)")
     parser.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--compile", action="store_true", help="run the engine through torch.compile")
@@ -66,7 +67,9 @@ def run(args):
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = parse_dtype(args.dtype or ("bf16" if device.type == "cuda" else "float32"))
+    dtype, note = command_dtype(args.dtype, device)
+    if note and not args.json:
+        print(note)
     model, name = model_from_args(args)
     engine = build_engine(model, backend=args.backend, dtype=dtype, device=device,
                           cuda_graphs=not args.no_cuda_graphs, compile=args.compile)
@@ -81,6 +84,8 @@ def run(args):
     result = dict(model=name, device=str(device), dtype=str(dtype).removeprefix("torch."),
                   backend=args.backend, compile=args.compile, cuda_graphs=engine.cuda_graphs,
                   gmacs_per_image=macs / 1e9, **timing.to_dict())
+    if note:
+        result["dtype_note"] = note
     if onnx_timing is not None:
         result["onnxruntime"] = dict(file=args.onnx, threads=torch.get_num_threads(), **onnx_timing.to_dict())
     if args.json:

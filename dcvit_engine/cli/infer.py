@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from dcvit_engine.cli.model_args import add_model_arguments, backend_errors_as_command_errors, model_from_args
-from dcvit_engine.engine import parse_dtype
+from dcvit_engine.engine import command_dtype
 from dcvit_engine.infer import run_inference
 from dcvit_engine.ops import BACKENDS
 
@@ -36,7 +36,8 @@ def register(subparsers):
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--dtype", default=None, help="float32 | bf16 | fp16 (default: bf16 on CUDA, float32 on CPU)")
+    parser.add_argument("--dtype", default=None, help="float32 | bf16 | fp16 (default: bf16 on CUDA and on CPUs with native bf16 "
+                             "(AVX512-BF16/AMX), else float32)")
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
     parser.add_argument("--mean", default=None, help="normalization mean, e.g. 0.5,0.5,0.5 (default ImageNet)")
     parser.add_argument("--std", default=None, help="normalization std (default ImageNet)")
@@ -55,11 +56,15 @@ def run(args):
         options["mean"] = _floats(args.mean)
     if args.std is not None:
         options["std"] = _floats(args.std)
+    device = torch.device(args.device) if args.device else None
+    target = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype, note = command_dtype(args.dtype, target)
+    if note:
+        print(note)
     with backend_errors_as_command_errors():
         result = run_inference(
             model, args.data, args.out, batch_size=args.batch_size, backend=args.backend,
-            dtype=parse_dtype(args.dtype) if args.dtype else None,
-            device=torch.device(args.device) if args.device else None,
+            dtype=dtype, device=device,
             num_workers=args.num_workers, progress=not args.no_progress,
             class_names=_class_names(args.class_names) if args.class_names else None, **options)
     if result.out_path is None:  # a rank other than 0: rank 0 reports
