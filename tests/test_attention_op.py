@@ -208,6 +208,7 @@ def test_head_layout_specializations():
     assert not head_layout([8] * 6, [8] * 6).uniform  # narrower than the 16-wide tile
 
 
+@requires_interpreter  # the triton backend on CPU tensors
 def test_wide_heads_are_refused_with_the_reason():
     assert flash_attention_why_not([64, 128], [128, 64]) is None
     assert "head width 144" in flash_attention_why_not([144], [64])
@@ -230,6 +231,7 @@ def test_triton_takes_prefolded_qkv_interpreted():
                             qkv_folded=folded._replace(sums=folded.sums[1:]))
 
 
+@requires_interpreter
 def test_triton_writes_every_output_element():
     x, w, g, kb = make_inputs(1, 50, 48, [16, 5, 12], [16, 3, 9], dtype=torch.float32)
     out = attention_block_triton(x, *w, [16, 5, 12], [16, 3, 9], 0.25, gamma=g, key_bias=kb,
