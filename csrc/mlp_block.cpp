@@ -49,9 +49,12 @@ void check_mlp_block_args(const at::Tensor& x, const at::Tensor& norm_weight,
 namespace {
 
 // Rows are processed in chunks so the hidden activations of one chunk stay in cache
-// instead of materializing (B*N, H) at once. With the fused oneDNN linears (cpu_linear.h)
-// 256 to 1024 rows ran alike on DeiT-S shapes; fewer chunks mean fewer oneDNN calls.
-constexpr int64_t kRowChunk = 512;
+// instead of materializing (B*N, H) at once (ATen's addmm path). The fused oneDNN linears
+// (cpu_linear.h) pay a per-call cost (weight reorder, thread sync): at 2 threads, DeiT-S
+// shapes ran fastest with all 12608 rows of batch 64 in one call and up to ~2x slower in
+// chunks of 512, so they take chunks of 8192 rows, which only bounds the hidden's memory.
+constexpr int64_t kRowChunk = 256;
+constexpr int64_t kFusedRowChunk = 8192;
 
 at::Tensor& mlp_block_out_cpu(const at::Tensor& x, const at::Tensor& norm_weight,
                               const at::Tensor& norm_bias, const at::Tensor& fc1_weight,
@@ -68,8 +71,9 @@ at::Tensor& mlp_block_out_cpu(const at::Tensor& x, const at::Tensor& norm_weight
   const at::Tensor fc1_t = fc1_weight.t();
   const at::Tensor fc2_t = fc2_weight.t();
   const int64_t rows = rows_in.size(0);
-  for (int64_t start = 0; start < rows; start += kRowChunk) {
-    const int64_t len = std::min(kRowChunk, rows - start);
+  const int64_t step = fused ? kFusedRowChunk : kRowChunk;
+  for (int64_t start = 0; start < rows; start += step) {
+    const int64_t len = std::min(step, rows - start);
     const at::Tensor chunk = rows_in.narrow(0, start, len);
     at::Tensor dest = rows_out.narrow(0, start, len);
     const at::Tensor normed = at::layer_norm(chunk, {dim}, norm_weight, norm_bias, eps);
