@@ -16,7 +16,7 @@ ToMe (facebookresearch/ToMe `bipartite_soft_matching` + `merge_wavg`) on the GPU
      of ToMe's scatter_reduce: no atomics, deterministic summation order.
 Four launches per merge and no ATen op between them (the merge is launch-bound otherwise).
 
-ATME (this project's definition of CAIT's asymmetric token merging, see DESIGN/METHODS):
+ATME (this project's definition of CAIT's asymmetric token merging, see docs/METHODS.md):
 tokens are P prefix tokens followed by an H x W grid (row-major). Axis "w" merges the
 column pairs (2j, 2j+1) of each row, axis "h" the row pairs (2i, 2i+1); the first token
 of a pair is the destination. With s the cosine similarity of the pair's metric vectors, the

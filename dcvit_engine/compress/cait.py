@@ -1,7 +1,7 @@
 """CAIT (Wang et al., 2023; arXiv 2309.15755): asymmetric token merging that keeps the 2-D
 token grid (ATME) plus consistent dynamic channel pruning of the attention (CDCP).
 
-The paper's code is not public; this is the project's definition (see METHODS.md):
+The paper's code is not public; this is the project's definition (see docs/METHODS.md):
   - ATME: at chosen blocks, after the attention residual, the grid's column pairs (axis
     "w") or row pairs (axis "h") merge into their first token (dcvit_engine.ops.atme_merge);
     axes alternate, starting with `first_axis`. The grid stays rectangular, so
