@@ -19,8 +19,8 @@ def register(subparsers):
                                    description=__doc__)
     add_model_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--dtype", default=None, help="float32 | bf16 | fp16 (default: bf16 on CUDA and on CPUs with native bf16 "
-                             "(AVX512-BF16/AMX), else float32)")
+    parser.add_argument("--dtype", default=None, help="float32 | bf16 | fp16 (default: the --onnx file's dtype; else bf16 on CUDA "
+                             "and on CPUs with native bf16 (AVX512-BF16/AMX), else float32)")
     parser.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--compile", action="store_true", help="run the engine through torch.compile")
@@ -37,19 +37,23 @@ ONNX_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16,
               "tensor(bfloat16)": torch.bfloat16}
 
 
-def onnx_runner(path, images):
-    """A callable timing onnxruntime on `images` (CPU, as many threads as torch uses), after
-    checking that the file takes images of this shape and dtype."""
+def open_onnx(path, device):
+    """The onnxruntime session for --onnx (CPU, as many threads as torch uses)."""
     from dcvit_engine.export import onnx_session
-    if images.device.type != "cpu":
+    if device.type != "cpu":
         raise CommandError("--onnx runs onnxruntime on the CPU; add --device cpu")
     try:
-        session = onnx_session(path, threads=torch.get_num_threads())
+        return onnx_session(path, threads=torch.get_num_threads())
     except ValueError:
         raise
     except Exception as err:  # onnxruntime's own error types for unreadable files
         first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise CommandError(f"cannot load {path} in onnxruntime: {first.strip()}") from None
+
+
+def onnx_runner(session, path, images):
+    """A callable timing the session on `images`, after checking that the file takes images
+    of this shape and dtype."""
     (inp,) = session.get_inputs()
     dtype = ONNX_TYPES.get(inp.type)
     if dtype != images.dtype:
@@ -67,7 +71,12 @@ def run(args):
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype, note = command_dtype(args.dtype, device)
+    session = open_onnx(args.onnx, device) if args.onnx else None
+    if session is not None and args.dtype is None:
+        # Compare like with like: without --dtype the engine runs in the file's dtype.
+        dtype, note = ONNX_TYPES.get(session.get_inputs()[0].type, torch.float32), None
+    else:
+        dtype, note = command_dtype(args.dtype, device)
     if note and not args.json:
         print(note)
     model, name = model_from_args(args)
@@ -75,7 +84,7 @@ def run(args):
                           cuda_graphs=not args.no_cuda_graphs, compile=args.compile)
     spec = engine.spec
     images = torch.randn(args.batch_size, spec.in_chans, *spec.img_size, device=device, dtype=dtype)
-    run_onnx = onnx_runner(args.onnx, images) if args.onnx else None
+    run_onnx = onnx_runner(session, args.onnx, images) if session is not None else None
     with backend_errors_as_command_errors():
         timing = measure_throughput(engine, images, warmup=args.warmup, repeats=args.repeats)
     onnx_timing = (measure_throughput(run_onnx, images, warmup=args.warmup, repeats=args.repeats)
