@@ -20,16 +20,13 @@ import torch.nn.functional as F
 
 from . import ops
 from .adapter import from_timm
-from .kernels.head_padding import pad_heads
+from .kernels.head_padding import pad_heads, padded_width
 from .kernels.fused_linear import fold_layer_norm
 from .ops.dispatch import requested_backend
 from .reference import ViTReference, pool_features
 from .spec import MergeSpec, ViTSpec, merge_schedule
 
 GRAPH_WARMUP_RUNS = 3  # eager runs on a side stream before capture (cuBLAS/Triton autotune, lazy init)
-# MLP hidden widths are zero-padded to a multiple of this for the Triton GEMMs: their loads
-# vectorize (16-byte cp.async) only when widths and row strides are multiples of 16 elements.
-HIDDEN_MULTIPLE = 16
 
 
 class EngineBlock(nn.Module):
@@ -154,11 +151,14 @@ def runs_triton(engine: "Engine") -> bool:
 
 
 def pad_mlp_hidden(engine: "Engine") -> None:
-    """Zero-pad each MLP's hidden width to a multiple of HIDDEN_MULTIPLE: extra fc1 rows and
+    """Zero-pad each MLP's hidden width as head widths are (head_padding.padded_width, a
+    multiple of 16 elements: the Triton GEMMs' loads vectorize to 16-byte cp.async only when
+    widths and row strides are such multiples). Extra fc1 rows and
     bias entries of zero give GELU(0) = 0 activations, which meet zero fc2 columns, so the
     result is exact. MACs and `dcvit info` read the spec, which keeps the real width."""
     for block in engine.blocks:
-        extra = -block.fc1_weight.shape[0] % HIDDEN_MULTIPLE if block.has_mlp else 0  # idempotent
+        hidden = block.fc1_weight.shape[0] if block.has_mlp else 0
+        extra = padded_width(hidden) - hidden  # idempotent
         if extra:
             block.fc1_weight = F.pad(block.fc1_weight, (0, 0, 0, extra))
             block.fc1_bias = F.pad(block.fc1_bias, (0, extra))

@@ -7,7 +7,8 @@ import torch
 from conftest import requires_interpreter
 from test_engine import compressed_spec, randomize
 
-from dcvit_engine.engine import HIDDEN_MULTIPLE, build_engine, default_dtype
+from dcvit_engine.engine import build_engine, default_dtype
+from dcvit_engine.kernels.head_padding import HEAD_WIDTH_MULTIPLE as HIDDEN_MULTIPLE
 from dcvit_engine.kernels.fused_linear import fold_layer_norm
 from dcvit_engine.ops.dispatch import PRIORITY, OpDispatcher, triton_gemm_why_not
 from dcvit_engine.reference import ViTReference
