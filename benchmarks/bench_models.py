@@ -14,6 +14,11 @@ floor = the time the model's FLOPs (2 x MACs x batch) take at the matmul peak me
 same run and dtype (timing.matmul_peak_tflops); of_floor = floor / measured time, the share of
 the peak a runner reaches (1.0 is the ceiling).
 
+All runners of one model and batch size are timed interleaved (timing.time_interleaved: one
+call of each per round, median per runner), not one runner after the other: on a shared
+machine the load drifts, and runners timed minutes apart would be compared under different
+loads (the CPU's engine / timm ratios moved by up to 2x between runs that way).
+
   python benchmarks/bench_models.py --out bench_out                 # GPU: bf16, batch 1,64,256, DeiT-T/S/B
   python benchmarks/bench_models.py --device cpu --out bench_out    # CPU: fp32, batch 1,4, DeiT-T/S
 Writes models.csv and models.png into --out.
@@ -32,10 +37,9 @@ from dcvit_engine.macs import block_macs, count_macs
 from dcvit_engine.models import resolve_model
 from dcvit_engine.ops import BACKENDS, BackendUnavailableError
 from dcvit_engine.reference import ViTReference
-from dcvit_engine.throughput import measure_throughput
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import matmul_peak_tflops, write_rows_csv  # noqa: E402
+from timing import matmul_peak_tflops, time_interleaved, write_rows_csv  # noqa: E402
 
 MODELS = {"deit_tiny": "deit_tiny_patch16_224", "deit_small": "deit_small_patch16_224",
           "deit_base": "deit_base_patch16_224"}
@@ -59,38 +63,27 @@ def engine_backends(device: torch.device, chosen=None) -> list[str]:
             and not (device.type == "cuda" and b == "cpu") and (chosen is None or b in chosen)]
 
 
-def timed(runner, images, args):
-    timing = measure_throughput(runner, images, warmup=args.warmup, repeats=args.repeats)
-    return timing.images_per_s, timing.median_ms
-
-
 def bench_model(short: str, args, device, dtype, rows: list[dict], log):
+    """Every runner of one model (timm eager, timm compiled, the engine per backend and variant)
+    timed interleaved per batch size (timing.time_interleaved): their ratios compare runs made
+    under the same load. Rows come out per runner, then variant, then batch."""
     teacher = resolve_model(model_name=MODELS[short])
     spec0 = teacher.spec
     images = {b: torch.randn(b, spec0.in_chans, *spec0.img_size, device=device, dtype=dtype)
               for b in args.batch_sizes}
     base_macs = count_macs(spec0).total
-
-    def record(variant, n, hidden, spec, runner, batch, ips, ms):
-        macs = count_macs(spec).total
-        rows.append(dict(model=short, variant=variant, blocks_compressed=n, mlp_hidden=hidden,
-                         gmacs=macs / 1e9, macs_reduction=base_macs / macs, runner=runner,
-                         batch_size=batch, images_per_s=ips, median_ms=ms))
-        log(f"{short:10} {variant:6} {runner:14} batch {batch:4}: {ips:10.1f} images/s ({ms:.2f} ms)")
+    full_hidden = spec0.blocks[0].mlp_hidden
+    runners = {}  # (runner name, variant) -> (N, MLP hidden, spec, callable)
 
     # timm baselines (uncompressed only: timm has no attention-free block)
     import timm
     timm_model = timm.create_model(MODELS[short], pretrained=False).to(device=device, dtype=dtype).eval()
-    runners = {"timm_eager": timm_model}
+    runners["timm_eager", "full"] = (0, full_hidden, spec0, timm_model)
     if not args.no_compile:
         mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs, like the engine
-        runners["timm_compile"] = torch.compile(timm_model, mode=mode)
-    for name, runner in runners.items():
-        for batch in args.batch_sizes:
-            record("full", 0, spec0.blocks[0].mlp_hidden, spec0, name, batch, *timed(runner, images[batch], args))
-    del runners, timm_model
+        runners["timm_compile", "full"] = (0, full_hidden, spec0, torch.compile(timm_model, mode=mode))
 
-    variants = [("full", 0, spec0.blocks[0].mlp_hidden, teacher)]
+    variants = [("full", 0, full_hidden, teacher)]
     for n in args.variants:
         spec, hidden = dcvit_variant(spec0, n)
         variants.append((f"N={n}", n, hidden, ViTReference(spec).eval()))
@@ -98,14 +91,31 @@ def bench_model(short: str, args, device, dtype, rows: list[dict], log):
         for variant, n, hidden, model in variants:
             engine = build_engine(model, backend=backend, dtype=dtype, device=device)
             try:
-                engine(images[args.batch_sizes[0]])
+                with torch.no_grad():
+                    engine(images[args.batch_sizes[0]])
             except BackendUnavailableError as err:
                 log(f"skip engine backend {backend}: {str(err).splitlines()[0]}")
                 break
-            for batch in args.batch_sizes:
-                record(variant, n, hidden, model.spec, f"engine_{backend}", batch,
-                       *timed(engine, images[batch], args))
-            del engine
+            runners[f"engine_{backend}", variant] = (n, hidden, model.spec, engine)
+
+    timings = {}
+    for batch in args.batch_sizes:
+        measured = time_interleaved({key: entry[3] for key, entry in runners.items()}, images[batch],
+                                    warmup=args.warmup, repeats=args.repeats)
+        for (runner, variant), timing in measured.items():
+            timings[runner, variant, batch] = timing
+            log(f"{short:10} {variant:6} {runner:14} batch {batch:4}: {timing.images_per_s:10.1f} images/s "
+                f"({timing.median_ms:.2f} ms)")
+        for _, _, _, runner in runners.values():
+            if hasattr(runner, "clear_graphs"):
+                runner.clear_graphs()  # one batch size's CUDA graphs at a time in GPU memory
+    for (runner, variant), (n, hidden, spec, _) in runners.items():
+        macs = count_macs(spec).total
+        for batch in args.batch_sizes:
+            timing = timings[runner, variant, batch]
+            rows.append(dict(model=short, variant=variant, blocks_compressed=n, mlp_hidden=hidden,
+                             gmacs=macs / 1e9, macs_reduction=base_macs / macs, runner=runner,
+                             batch_size=batch, images_per_s=timing.images_per_s, median_ms=timing.median_ms))
 
 
 def add_speedups(rows: list[dict], peak_tflops: float) -> None:

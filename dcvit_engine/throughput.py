@@ -1,6 +1,7 @@
 """Model throughput: images/s and latency of a forward pass, median of repeats after warm-up.
 
-Shared by `dcvit bench` and benchmarks/bench_models.py so both measure the same way. On
+Used by `dcvit bench`; benchmarks/bench_models.py times several runners interleaved with
+the same clocks (benchmarks/timing.py: time_interleaved). On
 CUDA each repeat is timed with CUDA events on the current stream (no host overhead in the
 number beyond what the model itself launches); on the CPU with a monotonic clock.
 """
