@@ -35,14 +35,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import device_name, matmul_peak_tflops, median_ms, report_table  # noqa: E402
-
 from dcvit_engine import ops  # noqa: E402
-from dcvit_engine.kernels.head_padding import pad_heads  # noqa: E402
 from dcvit_engine.kernels.attention import flash_attention_triton  # noqa: E402
+from dcvit_engine.kernels.head_padding import pad_heads  # noqa: E402
 from dcvit_engine.macs import attention_macs  # noqa: E402
 from dcvit_engine.ops.attention import attention_block_backends  # noqa: E402
 from dcvit_engine.spec import AttentionSpec  # noqa: E402
+from timing import device_name, matmul_peak_tflops, median_ms, report_table  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODELS = {"deit_s": (384, 6), "deit_b": (768, 12)}  # embed dim, heads (head_dim 64)
@@ -165,7 +164,8 @@ def add_ratios(rows):
     block (or SDPA for the core), and the key bias' cost against the plain case."""
     def find(model, case, key_bias, scope, impl):
         for r in rows:
-            if (r["model"], r["case"], r["key_bias"], r["scope"], r["impl"]) == (model, case, key_bias, scope, impl):
+            key = (r["model"], r["case"], r["key_bias"], r["scope"], r["impl"])
+            if key == (model, case, key_bias, scope, impl):
                 return r
         return None
 
@@ -192,9 +192,11 @@ def format_row(r):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, choices=list(DTYPES), help="default bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--dtype", default=None, choices=list(DTYPES),
+                        help="default bf16 on GPU, fp32 on CPU")
     parser.add_argument("--batch", type=int, default=None, help="default 256 on GPU, 2 on CPU")
     parser.add_argument("--tokens", type=int, default=None, help="default 197 on GPU, 65 on CPU")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))

@@ -101,7 +101,8 @@ def bench_model(short: str, args, device, dtype, rows: list, log) -> None:
     def label(method, target, model, seconds):
         macs = count_macs(model.spec).total
         return dict(model=short, method=method, target=target, gmacs=macs / 1e9,
-                    macs_reduction=teacher_macs / macs, structure=describe(model.spec, spec), compress_s=seconds)
+                    macs_reduction=teacher_macs / macs, structure=describe(model.spec, spec),
+                    compress_s=seconds)
 
     time_runners(teacher, label("teacher", "-", teacher, 0.0), args, device, dtype, rows, log)
     for method in args.methods:
@@ -122,7 +123,8 @@ def add_speedups(rows: list[dict]) -> None:
     for r in rows:
         same_model = reference[(r["model"], r["method"], r["target"], r["batch_size"])]
         r["engine_vs_reference"] = r["images_per_s"] / same_model
-        r["realized"] = r["images_per_s"] / teacher[(r["model"], r["runner"], r["batch_size"])] / r["macs_reduction"]
+        teacher_images_per_s = teacher[(r["model"], r["runner"], r["batch_size"])]
+        r["realized"] = r["images_per_s"] / teacher_images_per_s / r["macs_reduction"]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -138,19 +140,23 @@ def format_table(rows: list[dict]) -> str:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default bf16 on CUDA, float32 on the CPU")
     parser.add_argument("--models", default=None,
                         help=f"comma list of {sorted(MODELS)} (default all on CUDA, deit_tiny on the CPU)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma list of uvc, cait, tome")
     parser.add_argument("--targets", default="0.6", help="comma list of MACs fractions to keep")
-    parser.add_argument("--batch-sizes", default=None, help="comma list (default 1,64,256 on CUDA, 1,8 on the CPU)")
+    parser.add_argument("--batch-sizes", default=None,
+                        help="comma list (default 1,64,256 on CUDA, 1,8 on the CPU)")
     parser.add_argument("--search-iters", type=int, default=None,
                         help="UVC / CAIT search steps (default 50 on CUDA, 8 on the CPU)")
     parser.add_argument("--num-images", type=int, default=16, help="few-shot images (random)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs (default 20 on CUDA, 5 on the CPU)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed runs (default 5 on CUDA, 1 on the CPU)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed runs (default 20 on CUDA, 5 on the CPU)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed runs (default 5 on CUDA, 1 on the CPU)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--out", default="bench_out")
     args = parser.parse_args(argv)

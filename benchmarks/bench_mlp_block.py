@@ -21,11 +21,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import copy_bandwidth_gbs, device_name, matmul_peak_tflops, median_ms, report_table  # noqa: E402
-
 from dcvit_engine import ops  # noqa: E402
 from dcvit_engine.kernels.fused_linear import fold_layer_norm  # noqa: E402
 from dcvit_engine.ops.mlp_block import mlp_block_backends  # noqa: E402
+from timing import copy_bandwidth_gbs, device_name, matmul_peak_tflops, median_ms, report_table  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -45,9 +44,11 @@ def make(rows, dim, hidden, device, dtype):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, choices=list(DTYPES), help="default bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--dtype", default=None, choices=list(DTYPES),
+                        help="default bf16 on GPU, fp32 on CPU")
     parser.add_argument("--rows", type=int, default=None, help="B*N (default 256*197 on GPU, 8*197 on CPU)")
     parser.add_argument("--dim", type=int, default=None, help="D (default 768 on GPU, 384 on CPU)")
     parser.add_argument("--hidden", type=int, nargs="+", default=None, help="H values (default D, 2D, 4D)")

@@ -83,8 +83,10 @@ def plan(args, work):
     cpu = ["--device", "cpu"] if dry else ["--dtype", "bf16"]
     gpu_tests = ["tests/test_mlp_block.py"] if dry else ["tests"]
     sanitize_subset = ["tests/test_mlp_block.py", "tests/test_attention_op.py", "tests/test_token_merge.py",
-                       "-m", "gpu", "-k", "writes_every_output_element or out_variants", "-q", "-p", "no:cacheprovider"]
-    model = (["--models", "deit_tiny", "--batch-sizes", "1", "--repeats", "1", "--warmup", "0", "--no-compile"]
+                       "-m", "gpu", "-k", "writes_every_output_element or out_variants",
+                       "-q", "-p", "no:cacheprovider"]
+    model = (["--models", "deit_tiny", "--batch-sizes", "1", "--repeats", "1", "--warmup", "0",
+              "--no-compile"]
              if dry else ["--models", "deit_base", "--batch-sizes", "256"])
     steps = [
         Step("machine", [py, "-c", "import platform, torch; print(platform.platform(), torch.__version__)"]
@@ -107,11 +109,11 @@ def plan(args, work):
              + (["--models", "deit_s", "--batch", "1", "--tokens", "17", "--cases", "dense"] if dry
                 else ["--models", "deit_b"]), 60, min_s=20),
         Step("bench_token_merge", [py, "benchmarks/bench_token_merge.py", *cpu, "--out", bench]
-             + (["--models", "deit_s", "--batch", "1", "--cases", "tome_r13"] if dry else ["--models", "deit_b"]),
-             60, min_s=20),
+             + (["--models", "deit_s", "--batch", "1", "--cases", "tome_r13"] if dry
+                else ["--models", "deit_b"]), 60, min_s=20),
         # engine (CUDA graphs, every GPU backend) and timm eager; then timm + torch.compile alone
-        Step("bench_models", [py, "benchmarks/bench_models.py", *cpu, *model, "--variants", "4", "--no-compile",
-                              "--out", os.path.join(bench, "models")]
+        Step("bench_models", [py, "benchmarks/bench_models.py", *cpu, *model, "--variants", "4",
+                              "--no-compile", "--out", os.path.join(bench, "models")]
              + (["--backends", "torch"] if dry else []), 120, min_s=40),
         Step("bench_models_compile", [py, "benchmarks/bench_models.py", *cpu, *model, "--variants", "",
                                       "--backends", "", "--out", os.path.join(bench, "models_compile")],
@@ -144,14 +146,17 @@ def targets(bench):
     fused = lambda r: r["impl"] not in ("torch_unfused", "torch", "sdpa")  # noqa: E731
     widest = max((int(r["hidden"]) for r in mlp), default=None)
     mlp_4d = [r for r in mlp if widest is not None and int(r["hidden"]) == widest]
-    timm_compile = _best(compiled, "images_per_s", lambda r: r["runner"] == "timm_compile" and r["variant"] == "full")
-    timm_eager = _best(models, "images_per_s", lambda r: r["runner"] == "timm_eager" and r["variant"] == "full")
-    engine_full = _best(models, "images_per_s", lambda r: r["runner"].startswith("engine") and r["variant"] == "full")
+    full = lambda r: r["variant"] == "full"  # noqa: E731
+    engine = lambda r: r["runner"].startswith("engine")  # noqa: E731
+    timm_compile = _best(compiled, "images_per_s", lambda r: r["runner"] == "timm_compile" and full(r))
+    timm_eager = _best(models, "images_per_s", lambda r: r["runner"] == "timm_eager" and full(r))
+    engine_full = _best(models, "images_per_s", lambda r: engine(r) and full(r))
     return [
         ("MLP block (H=4D) vs unfused torch, x", 1.2, _best(mlp_4d, "speedup_vs_unfused", fused)),
         ("MLP block (H=4D) fraction of matmul peak", 0.65, _best(mlp_4d, "frac_of_peak", fused)),
         ("attention core (dense) vs SDPA, x", 1.0,
-         _best(attn, "speedup_vs_torch", lambda r: fused(r) and r["case"] == "dense" and r["scope"] == "core")),
+         _best(attn, "speedup_vs_torch",
+               lambda r: fused(r) and r["case"] == "dense" and r["scope"] == "core")),
         ("ToMe merge fraction of copy bandwidth", 0.6,
          _best(merge, "frac_of_peak", lambda r: fused(r) and r["case"].startswith("tome"))),
         ("engine (CUDA graphs) vs timm eager, x", 1.15,
@@ -159,14 +164,15 @@ def targets(bench):
         ("engine (CUDA graphs) vs timm + compile, x", 1.0,
          engine_full / timm_compile if engine_full and timm_compile else None),
         ("DC-ViT variant realized speedup", 0.9,
-         _best(models, "realized_speedup", lambda r: r["runner"].startswith("engine") and r["variant"] != "full")),
+         _best(models, "realized_speedup", lambda r: engine(r) and not full(r))),
     ]
 
 
 def summary_text(args, steps, bench, started):
-    kind = "DRY RUN on the CPU with tiny shapes: control flow only, no measurement" if args.dry_run else "GPU run"
-    lines = [f"gpu_check: {kind}", f"started {started}, budget {args.budget:.0f} s, sanitize {args.sanitize}", "",
-             f"{'#':>2} {'step':22} {'seconds':>7}  status"]
+    kind = ("DRY RUN on the CPU with tiny shapes: control flow only, no measurement" if args.dry_run
+            else "GPU run")
+    lines = [f"gpu_check: {kind}", f"started {started}, budget {args.budget:.0f} s, sanitize {args.sanitize}",
+             "", f"{'#':>2} {'step':22} {'seconds':>7}  status"]
     for i, s in enumerate(steps):
         lines.append(f"{i:>2} {s.name:22} {s.seconds:7.1f}  {s.status}")
     for s in steps:
@@ -185,7 +191,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "gpu_out"))
     parser.add_argument("--budget", type=float, default=480.0, help="seconds for all steps and packing")
-    parser.add_argument("--sanitize", action="store_true", help="also a short CUDA test subset under memcheck")
+    parser.add_argument("--sanitize", action="store_true",
+                        help="also a short CUDA test subset under memcheck")
     parser.add_argument("--dry-run", action="store_true", help="the same steps on the CPU with tiny shapes")
     args = parser.parse_args(argv)
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())

@@ -104,7 +104,8 @@ def _block_spec(block: nn.Module, dim: int, where: str, norms: _NormChecker,
     if layer_scale != _layer_scale(block.ls2, f"{where}.ls2", classes):
         raise _unsupported(f"{where} has LayerScale on only one of its two branches")
     mlp = block.mlp
-    if type(mlp) is not classes["Mlp"] or not isinstance(mlp.fc1, nn.Linear) or not isinstance(mlp.fc2, nn.Linear):
+    if (type(mlp) is not classes["Mlp"] or not isinstance(mlp.fc1, nn.Linear)
+            or not isinstance(mlp.fc2, nn.Linear)):
         raise _unsupported(f"{where}.mlp is {type(mlp).__name__}, only timm's Mlp with Linear "
                            "layers is supported (no SwiGLU / GLU / conv MLP)")
     _check_gelu(mlp.act, f"{where}.mlp", classes)
@@ -112,7 +113,8 @@ def _block_spec(block: nn.Module, dim: int, where: str, norms: _NormChecker,
         raise _unsupported(f"{where}.mlp has scale_mlp_norm (a norm inside the MLP)")
     if mlp.fc1.bias is None or mlp.fc2.bias is None:
         raise _unsupported(f"{where}.mlp has no bias (proj_bias=False)")
-    if mlp.fc1.in_features != dim or mlp.fc2.out_features != dim or mlp.fc2.in_features != mlp.fc1.out_features:
+    if (mlp.fc1.in_features != dim or mlp.fc2.out_features != dim
+            or mlp.fc2.in_features != mlp.fc1.out_features):
         raise _unsupported(f"{where}.mlp shapes do not form a {dim} -> hidden -> {dim} MLP")
     return BlockSpec(attn=attn, mlp_hidden=mlp.fc1.out_features, layer_scale=layer_scale)
 

@@ -178,7 +178,8 @@ def _train(config: DemoTeacherConfig, progress: bool) -> tuple[torch.nn.Module, 
 def _save(folder: Path, model: torch.nn.Module, info: dict) -> None:
     """Write weights + info into a staging sibling, then rename it over folder."""
     with atomic_folder(folder) as staging:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(staging / "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                  str(staging / "model.safetensors"))
         (staging / "info.json").write_text(json.dumps(info, indent=2))
 
 

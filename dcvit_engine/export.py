@@ -117,7 +117,8 @@ def check_options(format: str, dtype: str, batch_size: int | None, dynamic_batch
         if format != "onnx":
             raise ExportError(f"--opset applies to ONNX only, not to {format}")
         if opset < MIN_OPSET:
-            raise ExportError(f"--opset must be >= {MIN_OPSET} (the torch.onnx exporter's minimum), got {opset}")
+            raise ExportError(f"--opset must be >= {MIN_OPSET} (the torch.onnx exporter's minimum), "
+                              f"got {opset}")
         if importlib.util.find_spec("onnx") is not None:
             import onnx
             newest = onnx.defs.onnx_opset_version()

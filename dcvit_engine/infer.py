@@ -144,7 +144,8 @@ def _predict_shard(engine: Engine, loader: DataLoader, batch_size: int, progress
             probs.append(top_prob)
             bar.update(count)
     if not indices:
-        return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), torch.empty(0), nonfinite.cpu()
+        return (torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), torch.empty(0),
+                nonfinite.cpu())
     # one device-to-host transfer at the end: no per-batch synchronisation
     return torch.cat(indices), torch.cat(classes).cpu(), torch.cat(probs).cpu(), nonfinite.cpu()
 

@@ -25,7 +25,8 @@ def parse_model_kwargs(text: str | None) -> dict:
     try:
         kwargs = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"model kwargs must be a JSON object such as '{{\"img_size\": 32}}': {err}") from None
+        raise ValueError(f"model kwargs must be a JSON object such as '{{\"img_size\": 32}}': "
+                         f"{err}") from None
     if not isinstance(kwargs, dict):
         raise ValueError(f"model kwargs must be a JSON object, got {type(kwargs).__name__}")
     return kwargs

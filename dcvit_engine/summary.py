@@ -39,7 +39,8 @@ def model_summary(spec: ViTSpec) -> dict:
     params, total_params = parameter_counts(spec)
     schedule = merge_schedule(spec)
     blocks = []
-    for i, (block, block_macs, (tokens_in, tokens_out, _)) in enumerate(zip(spec.blocks, macs.blocks, schedule)):
+    rows = zip(spec.blocks, macs.blocks, schedule)
+    for i, (block, block_macs, (tokens_in, tokens_out, _)) in enumerate(rows):
         attn = block.attn
         blocks.append({
             "index": i,

@@ -11,7 +11,8 @@ from dcvit_engine.models import resolve_model, resolve_spec
 from dcvit_engine.reference import ViTReference
 from dcvit_engine.spec import AttentionSpec, BlockSpec, MergeSpec, ViTSpec
 
-TINY_KWARGS = '{"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3, "num_classes": 10}'
+TINY_KWARGS = ('{"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3, '
+               '"num_classes": 10}')
 TINY = ["--model", "vit_tiny_patch16_224", "--model-kwargs", TINY_KWARGS]
 
 
@@ -107,7 +108,8 @@ def test_bench_errors_are_one_line(capsys, extra, message):
     assert code == 2 and message in err and err.count("\n") == 1
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of a GPU backend on a CPU-only machine")
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="checks the refusal of a GPU backend on a CPU-only machine")
 def test_bench_unavailable_backend_is_one_line(capsys):
     code, _, err = run(capsys, "bench", *TINY, "--device", "cpu", "--backend", "cuda", "--batch-size", "1")
     assert code == 2 and "backend 'cuda' was requested" in err and err.count("\n") == 1

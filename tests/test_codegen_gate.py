@@ -99,8 +99,8 @@ def test_targets_are_reported_not_failed_and_compare_norm_gemm_with_plain_gemm()
     assert all(r["gate"] == "" for r in rows)
     assert rows[0]["missed"] == "attention_loop_instructions attention_async_16B_loads"
     assert [r["missed"] for r in rows[1:]] == ["", "norm_gemm_loop_vs_plain_gemm", ""]
-    promoted = {**codegen.RULES, "attention_loop_instructions": {**codegen.RULES["attention_loop_instructions"],
-                                                                 "level": "gate"}}
+    gated_rule = {**codegen.RULES["attention_loop_instructions"], "level": "gate"}
+    promoted = {**codegen.RULES, "attention_loop_instructions": gated_rule}
     assert codegen.evaluate([_row(kernel="_flash_attention_kernel", loop_instructions=501)],
                             promoted)[0]["gate"] == "attention_loop_instructions"
 

@@ -5,8 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dcvit_engine.data import (IMAGE_EXTENSIONS, ImageFolderData, load_image_folder, make_loader,
-                               sample_images)
+from dcvit_engine.data import IMAGE_EXTENSIONS, ImageFolderData, load_image_folder, make_loader, sample_images
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 

@@ -2,8 +2,8 @@
 import torch
 
 from dcvit_engine.engine import build_engine
-from dcvit_engine.kernels.head_padding import pad_head_weights, pad_heads, padded_width
 from dcvit_engine.kernels.attention import attention_block_ref
+from dcvit_engine.kernels.head_padding import pad_head_weights, pad_heads, padded_width
 from dcvit_engine.reference import ViTReference
 from dcvit_engine.spec import AttentionSpec, BlockSpec, ViTSpec
 

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _run(cmd, cwd, env=None, timeout=1500):
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    assert result.returncode == 0, (f"{' '.join(map(str, cmd))} failed:\n"
+                                    f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return result.stdout
 
 
@@ -37,8 +38,8 @@ def test_wheel_installs_kernels_as_a_subpackage(tmp_path):
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
         ".git", "build", "*.egg-info", "__pycache__", "*.so", "cmake-build", "bench_out", ".*cache*"))
     env = dict(os.environ, DCVIT_BUILD_CUDA="0")  # the layout does not depend on CUDA; faster
-    _run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-w", str(tmp_path), str(src)],
-         src, env=env)
+    _run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-w", str(tmp_path),
+          str(src)], src, env=env)
     wheel = next(tmp_path.glob("dcvit_engine-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "dcvit_engine/kernels/mlp_block.py" in names

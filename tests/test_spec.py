@@ -2,8 +2,16 @@ import json
 
 import pytest
 
-from dcvit_engine.spec import (SPEC_VERSION, AttentionSpec, BlockSpec, MergeSpec, ViTSpec,
-                               final_tokens, merge_schedule, tokens_per_block)
+from dcvit_engine.spec import (
+    SPEC_VERSION,
+    AttentionSpec,
+    BlockSpec,
+    MergeSpec,
+    ViTSpec,
+    final_tokens,
+    merge_schedule,
+    tokens_per_block,
+)
 
 
 def make_spec(blocks=None, **overrides) -> ViTSpec:

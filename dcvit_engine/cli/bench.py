@@ -19,7 +19,8 @@ def register(subparsers):
                                    description=__doc__)
     add_model_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--dtype", default=None, help="float32 | bf16 | fp16 (default: the --onnx file's dtype; else bf16 on CUDA "
+    parser.add_argument("--dtype", default=None,
+                        help="float32 | bf16 | fp16 (default: the --onnx file's dtype; else bf16 on CUDA "
                              "and on CPUs with native bf16 (AVX512-BF16/AMX), else float32)")
     parser.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

@@ -10,9 +10,10 @@ from dcvit_engine.export import DEFAULT_OPSET, DTYPES, FORMATS, OUTPUTS, check_o
 
 
 def register(subparsers):
-    parser = subparsers.add_parser("export", help="export an artifact to ONNX or torch.export (.pt2), verified",
-                                   description=__doc__)
-    parser.add_argument("artifact", metavar="ARTIFACT", help="artifact folder (spec.json + model.safetensors)")
+    parser = subparsers.add_parser("export", description=__doc__,
+                                   help="export an artifact to ONNX or torch.export (.pt2), verified")
+    parser.add_argument("artifact", metavar="ARTIFACT",
+                        help="artifact folder (spec.json + model.safetensors)")
     parser.add_argument("--format", required=True, help=f"{' | '.join(FORMATS)}")
     parser.add_argument("--out", required=True, metavar="FILE", help="the file to write (e.g. model.onnx)")
     # not an argparse exclusive group: its error takes two lines (usage + message)

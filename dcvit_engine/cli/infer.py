@@ -27,8 +27,9 @@ def _class_names(path: str) -> list[str]:
 
 
 def register(subparsers):
-    parser = subparsers.add_parser("infer", help="predict an image folder into a CSV (batched, multi-GPU with torchrun)",
-                                   description=__doc__)
+    parser = subparsers.add_parser("infer", description=__doc__,
+                                   help="predict an image folder into a CSV "
+                                        "(batched, multi-GPU with torchrun)")
     add_model_arguments(parser)
     parser.add_argument("--data", required=True, metavar="DIR",
                         help="image folder (flat, or one subfolder per class for labels)")
@@ -36,10 +37,12 @@ def register(subparsers):
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--dtype", default=None, help="float32 | bf16 | fp16 (default: bf16 on CUDA and on CPUs with native bf16 "
+    parser.add_argument("--dtype", default=None,
+                        help="float32 | bf16 | fp16 (default: bf16 on CUDA and on CPUs with native bf16 "
                              "(AVX512-BF16/AMX), else float32)")
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
-    parser.add_argument("--mean", default=None, help="normalization mean, e.g. 0.5,0.5,0.5 (default ImageNet)")
+    parser.add_argument("--mean", default=None,
+                        help="normalization mean, e.g. 0.5,0.5,0.5 (default ImageNet)")
     parser.add_argument("--std", default=None, help="normalization std (default ImageNet)")
     parser.add_argument("--class-names", default=None, metavar="FILE",
                         help="text file with one class name per line, in the model's class order")

@@ -4,9 +4,8 @@ import argparse
 import contextlib
 
 from dcvit_engine.cli import CommandError
-from dcvit_engine.ops import BackendUnavailableError
-
 from dcvit_engine.models import describe_source, parse_model_kwargs, resolve_model, resolve_spec
+from dcvit_engine.ops import BackendUnavailableError
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, weights: bool = True) -> None:
