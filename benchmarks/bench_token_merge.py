@@ -51,7 +51,7 @@ def case_call(case, x, metric, size, grid, prefix):
         r = min(int(param[1:]), (tokens - prefix) // 2)
         n_out = tokens - r
         moved = elem * batch * (tokens * (dim + metric.shape[2] + 1) + n_out * (dim + 1))
-        return (lambda b: ops.bipartite_merge(x, metric, r, size, backend=b)), n_out, moved
+        return (lambda b: ops.tome_merge(x, metric, r, size, backend=b)), n_out, moved
     if kind == "atme":
         rows, cols = grid
         merged = (rows, math.ceil(cols / 2)) if param == "w" else (math.ceil(rows / 2), cols)

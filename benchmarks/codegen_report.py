@@ -3,9 +3,9 @@ GPU, with exactly the launch configurations the engine picks on CUDA, and read b
 and the SASS; the CUDA kernels of the built extension read back with cuobjdump.
 
 How a kernel gets here: each workload below calls the engine's real launcher
-(`mlp_block_triton`, `attention_block_triton`, `bipartite_merge_triton`, ...) on fake CUDA
+(`mlp_block_triton`, `attention_block_triton`, `tome_merge_triton`, ...) on fake CUDA
 tensors (torch's FakeTensorMode: shapes, strides and dtypes, no memory, no GPU) with a
-`kernel_launcher` that records each launch instead of running it; a launcher that asks for the
+`launch` function that records each launch instead of running it; a launcher that asks for the
 arch (torch.cuda.get_device_capability, or triton's driver target) is told the one being compiled
 for. So the tile configs are
 whatever the launchers choose on CUDA today (`gemm_tile_config`, the autotuner's configs,
@@ -87,7 +87,7 @@ def _workloads(dim):
     def mlp(hidden):
         def run(t, launch):
             mb.mlp_block_triton(t(BATCH, TOKENS, dim), t(dim), t(dim), t(hidden, dim), t(hidden),
-                                t(dim, hidden), t(dim), gamma=t(dim), kernel_launcher=launch)
+                                t(dim, hidden), t(dim), gamma=t(dim), launch=launch)
         return run
 
     def attention(qk_dims, v_dims, key_bias=False, tokens=TOKENS):
@@ -96,20 +96,20 @@ def _workloads(dim):
             at.attention_block_triton(
                 t(BATCH, tokens, dim), t(dim), t(dim), t(2 * qk + v, dim), t(2 * qk + v), t(dim, v), t(dim),
                 list(qk_dims), list(v_dims), 0.125, gamma=t(dim),
-                key_bias=t(BATCH, tokens) if key_bias else None, kernel_launcher=launch)
+                key_bias=t(BATCH, tokens) if key_bias else None, launch=launch)
         return run
 
     def tome(r, with_size):
         def run(t, launch):
-            tm.bipartite_merge_triton(t(BATCH, TOKENS, dim), t(BATCH, TOKENS, 64), r,
-                                      t(BATCH, TOKENS, 1) if with_size else None, kernel_launcher=launch)
+            tm.tome_merge_triton(t(BATCH, TOKENS, dim), t(BATCH, TOKENS, 64), r,
+                                 t(BATCH, TOKENS, 1) if with_size else None, launch=launch)
         return run
 
     def atme(axis):
         def run(t, launch):
             merged, _, _ = tm.atme_merge_triton(t(BATCH, TOKENS, dim), t(BATCH, TOKENS, 64), (14, 14), axis,
-                                                1, t(BATCH, TOKENS, 1), kernel_launcher=launch)
-            tm.atme_unmerge_triton(merged, (14, 14), axis, 1, kernel_launcher=launch)
+                                                1, t(BATCH, TOKENS, 1), launch=launch)
+            tm.atme_unmerge_triton(merged, (14, 14), axis, 1, launch=launch)
         return run
 
     ragged_qk = [64, 48, 32, 64, 16, 64][: heads] * (2 if heads > 6 else 1)
@@ -174,7 +174,7 @@ def collect_launches(dtypes=("bf16", "fp16"), archs=(90, 80), only=None, every_s
 
 
 def _recorder(recorded):
-    """A kernel_launcher that records launches; an autotuned kernel gives one per config."""
+    """A `launch` function that records launches; an autotuned kernel gives one per config."""
     def launcher(kernel):
         class Grid:
             def __getitem__(self, grid):

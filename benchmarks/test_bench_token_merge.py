@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dcvit_engine import ops
-from dcvit_engine.kernels.token_merge import atme_merge_ref, bipartite_merge_ref
+from dcvit_engine.kernels.token_merge import atme_merge_ref, tome_merge_ref
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +19,8 @@ def deit_small_tokens():
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_tome_merge_cpu(benchmark, deit_small_tokens, backend):
     x, metric, size = deit_small_tokens
-    out, out_size = benchmark(lambda: ops.bipartite_merge(x, metric, 13, size, backend=backend))
-    ref, ref_size = bipartite_merge_ref(x, metric, 13, size)
+    out, out_size = benchmark(lambda: ops.tome_merge(x, metric, 13, size, backend=backend))
+    ref, ref_size = tome_merge_ref(x, metric, 13, size)
     torch.testing.assert_close((out, out_size), (ref, ref_size), rtol=1e-5, atol=1e-5)
 
 

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 
 from . import ops
 from .adapter import from_timm
-from .kernels.head_padding import pad_heads, padded_width
 from .kernels.fused_linear import fold_layer_norm
+from .kernels.head_padding import pad_heads, padded_width
 from .ops.dispatch import requested_backend
-from .reference import ViTReference, pool_features
+from .reference import ViTReference, classify, merge_metric, merge_tokens
 from .spec import MergeSpec, ViTSpec, merge_schedule
 
 GRAPH_WARMUP_RUNS = 3  # eager runs on a side stream before capture (cuBLAS/Triton autotune, lazy init)
@@ -57,7 +57,8 @@ class EngineBlock(nn.Module):
             self.register_buffer("ls1", _optional(state, name + "ls1.gamma", prepare))
             for norm in ("q_norm", "k_norm"):
                 for part in ("weight", "bias"):
-                    self.register_buffer(f"{norm}_{part}", _optional(state, f"{name}attn.{norm}.{part}", prepare))
+                    self.register_buffer(f"{norm}_{part}",
+                                         _optional(state, f"{name}attn.{norm}.{part}", prepare))
             self._pad_heads()
         if self.has_mlp:
             for key, buffer in (("norm2.weight", "norm2_weight"), ("norm2.bias", "norm2_bias"),
@@ -68,9 +69,10 @@ class EngineBlock(nn.Module):
 
     def _pad_heads(self) -> None:
         """The widths the attention op runs (`kernel_qk_dims`, `kernel_v_dims`): every head
-        zero-padded to a multiple of 16 (see head_padding), except q_norm/k_norm blocks, which
-        torch runs per teacher-wide head. `key_columns` picks the real key channels for the
-        merge metric (None when nothing was padded). qk_dims/v_dims stay the real widths."""
+        zero-padded to a multiple of 16 (see head_padding), except q_norm/k_norm blocks (a
+        LayerNorm over each head's real width, which zero columns would change). `key_columns`
+        picks the real key channels for the merge metric (None when nothing was padded).
+        qk_dims/v_dims stay the real widths."""
         self.kernel_qk_dims, self.kernel_v_dims = self.qk_dims, self.v_dims
         self.register_buffer("key_columns", None, persistent=False)
         if self.qk_norm:
@@ -79,14 +81,14 @@ class EngineBlock(nn.Module):
         if padded.qk_dims == self.qk_dims and padded.v_dims == self.v_dims:
             return
         self.kernel_qk_dims, self.kernel_v_dims = padded.qk_dims, padded.v_dims
-        self.qkv_weight, self.qkv_bias, self.proj_weight = padded.qkv_weight, padded.qkv_bias, padded.proj_weight
+        self.qkv_weight, self.qkv_bias = padded.qkv_weight, padded.qkv_bias
+        self.proj_weight = padded.proj_weight
         self.key_columns = padded.key_columns
 
     def extra_repr(self) -> str:
         parts = []
         if self.has_attn:
-            dims = [f"{len(self.qk_dims)}x{self.qk_dims[0]}" if len(set(self.qk_dims)) == 1 else str(self.qk_dims),
-                    f"{len(self.v_dims)}x{self.v_dims[0]}" if len(set(self.v_dims)) == 1 else str(self.v_dims)]
+            dims = [f"{len(d)}x{d[0]}" if len(set(d)) == 1 else str(d) for d in (self.qk_dims, self.v_dims)]
             parts.append(f"attn qk {dims[0]}, v {dims[1]}" + (", qk_norm" if self.qk_norm else ""))
         if self.merge is not None:
             parts.append(f"merge {self.merge.kind} " + (f"r={self.merge.r}" if self.merge.kind == "tome"
@@ -101,48 +103,35 @@ def _optional(state: dict, key: str, prepare):
     return None if tensor is None else prepare(tensor)
 
 
-def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, N, heads * d) -> (B, heads, N, d)."""
-    return t.unflatten(-1, (heads, -1)).transpose(1, 2)
-
-
 def attention_residual(block: EngineBlock, x: torch.Tensor, key_bias: torch.Tensor | None,
                        want_metric: bool, backend: str | None):
-    """x + gamma * proj(MHA(LN(x))), and the merge metric (see merge_metric) when
-    want_metric, else None. The one place attention runs.
+    """x + gamma * proj(MHA(LN(x))) through the attention op, and the merge metric (see
+    reference.merge_metric) when want_metric, else None.
 
-    The fused attention_block op takes every spec except timm's q_norm/k_norm (a LayerNorm
-    on each head's q and k); those blocks, whose heads all have the teacher's width, run
-    through torch's scaled_dot_product_attention. The op does not return its keys, so a
-    merging block recomputes them: LayerNorm plus the k rows of qkv, N x D x qk_total MACs,
-    a small fraction of the block.
+    q/k-norm blocks let the op choose ("auto": the first backend that computes q/k-norm,
+    the torch backend today) whatever the engine's backend, so a model with q/k-norm runs
+    on every backend. The op does not return its keys, so a merging block recomputes them:
+    LayerNorm plus the k rows of qkv, N x D x qk_total MACs, a small fraction of the block.
     """
+    q_norm = k_norm = None
+    if block.qk_norm:
+        q_norm = (block.q_norm_weight, block.q_norm_bias)
+        k_norm = (block.k_norm_weight, block.k_norm_bias)
+        backend = "auto"
+    out = ops.attention_block(x, block.norm1_weight, block.norm1_bias, block.qkv_weight,
+                              block.qkv_bias, block.proj_weight, block.proj_bias,
+                              block.kernel_qk_dims, block.kernel_v_dims, block.scale,
+                              eps=block.eps, gamma=block.ls1, key_bias=key_bias, q_norm=q_norm,
+                              k_norm=k_norm, backend=backend, qkv_folded=block.qkv_folded)
+    if not want_metric:
+        return out, None
     qk_total = sum(block.kernel_qk_dims)  # the padded widths (see EngineBlock._pad_heads)
-    if not block.qk_norm:
-        out = ops.attention_block(x, block.norm1_weight, block.norm1_bias, block.qkv_weight,
-                                  block.qkv_bias, block.proj_weight, block.proj_bias,
-                                  block.kernel_qk_dims, block.kernel_v_dims, block.scale,
-                                  eps=block.eps, gamma=block.ls1, key_bias=key_bias, backend=backend,
-                                  qkv_folded=block.qkv_folded)
-        if not want_metric:
-            return out, None
-        h = F.layer_norm(x, (x.shape[-1],), block.norm1_weight, block.norm1_bias, block.eps)
-        k_bias = None if block.qkv_bias is None else block.qkv_bias[qk_total:2 * qk_total]
-        keys = F.linear(h, block.qkv_weight[qk_total:2 * qk_total], k_bias)
-        if block.key_columns is not None:
-            keys = keys.index_select(-1, block.key_columns)
-        return out, merge_metric(block, keys)
-    heads, head_dim = len(block.qk_dims), block.qk_dims[0]
     h = F.layer_norm(x, (x.shape[-1],), block.norm1_weight, block.norm1_bias, block.eps)
-    q, k, v = F.linear(h, block.qkv_weight, block.qkv_bias).split([qk_total, qk_total, sum(block.v_dims)], -1)
-    q = F.layer_norm(_heads(q, heads), (head_dim,), block.q_norm_weight, block.q_norm_bias, block.eps)
-    k = F.layer_norm(_heads(k, heads), (head_dim,), block.k_norm_weight, block.k_norm_bias, block.eps)
-    mask = None if key_bias is None else key_bias[:, None, None, :]
-    context = F.scaled_dot_product_attention(q, k, _heads(v, heads), attn_mask=mask, scale=block.scale)
-    y = F.linear(context.transpose(1, 2).flatten(2), block.proj_weight, block.proj_bias)
-    out = x + (y * block.ls1 if block.ls1 is not None else y)
-    # k is already normalised per head here: (B, heads, N, d) -> mean over heads
-    return out, (k.mean(dim=1) if want_metric else None)
+    k_bias = None if block.qkv_bias is None else block.qkv_bias[qk_total:2 * qk_total]
+    keys = F.linear(h, block.qkv_weight[qk_total:2 * qk_total], k_bias)
+    if block.key_columns is not None:
+        keys = keys.index_select(-1, block.key_columns)
+    return out, merge_metric(keys, block.qk_dims, k_norm, block.eps)
 
 
 def runs_triton(engine: "Engine") -> bool:
@@ -177,15 +166,6 @@ def fold_block_norms(engine: "Engine") -> None:
                                            block.fc1_bias) if fold and block.has_mlp else None
         block.qkv_folded = fold_layer_norm(block.norm1_weight, block.norm1_bias, block.qkv_weight,
                                            block.qkv_bias) if fold and block.has_attn else None
-
-
-def merge_metric(block: EngineBlock, keys: torch.Tensor) -> torch.Tensor:
-    """ToMe's merge metric from keys (B, N, qk_total) without k_norm: averaged over heads when
-    they share one width, else all key channels (heads of different widths cannot be
-    averaged), as the reference module's Attention.merge_metric."""
-    if len(set(block.qk_dims)) == 1:
-        return keys.unflatten(-1, (len(block.qk_dims), block.qk_dims[0])).mean(dim=-2)
-    return keys
 
 
 class Engine(nn.Module):
@@ -316,28 +296,15 @@ class Engine(nn.Module):
         return x
 
     def _merge(self, block: EngineBlock, x, metric, size):
-        spec, merge = self.spec, block.merge
-        if merge.kind == "tome":
-            return ops.bipartite_merge(x, metric, merge.r, size=size, class_token=spec.class_token,
-                                       distill_token=spec.dist_token, backend=self.backend)
-        x, size, _ = ops.atme_merge(x, metric, block.grid_in, merge.axis,
-                                    num_prefix_tokens=spec.num_prefix_tokens, size=size,
-                                    backend=self.backend)
-        return x, size
+        return merge_tokens(self.spec, block.merge, block.grid_in, x, metric, size, backend=self.backend)
 
     def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
-        spec = self.spec
-        if spec.dist_token:
-            # timm's eval output of a distilled model: the mean of the two heads
-            x, x_dist = feats[:, 0], feats[:, 1]
-            if self.head_weight is not None:
-                x = F.linear(x, self.head_weight, self.head_bias)
-                x_dist = F.linear(x_dist, self.head_dist_weight, self.head_dist_bias)
-            return (x + x_dist) / 2
-        x = pool_features(spec, feats)
-        if self.fc_norm_weight is not None:
-            x = F.layer_norm(x, (spec.embed_dim,), self.fc_norm_weight, self.fc_norm_bias, spec.norm_eps)
-        return F.linear(x, self.head_weight, self.head_bias) if self.head_weight is not None else x
+        def pair(name):
+            weight = getattr(self, f"{name}_weight")
+            return None if weight is None else (weight, getattr(self, f"{name}_bias"))
+
+        return classify(self.spec, feats, head=pair("head"), head_dist=pair("head_dist"),
+                        fc_norm=pair("fc_norm"))
 
     # ---- CUDA graphs ----------------------------------------------------------------
     def _replay(self, images: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 The reference module merges with this function, so the module that `dcvit export`
 traces is the module every backend is tested against (one implementation, not two).
-It computes what `kernels.token_merge.bipartite_merge_ref` computes, but:
+It computes what `kernels.token_merge.tome_merge_ref` computes (sharing its first steps,
+scores and merge sums), but:
 
 - the stable descending argsort of the edge scores (ONNX has no stable sort, and the
   legacy exporter refuses sort with an out parameter) is a rank from pairwise comparisons,
@@ -20,12 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels.token_merge import tome_effective_r
-
-
-def _score_dtype(metric: torch.Tensor) -> torch.dtype:
-    # as bipartite_merge_ref: choose merges in at least fp32 whatever the model dtype
-    return torch.float64 if metric.dtype == torch.float64 else torch.float32
+from .kernels.token_merge import tome_merge_sum, tome_scores, tome_start
 
 
 def stable_argsort_descending(values: torch.Tensor) -> torch.Tensor:
@@ -47,10 +43,7 @@ def _invert(rank: torch.Tensor) -> torch.Tensor:
 def _merge_plan(metric: torch.Tensor, r: int, class_token: bool, distill_token: bool):
     """Indices (B, k, 1) of the unmerged A tokens (output order), the merged A tokens and
     their B destinations, all within A = even tokens, B = odd tokens."""
-    m = metric.to(_score_dtype(metric))
-    m = m / m.norm(dim=-1, keepdim=True)
-    a, b = m[..., ::2, :], m[..., 1::2, :]
-    scores = a @ b.transpose(-1, -2)
+    scores = tome_scores(metric)
     num_a, num_b = scores.shape[-2:]
     protected = torch.zeros(num_a, num_b, dtype=torch.bool, device=scores.device)
     if class_token:  # the class token (A's first) is never merged away
@@ -77,30 +70,17 @@ def _merge_plan(metric: torch.Tensor, r: int, class_token: bool, distill_token: 
 
 def bipartite_merge_static(x: torch.Tensor, metric: torch.Tensor, r: int, size: torch.Tensor | None = None,
                            class_token: bool = True, distill_token: bool = False):
-    """ToMe merge (see dcvit_engine.ops.bipartite_merge for the contract); returns (x, size)."""
-    if size is None:
-        size = torch.ones_like(x[..., :1])
-    r = tome_effective_r(x.shape[1], r, class_token, distill_token)
+    """ToMe merge (see dcvit_engine.ops.tome_merge for the contract); returns (x, size)."""
+    r, size = tome_start(x, r, size, class_token, distill_token)
     if r == 0:
         return x, size
     with torch.no_grad():
-        unm_idx, src_idx, dst_idx = _merge_plan(metric, r, class_token, distill_token)
+        plan = _merge_plan(metric, r, class_token, distill_token)
 
     # Sums in at least fp32, as the engine's kernels do (and ONNX Runtime's CPU scatter-add
     # takes no fp16); the result is rounded back to x's dtype.
     out_dtype, sum_dtype = x.dtype, torch.promote_types(x.dtype, torch.float32)
     x, size = x.to(sum_dtype), size.to(sum_dtype)
-
-    def merge_sum(t):
-        src, dst = t[..., ::2, :], t[..., 1::2, :]
-        channels = t.shape[-1]
-        unm = src.gather(-2, unm_idx.expand(-1, -1, channels))
-        src = src.gather(-2, src_idx.expand(-1, -1, channels))
-        dst = dst.scatter_add(-2, dst_idx.expand(-1, -1, channels), src)
-        if distill_token:  # class token, then the distillation token (B's first), as ToMe
-            return torch.cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]], dim=1)
-        return torch.cat([unm, dst], dim=1)
-
-    merged = merge_sum(x * size)
-    size = merge_sum(size)
+    merged = tome_merge_sum(x * size, *plan, distill_token)
+    size = tome_merge_sum(size, *plan, distill_token)
     return (merged / size).to(out_dtype), size.to(out_dtype)

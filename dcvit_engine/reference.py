@@ -2,7 +2,8 @@
 
 Parameter names equal timm's, so an uncompressed timm state dict loads with
 strict=True. Heads may be ragged (per-head q/k and v widths, packed qkv as the spec
-contract says), branches may be removed, and blocks may merge tokens.
+contract says), branches may be removed, and blocks may merge tokens. The engine shares
+this module's merge metric, merge dispatch and head (merge_metric, merge_tokens, classify).
 """
 from __future__ import annotations
 
@@ -10,11 +11,68 @@ import copy
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .adapter import from_timm
 from .exportable_merge import bipartite_merge_static
-from .ops.token_merge import atme_merge
-from .spec import AttentionSpec, BlockSpec, ViTSpec, merge_schedule
+from .kernels.attention import head_norm
+from .ops.token_merge import atme_merge, tome_merge
+from .spec import AttentionSpec, BlockSpec, MergeSpec, ViTSpec, merge_schedule
+
+
+def _affine(module: nn.Module | None):
+    """(weight, bias) of a LayerNorm / Linear, or None for a missing one."""
+    return None if module is None else (module.weight, module.bias)
+
+
+def merge_metric(keys: torch.Tensor, qk_dims, k_norm=None, eps: float = 1e-6) -> torch.Tensor:
+    """ToMe's merge metric from the keys (B, N, sum(qk_dims)) before k_norm: the keys as
+    attention uses them (after k_norm, a (weight, bias) pair or None) averaged over heads;
+    heads of different widths cannot be averaged and are concatenated instead."""
+    if len(set(qk_dims)) != 1:
+        heads = [head_norm(k, k_norm, eps) for k in keys.split(list(qk_dims), dim=-1)]
+        return torch.cat(heads, dim=-1)
+    return head_norm(keys.unflatten(-1, (len(qk_dims), qk_dims[0])), k_norm, eps).mean(dim=-2)
+
+
+def merge_tokens(spec: ViTSpec, merge: MergeSpec, grid, x: torch.Tensor, metric: torch.Tensor,
+                 size: torch.Tensor | None, *, backend: str | None = None, exportable: bool = False):
+    """A block's token merge; returns (x, size), size (B, N, 1) token counts. ToMe through
+    ops.tome_merge, or with `exportable` its form that torch.export and ONNX take (the same
+    numbers, tested in float64); ATME through ops.atme_merge on `grid`, the patch grid
+    entering the block."""
+    if merge.kind == "tome":
+        if exportable:
+            return bipartite_merge_static(x, metric, merge.r, size, class_token=spec.class_token,
+                                          distill_token=spec.dist_token)
+        return tome_merge(x, metric, merge.r, size, spec.class_token, spec.dist_token, backend=backend)
+    x, size, _ = atme_merge(x, metric, grid, merge.axis, spec.num_prefix_tokens, size, backend=backend)
+    return x, size
+
+
+def pool_features(spec: ViTSpec, feats: torch.Tensor) -> torch.Tensor:
+    """timm's pooling before the head: the class token, the mean of the patch tokens, or
+    (global_pool '') every token."""
+    if spec.global_pool == "token":
+        return feats[:, 0]
+    if spec.global_pool == "avg":
+        return feats[:, spec.num_prefix_tokens:].mean(dim=1)
+    return feats
+
+
+def classify(spec: ViTSpec, feats: torch.Tensor, *, head=None, head_dist=None, fc_norm=None):
+    """timm's eval-mode output from the final tokens: for a distilled model the mean of the
+    two heads, else pooling (pool_features), fc_norm and the head; head, head_dist and
+    fc_norm are (weight, bias) pairs or None (no head: the pooled features)."""
+    if spec.dist_token:
+        x, x_dist = feats[:, 0], feats[:, 1]
+        if head is not None:
+            x, x_dist = F.linear(x, *head), F.linear(x_dist, *head_dist)
+        return (x + x_dist) / 2
+    x = pool_features(spec, feats)
+    if fc_norm is not None:
+        x = F.layer_norm(x, (spec.embed_dim,), *fc_norm, spec.norm_eps)
+    return F.linear(x, *head) if head is not None else x
 
 
 class LayerScale(nn.Module):
@@ -77,14 +135,9 @@ class Attention(nn.Module):
         return (out, self.merge_metric(k)) if return_keys else out
 
     def merge_metric(self, k: torch.Tensor) -> torch.Tensor:
-        """ToMe's merge metric: the keys (as attention uses them, after k_norm) averaged over
-        heads; heads of different widths cannot be averaged and are concatenated instead."""
-        heads = k.split(self.qk_dims, dim=-1)
-        if self.k_norm is not None:
-            heads = [self.k_norm(h) for h in heads]
-        if len(set(self.qk_dims)) == 1:
-            return torch.stack(heads).mean(dim=0)
-        return torch.cat(heads, dim=-1)
+        """ToMe's merge metric of keys k (see the module-level merge_metric)."""
+        eps = self.k_norm.eps if self.k_norm is not None else 1e-6
+        return merge_metric(k, self.qk_dims, _affine(self.k_norm), eps)
 
     def _heads(self, q, k, v, size):
         bias = None
@@ -146,16 +199,6 @@ class Block(nn.Module):
         return x + (self.ls2(y) if self.ls2 is not None else y)
 
 
-def pool_features(spec: ViTSpec, feats: torch.Tensor) -> torch.Tensor:
-    """timm's pooling before the head: the class token, the mean of the patch tokens, or
-    (global_pool '') every token."""
-    if spec.global_pool == "token":
-        return feats[:, 0]
-    if spec.global_pool == "avg":
-        return feats[:, spec.num_prefix_tokens:].mean(dim=1)
-    return feats
-
-
 class ViTReference(nn.Module):
     """A timm-compatible ViT computed exactly as its spec says (eval semantics of timm)."""
 
@@ -195,15 +238,9 @@ class ViTReference(nn.Module):
         """Apply block i's token merge with plain torch ops that torch.export and ONNX take;
         returns (x, size) with size (B, N, 1) token counts. metric: the block's keys (see
         Attention.merge_metric)."""
-        spec, merge = self.spec, self.spec.blocks[i].merge
-        if merge.kind == "tome":
-            # the exportable form of bipartite_merge_ref (same numbers, tested in float64)
-            return bipartite_merge_static(x, metric, merge.r, size, class_token=spec.class_token,
-                                          distill_token=spec.dist_token)
-        grid = merge_schedule(spec)[i][2]  # the patch grid entering block i
-        x, size, _ = atme_merge(x, metric, grid, merge.axis, spec.num_prefix_tokens, size,
-                                backend="torch")
-        return x, size
+        grid = merge_schedule(self.spec)[i][2]  # the patch grid entering block i
+        return merge_tokens(self.spec, self.spec.blocks[i].merge, grid, x, metric, size,
+                            backend="torch", exportable=True)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens after the final norm, (B, N, D) with N after all merges."""
@@ -222,17 +259,8 @@ class ViTReference(nn.Module):
         return self.norm(x) if self.norm is not None else x
 
     def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
-        spec = self.spec
-        if spec.dist_token:
-            # timm's eval (and non-distilled training) output: mean of the two heads
-            x, x_dist = feats[:, 0], feats[:, 1]
-            if self.head is not None:
-                x, x_dist = self.head(x), self.head_dist(x_dist)
-            return (x + x_dist) / 2
-        x = pool_features(spec, feats)
-        if self.fc_norm is not None:
-            x = self.fc_norm(x)
-        return self.head(x) if self.head is not None else x
+        return classify(self.spec, feats, head=_affine(self.head), head_dist=_affine(self.head_dist),
+                        fc_norm=_affine(self.fc_norm))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

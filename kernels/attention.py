@@ -31,19 +31,30 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_linear import dot_precision, dot_upcast, linear_residual, ln_linear
+from .fused_linear import linear_residual, ln_linear
 from .head_padding import HEAD_WIDTH_MULTIPLE, pad_head_weights
+from .launching import dot_precision, dot_upcast, launch_directly
 
 _LOG2E = 1.4426950408889634
 
 
-def attention_context_ref(qkv, qk_dims, v_dims, scale, key_bias=None):
+def head_norm(t, norm, eps):
+    """timm's q_norm / k_norm: LayerNorm over one head's width; `norm` = (weight, bias) or
+    None (identity)."""
+    if norm is None:
+        return t
+    return torch.nn.functional.layer_norm(t, (t.shape[-1],), norm[0], norm[1], eps)
+
+
+def attention_context_ref(qkv, qk_dims, v_dims, scale, key_bias=None, q_norm=None, k_norm=None,
+                          eps=1e-6):
     """Plain-PyTorch attention core: packed qkv (B, N, 2*sum(qk)+sum(v)) -> (B, N, sum(v)),
-    one head at a time."""
+    one head at a time; q_norm / k_norm: see head_norm."""
     qk_total = sum(qk_dims)
     q, k, v = qkv.split([qk_total, qk_total, sum(v_dims)], dim=-1)
     heads = []
     for q_h, k_h, v_h in zip(q.split(qk_dims, -1), k.split(qk_dims, -1), v.split(v_dims, -1)):
+        q_h, k_h = head_norm(q_h, q_norm, eps), head_norm(k_h, k_norm, eps)
         logits = (q_h @ k_h.transpose(-2, -1)) * scale
         if key_bias is not None:
             logits = logits + key_bias[:, None, :]
@@ -52,11 +63,14 @@ def attention_context_ref(qkv, qk_dims, v_dims, scale, key_bias=None):
 
 
 def attention_block_ref(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias,
-                        qk_dims, v_dims, scale, gamma=None, key_bias=None, eps=1e-6):
-    """Plain-PyTorch definition of the op (timm's Block attention branch with its residual)."""
+                        qk_dims, v_dims, scale, eps=1e-6, gamma=None, key_bias=None, *,
+                        q_norm=None, k_norm=None):
+    """Plain-PyTorch definition of the op (timm's Block attention branch with its residual;
+    arguments in the op's schema order). q_norm / k_norm: timm's qk_norm, (weight, bias) of
+    the LayerNorm on each head's q and k, or None."""
     h = torch.nn.functional.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
     qkv = torch.nn.functional.linear(h, qkv_weight, qkv_bias)
-    ctx = attention_context_ref(qkv, qk_dims, v_dims, scale, key_bias)
+    ctx = attention_context_ref(qkv, qk_dims, v_dims, scale, key_bias, q_norm, k_norm, eps)
     y = torch.nn.functional.linear(ctx, proj_weight, proj_bias)
     return x + (y * gamma if gamma is not None else y)
 
@@ -66,6 +80,29 @@ def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     if DOT_UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _head_tile_mask(row_ok, cols, width, COLS_LAST: tl.constexpr, UNIFORM: tl.constexpr):
+    # Which elements of one head's tile exist: rows by row_ok, columns (the head's `cols`) by
+    # `width` -- except for UNIFORM heads, which fill the tile exactly (no column mask).
+    # COLS_LAST: columns on the tile's last axis (q, v, ctx), else on its first (k^T).
+    if COLS_LAST:
+        if UNIFORM:
+            mask = row_ok[:, None]
+        else:
+            mask = row_ok[:, None] & (cols < width)[None, :]
+    else:
+        if UNIFORM:
+            mask = row_ok[None, :]
+        else:
+            mask = row_ok[None, :] & (cols < width)[:, None]
+    return mask
+
+
+@triton.jit
+def _load_head_tile(ptrs, row_ok, cols, width, COLS_LAST: tl.constexpr, UNIFORM: tl.constexpr):
+    return tl.load(ptrs, mask=_head_tile_mask(row_ok, cols, width, COLS_LAST, UNIFORM), other=0.0)
 
 
 @triton.jit
@@ -119,19 +156,11 @@ def _flash_attention_kernel(
     q_rows = qkv_ptr + (first_row + queries)[:, None] * stride_qkv
     dq0 = tl.arange(0, DQK0)
     dv0 = tl.arange(0, DV0)
-    # Column masks only where a head can be narrower than its tile.
-    if UNIFORM:
-        q0 = tl.load(q_rows + q_col + dq0[None, :], mask=query_ok[:, None], other=0.0)
-    else:
-        q0 = tl.load(q_rows + q_col + dq0[None, :],
-                     mask=query_ok[:, None] & (dq0 < qk_width)[None, :], other=0.0)
+    # Column masks only where a head can be narrower than its tile (_head_tile_mask).
+    q0 = _load_head_tile(q_rows + q_col + dq0[None, :], query_ok, dq0, qk_width, True, UNIFORM)
     if DQK1 > 0:
         dq1 = DQK0 + tl.arange(0, DQK1)
-        if UNIFORM:
-            q1 = tl.load(q_rows + q_col + dq1[None, :], mask=query_ok[:, None], other=0.0)
-        else:
-            q1 = tl.load(q_rows + q_col + dq1[None, :],
-                         mask=query_ok[:, None] & (dq1 < qk_width)[None, :], other=0.0)
+        q1 = _load_head_tile(q_rows + q_col + dq1[None, :], query_ok, dq1, qk_width, True, UNIFORM)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -143,18 +172,11 @@ def _flash_attention_kernel(
         keys = start + tl.arange(0, BLOCK_N)
         key_ok = keys < N
         kv_rows = qkv_ptr + (first_row + keys) * stride_qkv
-        if UNIFORM:
-            k0 = tl.load(kv_rows[None, :] + k_col + dq0[:, None], mask=key_ok[None, :], other=0.0)
-        else:
-            k0 = tl.load(kv_rows[None, :] + k_col + dq0[:, None],
-                         mask=key_ok[None, :] & (dq0 < qk_width)[:, None], other=0.0)
+        k0 = _load_head_tile(kv_rows[None, :] + k_col + dq0[:, None], key_ok, dq0, qk_width, False, UNIFORM)
         s = _mma(q0, k0, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_PRECISION, DOT_UPCAST)
         if DQK1 > 0:
-            if UNIFORM:
-                k1 = tl.load(kv_rows[None, :] + k_col + dq1[:, None], mask=key_ok[None, :], other=0.0)
-            else:
-                k1 = tl.load(kv_rows[None, :] + k_col + dq1[:, None],
-                             mask=key_ok[None, :] & (dq1 < qk_width)[:, None], other=0.0)
+            k1 = _load_head_tile(kv_rows[None, :] + k_col + dq1[:, None], key_ok, dq1, qk_width, False,
+                                 UNIFORM)
             s = _mma(q1, k1, s, DOT_PRECISION, DOT_UPCAST)
         # Logits in log2 units: exp2 is the GPU's native exponential.
         s = s * qk_scale_log2
@@ -169,34 +191,21 @@ def _flash_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         # Probabilities in the input precision for the tensor cores, as flash-attention.
         p = p.to(qkv_ptr.dtype.element_ty)
-        if UNIFORM:
-            v0 = tl.load(kv_rows[:, None] + v_col + dv0[None, :], mask=key_ok[:, None], other=0.0)
-        else:
-            v0 = tl.load(kv_rows[:, None] + v_col + dv0[None, :],
-                         mask=key_ok[:, None] & (dv0 < v_width)[None, :], other=0.0)
+        v0 = _load_head_tile(kv_rows[:, None] + v_col + dv0[None, :], key_ok, dv0, v_width, True, UNIFORM)
         acc0 = _mma(p, v0, acc0 * alpha[:, None], DOT_PRECISION, DOT_UPCAST)
         if DV1 > 0:
-            if UNIFORM:
-                v1 = tl.load(kv_rows[:, None] + v_col + dv1[None, :], mask=key_ok[:, None], other=0.0)
-            else:
-                v1 = tl.load(kv_rows[:, None] + v_col + dv1[None, :],
-                             mask=key_ok[:, None] & (dv1 < v_width)[None, :], other=0.0)
+            v1 = _load_head_tile(kv_rows[:, None] + v_col + dv1[None, :], key_ok, dv1, v_width, True,
+                                 UNIFORM)
             acc1 = _mma(p, v1, acc1 * alpha[:, None], DOT_PRECISION, DOT_UPCAST)
         m_i = m_new
 
     out_rows = ctx_ptr + (first_row + queries)[:, None] * stride_ctx + out_col
     out_ty = ctx_ptr.dtype.element_ty
-    if UNIFORM:
-        tl.store(out_rows + dv0[None, :], (acc0 / l_i[:, None]).to(out_ty), mask=query_ok[:, None])
-    else:
-        tl.store(out_rows + dv0[None, :], (acc0 / l_i[:, None]).to(out_ty),
-                 mask=query_ok[:, None] & (dv0 < v_width)[None, :])
+    tl.store(out_rows + dv0[None, :], (acc0 / l_i[:, None]).to(out_ty),
+             mask=_head_tile_mask(query_ok, dv0, v_width, True, UNIFORM))
     if DV1 > 0:
-        if UNIFORM:
-            tl.store(out_rows + dv1[None, :], (acc1 / l_i[:, None]).to(out_ty), mask=query_ok[:, None])
-        else:
-            tl.store(out_rows + dv1[None, :], (acc1 / l_i[:, None]).to(out_ty),
-                     mask=query_ok[:, None] & (dv1 < v_width)[None, :])
+        tl.store(out_rows + dv1[None, :], (acc1 / l_i[:, None]).to(out_ty),
+                 mask=_head_tile_mask(query_ok, dv1, v_width, True, UNIFORM))
 
 
 # Head widths the kernel's tiles cover: the query tile's fp32 accumulator lives in registers,
@@ -321,14 +330,14 @@ def _arch(device):
     return 10 * major + minor
 
 
-def flash_attention_triton(qkv, batch, tokens, qk_dims, v_dims, scale, key_bias=None,
-                           ctx=None, kernel_launcher=None):
+def flash_attention_triton(qkv, batch, tokens, qk_dims, v_dims, scale, key_bias=None, *,
+                           ctx=None, launch=None):
     """Attention core on packed qkv rows (B*N, 2*sum(qk)+sum(v)) (unit column stride) ->
     context rows (B*N, sum(v)), written into `ctx` when given. One launch for all heads."""
     reason = flash_attention_why_not(qk_dims, v_dims)
     if reason is not None:
         raise ValueError(f"attention_block (triton): {reason}")
-    launch = kernel_launcher or (lambda kernel: kernel)
+    launch = launch or launch_directly
     if ctx is None:
         ctx = torch.empty((batch * tokens, sum(v_dims)), device=qkv.device, dtype=qkv.dtype)
     layout = head_layout(qk_dims, v_dims)
@@ -347,13 +356,14 @@ def flash_attention_triton(qkv, batch, tokens, qk_dims, v_dims, scale, key_bias=
 
 
 def attention_block_triton(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight,
-                           proj_bias, qk_dims, v_dims, scale, gamma=None, key_bias=None,
-                           eps=1e-6, out=None, kernel_launcher=None, qkv_folded=None):
-    """Runs the fused launches on x (B, N, D); writes into `out` when given (tests poison
-    it). `kernel_launcher` wraps each kernel for torch.library.triton_op. `qkv_folded` is
-    fused_linear.fold_layer_norm(norm_weight, norm_bias, qkv_weight, qkv_bias), made once by
-    the caller (the engine); without it the qkv weights are folded per call."""
-    launch = kernel_launcher or (lambda kernel: kernel)
+                           proj_bias, qk_dims, v_dims, scale, eps=1e-6, gamma=None, key_bias=None,
+                           *, qkv_folded=None, out=None, launch=None):
+    """Runs the fused launches on x (B, N, D) (arguments in the op's schema order); writes
+    into `out` when given (tests poison it). `launch` wraps each kernel (see launching.py).
+    `qkv_folded` is fused_linear.fold_layer_norm(norm_weight, norm_bias, qkv_weight,
+    qkv_bias), made once by the caller (the engine); without it the qkv weights are folded
+    per call."""
+    launch = launch or launch_directly
     if any(w % HEAD_WIDTH_MULTIPLE for w in (*qk_dims, *v_dims)):
         # Widths off the multiples of 16 would take the kernel's masked path (scalar loads,
         # register spills at sm_90) and an unaligned proj GEMM: pad the heads here (exact;
@@ -371,7 +381,6 @@ def attention_block_triton(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj
         key_bias = key_bias.contiguous()
     qkv = ln_linear(rows_in, norm_weight, norm_bias, qkv_weight, qkv_bias, eps, gelu=False,
                     launch=launch, folded=qkv_folded)
-    ctx = flash_attention_triton(qkv, batch, tokens, qk_dims, v_dims, scale, key_bias,
-                                 kernel_launcher=launch)
+    ctx = flash_attention_triton(qkv, batch, tokens, qk_dims, v_dims, scale, key_bias, launch=launch)
     linear_residual(ctx, proj_weight, proj_bias, gamma, rows_in, out.view(-1, dim), launch=launch)
     return out

@@ -21,20 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .launching import dot_precision, dot_upcast
+
 # DCVIT_GEMM_AUTOTUNE=0 launches the fixed choice on the GPU too (to compare against it).
 AUTOTUNE_ON_GPU = os.environ.get("DCVIT_GEMM_AUTOTUNE", "1") != "0"
-
-
-def dot_precision(dtype):
-    # fp32 inputs get true fp32 products (as torch's default matmul), not TF32.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def dot_upcast(device_type, dtype):
-    # The CPU interpreter (triton 3.9) computes tl.dot on bf16 operands wrongly (numpy has
-    # no bf16). A product of two bf16 values is exact in fp32, so upcasting the operands
-    # gives what the GPU's bf16 MMA computes, up to summation order.
-    return device_type == "cpu" and dtype == torch.bfloat16
 
 
 class FoldedNorm(NamedTuple):
@@ -93,6 +83,22 @@ def _gemm_tile(a_ptr, w_ptr, rows, cols, row_ok, col_ok, K, stride_am, stride_wn
 
 
 @triton.jit
+def _program_gemm_tile(a_ptr, w_ptr, M, N, K, stride_am, stride_wn,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    # This program's tile of A @ W^T (both GEMM kernels): the fp32 accumulator, its rows,
+    # which of them exist, and its first column.
+    pid = tl.program_id(0).to(tl.int64)
+    pid_m, pid_n = _grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    acc = _gemm_tile(a_ptr, w_ptr, rows, cols, row_ok, cols < N, K, stride_am, stride_wn,
+                     BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, DOT_UPCAST)
+    return acc, rows, row_ok, pid_n * BLOCK_N
+
+
+@triton.jit
 def _row_stats_kernel(
     x_ptr, mean_ptr, rstd_ptr, xc_ptr,
     M, D, eps, stride_xm, stride_cm,
@@ -135,42 +141,44 @@ def _norm_linear_kernel(
     GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     # y = act(rstd * (x W'^T - mean * s) + b'): LayerNorm + Linear with the affine folded in.
-    pid = tl.program_id(0).to(tl.int64)
-    pid_m, pid_n = _grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < M
-    col_ok = cols < N
-    acc = _gemm_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, K, stride_xm, stride_wn,
-                     BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, DOT_UPCAST)
+    acc, rows, row_ok, first_col = _program_gemm_tile(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn,
+                                                      BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+                                                      DOT_PRECISION, DOT_UPCAST)
     if SUBTRACT_MEAN:
         mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
     else:
         mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
     rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
-    if BLOCK_N > 128:
-        # a 256-wide tile's epilogue in two halves: one pass would need addresses for a
-        # 128x256 tile of loads and stores at once and spill (seen at sm_90)
-        lo, hi = _column_halves(acc, BLOCK_M, BLOCK_N)
-        _norm_epilogue(lo, rows, pid_n * BLOCK_N, BLOCK_N // 2, row_ok, mean, rstd, N, b_ptr, sums_ptr, y_ptr,
-                       stride_ym, SUBTRACT_MEAN, APPLY_GELU)
-        _norm_epilogue(hi, rows, pid_n * BLOCK_N + BLOCK_N // 2, BLOCK_N // 2, row_ok, mean, rstd, N, b_ptr, sums_ptr, y_ptr,
-                       stride_ym, SUBTRACT_MEAN, APPLY_GELU)
-    else:
-        _norm_epilogue(acc, rows, pid_n * BLOCK_N, BLOCK_N, row_ok, mean, rstd, N, b_ptr, sums_ptr, y_ptr, stride_ym,
-                       SUBTRACT_MEAN, APPLY_GELU)
+    PART: tl.constexpr = _epilogue_width(BLOCK_N)
+    for part in tl.static_range(BLOCK_N // PART):
+        _norm_epilogue(_column_part(acc, part, BLOCK_M, BLOCK_N, PART), rows,
+                       first_col + part * PART, PART, row_ok, mean, rstd, N, b_ptr, sums_ptr,
+                       y_ptr, stride_ym, SUBTRACT_MEAN, APPLY_GELU)
+
+
+@triton.constexpr_function
+def _epilogue_width(block_n):
+    # A 256-wide tile's epilogue runs in two halves: one pass would need addresses for a
+    # 128x256 tile of loads and stores at once and spill (seen at sm_90).
+    return block_n // 2 if block_n > 128 else block_n
 
 
 @triton.jit
-def _column_halves(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # (BLOCK_M, BLOCK_N) -> its left and right (BLOCK_M, BLOCK_N // 2) halves
-    parts = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
-    return tl.split(parts)
+def _column_part(acc, PART_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 PART: tl.constexpr):
+    # Columns [PART_INDEX * PART, (PART_INDEX + 1) * PART) of a (BLOCK_M, BLOCK_N) tile, PART
+    # being BLOCK_N or its half (_epilogue_width).
+    if PART == BLOCK_N:
+        return acc
+    lo, hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, PART)), (0, 2, 1)))
+    if PART_INDEX == 0:
+        return lo
+    return hi
 
 
 @triton.jit
-def _norm_epilogue(acc, rows, first_col, WIDTH: tl.constexpr, row_ok, mean, rstd, N, b_ptr, sums_ptr, y_ptr, stride_ym,
-                   SUBTRACT_MEAN: tl.constexpr, APPLY_GELU: tl.constexpr):
+def _norm_epilogue(acc, rows, first_col, WIDTH: tl.constexpr, row_ok, mean, rstd, N, b_ptr, sums_ptr,
+                   y_ptr, stride_ym, SUBTRACT_MEAN: tl.constexpr, APPLY_GELU: tl.constexpr):
     cols = first_col + tl.arange(0, WIDTH)
     col_ok = cols < N
     if SUBTRACT_MEAN:
@@ -194,23 +202,14 @@ def _linear_residual_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    pid_m, pid_n = _grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < M
-    col_ok = cols < N
-    acc = _gemm_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, K, stride_hm, stride_wn,
-                     BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, DOT_UPCAST)
-    if BLOCK_N > 128:  # in two halves, as in _norm_linear_kernel
-        lo, hi = _column_halves(acc, BLOCK_M, BLOCK_N)
-        _residual_epilogue(lo, rows, pid_n * BLOCK_N, BLOCK_N // 2, row_ok, N, b_ptr, gamma_ptr, x_ptr, out_ptr,
-                           stride_xm, stride_om, HAS_BIAS, HAS_GAMMA)
-        _residual_epilogue(hi, rows, pid_n * BLOCK_N + BLOCK_N // 2, BLOCK_N // 2, row_ok, N, b_ptr, gamma_ptr, x_ptr, out_ptr,
-                           stride_xm, stride_om, HAS_BIAS, HAS_GAMMA)
-    else:
-        _residual_epilogue(acc, rows, pid_n * BLOCK_N, BLOCK_N, row_ok, N, b_ptr, gamma_ptr, x_ptr, out_ptr,
-                           stride_xm, stride_om, HAS_BIAS, HAS_GAMMA)
+    acc, rows, row_ok, first_col = _program_gemm_tile(h_ptr, w_ptr, M, N, K, stride_hm, stride_wn,
+                                                      BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+                                                      DOT_PRECISION, DOT_UPCAST)
+    PART: tl.constexpr = _epilogue_width(BLOCK_N)  # in halves for 256-wide tiles
+    for part in tl.static_range(BLOCK_N // PART):
+        _residual_epilogue(_column_part(acc, part, BLOCK_M, BLOCK_N, PART), rows,
+                           first_col + part * PART, PART, row_ok, N, b_ptr, gamma_ptr, x_ptr,
+                           out_ptr, stride_xm, stride_om, HAS_BIAS, HAS_GAMMA)
 
 
 @triton.jit

@@ -12,6 +12,7 @@ written once: the floor is the two GEMMs' FLOPs.
 import torch
 
 from .fused_linear import linear_residual, ln_linear
+from .launching import launch_directly
 
 
 def mlp_block_ref(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
@@ -24,14 +25,15 @@ def mlp_block_ref(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, f
 
 
 def mlp_block_triton(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                     gamma=None, eps=1e-6, out=None, kernel_launcher=None, fc1_folded=None):
-    """Runs the fused kernels; writes into `out` when given (tests poison it).
+                     gamma=None, eps=1e-6, *, fc1_folded=None, out=None, launch=None):
+    """Runs the fused kernels (arguments in the op's schema order); writes into `out` when
+    given (tests poison it).
 
     `fc1_folded` is fused_linear.fold_layer_norm(norm_weight, norm_bias, fc1_weight, fc1_bias),
     made once by the caller (the engine); without it fc1 is folded per call.
-    `kernel_launcher` wraps each kernel for torch.library.triton_op (wrap_triton); the
-    default launches directly."""
-    launch = kernel_launcher or (lambda kernel: kernel)
+    `launch` wraps each kernel (wrap_triton inside the op, a recorder in the codegen gate);
+    the default launches directly."""
+    launch = launch or launch_directly
     dim = x.shape[-1]
     rows_in = x.reshape(-1, dim)
     if not rows_in.is_contiguous():

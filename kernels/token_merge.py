@@ -33,11 +33,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .launching import dot_precision, dot_upcast, launch_directly
+
 # Cosine similarity of ATME pairs: dot / max(|a| |b|, COSINE_EPS) -- zero vectors give 0.
 COSINE_EPS = 1e-12
 
 
-def _score_dtype(metric):
+def score_dtype(metric):
     # Similarities are compared against each other to pick merges: score in at least fp32
     # so a bf16 metric does not create ties that fp32 would resolve.
     return torch.float64 if metric.dtype == torch.float64 else torch.float32
@@ -59,7 +61,37 @@ def atme_merged_grid(grid, axis):
 
 # ---- plain-PyTorch references ------------------------------------------------------
 
-def bipartite_merge_ref(x, metric, r, size=None, class_token=True, distill_token=False):
+def tome_start(x, r, size, class_token, distill_token):
+    """What every ToMe implementation does first: sizes default to ones, r is clamped
+    (tome_effective_r). Returns (r, size); r == 0 means the merge is the identity."""
+    if size is None:
+        size = torch.ones_like(x[..., :1])
+    return tome_effective_r(x.shape[1], r, class_token, distill_token), size
+
+
+def tome_scores(metric):
+    """Cosine similarity of every A token (even index) with every B token (odd index),
+    (B, Na, Nb), in score_dtype."""
+    m = metric.to(score_dtype(metric))
+    m = m / m.norm(dim=-1, keepdim=True)
+    return m[..., ::2, :] @ m[..., 1::2, :].transpose(-1, -2)
+
+
+def tome_merge_sum(t, unm_idx, src_idx, dst_idx, distill_token):
+    """ToMe's merge of t (B, N, C) by the plan (indices (B, k, 1) into A / B): the unmerged
+    A tokens, then the B tokens with the merged A tokens added (class token, distillation
+    token first with one, as ToMe)."""
+    src, dst = t[..., ::2, :], t[..., 1::2, :]
+    channels = t.shape[-1]
+    unm = src.gather(-2, unm_idx.expand(-1, -1, channels))
+    src = src.gather(-2, src_idx.expand(-1, -1, channels))
+    dst = dst.scatter_add(-2, dst_idx.expand(-1, -1, channels), src)
+    if distill_token:
+        return torch.cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]], dim=1)
+    return torch.cat([unm, dst], dim=1)
+
+
+def tome_merge_ref(x, metric, r, size=None, class_token=True, distill_token=False):
     """ToMe's bipartite soft matching followed by merge_wavg, transcribed step by step.
 
     Output order is ToMe's: the unmerged A tokens, then the B tokens (with a distillation
@@ -71,16 +103,11 @@ def bipartite_merge_ref(x, metric, r, size=None, class_token=True, distill_token
     scores are computed in fp32 (or fp64) whatever the metric dtype, and the edge sort is
     stable (ties in token order).
     """
-    if size is None:
-        size = torch.ones_like(x[..., :1])
-    r = tome_effective_r(x.shape[1], r, class_token, distill_token)
+    r, size = tome_start(x, r, size, class_token, distill_token)
     if r == 0:
         return x, size
     with torch.no_grad():
-        m = metric.to(_score_dtype(metric))
-        m = m / m.norm(dim=-1, keepdim=True)
-        a, b = m[..., ::2, :], m[..., 1::2, :]
-        scores = a @ b.transpose(-1, -2)
+        scores = tome_scores(metric)
         if class_token:
             scores[..., 0, :] = -torch.inf
         if distill_token:
@@ -93,18 +120,8 @@ def bipartite_merge_ref(x, metric, r, size=None, class_token=True, distill_token
         src_idx = edge_idx[..., :r, :]
         dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
 
-    def merge_sum(t):
-        src, dst = t[..., ::2, :], t[..., 1::2, :]
-        n, t1, c = src.shape
-        unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - r, c))
-        src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
-        dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce="sum")
-        if distill_token:  # class token, then the distillation token (B's first), as ToMe
-            return torch.cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]], dim=1)
-        return torch.cat([unm, dst], dim=1)
-
-    merged = merge_sum(x * size)
-    size = merge_sum(size)
+    merged = tome_merge_sum(x * size, unm_idx, src_idx, dst_idx, distill_token)
+    size = tome_merge_sum(size, unm_idx, src_idx, dst_idx, distill_token)
     return merged / size, size
 
 
@@ -126,7 +143,7 @@ def atme_merge_ref(x, metric, grid, axis, num_prefix_tokens=1, size=None):
         return t.narrow(dim, 0, 2 * pairs).unflatten(dim, (pairs, 2)).unbind(dim + 1)
 
     (x_dst, x_src), (m_dst, m_src), (s_dst, s_src) = dst_src(xg), dst_src(mg), dst_src(sg)
-    m_dst, m_src = m_dst.to(_score_dtype(metric)), m_src.to(_score_dtype(metric))
+    m_dst, m_src = m_dst.to(score_dtype(metric)), m_src.to(score_dtype(metric))
     cos = (m_dst * m_src).sum(-1, keepdim=True) / (
         m_dst.norm(dim=-1, keepdim=True) * m_src.norm(dim=-1, keepdim=True)).clamp_min(COSINE_EPS)
     absorbed = cos.clamp_min(0) * s_src  # w * size_src, in the score dtype
@@ -154,17 +171,6 @@ def atme_unmerge_ref(x, grid_before, axis, num_prefix_tokens=1):
 
 
 # ---- Triton kernels ------------------------------------------------------------------
-
-def _dot_precision(dtype):
-    # fp32 metrics get true fp32 products: merge choices must match the fp32 reference.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _dot_upcast(device_type, dtype):
-    # The CPU interpreter (triton 3.9) computes tl.dot on bf16 operands wrongly; a product of
-    # two bf16 (or fp16) values is exact in fp32, so upcasting matches the GPU's MMA.
-    return device_type == "cpu" and dtype in (torch.bfloat16, torch.float16)
-
 
 @triton.jit
 def _tome_best_match_kernel(
@@ -456,7 +462,7 @@ def _on_gpu(t):
 
 
 def tome_merge_plan_triton(node_max, node_idx, r, num_b, n_out, class_token, distill_token,
-                           launch=lambda kernel: kernel):
+                           launch=launch_directly):
     """Gather plan from each A token's best B match (node_max/node_idx, (batch, Na)): int32
     `primary` (batch, n_out): each output token's own token; `begin`, `count` (batch, n_out):
     its merged-in tokens are sources[b, begin : begin + count]; `sources` (batch, r): the
@@ -495,11 +501,11 @@ def _size_or_none(size):
     return None if size is None else size.contiguous()
 
 
-def bipartite_merge_triton(x, metric, r, size=None, class_token=True, distill_token=False,
-                           out=None, size_out=None, kernel_launcher=None):
+def tome_merge_triton(x, metric, r, size=None, class_token=True, distill_token=False, *,
+                      out=None, size_out=None, launch=None):
     """ToMe merge with the Triton kernels; returns (x, size). Writes into `out`/`size_out`
-    when given (tests poison them). `kernel_launcher` wraps each kernel for triton_op."""
-    launch = kernel_launcher or (lambda kernel: kernel)
+    when given (tests poison them). `launch` wraps each kernel (see launching.py)."""
+    launch = launch or launch_directly
     batch, tokens, channels = x.shape
     r = tome_effective_r(tokens, r, class_token, distill_token)
     n_out = tokens - r
@@ -519,8 +525,8 @@ def bipartite_merge_triton(x, metric, r, size=None, class_token=True, distill_to
     launch(_tome_best_match_kernel)[(triton.cdiv(num_a, cfg["BLOCK_A"]), batch)](
         metric, node_max, node_idx, num_a, num_b, dim_m, metric.stride(0), metric.stride(1),
         CLASS_TOKEN=class_token, DISTILL_TOKEN=distill_token,
-        DOT_PRECISION=_dot_precision(metric.dtype),
-        DOT_UPCAST=_dot_upcast(x.device.type, metric.dtype), **cfg,
+        DOT_PRECISION=dot_precision(metric.dtype),
+        DOT_UPCAST=dot_upcast(x.device.type, metric.dtype), **cfg,
     )
     primary, begin, count, sources = tome_merge_plan_triton(
         node_max, node_idx, r, num_b, n_out, class_token, distill_token, launch)
@@ -535,10 +541,10 @@ def bipartite_merge_triton(x, metric, r, size=None, class_token=True, distill_to
     return out, size_out
 
 
-def atme_merge_triton(x, metric, grid, axis, num_prefix_tokens=1, size=None, out=None,
-                      size_out=None, kernel_launcher=None):
+def atme_merge_triton(x, metric, grid, axis, num_prefix_tokens=1, size=None, *, out=None,
+                      size_out=None, launch=None):
     """ATME with one fused kernel; returns (x, size, new_grid)."""
-    launch = kernel_launcher or (lambda kernel: kernel)
+    launch = launch or launch_directly
     batch, tokens, channels = x.shape
     new_grid = atme_merged_grid(grid, axis)
     n_out = num_prefix_tokens + new_grid[0] * new_grid[1]
@@ -561,9 +567,9 @@ def atme_merge_triton(x, metric, grid, axis, num_prefix_tokens=1, size=None, out
     return out, size_out, new_grid
 
 
-def atme_unmerge_triton(x, grid_before, axis, num_prefix_tokens=1, out=None, kernel_launcher=None):
+def atme_unmerge_triton(x, grid_before, axis, num_prefix_tokens=1, *, out=None, launch=None):
     """Restores the H x W grid of grid_before: each merged token at both of its positions."""
-    launch = kernel_launcher or (lambda kernel: kernel)
+    launch = launch or launch_directly
     batch, tokens, channels = x.shape
     rows, cols = grid_before
     n_full = num_prefix_tokens + rows * cols

@@ -1,25 +1,26 @@
 """The fused attention block (pruned heads and channels) on every backend against a float64
 reference: ragged and uniform head widths, optional qkv/proj bias, key bias (proportional
-attention) and LayerScale, odd token counts."""
+attention) and LayerScale, odd token counts; timm's q/k-norm on the torch backend and the
+other backends' refusal of it."""
 import pytest
 import torch
-from conftest import cpu_backends, requires_cuda, requires_interpreter
-from numerics import FACTOR, FLOOR, INTERPRETER_BF16_FACTOR, poisoned_like, rel_err
 
+from conftest import cpu_backends, requires_cuda, requires_interpreter
 from dcvit_engine import ops
-from dcvit_engine.ops import attention as attention_dispatch
-from dcvit_engine.ops.dispatch import PRIORITY, BackendUnavailableError
-from dcvit_engine.kernels.fused_linear import fold_layer_norm
 from dcvit_engine.kernels.attention import (
+    _attention_tile_config,
     attention_block_ref,
     attention_block_triton,
     attention_context_ref,
     flash_attention_triton,
     flash_attention_why_not,
     head_layout,
-    _attention_tile_config,
     tile_split,
 )
+from dcvit_engine.kernels.fused_linear import fold_layer_norm
+from dcvit_engine.ops import attention as attention_dispatch
+from dcvit_engine.ops.dispatch import PRIORITY, BackendUnavailableError
+from numerics import FACTOR, FLOOR, INTERPRETER_BF16_FACTOR, poisoned_like, rel_err
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 RAGGED = ([64, 17, 40], [64, 5, 33])  # as UVC prunes: every head its own widths
@@ -143,12 +144,12 @@ class _FakeTensor:
 
 
 def test_triton_refusals_fp32_on_cuda_and_wide_heads():
-    refuse = attention_dispatch._triton_why_not
+    refuse = attention_dispatch.ATTENTION_BLOCK.dispatcher.impls["triton"].why_not
     weights = [None] * 6
     assert "fp32 on CUDA" in refuse(_FakeTensor("cuda", torch.float32), *weights, [64], [64])
     assert refuse(_FakeTensor("cuda", torch.bfloat16), *weights, [64, 48], [64, 16]) is None
     assert "head width 160" in refuse(_FakeTensor("cuda", torch.float16), *weights, [160], [64])
-    assert attention_dispatch._DISPATCH.priority is PRIORITY["attention_block"]
+    assert attention_dispatch.ATTENTION_BLOCK.dispatcher.priority is PRIORITY["attention_block"]
 
 
 def check_flash_core(qk_dims, v_dims, dtype, batch=2, tokens=37):
@@ -276,7 +277,7 @@ def test_non_contiguous_inputs():
 def test_opcheck(backend):
     qk_dims, v_dims = [16, 5], [8, 16]
     x, w, g, kb = make_inputs(2, 9, 32, qk_dims, v_dims, dtype=torch.float32)
-    op = torch.ops.dcvit.attention_block if backend == "cpu" else torch.ops.dcvit.attention_block_triton
+    op = torch.ops.dcvit.attention_block if backend == "cpu" else torch.ops.dcvit._triton_attention_block
     torch.library.opcheck(op.default, (x, *w, qk_dims, v_dims, 0.25, 1e-6, g, kb))
     no_optional = [t if i not in (3, 5) else None for i, t in enumerate(w)]
     torch.library.opcheck(op.default, (x, *no_optional, qk_dims, v_dims, 0.25, 1e-6, None, None))
@@ -337,3 +338,72 @@ def test_cpp_checks_name_the_argument():
         torch.ops.dcvit.attention_block(x, *w, [16, 6], v_dims, 0.25, 1e-6, g, kb)
     with pytest.raises(RuntimeError, match="key_bias"):
         torch.ops.dcvit.attention_block(x, *w, qk_dims, v_dims, 0.25, 1e-6, g, kb[:, :-1])
+
+
+# ---- q/k-norm (timm qk_norm=True): the torch backend computes it, the others refuse it ----
+
+def qk_norm_inputs(dtype=torch.float64):
+    heads, width = 3, 16
+    x, w, g, kb = make_inputs(2, 11, 40, [width] * heads, [width] * heads, dtype=dtype)
+    norms = [(1 + 0.3 * torch.randn(width, dtype=dtype), 0.2 * torch.randn(width, dtype=dtype))
+             for _ in range(2)]
+    return x, w, g, kb, [width] * heads, norms
+
+
+def timm_qk_norm_attention(x, w, g, kb, dims, q_norm, k_norm, scale, eps=1e-6):
+    """timm's Attention with qk_norm, written out with SDPA on (B, heads, N, d) tensors."""
+    norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias = w
+    h = torch.nn.functional.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
+    q, k, v = torch.nn.functional.linear(h, qkv_weight, qkv_bias).split(
+        [sum(dims), sum(dims), sum(dims)], -1)
+    q, k, v = (t.unflatten(-1, (len(dims), dims[0])).transpose(1, 2) for t in (q, k, v))
+    q = torch.nn.functional.layer_norm(q, (dims[0],), *q_norm, eps)
+    k = torch.nn.functional.layer_norm(k, (dims[0],), *k_norm, eps)
+    ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=kb[:, None, None, :],
+                                                           scale=scale)
+    y = torch.nn.functional.linear(ctx.transpose(1, 2).flatten(2), proj_weight, proj_bias)
+    return x + y * g
+
+
+def test_qk_norm_on_the_torch_backend_is_timms_attention():
+    x, w, g, kb, dims, (q_norm, k_norm) = qk_norm_inputs()
+    out = ops.attention_block(x, *w, dims, dims, 0.3, gamma=g, key_bias=kb, q_norm=q_norm,
+                              k_norm=k_norm, backend="torch")
+    expected = timm_qk_norm_attention(x, w, g, kb, dims, q_norm, k_norm, 0.3)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    plain = ops.attention_block(x, *w, dims, dims, 0.3, gamma=g, key_bias=kb, backend="torch")
+    assert (out - plain).abs().max() > 1e-3, "q/k-norm must change the result"
+
+
+def test_qk_norm_is_refused_by_the_other_backends_and_auto_runs_torch():
+    x, w, g, kb, dims, (q_norm, k_norm) = qk_norm_inputs(torch.float32)
+    kwargs = dict(gamma=g, key_bias=kb, q_norm=q_norm, k_norm=k_norm)
+    reasons = ops.attention_block_backends(x, *w, dims, dims, 0.3, **kwargs)
+    assert reasons["torch"] is None
+    for backend in ("cpu", "cuda", "triton"):
+        assert reasons[backend] is not None
+    assert "qk_norm" in reasons["cpu"] and "torch backend" in reasons["cpu"]
+    with pytest.raises(BackendUnavailableError) as info:
+        ops.attention_block(x, *w, dims, dims, 0.3, backend="cpu", **kwargs)
+    message = str(info.value)
+    # every backend's reason, then the inputs described (shape, dtype, device)
+    assert "torch: available" in message and "cpu: q/k-norm" in message
+    assert "x: (2, 11, 40) float32 on cpu" in message and "qk_dims: [16, 16, 16]" in message
+    assert "q_norm: ((16,) float32 on cpu, (16,) float32 on cpu)" in message
+    auto = ops.attention_block(x, *w, dims, dims, 0.3, **kwargs)
+    torch.testing.assert_close(auto, ops.attention_block(x, *w, dims, dims, 0.3, backend="torch", **kwargs),
+                               rtol=0, atol=0)
+
+
+def test_bad_qk_norm_is_named():
+    x, w, g, kb, dims, (q_norm, k_norm) = qk_norm_inputs(torch.float32)
+    with pytest.raises(ValueError, match="both q_norm and k_norm"):
+        ops.attention_block(x, *w, dims, dims, 0.3, q_norm=q_norm)
+    with pytest.raises(ValueError, match="k_norm weight must have shape"):
+        ops.attention_block(x, *w, dims, dims, 0.3, q_norm=q_norm, k_norm=(k_norm[0][:-1], k_norm[1]))
+    with pytest.raises(ValueError, match="q_norm bias is torch.float64"):
+        ops.attention_block(x, *w, dims, dims, 0.3, q_norm=(q_norm[0], q_norm[1].double()), k_norm=k_norm)
+    with pytest.raises(ValueError, match="one q/k width"):
+        ragged = ops.attention_block  # heads of different widths cannot share one LayerNorm
+        xr, wr, _, _ = make_inputs(1, 5, 40, [16, 8], [16, 8], dtype=torch.float32)
+        ragged(xr, *wr, [16, 8], [16, 8], 0.3, q_norm=q_norm, k_norm=k_norm)

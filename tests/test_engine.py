@@ -5,14 +5,14 @@ import copy
 import pytest
 import timm
 import torch
-from conftest import requires_cuda, requires_interpreter
-from numerics import assert_close_to_reference
 
+from conftest import requires_cuda, requires_interpreter
 from dcvit_engine import artifact
 from dcvit_engine.engine import Engine, build_engine, parse_dtype
 from dcvit_engine.ops import BackendUnavailableError
 from dcvit_engine.reference import ViTReference, reference_from_timm
 from dcvit_engine.spec import AttentionSpec, BlockSpec, MergeSpec, ViTSpec
+from numerics import assert_close_to_reference
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=10)
 TIMM_LAYOUTS = {
@@ -47,7 +47,8 @@ def compressed_spec(prop_attn=False) -> ViTSpec:
     """Ragged heads, an attention-free block, an MLP-free block, LayerScale."""
     scale = 16 ** -0.5
     blocks = [
-        BlockSpec(attn=AttentionSpec(qk_dims=[16, 8, 12, 8], v_dims=[16, 4, 16, 4], scale=scale), mlp_hidden=100),
+        BlockSpec(attn=AttentionSpec(qk_dims=[16, 8, 12, 8], v_dims=[16, 4, 16, 4], scale=scale),
+                  mlp_hidden=100),
         BlockSpec(attn=None, mlp_hidden=37),
         BlockSpec(attn=AttentionSpec(qk_dims=[16], v_dims=[9], scale=scale, qkv_bias=False, proj_bias=False),
                   mlp_hidden=0),
@@ -127,7 +128,8 @@ def test_token_merging(kind, backend):
 
 @pytest.mark.parametrize("kind", ["tome", "atme"])
 def test_token_merging_distilled_with_qk_norm(kind):
-    # qk_norm runs outside the fused op and takes its merge metric from the normalised keys
+    # qk_norm runs on the attention op's torch backend (the engine asks for "auto" there), and
+    # the merge metric comes from the normalised keys
     check_engine(randomize(ViTReference(merging_spec(kind, dist_token=True, qk_norm=True))), "cpu",
                  torch.float32)
 
@@ -145,7 +147,7 @@ def test_triton_interpreter_tiny_model(kind):
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_fullgraph_compile_on_cpu(backend):
-    # merges, proportional attention, qk_norm (the SDPA path), ragged heads, removed branches
+    # merges, proportional attention, qk_norm (the op's torch backend), ragged heads, removed branches
     reference = randomize(ViTReference(merging_spec("tome", qk_norm=True)))
     engine = build_engine(reference, backend=backend)
     images = images_for(reference.spec, 2).float()

@@ -4,14 +4,14 @@ import importlib
 import warnings
 
 import torch
-from conftest import requires_interpreter
-from test_engine import compressed_spec, randomize
 
+from conftest import requires_interpreter
 from dcvit_engine.engine import build_engine, default_dtype
-from dcvit_engine.kernels.head_padding import HEAD_WIDTH_MULTIPLE as HIDDEN_MULTIPLE
 from dcvit_engine.kernels.fused_linear import fold_layer_norm
+from dcvit_engine.kernels.head_padding import HEAD_WIDTH_MULTIPLE as HIDDEN_MULTIPLE
 from dcvit_engine.ops.dispatch import PRIORITY, OpDispatcher, triton_gemm_why_not
 from dcvit_engine.reference import ViTReference
+from test_engine import compressed_spec, randomize
 
 
 class _FakeTensor:
@@ -45,7 +45,7 @@ def test_gpu_priority_comes_from_the_one_table():
     op_module = importlib.import_module("dcvit_engine.ops.mlp_block")
     assert OpDispatcher("mlp_block", []).priority is PRIORITY["mlp_block"]
     assert PRIORITY["mlp_block"]["cuda"][0] == "triton"
-    assert op_module._DISPATCH.priority is PRIORITY["mlp_block"]
+    assert op_module.MLP_BLOCK.dispatcher.priority is PRIORITY["mlp_block"]
 
 
 def test_no_folded_copies_on_the_cpu_backend():
@@ -71,13 +71,13 @@ def test_triton_engine_passes_its_folded_weights(monkeypatch):
     op_module = importlib.import_module("dcvit_engine.ops.mlp_block")
     engine = build_engine(randomize(ViTReference(compressed_spec())), backend="triton")
     seen = []
-    original = op_module.mlp_block_triton
+    original = op_module.MLP_BLOCK.triton_launcher
 
     def recording(*args, fc1_folded=None, **kwargs):
         seen.append(fc1_folded)
         return original(*args, fc1_folded=fc1_folded, **kwargs)
 
-    monkeypatch.setattr(op_module, "mlp_block_triton", recording)
+    monkeypatch.setattr(op_module.MLP_BLOCK, "triton_launcher", recording)
     engine(torch.randn(1, engine.spec.in_chans, *engine.spec.img_size))
     folded = [b.fc1_folded for b in engine.blocks if b.has_mlp]
     assert len(seen) == len(folded) and all(s.weight is f.weight for s, f in zip(seen, folded))
@@ -99,10 +99,8 @@ def test_triton_engine_pads_mlp_hidden_invisibly():
 
 
 def test_every_op_has_a_row_in_the_priority_table():
-    attention = importlib.import_module("dcvit_engine.ops.attention")
-    mlp = importlib.import_module("dcvit_engine.ops.mlp_block")
-    merge = importlib.import_module("dcvit_engine.ops.token_merge")
-    names = {attention.OP, mlp.OP, merge.TOME_OP, merge.ATME_OP, merge.UNMERGE_OP}
+    names = set(importlib.import_module("dcvit_engine.ops").OPS)
+    assert names == {"mlp_block", "attention_block", "tome_merge", "atme_merge", "atme_unmerge"}
     assert names == set(PRIORITY)
     for name in names:
         assert set(PRIORITY[name]) == {"cuda", "cpu"} and PRIORITY[name]["cpu"][-1] == "torch"

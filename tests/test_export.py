@@ -1,4 +1,4 @@
-"""`dcvit export`: the exportable ToMe merge against bipartite_merge_ref in float64, every
+"""`dcvit export`: the exportable ToMe merge against tome_merge_ref in float64, every
 method's model through torch.export (.pt2) and ONNX (onnxruntime), the exported files run
 without dcvit_engine, the bad-input refusals (one line, exit 2, nothing written), and
 `dcvit bench --onnx`. Tiny random models: an ONNX export takes seconds."""
@@ -15,7 +15,7 @@ import torch
 from dcvit_engine import artifact, export
 from dcvit_engine.cli import main
 from dcvit_engine.exportable_merge import bipartite_merge_static, stable_argsort_descending
-from dcvit_engine.kernels.token_merge import atme_merge_ref, bipartite_merge_ref
+from dcvit_engine.kernels.token_merge import atme_merge_ref, tome_merge_ref
 from dcvit_engine.reference import ViTReference
 from dcvit_engine.spec import AttentionSpec, BlockSpec, MergeSpec, ViTSpec
 from numerics import rel_err
@@ -124,7 +124,7 @@ def test_static_tome_merge_equals_the_reference_in_float64(class_token, distill_
     metric[:, 10:14] = metric[:, 20:21]  # four tokens with one metric: tied best matches
     size = torch.randint(1, 4, (2, tokens, 1)).double()
     got, got_size = bipartite_merge_static(x, metric, r, size, class_token, distill_token)
-    want, want_size = bipartite_merge_ref(x, metric, r, size, class_token, distill_token)
+    want, want_size = tome_merge_ref(x, metric, r, size, class_token, distill_token)
     assert torch.equal(got_size, want_size)  # integer counts: exact by construction
     torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
 
@@ -139,9 +139,9 @@ def test_static_tome_merge_sums_in_fp32_in_low_precision(dtype):
     size = torch.randint(1, 5, (2, 51, 1)).double()
     x, metric, size = (t.to(dtype) for t in (x, metric, size))
     # the float64 reference on the low-precision inputs: only the merge's own rounding differs
-    want, want_size = bipartite_merge_ref(x.double(), metric.double(), 12, size.double(), True, False)
+    want, want_size = tome_merge_ref(x.double(), metric.double(), 12, size.double(), True, False)
     got, got_size = bipartite_merge_static(x, metric, 12, size, True, False)
-    same_precision, _ = bipartite_merge_ref(x, metric, 12, size, True, False)
+    same_precision, _ = tome_merge_ref(x, metric, 12, size, True, False)
     assert got.dtype == dtype and torch.equal(got_size.double(), want_size)
     # one rounding instead of one per product and sum: measured about half the error
     assert rel_err(got, want) < 0.75 * rel_err(same_precision, want)
@@ -161,7 +161,7 @@ def test_reference_module_merges_through_the_static_merge():
         x, metric = model.blocks[1].attention_residual(model.blocks[0].mlp_residual(got), size,
                                                        return_keys=True)
         got, got_size = model._merge(1, x, size, metric)
-        want, want_size = bipartite_merge_ref(x, metric, 6, size, True, True)
+        want, want_size = tome_merge_ref(x, metric, 6, size, True, True)
     torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
     assert torch.equal(got_size, want_size)
 

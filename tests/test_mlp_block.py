@@ -1,14 +1,20 @@
 """The fused MLP-only block on every backend against a float64 reference."""
 import pytest
 import torch
-from conftest import cpu_backends, requires_cuda, requires_interpreter
-from numerics import assert_close_to_reference, poisoned_like
 
+from conftest import cpu_backends, requires_cuda, requires_interpreter
 from dcvit_engine import ops
-from dcvit_engine.kernels.fused_linear import (fold_layer_norm, gemm_config_name, gemm_configs,
-                                               gemm_tile_config, linear_residual, ln_linear)
+from dcvit_engine.kernels.fused_linear import (
+    fold_layer_norm,
+    gemm_config_name,
+    gemm_configs,
+    gemm_tile_config,
+    linear_residual,
+    ln_linear,
+)
 from dcvit_engine.kernels.mlp_block import mlp_block_ref, mlp_block_triton
 from dcvit_engine.ops.dispatch import BackendUnavailableError
+from numerics import assert_close_to_reference, poisoned_like
 
 CPU_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -45,7 +51,8 @@ def check_backend(backend, batch, tokens, dim, hidden, layer_scale, dtype, devic
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
-@pytest.mark.parametrize("tokens,dim,hidden", [(197, 192, 37), (197, 96, 1000), (50, 192, 3072), (50, 96, 37)])
+@pytest.mark.parametrize("tokens,dim,hidden",
+                         [(197, 192, 37), (197, 96, 1000), (50, 192, 3072), (50, 96, 37)])
 @pytest.mark.parametrize("layer_scale", [False, True])
 def test_cpu_backend(tokens, dim, hidden, layer_scale, dtype):
     check_backend("cpu", 2, tokens, dim, hidden, layer_scale, dtype)
@@ -228,7 +235,7 @@ def test_non_contiguous_input():
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=requires_interpreter)])
 def test_opcheck(backend):
     x, w, g = make_inputs(2, 9, 48, 37, True, dtype=torch.float32)
-    op = torch.ops.dcvit.mlp_block if backend == "cpu" else torch.ops.dcvit.mlp_block_triton
+    op = torch.ops.dcvit.mlp_block if backend == "cpu" else torch.ops.dcvit._triton_mlp_block
     for gamma in (g, None):
         torch.library.opcheck(op.default, (x, *w, gamma, 1e-6))
 
@@ -253,3 +260,18 @@ def test_bad_shapes_are_named():
         ops.mlp_block(x, *w, gamma=g[:-1])
     with pytest.raises(ValueError, match="dtype|is torch.float64"):
         ops.mlp_block(x, w[0].double(), *w[1:])
+
+
+def test_one_dot_rule_for_every_triton_kernel():
+    # The GEMMs, attention and ToMe's matching once wrote their own tl.dot settings and
+    # disagreed on fp16 under the interpreter; they now share kernels/launching.py, which
+    # upcasts both 16-bit types there (fp16 runs through test_triton_backend_interpreted).
+    from dcvit_engine.kernels import attention, fused_linear, launching, token_merge
+    for module in (attention, fused_linear, token_merge):
+        assert module.dot_precision is launching.dot_precision
+        assert module.dot_upcast is launching.dot_upcast
+    assert launching.dot_upcast("cpu", torch.float16) and launching.dot_upcast("cpu", torch.bfloat16)
+    assert not launching.dot_upcast("cpu", torch.float32)
+    assert not any(launching.dot_upcast("cuda", d) for d in CPU_DTYPES)
+    assert launching.dot_precision(torch.float32) == "ieee"
+    assert launching.dot_precision(torch.float16) == launching.dot_precision(torch.bfloat16) == "tf32"

@@ -3,7 +3,7 @@ follows the spec's schedule, and the merge uses the block's keys averaged over h
 import pytest
 import torch
 
-from dcvit_engine.kernels.token_merge import bipartite_merge_ref
+from dcvit_engine.kernels.token_merge import tome_merge_ref
 from dcvit_engine.reference import ViTReference
 from dcvit_engine.spec import AttentionSpec, BlockSpec, MergeSpec, ViTSpec, final_tokens, tokens_per_block
 
@@ -101,7 +101,7 @@ def test_tome_merge_uses_keys_averaged_over_heads_and_sizes_drive_attention():
         keys = first.attn.qkv(first.norm1(x))[..., 24:48]
         metric = keys.unflatten(-1, (3, 8)).mean(dim=2)  # ToMe: k.mean over heads
         x = first.attention_residual(x, None)
-        x, size = bipartite_merge_ref(x, metric, 12, None, True, False)
+        x, size = tome_merge_ref(x, metric, 12, None, True, False)
         x = first.mlp_residual(x)
         assert size.sum(1).flatten().tolist() == [65.0, 65.0] and size.max() > 1
         x = second.mlp_residual(second.attention_residual(x, size))
@@ -109,7 +109,7 @@ def test_tome_merge_uses_keys_averaged_over_heads_and_sizes_drive_attention():
         torch.testing.assert_close(model.forward_features(images), expected, rtol=1e-12, atol=1e-12)
         # without sizes the second block's attention differs: sizes are really used
         no_sizes = model.norm(second.mlp_residual(second.attention_residual(
-            first.mlp_residual(bipartite_merge_ref(first.attention_residual(
+            first.mlp_residual(tome_merge_ref(first.attention_residual(
                 model._pos_embed(model.patch_embed(images)), None), metric, 12)[0]), None)))
         assert not torch.allclose(no_sizes, expected)
 

@@ -6,18 +6,18 @@ float64 reference, and, through one-hot token features, for merging exactly the 
 """
 import pytest
 import torch
-from conftest import cpu_backends, requires_cuda, requires_interpreter
-from numerics import assert_close_to_reference, poisoned_like
 
+from conftest import cpu_backends, requires_cuda, requires_interpreter
 from dcvit_engine import ops
 from dcvit_engine.kernels.token_merge import (
     atme_merge_ref,
     atme_merge_triton,
     atme_unmerge_ref,
     atme_unmerge_triton,
-    bipartite_merge_ref,
-    bipartite_merge_triton,
+    tome_merge_ref,
+    tome_merge_triton,
 )
+from numerics import assert_close_to_reference, poisoned_like
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # ATME sizes are fractional: one unit in the last place of each dtype (the Triton interpreter
@@ -131,12 +131,12 @@ TOME_CASES = [  # (tokens, r, class_token, distill_token)
 @pytest.mark.parametrize("with_size", [False, True])
 def test_tome_reference_matches_loop(tokens, r, class_token, distill_token, with_size):
     x, metric, size = make_inputs(2, tokens, 7, 5, with_size)
-    out, out_size = bipartite_merge_ref(x, metric, r, size, class_token, distill_token)
+    out, out_size = tome_merge_ref(x, metric, r, size, class_token, distill_token)
     expected, expected_size, groups = loop_tome(x, metric, r, size, class_token, distill_token)
     assert out.shape == expected.shape and torch.equal(out_size, expected_size)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-    ids, _ = bipartite_merge_ref(one_hot_tokens(2, tokens, torch.float64), metric, r, size,
-                                 class_token, distill_token)
+    ids, _ = tome_merge_ref(one_hot_tokens(2, tokens, torch.float64), metric, r, size,
+                            class_token, distill_token)
     assert groups_from_one_hot(ids) == groups
     assert out_size.sum(1).flatten().tolist() == (size.sum(1) if with_size else
                                                   torch.full((2, 1), tokens)).flatten().tolist()
@@ -150,21 +150,21 @@ def check_tome_backend(backend, tokens, r, class_token, distill_token, dtype, wi
     # reference on the same (rounded) inputs, so both see the same similarities
     m64 = m64.to(dtype).double()
     x, metric, size = cast(x64, dtype, device), cast(m64, dtype, device), cast(s64, dtype, device)
-    ref64, ref_size = bipartite_merge_ref(x.double().cpu(), m64, r, s64, class_token, distill_token)
-    same_precision, _ = bipartite_merge_ref(x.cpu(), metric.cpu(), r, cast(s64, dtype),
-                                            class_token, distill_token)
-    out, out_size = ops.bipartite_merge(x, metric, r, size, class_token, distill_token, backend=backend)
+    ref64, ref_size = tome_merge_ref(x.double().cpu(), m64, r, s64, class_token, distill_token)
+    same_precision, _ = tome_merge_ref(x.cpu(), metric.cpu(), r, cast(s64, dtype),
+                                       class_token, distill_token)
+    out, out_size = ops.tome_merge(x, metric, r, size, class_token, distill_token, backend=backend)
     assert out.dtype == dtype and out_size.dtype == dtype and out.shape == ref64.shape
     assert torch.equal(out_size.double().cpu(), ref_size)
     interp_bf16 = backend == "triton" and device == "cpu" and dtype == torch.bfloat16
     assert_close_to_reference(out.cpu(), ref64, same_precision, interpreter_bf16=interp_bf16,
                               what=f"tome {backend} {dtype} N={tokens} r={r}")
     # exactly the same tokens merge
-    ids, _ = ops.bipartite_merge(one_hot_tokens(batch, tokens, torch.float32, device), metric.float(),
+    ids, _ = ops.tome_merge(one_hot_tokens(batch, tokens, torch.float32, device), metric.float(),
                                  r, cast(s64, torch.float32, device), class_token, distill_token,
                                  backend=backend)
-    ref_ids, _ = bipartite_merge_ref(one_hot_tokens(batch, tokens, torch.float64), m64, r, s64,
-                                     class_token, distill_token)
+    ref_ids, _ = tome_merge_ref(one_hot_tokens(batch, tokens, torch.float64), m64, r, s64,
+                                class_token, distill_token)
     assert groups_from_one_hot(ids) == groups_from_one_hot(ref_ids)
 
 
@@ -202,9 +202,9 @@ def test_tome_gpu_backends(backend, tokens, r, class_token, distill_token, dtype
 def test_tome_r_is_clamped_like_tome():
     x, metric, _ = make_inputs(2, 50, 8, 6, False)
     for backend in ("torch", "cpu"):
-        out, size = ops.bipartite_merge(x.float(), metric.float(), 1000, backend=backend)
+        out, size = ops.tome_merge(x.float(), metric.float(), 1000, backend=backend)
         assert out.shape == (2, 50 - 24, 8) and size.sum(1).flatten().tolist() == [50.0, 50.0]
-        out, size = ops.bipartite_merge(x.float(), metric.float(), 0, backend=backend)
+        out, size = ops.tome_merge(x.float(), metric.float(), 0, backend=backend)
         assert torch.equal(out, x.float()) and torch.equal(size, torch.ones(2, 50, 1))
 
 
@@ -331,7 +331,7 @@ def test_atme_unmerge_restores_grid_with_merged_values_in_both_positions(prefix,
 
 def test_out_variants_write_every_element():
     x, metric, size = (t.float() for t in make_inputs(2, 65, 24, 16, True))
-    ref, ref_size = bipartite_merge_ref(x, metric, 20, size)
+    ref, ref_size = tome_merge_ref(x, metric, 20, size)
     out, size_out = poisoned_like(ref), poisoned_like(ref_size)
     torch.ops.dcvit.tome_merge.out(x, metric, 20, size, True, False, out=out, size_out=size_out)
     torch.testing.assert_close((out, size_out), (ref, ref_size))
@@ -350,9 +350,9 @@ def test_out_variants_write_every_element():
 @requires_interpreter
 def test_triton_out_variants_write_every_element():
     x, metric, size = (t.float() for t in make_inputs(2, 65, 24, 16, True))
-    ref, ref_size = bipartite_merge_ref(x, metric, 20, size)
+    ref, ref_size = tome_merge_ref(x, metric, 20, size)
     out, size_out = poisoned_like(ref), poisoned_like(ref_size)
-    bipartite_merge_triton(x, metric, 20, size, out=out, size_out=size_out)
+    tome_merge_triton(x, metric, 20, size, out=out, size_out=size_out)
     torch.testing.assert_close((out, size_out), (ref, ref_size))
 
     ref, ref_size, _ = atme_merge_ref(x, metric, (8, 8), "h", 1, size)
@@ -368,7 +368,7 @@ def test_triton_out_variants_write_every_element():
 @requires_cuda
 def test_cuda_out_variants_write_every_element():
     x, metric, size = (t.float().cuda() for t in make_inputs(2, 197, 96, 64, True))
-    ref, ref_size = bipartite_merge_ref(x, metric, 50, size)
+    ref, ref_size = tome_merge_ref(x, metric, 50, size)
     out, size_out = poisoned_like(ref), poisoned_like(ref_size)
     torch.ops.dcvit.tome_merge.out(x, metric, 50, size, True, False, out=out, size_out=size_out)
     torch.testing.assert_close((out, size_out), (ref, ref_size))
@@ -384,10 +384,10 @@ def test_cuda_out_variants_write_every_element():
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=requires_interpreter)])
 def test_opcheck(backend):
     x, metric, size = (t.float() for t in make_inputs(2, 37, 16, 16, True))
-    suffix = "" if backend == "cpu" else "_triton"
-    tome = getattr(torch.ops.dcvit, "tome_merge" + suffix).default
-    atme = getattr(torch.ops.dcvit, "atme_merge" + suffix).default
-    unmerge = getattr(torch.ops.dcvit, "atme_unmerge" + suffix).default
+    prefix = "" if backend == "cpu" else "_triton_"
+    tome = getattr(torch.ops.dcvit, prefix + "tome_merge").default
+    atme = getattr(torch.ops.dcvit, prefix + "atme_merge").default
+    unmerge = getattr(torch.ops.dcvit, prefix + "atme_unmerge").default
     for s in (size, None):
         torch.library.opcheck(tome, (x, metric, 10, s, True, True))
         torch.library.opcheck(atme, (x, metric, 7, 5, "h", 2, s))
@@ -402,7 +402,7 @@ def test_torch_compile_fullgraph():
         def forward(self, tokens, keys, sizes):
             merged, merged_size, grid = ops.atme_merge(tokens, keys, (8, 8), "w", 1, sizes, backend=backend)
             full = ops.atme_unmerge(merged, (8, 8), "w", 1, backend=backend)
-            out, out_size = ops.bipartite_merge(full * 2, keys, 12, sizes, backend=backend)
+            out, out_size = ops.tome_merge(full * 2, keys, 12, sizes, backend=backend)
             return out, out_size, merged_size
 
     module = MergeTwice()
@@ -413,15 +413,15 @@ def test_torch_compile_fullgraph():
 def test_bad_input_is_named():
     x, metric, size = (t.float() for t in make_inputs(1, 65, 8, 4, True))
     with pytest.raises(ValueError, match="r must be an int >= 0"):
-        ops.bipartite_merge(x, metric, -1)
+        ops.tome_merge(x, metric, -1)
     with pytest.raises(ValueError, match="metric must be"):
-        ops.bipartite_merge(x, metric[:, 1:], 3)
+        ops.tome_merge(x, metric[:, 1:], 3)
     with pytest.raises(ValueError, match="metric is torch.float64"):
-        ops.bipartite_merge(x, metric.double(), 3)
+        ops.tome_merge(x, metric.double(), 3)
     with pytest.raises(ValueError, match="size must be"):
-        ops.bipartite_merge(x, metric, 3, size[..., 0])
+        ops.tome_merge(x, metric, 3, size[..., 0])
     with pytest.raises(ValueError, match="distill_token=True needs class_token"):
-        ops.bipartite_merge(x, metric, 3, class_token=False, distill_token=True)
+        ops.tome_merge(x, metric, 3, class_token=False, distill_token=True)
     with pytest.raises(ValueError, match="65 tokens"):
         ops.atme_merge(x, metric, (8, 7), "w")
     with pytest.raises(ValueError, match="axis must be 'w'"):
@@ -441,7 +441,7 @@ def test_bad_input_is_named():
 # ---- launches per ToMe merge ------------------------------------------------------------
 
 class CountingLauncher:
-    """kernel_launcher for bipartite_merge_triton: counts Triton launches and marks the time
+    """`launch` for tome_merge_triton: counts Triton launches and marks the time
     spent inside them, so that ops the interpreter itself runs are not counted as ours."""
 
     def __init__(self):
@@ -489,11 +489,11 @@ def test_tome_triton_merge_is_four_launches_and_no_aten_op(class_token, distill_
             return func(*args, **(kwargs or {}))
 
     x, metric, size = (t.float() for t in make_inputs(2, 65, 24, 16, True))
-    ref, ref_size = bipartite_merge_ref(x.double(), metric.double(), 20, size.double(),
-                                        class_token, distill_token)
+    ref, ref_size = tome_merge_ref(x.double(), metric.double(), 20, size.double(),
+                                   class_token, distill_token)
     with RecordOps() as recorder:
-        out, out_size = bipartite_merge_triton(x, metric, 20, size, class_token, distill_token,
-                                               kernel_launcher=counter)
+        out, out_size = tome_merge_triton(x, metric, 20, size, class_token, distill_token,
+                                          launch=counter)
     launching = [op for op in recorder.ops if op not in NO_LAUNCH_OPS]
     assert counter.launches == ["_tome_best_match_kernel", "_tome_rank_kernel",
                                 "_tome_plan_kernel", "_weighted_gather_kernel"]
@@ -505,10 +505,10 @@ def test_tome_triton_merge_is_four_launches_and_no_aten_op(class_token, distill_
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_tome_gpu_merge_is_at_most_four_kernels(backend):
     x, metric, size = (t.to(torch.bfloat16).cuda() for t in make_inputs(4, 197, 384, 64, True))
-    ops.bipartite_merge(x, metric, 13, size, backend=backend)  # compile / warm up
+    ops.tome_merge(x, metric, 13, size, backend=backend)  # compile / warm up
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        ops.bipartite_merge(x, metric, 13, size, backend=backend)
+        ops.tome_merge(x, metric, 13, size, backend=backend)
         torch.cuda.synchronize()
     kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert 1 <= len(kernels) <= 4, kernels

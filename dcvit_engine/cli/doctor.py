@@ -1,57 +1,120 @@
-"""`dcvit doctor`: what was built, which backend serves each op here, and a numeric check
-of every available backend against a float64 reference on fresh random inputs."""
+"""`dcvit doctor`: what was built, the backend order of every op (the one PRIORITY table),
+and a numeric check of every op on every backend available here against the float64
+reference, with the op tests' tolerance rule (dcvit_engine.ops.tolerance).
+
+Each op's inputs are its own small example (ops.define.OpDef.example), drawn with a fixed
+seed; the reference runs in float64 on the inputs as rounded to the checked dtype, so a
+backend is judged on its arithmetic, not on the rounding of its inputs. Exit status 1 when
+a backend that says it can run the inputs is wrong or fails.
+"""
 import os
 import time
 
 import torch
 
 from dcvit_engine import _native
-from dcvit_engine.ops import BACKENDS
-from dcvit_engine.ops.mlp_block import mlp_block, mlp_block_backends
+from dcvit_engine.engine import parse_dtype
+from dcvit_engine.ops import BACKENDS, OPS, PRIORITY
+from dcvit_engine.ops.dispatch import OTHER_DEVICE_ORDER, triton_interpreting
+from dcvit_engine.ops.tolerance import error_budget, rel_err
+
+DEFAULT_DTYPES = "fp32,bf16"
 
 
 def register(subparsers):
     parser = subparsers.add_parser("doctor", help="show the build and check every backend of every op")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", default=DEFAULT_DTYPES,
+                        help=f"comma-separated dtypes to check (default {DEFAULT_DTYPES})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the example inputs (default 0)")
     parser.set_defaults(func=run)
 
 
-def _mlp_inputs(device, dtype):
-    # DeiT-Tiny-like widths with an odd token count and hidden width.
-    dim, hidden, tokens = 192, 700, 197
-    g = torch.Generator().manual_seed(int(time.time()))
-    rnd = lambda *s, scale=1.0: torch.randn(*s, generator=g, dtype=torch.float64) * scale  # noqa: E731
-    x = rnd(2, tokens, dim)
-    weights = [1 + rnd(dim, scale=0.2), rnd(dim, scale=0.1), rnd(hidden, dim, scale=dim**-0.5),
-               rnd(hidden, scale=0.1), rnd(dim, hidden, scale=hidden**-0.5), rnd(dim, scale=0.1)]
-    gamma = rnd(dim).abs() + 0.1
-    return x, weights, gamma
+def _cast(values, dtype, device):
+    """Floating-point tensors to dtype/device; everything else as it is."""
+    def one(v):
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return v.to(device=device, dtype=dtype)
+        if isinstance(v, tuple):
+            return tuple(one(t) for t in v)
+        return v
+    return [one(v) for v in values]
+
+
+def _flat(out) -> torch.Tensor:
+    """One float64 CPU vector of an op's output (a tensor or a tuple of tensors)."""
+    parts = out if isinstance(out, (tuple, list)) else (out,)
+    return torch.cat([p.detach().double().cpu().flatten() for p in parts])
+
+
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def print_priority(device: torch.device) -> None:
+    print(f"\nbackend order (dcvit_engine/ops/dispatch.py PRIORITY; '*': this device, {device.type}):")
+    devices = sorted({d for row in PRIORITY.values() for d in row})
+    for name in OPS:
+        row = PRIORITY[name]
+        cells = [f"{'*' if d == device.type else ' '}{d}: {' > '.join(row[d])}" for d in devices]
+        print(f"  {name:16} " + "   ".join(f"{c:34}" for c in cells).rstrip())
+    print(f"  other devices: {' > '.join(OTHER_DEVICE_ORDER)}")
+
+
+def check_op(op, device, dtype, seed) -> int:
+    """Prints one op's table for one dtype; returns the number of wrong or failing backends."""
+    args64, options = op.spec.example(torch.Generator().manual_seed(seed))
+    args = _cast(args64, dtype, device)
+    options = dict(zip(options, _cast(options.values(), dtype, device)))
+    ref_args = _cast(args, torch.float64, torch.device("cpu"))
+    ref_options = dict(zip(options, _cast(options.values(), torch.float64, torch.device("cpu"))))
+    ref = _flat(op.run_backend("torch", *ref_args, **ref_options))
+    same_precision = _flat(op.run_backend("torch", *args, **options))
+    reasons = op.reasons(*args, **options)
+    order = PRIORITY[op.name].get(device.type, OTHER_DEVICE_ORDER)
+    chosen = next((b for b in order if reasons.get(b) is None), None)
+    shape = tuple(args[0].shape)
+    print(f"\n{op.name} on {device}, {str(dtype).replace('torch.', '')}, x {shape} "
+          f"(auto picks: {chosen or 'none'}):")
+    print(f"  {'backend':8} {'status':8} {'rel. error':>11} {'budget':>10} {'ms':>9}")
+    wrong = 0
+    for backend in BACKENDS:
+        if backend not in reasons:
+            print(f"  {backend:8} {'-':8} no {backend} implementation")
+            continue
+        if reasons[backend] is not None:
+            print(f"  {backend:8} {'off':8} {reasons[backend]}")
+            continue
+        interpreter_bf16 = backend == "triton" and device.type == "cpu" and dtype == torch.bfloat16
+        budget = error_budget(same_precision, ref, dtype, interpreter_bf16=interpreter_bf16)
+        start = time.perf_counter()
+        try:
+            out = op.run_backend(backend, *args, **options)
+            _synchronize(device)
+        except Exception as exc:  # an available backend that fails is a finding, not a crash
+            wrong += 1
+            print(f"  {backend:8} {'FAILED':8} {type(exc).__name__}: {str(exc).splitlines()[0]}")
+            continue
+        ms = (time.perf_counter() - start) * 1e3
+        flat = _flat(out)
+        ok = flat.shape == ref.shape and bool(torch.isfinite(flat).all())
+        err = rel_err(flat, ref) if flat.shape == ref.shape else float("inf")
+        ok = ok and err <= budget
+        wrong += not ok
+        print(f"  {backend:8} {'ok' if ok else 'WRONG':8} {err:11.2e} {budget:10.2e} {ms:9.2f}")
+    return wrong
 
 
 def run(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtypes = [parse_dtype(name.strip()) for name in args.dtype.split(",") if name.strip()]
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), device {device}")
     print(f"compiled ops (dcvit_engine._C): {'loaded' if _native.LOAD_ERROR is None else _native.LOAD_ERROR}")
-    print(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}, "
+    print(f"TRITON_INTERPRET={'1' if triton_interpreting() else os.environ.get('TRITON_INTERPRET', '0')}, "
           f"DCVIT_BACKEND={os.environ.get('DCVIT_BACKEND', 'auto')}")
-    x64, w64, g64 = _mlp_inputs(device, torch.float64)
-    ref = mlp_block(x64, *w64, gamma=g64, backend="torch")
-    dtype = torch.float32
-    x, w, g = x64.to(device, dtype), [t.to(device, dtype) for t in w64], g64.to(device, dtype)
-    reasons = mlp_block_backends(x, *w, gamma=g)
-    print(f"\nmlp_block on {device}, {dtype}, x {tuple(x.shape)}, hidden {w[2].shape[0]}:")
-    print(f"  {'backend':8} {'status':10} {'rel. error vs fp64':>20} {'ms':>9}")
-    wrong = 0
-    for backend in BACKENDS:
-        if reasons[backend] is not None:
-            print(f"  {backend:8} {'off':10} {reasons[backend]}")
-            continue
-        start = time.perf_counter()
-        out = mlp_block(x, *w, gamma=g, backend=backend)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        ms = (time.perf_counter() - start) * 1e3
-        err = ((out.double().cpu() - ref.cpu()).norm() / ref.cpu().norm()).item()
-        wrong += err >= 1e-4
-        print(f"  {backend:8} {'ok' if err < 1e-4 else 'WRONG':10} {err:20.2e} {ms:9.2f}")
+    print_priority(device)
+    wrong = sum(check_op(op, device, dtype, args.seed) for op in OPS.values() for dtype in dtypes)
+    verdict = f"{wrong} wrong or failing" if wrong else "every available backend matches the reference"
+    print(f"\n{verdict}")
     return 1 if wrong else 0

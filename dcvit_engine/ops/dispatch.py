@@ -23,10 +23,9 @@ BACKENDS = ("torch", "cpu", "cuda", "triton")
 ENV_VAR = "DCVIT_BACKEND"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# The CPU interpreter runs Triton kernels for testing only; it is never picked on its own.
-DEFAULT_PRIORITY = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
-
-# Backend order per op: the one place it is written. Until a GPU has timed the ops
+# Backend order per op and device: the one place it is written (`dcvit doctor` prints it).
+# On the CPU the compiled kernels come first and the CPU interpreter (Triton on CPU tensors,
+# TRITON_INTERPRET=1) is never picked on its own. Until a GPU has timed the ops
 # (benchmarks/RESULTS.md), the GPU order follows the sm_90 code-generation report:
 # - mlp_block: Triton first. With LayerNorm folded out of fc1's K loop both GEMMs are plain
 #   shared-memory GEMMs with their epilogues fused (row statistics, bias, GELU, LayerScale,
@@ -37,15 +36,18 @@ DEFAULT_PRIORITY = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")
 #   361-466 instructions per key block (target <= 500), and its qkv GEMM has LayerNorm folded
 #   out of the K loop; the cuda impl runs extra LayerNorm and residual passes around cuBLAS
 #   and SDPA. fp32 on CUDA is refused by Triton and goes to the cuda impl.
-# - token merges: the compiled kernels first (default order).
+# - token merges: the compiled CUDA kernels first; not yet measured against Triton.
 # A GPU measurement replaces these rows (bench_mlp_block / bench_attention / bench_token_merge).
+_CPU_ORDER = ("cpu", "torch")
 PRIORITY = {
-    "mlp_block": {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")},
-    "attention_block": {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")},
-    "tome_merge": DEFAULT_PRIORITY,
-    "atme_merge": DEFAULT_PRIORITY,
-    "atme_unmerge": DEFAULT_PRIORITY,
+    "mlp_block": {"cuda": ("triton", "cuda", "torch"), "cpu": _CPU_ORDER},
+    "attention_block": {"cuda": ("triton", "cuda", "torch"), "cpu": _CPU_ORDER},
+    "tome_merge": {"cuda": ("cuda", "triton", "torch"), "cpu": _CPU_ORDER},
+    "atme_merge": {"cuda": ("cuda", "triton", "torch"), "cpu": _CPU_ORDER},
+    "atme_unmerge": {"cuda": ("cuda", "triton", "torch"), "cpu": _CPU_ORDER},
 }
+# Devices other than these run the torch reference only.
+OTHER_DEVICE_ORDER = ("torch",)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -54,8 +56,8 @@ class BackendUnavailableError(RuntimeError):
 
 @dataclass(frozen=True)
 class Impl:
-    """One backend's implementation of an op: `why_not(*args)` returns None when it can
-    run these inputs, else a short reason; `run(*args)` computes the result."""
+    """One backend's implementation of an op: `why_not(*args, **options)` returns None when
+    it can run these inputs, else a short reason; `run(*args, **options)` computes the result."""
 
     backend: str
     why_not: Callable[..., str | None]
@@ -73,40 +75,64 @@ def requested_backend(backend: str | None) -> str | None:
     return name
 
 
-class OpDispatcher:
-    """Chooses and runs one op's implementation; see the module docstring."""
+def describe_value(value) -> str:
+    """A short description of one input: shape, dtype and device of a tensor, else its repr."""
+    if isinstance(value, torch.Tensor):
+        dtype = str(value.dtype).replace("torch.", "")
+        return f"{tuple(value.shape)} {dtype} on {value.device}"
+    if isinstance(value, tuple) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return "(" + ", ".join(describe_value(v) for v in value) + ")"
+    return repr(value)
 
-    def __init__(self, op: str, impls: Sequence[Impl], priority: dict | None = None):
-        # `priority` overrides the PRIORITY table (tests); ops take their row from the table
+
+class OpDispatcher:
+    """Chooses and runs one op's implementation; see the module docstring. `arg_names` (the
+    schema's) name the inputs in a refusal."""
+
+    def __init__(self, op: str, impls: Sequence[Impl], priority: dict | None = None,
+                 arg_names: Sequence[str] = ()):
+        # `priority` overrides the PRIORITY table (tests); every op takes its row from it
         self.op = op
         self.impls = {impl.backend: impl for impl in impls}
-        self.priority = priority or PRIORITY.get(op, DEFAULT_PRIORITY)
+        self.priority = priority if priority is not None else PRIORITY[op]
+        self.arg_names = list(arg_names)
 
-    def reasons(self, *args) -> dict[str, str | None]:
+    def order(self, device_type: str) -> tuple[str, ...]:
+        return self.priority.get(device_type, OTHER_DEVICE_ORDER)
+
+    def reasons(self, *args, **options) -> dict[str, str | None]:
         """Every backend's reason for refusing these inputs (None: it can run them)."""
-        return {name: impl.why_not(*args) for name, impl in self.impls.items()}
+        return {name: impl.why_not(*args, **options) for name, impl in self.impls.items()}
 
-    def choose(self, device: torch.device, *args, backend: str | None = None) -> Impl:
+    def choose(self, device: torch.device, *args, backend: str | None = None, **options) -> Impl:
         wanted = requested_backend(backend)
         if wanted is not None:
             impl = self.impls.get(wanted)
-            reason = impl.why_not(*args) if impl else f"{self.op} has no {wanted} implementation"
+            reason = impl.why_not(*args, **options) if impl else f"{self.op} has no {wanted} implementation"
             if reason is None:
                 return impl
-            raise BackendUnavailableError(self._refusal(f"backend {wanted!r} was requested", args))
-        for name in self.priority.get(device.type, ("torch",)):
+            raise BackendUnavailableError(self._refusal(f"backend {wanted!r} was requested", args, options))
+        for name in self.order(device.type):
             impl = self.impls.get(name)
-            if impl is not None and impl.why_not(*args) is None:
+            if impl is not None and impl.why_not(*args, **options) is None:
                 return impl
-        raise BackendUnavailableError(self._refusal(f"no backend can run it on {device}", args))
+        raise BackendUnavailableError(self._refusal(f"no backend can run it on {device}", args, options))
 
-    def __call__(self, device: torch.device, *args, backend: str | None = None):
-        return self.choose(device, *args, backend=backend).run(*args)
+    def __call__(self, device: torch.device, *args, backend: str | None = None, **options):
+        return self.choose(device, *args, backend=backend, **options).run(*args, **options)
 
-    def _refusal(self, headline: str, args) -> str:
+    def describe_inputs(self, args, options) -> str:
+        """One line per given input: its name (from the schema) and what it is."""
+        names = self.arg_names + [f"arg{i}" for i in range(len(self.arg_names), len(args))]
+        given = list(zip(names, args)) + [(k, v) for k, v in options.items() if v is not None]
+        return "\n".join(f"  {name}: {describe_value(value)}" for name, value in given)
+
+    def _refusal(self, headline: str, args, options) -> str:
         lines = [f"{self.op}: {headline}, but:"]
-        for name, reason in self.reasons(*args).items():
+        for name, reason in self.reasons(*args, **options).items():
             lines.append(f"  {name}: {reason or 'available'}")
+        lines.append("for the inputs")
+        lines.append(self.describe_inputs(args, options))
         lines.append(f"Pass backend=... or set {ENV_VAR} to an available backend.")
         return "\n".join(lines)
 
@@ -128,22 +154,19 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def cpu_native_why_not(op: str, tensors: Sequence[torch.Tensor], dtypes=FLOAT_DTYPES) -> str | None:
-    device = tensors[0].device
-    if device.type != "cpu":
-        return f"inputs are on {device}, not the CPU"
-    if tensors[0].dtype not in dtypes:
-        return f"dtype {tensors[0].dtype} not supported"
-    return native_unavailable(op, "CPU")
+_NATIVE_KEYS = {"cpu": ("CPU", "the CPU"), "cuda": ("CUDA", "a CUDA device")}
 
 
-def cuda_native_why_not(op: str, tensors: Sequence[torch.Tensor], dtypes=FLOAT_DTYPES) -> str | None:
+def native_why_not(op: str, device_type: str, tensors: Sequence[torch.Tensor],
+                   dtypes=FLOAT_DTYPES) -> str | None:
+    """Why the compiled `device_type` ('cpu'/'cuda') kernel of `op` cannot take the inputs."""
+    key, where = _NATIVE_KEYS[device_type]
     device = tensors[0].device
-    if device.type != "cuda":
-        return f"inputs are on {device}, not a CUDA device"
+    if device.type != device_type:
+        return f"inputs are on {device}, not {where}"
     if tensors[0].dtype not in dtypes:
         return f"dtype {tensors[0].dtype} not supported"
-    return native_unavailable(op, "CUDA")
+    return native_unavailable(op, key)
 
 
 def triton_why_not(tensors: Sequence[torch.Tensor], dtypes=FLOAT_DTYPES) -> str | None:
@@ -173,17 +196,3 @@ def torch_why_not(tensors: Sequence[torch.Tensor]) -> str | None:
     if not tensors[0].is_floating_point():
         return f"dtype {tensors[0].dtype} is not a floating-point type"
     return None
-
-
-def standard_impls(op: str, run_torch, run_native, run_triton, *, gemm: bool = False) -> list[Impl]:
-    """The four backends of an op whose first argument is its main input tensor: the torch
-    reference, the compiled kernels (torch.ops.dcvit.<op> on CPU and CUDA) and the Triton op,
-    each refusing by the shared reasons above. `gemm`: the Triton op runs GEMMs, so it also
-    refuses fp32 on CUDA (triton_gemm_why_not)."""
-    triton_check = triton_gemm_why_not if gemm else triton_why_not
-    return [
-        Impl("torch", lambda x, *rest: torch_why_not([x]), run_torch),
-        Impl("cpu", lambda x, *rest: cpu_native_why_not(op, [x]), run_native),
-        Impl("cuda", lambda x, *rest: cuda_native_why_not(op, [x]), run_native),
-        Impl("triton", lambda x, *rest: triton_check([x]), run_triton),
-    ]

@@ -2,17 +2,13 @@
 
 This is what DC-ViT leaves where it removes a block's attention. Backends: torch
 (kernels.mlp_block.mlp_block_ref), cpu and cuda (torch.ops.dcvit.mlp_block from
-dcvit_engine._C), triton (torch.ops.dcvit.mlp_block_triton, a torch.library.triton_op).
+dcvit_engine._C), triton (kernels.mlp_block.mlp_block_triton; see ops/define.py).
 """
 import torch
 
-from dcvit_engine import _native
 from dcvit_engine.kernels.fused_linear import FoldedNorm
 from dcvit_engine.kernels.mlp_block import mlp_block_ref, mlp_block_triton
-from dcvit_engine.ops.dispatch import OpDispatcher, standard_impls
-from dcvit_engine.ops.registration import KERNEL_LAUNCHER, triton_kernel_op
-
-OP = "mlp_block"
+from dcvit_engine.ops.define import OpDef, define_op
 
 
 def check_mlp_block_args(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
@@ -63,51 +59,36 @@ def check_folded(folded: FoldedNorm, weight, x, name="fc1_folded"):
         raise ValueError(f"{name} is not on {x.device}, where x is")
 
 
-def _mlp_block_fake(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                    gamma, eps, fc1_folded_weight=None, fc1_folded_bias=None, fc1_weight_sums=None):
+def _fake(x, *args):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@triton_kernel_op("dcvit::mlp_block_triton", fake=_mlp_block_fake)
-def _mlp_block_triton_op(
-    x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
-    fc1_weight: torch.Tensor, fc1_bias: torch.Tensor, fc2_weight: torch.Tensor,
-    fc2_bias: torch.Tensor, gamma: torch.Tensor | None, eps: float,
-    fc1_folded_weight: torch.Tensor | None = None, fc1_folded_bias: torch.Tensor | None = None,
-    fc1_weight_sums: torch.Tensor | None = None,
-) -> torch.Tensor:
-    # the three fc1_folded tensors: fold_layer_norm's result, all or none (see mlp_block)
-    folded = None if fc1_folded_weight is None else \
-        FoldedNorm(fc1_folded_weight, fc1_folded_bias, fc1_weight_sums)
-    return mlp_block_triton(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                            gamma=gamma, eps=eps, kernel_launcher=KERNEL_LAUNCHER, fc1_folded=folded)
+def _example(generator):
+    """Small odd-shaped float64 inputs (dcvit doctor): schema arguments and options."""
+    dim, hidden, tokens = 40, 72, 37
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64) * scale
+
+    weights = (1 + rnd(dim, scale=0.2), rnd(dim, scale=0.1), rnd(hidden, dim, scale=dim**-0.5),
+               rnd(hidden, scale=0.1), rnd(dim, hidden, scale=hidden**-0.5), rnd(dim, scale=0.1))
+    return (rnd(2, tokens, dim), *weights, rnd(dim).abs() + 0.1, 1e-6), {}
 
 
-if _native.LOAD_ERROR is None:
-    torch.library.register_fake("dcvit::mlp_block")(_mlp_block_fake)
-
-# Resolve the compiled kernels' availability now, outside any torch.compile trace.
-_native.native_unavailable(OP, "CPU")
-_native.native_unavailable(OP, "CUDA")
-
-
-# Every impl gets (x, 6 weights, gamma, eps, fc1_folded); only Triton uses fc1_folded.
-def _run_torch(*args):
-    *tensors, gamma, eps, _ = args
-    return mlp_block_ref(*tensors, gamma=gamma, eps=eps)
-
-
-def _run_native(*args):
-    return torch.ops.dcvit.mlp_block(*args[:-1])
-
-
-def _run_triton(*args):
-    *rest, folded = args
-    return torch.ops.dcvit.mlp_block_triton(*rest, *(folded if folded is not None else ()))
-
-
-# Backend order: dispatch.PRIORITY["mlp_block"].
-_DISPATCH = OpDispatcher(OP, standard_impls(OP, _run_torch, _run_native, _run_triton, gemm=True))
+MLP_BLOCK = define_op(OpDef(
+    name="mlp_block",
+    schema="(Tensor x, Tensor norm_weight, Tensor norm_bias, Tensor fc1_weight, Tensor fc1_bias, "
+           "Tensor fc2_weight, Tensor fc2_bias, Tensor? gamma, float eps) -> Tensor",
+    reference=mlp_block_ref,
+    fake=_fake,
+    triton=mlp_block_triton,
+    # fold_layer_norm's result for fc1, all three or none (see mlp_block)
+    triton_options={"fc1_folded": (FoldedNorm, "Tensor? fc1_folded_weight=None, "
+                                               "Tensor? fc1_folded_bias=None, Tensor? fc1_weight_sums=None")},
+    gemm=True,
+    example=_example,
+))
+OP = MLP_BLOCK.name
 
 
 def mlp_block(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *,
@@ -122,11 +103,10 @@ def mlp_block(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_b
     check_mlp_block_args(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma)
     if fc1_folded is not None:
         check_folded(fc1_folded, fc1_weight, x)
-    args = (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, float(eps),
-            fc1_folded)
-    return _DISPATCH(x.device, *args, backend=backend)
+    return MLP_BLOCK(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma,
+                     float(eps), backend=backend, fc1_folded=fc1_folded)
 
 
 def mlp_block_backends(x, *weights, gamma=None, eps=1e-6) -> dict[str, str | None]:
     """Each backend's reason for refusing these inputs (None: available)."""
-    return _DISPATCH.reasons(x, *weights, gamma, float(eps), None)
+    return MLP_BLOCK.reasons(x, *weights, gamma, float(eps))

@@ -4,27 +4,22 @@ Both run after a block's attention residual and before its MLP (see dcvit_engine
 `size` (B, N, 1) counts the original tokens each token stands for; proportional attention
 adds log(size) to the attention logits. Backends: torch (the *_ref functions of
 dcvit_engine.kernels.token_merge), cpu and cuda (torch.ops.dcvit.{tome_merge, atme_merge,
-atme_unmerge} from dcvit_engine._C), triton (torch.ops.dcvit.*_triton).
+atme_unmerge} from dcvit_engine._C), triton (the *_triton launchers; see ops/define.py).
 """
 import torch
 
-from dcvit_engine import _native
 from dcvit_engine.kernels.token_merge import (
     atme_merge_ref,
     atme_merge_triton,
     atme_merged_grid,
     atme_unmerge_ref,
     atme_unmerge_triton,
-    bipartite_merge_ref,
-    bipartite_merge_triton,
     tome_effective_r,
+    tome_merge_ref,
+    tome_merge_triton,
 )
-from dcvit_engine.ops.dispatch import OpDispatcher, standard_impls
-from dcvit_engine.ops.registration import KERNEL_LAUNCHER, triton_kernel_op
+from dcvit_engine.ops.define import OpDef, define_op
 
-TOME_OP = "tome_merge"
-ATME_OP = "atme_merge"
-UNMERGE_OP = "atme_unmerge"
 ATME_AXES = ("w", "h")
 
 
@@ -63,9 +58,9 @@ def _check_metric_and_size(op, x, metric, size):
             raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
 
 
-def check_bipartite_merge_args(x, metric, r, size, class_token, distill_token):
+def check_tome_merge_args(x, metric, r, size, class_token, distill_token):
     """Raises ValueError naming the argument that is off."""
-    op = "bipartite_merge"
+    op = "tome_merge"
     _check_metric_and_size(op, x, metric, size)
     _check_int(op, "r", r, 0)
     for name, flag in (("class_token", class_token), ("distill_token", distill_token)):
@@ -103,7 +98,7 @@ def check_atme_layout(op, x, grid, axis, num_prefix_tokens, merged):
     return grid
 
 
-# ---- op registrations (triton ops, fake impls) -----------------------------------------
+# ---- the ops ------------------------------------------------------------------------------
 
 def _tome_fake(x, metric, r, size, class_token, distill_token):
     n_out = x.shape[1] - tome_effective_r(x.shape[1], r, class_token, distill_token)
@@ -120,68 +115,75 @@ def _unmerge_fake(x, grid_h, grid_w, axis, num_prefix_tokens):
     return x.new_empty((x.shape[0], num_prefix_tokens + grid_h * grid_w, x.shape[2]))
 
 
-@triton_kernel_op("dcvit::tome_merge_triton", fake=_tome_fake)
-def _tome_merge_triton_op(
-    x: torch.Tensor, metric: torch.Tensor, r: int, size: torch.Tensor | None,
-    class_token: bool, distill_token: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return bipartite_merge_triton(x, metric, r, size, class_token, distill_token,
-                                  kernel_launcher=KERNEL_LAUNCHER)
+# The schemas take the grid as two ints and return no grid; the kernels' functions take a
+# (rows, cols) grid and ATME's also returns the new grid.
+def _atme_ref(x, metric, grid_h, grid_w, axis, num_prefix_tokens, size):
+    return atme_merge_ref(x, metric, (grid_h, grid_w), axis, num_prefix_tokens, size)[:2]
 
 
-@triton_kernel_op("dcvit::atme_merge_triton", fake=_atme_fake)
-def _atme_merge_triton_op(
-    x: torch.Tensor, metric: torch.Tensor, grid_h: int, grid_w: int, axis: str,
-    num_prefix_tokens: int, size: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    out, size_out, _ = atme_merge_triton(x, metric, (grid_h, grid_w), axis, num_prefix_tokens, size,
-                                         kernel_launcher=KERNEL_LAUNCHER)
-    return out, size_out
+def _atme_triton(x, metric, grid_h, grid_w, axis, num_prefix_tokens, size, *, launch):
+    return atme_merge_triton(x, metric, (grid_h, grid_w), axis, num_prefix_tokens, size, launch=launch)[:2]
 
 
-@triton_kernel_op("dcvit::atme_unmerge_triton", fake=_unmerge_fake)
-def _atme_unmerge_triton_op(
-    x: torch.Tensor, grid_h: int, grid_w: int, axis: str, num_prefix_tokens: int,
-) -> torch.Tensor:
-    return atme_unmerge_triton(x, (grid_h, grid_w), axis, num_prefix_tokens,
-                               kernel_launcher=KERNEL_LAUNCHER)
+def _unmerge_ref(x, grid_h, grid_w, axis, num_prefix_tokens):
+    return atme_unmerge_ref(x, (grid_h, grid_w), axis, num_prefix_tokens)
 
 
-if _native.LOAD_ERROR is None:
-    torch.library.register_fake("dcvit::tome_merge")(_tome_fake)
-    torch.library.register_fake("dcvit::atme_merge")(_atme_fake)
-    torch.library.register_fake("dcvit::atme_unmerge")(_unmerge_fake)
-
-# Resolve the compiled kernels' availability now, outside any torch.compile trace.
-for _op in (TOME_OP, ATME_OP, UNMERGE_OP):
-    _native.native_unavailable(_op, "CPU")
-    _native.native_unavailable(_op, "CUDA")
+def _unmerge_triton(x, grid_h, grid_w, axis, num_prefix_tokens, *, launch):
+    return atme_unmerge_triton(x, (grid_h, grid_w), axis, num_prefix_tokens, launch=launch)
 
 
-# Default priorities (cuda before triton on the GPU): not yet measured against each other.
-_TOME = OpDispatcher(TOME_OP, standard_impls(
-    TOME_OP,
-    lambda x, metric, r, size, cls, dist: bipartite_merge_ref(x, metric, r, size, cls, dist),
-    lambda *args: torch.ops.dcvit.tome_merge(*args),
-    lambda *args: torch.ops.dcvit.tome_merge_triton(*args),
+# Examples for dcvit doctor: a class and a distillation token and a 5 x 7 patch grid.
+_EXAMPLE_GRID = (5, 7)
+
+
+def _tokens_example(generator, channels=24, metric_channels=16):
+    tokens = 2 + _EXAMPLE_GRID[0] * _EXAMPLE_GRID[1]
+    x = torch.randn(2, tokens, channels, generator=generator, dtype=torch.float64)
+    metric = torch.randn(2, tokens, metric_channels, generator=generator, dtype=torch.float64)
+    size = 1 + torch.rand(2, tokens, 1, generator=generator, dtype=torch.float64) * 3
+    return x, metric, size
+
+
+def _tome_example(generator):
+    x, metric, size = _tokens_example(generator)
+    return (x, metric, 11, size, True, True), {}
+
+
+def _atme_example(generator):
+    x, metric, size = _tokens_example(generator)
+    return (x, metric, *_EXAMPLE_GRID, "w", 2, size), {}
+
+
+def _unmerge_example(generator):
+    rows, cols = atme_merged_grid(_EXAMPLE_GRID, "h")
+    x = torch.randn(2, 2 + rows * cols, 24, generator=generator, dtype=torch.float64)
+    return (x, *_EXAMPLE_GRID, "h", 2), {}
+
+
+TOME_MERGE = define_op(OpDef(
+    name="tome_merge",
+    schema="(Tensor x, Tensor metric, int r, Tensor? size, bool class_token, bool distill_token) "
+           "-> (Tensor, Tensor)",
+    reference=tome_merge_ref, fake=_tome_fake, triton=tome_merge_triton, example=_tome_example,
 ))
-_ATME = OpDispatcher(ATME_OP, standard_impls(
-    ATME_OP,
-    lambda x, metric, gh, gw, axis, p, size: atme_merge_ref(x, metric, (gh, gw), axis, p, size)[:2],
-    lambda *args: torch.ops.dcvit.atme_merge(*args),
-    lambda *args: torch.ops.dcvit.atme_merge_triton(*args),
+ATME_MERGE = define_op(OpDef(
+    name="atme_merge",
+    schema="(Tensor x, Tensor metric, int grid_h, int grid_w, str axis, int num_prefix_tokens, "
+           "Tensor? size) -> (Tensor, Tensor)",
+    reference=_atme_ref, fake=_atme_fake, triton=_atme_triton, example=_atme_example,
 ))
-_UNMERGE = OpDispatcher(UNMERGE_OP, standard_impls(
-    UNMERGE_OP,
-    lambda x, gh, gw, axis, p: atme_unmerge_ref(x, (gh, gw), axis, p),
-    lambda *args: torch.ops.dcvit.atme_unmerge(*args),
-    lambda *args: torch.ops.dcvit.atme_unmerge_triton(*args),
+ATME_UNMERGE = define_op(OpDef(
+    name="atme_unmerge",
+    schema="(Tensor x, int grid_h, int grid_w, str axis, int num_prefix_tokens) -> Tensor",
+    reference=_unmerge_ref, fake=_unmerge_fake, triton=_unmerge_triton, example=_unmerge_example,
 ))
+TOME_OP, ATME_OP, UNMERGE_OP = TOME_MERGE.name, ATME_MERGE.name, ATME_UNMERGE.name
 
 
 # ---- public functions ---------------------------------------------------------------------
 
-def bipartite_merge(x, metric, r, size=None, class_token=True, distill_token=False, backend=None):
+def tome_merge(x, metric, r, size=None, class_token=True, distill_token=False, *, backend=None):
     """ToMe's bipartite soft matching + size-weighted merge; returns (x, size).
 
     x (B, N, C) tokens, metric (B, N, Cm) similarity features of x's dtype (ToMe: the keys
@@ -194,11 +196,11 @@ def bipartite_merge(x, metric, r, size=None, class_token=True, distill_token=Fal
     distillation token first). `backend` in {torch, cpu, cuda,
     triton} forces an implementation (else DCVIT_BACKEND, else the device's priority list).
     """
-    check_bipartite_merge_args(x, metric, r, size, class_token, distill_token)
-    return _TOME(x.device, x, metric, r, size, class_token, distill_token, backend=backend)
+    check_tome_merge_args(x, metric, r, size, class_token, distill_token)
+    return TOME_MERGE(x, metric, r, size, class_token, distill_token, backend=backend)
 
 
-def atme_merge(x, metric, grid, axis, num_prefix_tokens=1, size=None, backend=None):
+def atme_merge(x, metric, grid, axis, num_prefix_tokens=1, size=None, *, backend=None):
     """CAIT's asymmetric token merge; returns (x, size, new_grid).
 
     x (B, P + H*W, C): P prefix tokens, then the (H, W) = grid tokens row-major. axis "w"
@@ -211,19 +213,18 @@ def atme_merge(x, metric, grid, axis, num_prefix_tokens=1, size=None, backend=No
     """
     grid = check_atme_layout("atme_merge", x, grid, axis, num_prefix_tokens, merged=False)
     _check_metric_and_size("atme_merge", x, metric, size)
-    out, size_out = _ATME(x.device, x, metric, grid[0], grid[1], axis, num_prefix_tokens, size,
-                          backend=backend)
+    out, size_out = ATME_MERGE(x, metric, grid[0], grid[1], axis, num_prefix_tokens, size,
+                               backend=backend)
     return out, size_out, atme_merged_grid(grid, axis)
 
 
-def atme_unmerge(x, grid_before, axis, num_prefix_tokens=1, backend=None):
+def atme_unmerge(x, grid_before, axis, num_prefix_tokens=1, *, backend=None):
     """Undoes the layout of atme_merge for dense tasks: (B, P + H*W, C) for grid_before =
     (H, W), each merged token copied to both positions it came from."""
     grid = check_atme_layout("atme_unmerge", x, grid_before, axis, num_prefix_tokens, merged=True)
-    return _UNMERGE(x.device, x, grid[0], grid[1], axis, num_prefix_tokens, backend=backend)
+    return ATME_UNMERGE(x, grid[0], grid[1], axis, num_prefix_tokens, backend=backend)
 
 
 def token_merge_backends(x) -> dict[str, dict[str, str | None]]:
     """Each merge op's backends and their reason for refusing x (None: available)."""
-    return {op: dispatcher.reasons(x) for op, dispatcher in
-            ((TOME_OP, _TOME), (ATME_OP, _ATME), (UNMERGE_OP, _UNMERGE))}
+    return {op.name: op.reasons(x) for op in (TOME_MERGE, ATME_MERGE, ATME_UNMERGE)}

@@ -1,0 +1,64 @@
+"""`dcvit doctor`: prints the one priority table and checks every op on every backend that
+runs here against the float64 reference; a wrong or failing backend makes it exit 1."""
+import torch
+
+from dcvit_engine.cli import main
+from dcvit_engine.ops import OPS, PRIORITY
+from dcvit_engine.ops.dispatch import Impl
+
+
+def _doctor(capsys, *extra):
+    status = main(["doctor", "--device", "cpu", "--dtype", "fp32", *extra])
+    return status, capsys.readouterr().out
+
+
+def test_doctor_checks_every_op_and_exits_zero(capsys):
+    status, out = _doctor(capsys)
+    assert status == 0, out
+    assert "every available backend matches the reference" in out
+    for name, row in PRIORITY.items():
+        assert f"\n{name} on cpu, float32" in out  # the op's check table
+        assert "cuda: " + " > ".join(row["cuda"]) in out  # its row of the priority table
+    assert set(OPS) == set(PRIORITY)
+    assert out.count("  cpu      ok ") == len(OPS)
+
+
+def _replace_cpu_impl(monkeypatch, op, run):
+    impl = op.dispatcher.impls["cpu"]
+    monkeypatch.setitem(op.dispatcher.impls, "cpu", Impl("cpu", impl.why_not, run))
+
+
+def test_a_wrong_backend_makes_doctor_fail(capsys, monkeypatch):
+    op = OPS["mlp_block"]
+    right = op.dispatcher.impls["cpu"].run
+
+    def off_by_a_little(*args, **options):
+        out = right(*args, **options)
+        return out + 1e-3 * out.abs().mean()
+
+    _replace_cpu_impl(monkeypatch, op, off_by_a_little)
+    status, out = _doctor(capsys)
+    assert status == 1
+    assert "  cpu      WRONG" in out and "1 wrong or failing" in out
+
+
+def test_a_failing_backend_makes_doctor_fail(capsys, monkeypatch):
+    def broken(*args, **options):
+        raise RuntimeError("kernel exploded")
+
+    _replace_cpu_impl(monkeypatch, OPS["atme_unmerge"], broken)
+    status, out = _doctor(capsys)
+    assert status == 1 and "FAILED   RuntimeError: kernel exploded" in out
+
+
+def test_an_unwritten_output_makes_doctor_fail(capsys, monkeypatch):
+    op = OPS["tome_merge"]
+    right = op.dispatcher.impls["cpu"].run
+
+    def nan_size(*args, **options):
+        out, size = right(*args, **options)
+        return out, torch.full_like(size, float("nan"))
+
+    _replace_cpu_impl(monkeypatch, op, nan_size)
+    status, out = _doctor(capsys)
+    assert status == 1 and "  cpu      WRONG" in out
