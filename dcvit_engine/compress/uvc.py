@@ -158,6 +158,15 @@ class UVCSearch(nn.Module):
                   for i, (c_qk, c_v, c_n) in enumerate(zip(self.costs.qk, self.costs.v, self.costs.neuron))]
         return (self.costs.fixed + torch.stack(blocks).sum()) / self.teacher_macs
 
+    def full_width_resource(self, open_blocks) -> float:
+        """MACs fraction with the blocks where open_blocks is true kept at the teacher's widths
+        (the most the widths can give back once the other blocks are skipped)."""
+        width = self.heads * self.head_dim
+        kept = sum(c_qk * width + c_v * width + c_n * self.hidden
+                   for c_qk, c_v, c_n, live in zip(self.costs.qk, self.costs.v, self.costs.neuron, open_blocks)
+                   if live)
+        return (self.costs.fixed + kept) / self.teacher_macs
+
 
 def group_scores(model: ViTReference, heads: int, head_dim: int):
     """Per block: head scores (H,), channel scores (H, d), neuron scores (hidden,)."""
@@ -231,10 +240,11 @@ def _uniform_attn(heads: int, head_dim: int) -> AttentionSpec:
 
 def _shifted(structure: UVCStructure, shift: float, heads: int, head_dim: int, hidden: int) -> UVCStructure:
     """Every pruned fraction (heads, channels of each head, neurons) moved by `shift` in
-    [-1, 1], clipped to its range: the search's allocation, uniformly more or less pruned."""
+    [-1, 1], clipped to its range, rounded to the nearest count: the search's allocation,
+    uniformly more or less pruned. (Rounded, not ceil'd: with a ceil any small positive
+    shift would remove one more head in every block -- a third of each attention with 3 heads.)"""
     def count(removed: int, most: int) -> int:
-        # the epsilon keeps shift 0 exact: ceil(3 / 7 * 7) would be 4 in floating point
-        return math.ceil(min(max(removed / most + shift, 0.0), 1.0) * most - 1e-9) if most else 0
+        return math.floor(min(max(removed / most + shift, 0.0), 1.0) * most + 0.5) if most else 0
     return UVCStructure(
         skip=list(structure.skip),
         heads_removed=[count(k, heads - 1) for k in structure.heads_removed],
@@ -382,6 +392,15 @@ class _SearchStep:
             trial = (gates[:, 1] > gates[:, 0]).to(gates.dtype)
             trial[i] = 1
             if float(search.resource(trial, kept)) <= search.target:
+                gates[i] = before[i]
+                if buffer is not None:
+                    buffer[i] = 0
+        for i in sorted(shut, key=lambda i: float(gates[i, 0] - gates[i, 1])):
+            # a gate may close only while the blocks still open could, at full width, carry
+            # the budget: the gates never cut more than the whole cut asked for, so widths
+            # can always fill what a closed block leaves (a block bigger than the cut stays open)
+            now_open = (gates[:, 1] > gates[:, 0]).tolist()
+            if not now_open[i] and search.full_width_resource(now_open) < search.target:
                 gates[i] = before[i]
                 if buffer is not None:
                     buffer[i] = 0
