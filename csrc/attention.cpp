@@ -2,7 +2,9 @@
 // device-independent attention core shared with the CUDA impl.
 #include "attention.h"
 
+#include "cpu_attention.h"
 #include "cpu_linear.h"
+#include "functional_from_out.h"
 
 #include <torch/library.h>
 
@@ -167,14 +169,30 @@ at::Tensor attention_context(const at::Tensor& qkv, at::IntArrayRef qk_dims,
 
   at::Tensor ctx = at::empty({batch, tokens, v_total}, qkv.options());
   for (const HeadGroup& group : group_heads(qk_dims, v_dims)) {
-    const at::Tensor out = at::scaled_dot_product_attention(
-        gather_heads(q, group.heads, qk_offsets, qk_dims, group.qk_width),
-        gather_heads(k, group.heads, qk_offsets, qk_dims, group.qk_width),
-        gather_heads(v, group.heads, v_offsets, v_dims, group.v_width), mask, /*dropout_p=*/0.0,
-        /*is_causal=*/false, scale);  // (B, heads in group, N, v_width)
+    const at::Tensor gq = gather_heads(q, group.heads, qk_offsets, qk_dims, group.qk_width);
+    const at::Tensor gk = gather_heads(k, group.heads, qk_offsets, qk_dims, group.qk_width);
+    const at::Tensor gv = gather_heads(v, group.heads, v_offsets, v_dims, group.v_width);
+    // bf16 on a CPU with AVX512-BF16: this project's kernel (cpu_attention.h: ATen's flash
+    // kernel runs at a third of its speed there); else, and on CUDA, SDPA
+    std::optional<at::Tensor> fast;
+    if (qkv.device().is_cpu()) fast = cpu_attention_bf16(gq, gk, gv, mask, scale);
+    const at::Tensor out = fast ? *fast
+                                : at::scaled_dot_product_attention(gq, gk, gv, mask,
+                                                                   /*dropout_p=*/0.0,
+                                                                   /*is_causal=*/false, scale);
+    // (B, heads in group, N, v_width)
     scatter_heads(out, group.heads, v_offsets, v_dims, group.v_width, ctx);
   }
   return ctx;
+}
+
+at::Tensor attention_block_outputs(const at::Tensor& x, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, const std::optional<at::Tensor>&,
+                                   const at::Tensor&, const std::optional<at::Tensor>&,
+                                   at::IntArrayRef, at::IntArrayRef, double, double,
+                                   const std::optional<at::Tensor>&,
+                                   const std::optional<at::Tensor>&) {
+  return at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
 }
 
 namespace {
@@ -218,18 +236,6 @@ at::Tensor& attention_block_out_cpu(const at::Tensor& x, const at::Tensor& norm_
   return out;
 }
 
-at::Tensor attention_block_cpu(const at::Tensor& x, const at::Tensor& norm_weight,
-                               const at::Tensor& norm_bias, const at::Tensor& qkv_weight,
-                               const std::optional<at::Tensor>& qkv_bias,
-                               const at::Tensor& proj_weight,
-                               const std::optional<at::Tensor>& proj_bias, at::IntArrayRef qk_dims,
-                               at::IntArrayRef v_dims, double scale, double eps,
-                               const std::optional<at::Tensor>& gamma,
-                               const std::optional<at::Tensor>& key_bias) {
-  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  return attention_block_out_cpu(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight,
-                                 proj_bias, qk_dims, v_dims, scale, eps, gamma, key_bias, out);
-}
 
 }  // namespace
 
@@ -245,8 +251,7 @@ TORCH_LIBRARY_FRAGMENT(dcvit, m) {
 }
 
 TORCH_LIBRARY_IMPL(dcvit, CPU, m) {
-  m.impl("attention_block", &attention_block_cpu);
-  m.impl("attention_block.out", &attention_block_out_cpu);
+  impl_with_out<&attention_block_outputs, &attention_block_out_cpu>(m, "attention_block");
 }
 
 }  // namespace dcvit

@@ -20,6 +20,17 @@ void check_attention_block_args(const at::Tensor& x, const at::Tensor& norm_weig
                                 const std::optional<at::Tensor>& gamma,
                                 const std::optional<at::Tensor>& key_bias, const at::Tensor& out);
 
+// The output of dcvit::attention_block for these arguments: contiguous, shaped and typed
+// like x (see functional_from_out.h).
+at::Tensor attention_block_outputs(const at::Tensor& x, const at::Tensor& norm_weight,
+                                   const at::Tensor& norm_bias, const at::Tensor& qkv_weight,
+                                   const std::optional<at::Tensor>& qkv_bias,
+                                   const at::Tensor& proj_weight,
+                                   const std::optional<at::Tensor>& proj_bias,
+                                   at::IntArrayRef qk_dims, at::IntArrayRef v_dims, double scale,
+                                   double eps, const std::optional<at::Tensor>& gamma,
+                                   const std::optional<at::Tensor>& key_bias);
+
 // The attention core on packed qkv (B, N, 2*sum(qk_dims)+sum(v_dims)) -> context
 // (B, N, sum(v_dims)), heads concatenated in order. Heads whose q/k widths round up to the
 // same multiple of 16 run as one batched at::scaled_dot_product_attention call, zero-padded

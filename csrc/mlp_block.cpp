@@ -2,6 +2,7 @@
 #include "mlp_block.h"
 
 #include "cpu_linear.h"
+#include "functional_from_out.h"
 
 #include <torch/library.h>
 
@@ -44,6 +45,12 @@ void check_mlp_block_args(const at::Tensor& x, const at::Tensor& norm_weight,
   TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type() &&
                   out.device() == x.device() && out.is_contiguous(),
               "mlp_block: out must be a contiguous tensor shaped and typed like x");
+}
+
+at::Tensor mlp_block_outputs(const at::Tensor& x, const at::Tensor&, const at::Tensor&,
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const at::Tensor&, const std::optional<at::Tensor>&, double) {
+  return at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
 }
 
 namespace {
@@ -98,16 +105,6 @@ at::Tensor& mlp_block_out_cpu(const at::Tensor& x, const at::Tensor& norm_weight
   return out;
 }
 
-at::Tensor mlp_block_cpu(const at::Tensor& x, const at::Tensor& norm_weight,
-                         const at::Tensor& norm_bias, const at::Tensor& fc1_weight,
-                         const at::Tensor& fc1_bias, const at::Tensor& fc2_weight,
-                         const at::Tensor& fc2_bias, const std::optional<at::Tensor>& gamma,
-                         double eps) {
-  at::Tensor out = at::empty(x.sizes(), x.options());
-  return mlp_block_out_cpu(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                           gamma, eps, out);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(dcvit, m) {
@@ -121,8 +118,7 @@ TORCH_LIBRARY_FRAGMENT(dcvit, m) {
 }
 
 TORCH_LIBRARY_IMPL(dcvit, CPU, m) {
-  m.impl("mlp_block", &mlp_block_cpu);
-  m.impl("mlp_block.out", &mlp_block_out_cpu);
+  impl_with_out<&mlp_block_outputs, &mlp_block_out_cpu>(m, "mlp_block");
 }
 
 }  // namespace dcvit

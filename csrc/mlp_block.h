@@ -15,4 +15,12 @@ void check_mlp_block_args(const at::Tensor& x, const at::Tensor& norm_weight,
                           const at::Tensor& fc2_bias, const std::optional<at::Tensor>& gamma,
                           const at::Tensor& out);
 
+// The output of dcvit::mlp_block for these arguments: contiguous, shaped and typed like x
+// (see functional_from_out.h).
+at::Tensor mlp_block_outputs(const at::Tensor& x, const at::Tensor& norm_weight,
+                             const at::Tensor& norm_bias, const at::Tensor& fc1_weight,
+                             const at::Tensor& fc1_bias, const at::Tensor& fc2_weight,
+                             const at::Tensor& fc2_bias, const std::optional<at::Tensor>& gamma,
+                             double eps);
+
 }  // namespace dcvit

@@ -1,6 +1,8 @@
 // Schemas of the token merging ops and their CPU implementations (see token_merge.h).
 #include "token_merge.h"
 
+#include "functional_from_out.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -109,6 +111,29 @@ AtmeLayout atme_layout(const char* op, const at::Tensor& x, int64_t grid_h, int6
 void check_atme_merge_inputs(const at::Tensor& x, const at::Tensor& metric,
                              const std::optional<at::Tensor>& size) {
   check_metric_and_size("atme_merge", x, metric, size);
+}
+
+std::tuple<at::Tensor, at::Tensor> tome_merge_outputs(
+    const at::Tensor& x, const at::Tensor& metric, int64_t r, const std::optional<at::Tensor>& size,
+    bool class_token, bool distill_token) {
+  const int64_t tokens =
+      x.size(1) - check_tome_merge_inputs(x, metric, r, size, class_token, distill_token);
+  return {at::empty({x.size(0), tokens, x.size(2)}, x.options()),
+          at::empty({x.size(0), tokens, 1}, x.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor> atme_merge_outputs(
+    const at::Tensor& x, const at::Tensor&, int64_t grid_h, int64_t grid_w, c10::string_view axis,
+    int64_t num_prefix_tokens, const std::optional<at::Tensor>&) {
+  const AtmeLayout g = atme_layout("atme_merge", x, grid_h, grid_w, axis, num_prefix_tokens, false);
+  return {at::empty({x.size(0), g.out_tokens(), x.size(2)}, x.options()),
+          at::empty({x.size(0), g.out_tokens(), 1}, x.options())};
+}
+
+at::Tensor atme_unmerge_outputs(const at::Tensor& x, int64_t grid_h, int64_t grid_w,
+                                c10::string_view axis, int64_t num_prefix_tokens) {
+  const AtmeLayout g = atme_layout("atme_unmerge", x, grid_h, grid_w, axis, num_prefix_tokens, true);
+  return at::empty({x.size(0), g.in_tokens(), x.size(2)}, x.options());
 }
 
 namespace {
@@ -256,15 +281,6 @@ std::tuple<at::Tensor&, at::Tensor&> tome_merge_out_cpu(
   return {out, size_out};
 }
 
-std::tuple<at::Tensor, at::Tensor> tome_merge_cpu(const at::Tensor& x, const at::Tensor& metric,
-                                                  int64_t r, const std::optional<at::Tensor>& size,
-                                                  bool class_token, bool distill_token) {
-  const int64_t eff_r = check_tome_merge_inputs(x, metric, r, size, class_token, distill_token);
-  at::Tensor out = at::empty({x.size(0), x.size(1) - eff_r, x.size(2)}, x.options());
-  at::Tensor size_out = at::empty({x.size(0), x.size(1) - eff_r, 1}, x.options());
-  tome_merge_out_cpu(x, metric, r, size, class_token, distill_token, out, size_out);
-  return {out, size_out};
-}
 
 // ---- ATME ----------------------------------------------------------------------------------
 
@@ -340,16 +356,6 @@ std::tuple<at::Tensor&, at::Tensor&> atme_merge_out_cpu(
   return {out, size_out};
 }
 
-std::tuple<at::Tensor, at::Tensor> atme_merge_cpu(const at::Tensor& x, const at::Tensor& metric,
-                                                  int64_t grid_h, int64_t grid_w,
-                                                  c10::string_view axis, int64_t num_prefix_tokens,
-                                                  const std::optional<at::Tensor>& size) {
-  const AtmeLayout g = atme_layout("atme_merge", x, grid_h, grid_w, axis, num_prefix_tokens, false);
-  at::Tensor out = at::empty({x.size(0), g.out_tokens(), x.size(2)}, x.options());
-  at::Tensor size_out = at::empty({x.size(0), g.out_tokens(), 1}, x.options());
-  atme_merge_out_cpu(x, metric, grid_h, grid_w, axis, num_prefix_tokens, size, out, size_out);
-  return {out, size_out};
-}
 
 // Source token (in the merged layout) of every token of the restored grid.
 at::Tensor atme_unmerge_index(const AtmeLayout& g) {
@@ -374,12 +380,6 @@ at::Tensor& atme_unmerge_out_cpu(const at::Tensor& x, int64_t grid_h, int64_t gr
   return at::index_select_out(out, x, 1, atme_unmerge_index(g));
 }
 
-at::Tensor atme_unmerge_cpu(const at::Tensor& x, int64_t grid_h, int64_t grid_w,
-                            c10::string_view axis, int64_t num_prefix_tokens) {
-  const AtmeLayout g = atme_layout("atme_unmerge", x, grid_h, grid_w, axis, num_prefix_tokens, true);
-  at::Tensor out = at::empty({x.size(0), g.in_tokens(), x.size(2)}, x.options());
-  return atme_unmerge_out_cpu(x, grid_h, grid_w, axis, num_prefix_tokens, out);
-}
 
 }  // namespace
 
@@ -404,12 +404,9 @@ TORCH_LIBRARY_FRAGMENT(dcvit, m) {
 }
 
 TORCH_LIBRARY_IMPL(dcvit, CPU, m) {
-  m.impl("tome_merge", &tome_merge_cpu);
-  m.impl("tome_merge.out", &tome_merge_out_cpu);
-  m.impl("atme_merge", &atme_merge_cpu);
-  m.impl("atme_merge.out", &atme_merge_out_cpu);
-  m.impl("atme_unmerge", &atme_unmerge_cpu);
-  m.impl("atme_unmerge.out", &atme_unmerge_out_cpu);
+  impl_with_out<&tome_merge_outputs, &tome_merge_out_cpu>(m, "tome_merge");
+  impl_with_out<&atme_merge_outputs, &atme_merge_out_cpu>(m, "atme_merge");
+  impl_with_out<&atme_unmerge_outputs, &atme_unmerge_out_cpu>(m, "atme_unmerge");
 }
 
 }  // namespace dcvit

@@ -6,6 +6,7 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <optional>
+#include <tuple>
 
 namespace dcvit {
 
@@ -51,5 +52,16 @@ AtmeLayout atme_layout(const char* op, const at::Tensor& x, int64_t grid_h, int6
 // Checks metric (x's dtype/device, same B and N) and size (B, N, 1) or none.
 void check_atme_merge_inputs(const at::Tensor& x, const at::Tensor& metric,
                              const std::optional<at::Tensor>& size);
+
+// The outputs of each op for these arguments, allocated for its CPU and CUDA out kernels
+// (see functional_from_out.h): (x, size) of the merged token count, the restored grid's x.
+std::tuple<at::Tensor, at::Tensor> tome_merge_outputs(
+    const at::Tensor& x, const at::Tensor& metric, int64_t r, const std::optional<at::Tensor>& size,
+    bool class_token, bool distill_token);
+std::tuple<at::Tensor, at::Tensor> atme_merge_outputs(
+    const at::Tensor& x, const at::Tensor& metric, int64_t grid_h, int64_t grid_w,
+    c10::string_view axis, int64_t num_prefix_tokens, const std::optional<at::Tensor>& size);
+at::Tensor atme_unmerge_outputs(const at::Tensor& x, int64_t grid_h, int64_t grid_w,
+                                c10::string_view axis, int64_t num_prefix_tokens);
 
 }  // namespace dcvit

@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include "../attention.h"
+#include "../functional_from_out.h"
 #include "row_kernels.cuh"
 
 namespace dcvit {
@@ -51,24 +52,10 @@ at::Tensor& attention_block_out_cuda(const at::Tensor& x, const at::Tensor& norm
   return out;
 }
 
-at::Tensor attention_block_cuda(const at::Tensor& x, const at::Tensor& norm_weight,
-                                const at::Tensor& norm_bias, const at::Tensor& qkv_weight,
-                                const std::optional<at::Tensor>& qkv_bias,
-                                const at::Tensor& proj_weight,
-                                const std::optional<at::Tensor>& proj_bias,
-                                at::IntArrayRef qk_dims, at::IntArrayRef v_dims, double scale,
-                                double eps, const std::optional<at::Tensor>& gamma,
-                                const std::optional<at::Tensor>& key_bias) {
-  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  return attention_block_out_cuda(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight,
-                                  proj_bias, qk_dims, v_dims, scale, eps, gamma, key_bias, out);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dcvit, CUDA, m) {
-  m.impl("attention_block", &attention_block_cuda);
-  m.impl("attention_block.out", &attention_block_out_cuda);
+  impl_with_out<&attention_block_outputs, &attention_block_out_cuda>(m, "attention_block");
 }
 
 }  // namespace dcvit

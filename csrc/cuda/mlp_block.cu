@@ -16,6 +16,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../functional_from_out.h"
 #include "../mlp_block.h"
 #include "row_kernels.cuh"
 
@@ -81,21 +82,10 @@ at::Tensor& mlp_block_out_cuda(const at::Tensor& x, const at::Tensor& norm_weigh
   return out;
 }
 
-at::Tensor mlp_block_cuda(const at::Tensor& x, const at::Tensor& norm_weight,
-                          const at::Tensor& norm_bias, const at::Tensor& fc1_weight,
-                          const at::Tensor& fc1_bias, const at::Tensor& fc2_weight,
-                          const at::Tensor& fc2_bias, const std::optional<at::Tensor>& gamma,
-                          double eps) {
-  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  return mlp_block_out_cuda(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                            gamma, eps, out);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dcvit, CUDA, m) {
-  m.impl("mlp_block", &mlp_block_cuda);
-  m.impl("mlp_block.out", &mlp_block_out_cuda);
+  impl_with_out<&mlp_block_outputs, &mlp_block_out_cuda>(m, "mlp_block");
 }
 
 }  // namespace dcvit

@@ -26,6 +26,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "../functional_from_out.h"
 #include "../token_merge.h"
 #include "block_reduce.cuh"
 
@@ -455,16 +456,6 @@ std::tuple<at::Tensor&, at::Tensor&> tome_merge_out_cuda(
   return {out, size_out};
 }
 
-std::tuple<at::Tensor, at::Tensor> tome_merge_cuda(const at::Tensor& x, const at::Tensor& metric,
-                                                   int64_t r, const std::optional<at::Tensor>& size,
-                                                   bool class_token, bool distill_token) {
-  const int64_t eff_r = check_tome_merge_inputs(x, metric, r, size, class_token, distill_token);
-  at::Tensor out = at::empty({x.size(0), x.size(1) - eff_r, x.size(2)}, x.options());
-  at::Tensor size_out = at::empty({x.size(0), x.size(1) - eff_r, 1}, x.options());
-  tome_merge_out_cuda(x, metric, r, size, class_token, distill_token, out, size_out);
-  return {out, size_out};
-}
-
 // ---- ATME ----------------------------------------------------------------------------------
 
 // Block (output token, batch), float math (float64 is refused). The pair test is uniform
@@ -593,17 +584,6 @@ std::tuple<at::Tensor&, at::Tensor&> atme_merge_out_cuda(
   return {out, size_out};
 }
 
-std::tuple<at::Tensor, at::Tensor> atme_merge_cuda(const at::Tensor& x, const at::Tensor& metric,
-                                                   int64_t grid_h, int64_t grid_w,
-                                                   c10::string_view axis, int64_t num_prefix_tokens,
-                                                   const std::optional<at::Tensor>& size) {
-  const AtmeLayout g = atme_layout("atme_merge", x, grid_h, grid_w, axis, num_prefix_tokens, false);
-  at::Tensor out = at::empty({x.size(0), g.out_tokens(), x.size(2)}, x.options());
-  at::Tensor size_out = at::empty({x.size(0), g.out_tokens(), 1}, x.options());
-  atme_merge_out_cuda(x, metric, grid_h, grid_w, axis, num_prefix_tokens, size, out, size_out);
-  return {out, size_out};
-}
-
 // Block (restored token, batch) copies the row of the merged token it came from.
 template <typename scalar_t, bool kVec>
 __global__ void atme_unmerge_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
@@ -653,22 +633,12 @@ at::Tensor& atme_unmerge_out_cuda(const at::Tensor& x, int64_t grid_h, int64_t g
   return out;
 }
 
-at::Tensor atme_unmerge_cuda(const at::Tensor& x, int64_t grid_h, int64_t grid_w,
-                             c10::string_view axis, int64_t num_prefix_tokens) {
-  const AtmeLayout g = atme_layout("atme_unmerge", x, grid_h, grid_w, axis, num_prefix_tokens, true);
-  at::Tensor out = at::empty({x.size(0), g.in_tokens(), x.size(2)}, x.options());
-  return atme_unmerge_out_cuda(x, grid_h, grid_w, axis, num_prefix_tokens, out);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dcvit, CUDA, m) {
-  m.impl("tome_merge", &tome_merge_cuda);
-  m.impl("tome_merge.out", &tome_merge_out_cuda);
-  m.impl("atme_merge", &atme_merge_cuda);
-  m.impl("atme_merge.out", &atme_merge_out_cuda);
-  m.impl("atme_unmerge", &atme_unmerge_cuda);
-  m.impl("atme_unmerge.out", &atme_unmerge_out_cuda);
+  impl_with_out<&tome_merge_outputs, &tome_merge_out_cuda>(m, "tome_merge");
+  impl_with_out<&atme_merge_outputs, &atme_merge_out_cuda>(m, "atme_merge");
+  impl_with_out<&atme_unmerge_outputs, &atme_unmerge_out_cuda>(m, "atme_unmerge");
 }
 
 }  // namespace dcvit
