@@ -140,8 +140,8 @@ def run_reproduction(teacher: ViTReference, root, out, *, samples=SAMPLES, point
                                        resume=True, progress=progress, report=report, **options)
                 runs[key] = dict(method=method, samples=n, dropped=k, top1=top1(student, val, batch_size, device),
                                  macs_ratio=count_macs(student).total / teacher_macs,
-                                 chosen_blocks=report.get("chosen_blocks"),
-                                 recipe=report.get("recipe", "official"))
+                                 chosen_blocks=report["extras"].get("chosen_blocks"),
+                                 recipe=report["extras"].get("recipe", "official"))
                 save()
                 if on_result:
                     on_result(runs[key])

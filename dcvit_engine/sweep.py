@@ -122,22 +122,23 @@ def _budget_options(method: str, options: dict, spec, target: float, budget: str
     return dict(options, iters=max(1, total // steps), select_iters=options.get("select_iters") or total)
 
 
-def _budget_text(report: dict, options: dict) -> str:
-    spent = report.get("finetune_iters")
-    if spent:
-        per_step = (f"{spent['steps']}x{spent['per_step']}" if spent["steps"] > 1 else str(spent["student"]))
-        return f"{per_step} (+{spent['selection']} sel)"
-    if "finetune_iters" in options:
-        return f"{options['finetune_iters']} (+{options.get('iters', '?')} search)"
-    return "-"
+def _budget_text(report: dict) -> str:
+    """The report's finetune_iters as the FT iters column: the student's iterations (steps x
+    per step) and those spent choosing the structure; "-" for a training-free method."""
+    spent = report.get("finetune_iters") or {}
+    if not spent.get("student") and not spent.get("selection"):
+        return "-"
+    per_step = f"{spent['steps']}x{spent['per_step']}" if spent["steps"] > 1 else str(spent["student"])
+    return f"{per_step} (+{spent['selection']} sel)"
 
 
 def _blocks_text(report: dict) -> str:
-    if "block_scores" not in report:
+    extras = report.get("extras", {})
+    if "block_scores" not in extras:
         return "-"
-    scores = " ".join(f"{s['block']}:{s['score']:.4g}" for s in sorted(report["block_scores"],
+    scores = " ".join(f"{s['block']}:{s['score']:.4g}" for s in sorted(extras["block_scores"],
                                                                       key=lambda s: s["block"]))
-    return f"{report['chosen_blocks']} of {scores}"
+    return f"{extras['chosen_blocks']} of {scores}"
 
 
 def run_sweep(teacher: ViTReference, images: torch.Tensor | None, eval_images: torch.Tensor,
@@ -202,7 +203,7 @@ def run_sweep(teacher: ViTReference, images: torch.Tensor | None, eval_images: t
             row = evaluate_row(label, target, student, teacher_macs, eval_images, eval_labels,
                                teacher_preds, device=device, backend=backend,
                                latency_batch=latency_batch, compress_s=time.perf_counter() - start,
-                               seed=draw.seed, budget=_budget_text(report, options),
+                               seed=draw.seed, budget=_budget_text(report),
                                blocks=_blocks_text(report))
             rows.append(row)
             if on_row:

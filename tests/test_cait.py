@@ -179,10 +179,46 @@ def test_cli_compress_cait(capsys, tmp_path):
     assert rc == 0, err
     report = load_report(tmp_path / "cait")
     assert report["method"] == "cait" and report["achieved_macs"] <= 0.6 * TOLERANCE * report["teacher_macs"]
-    assert set(report["removed_share"]) == {"tokens", "attention", "mlp"}
+    assert set(report["extras"]["removed_share"]) == {"tokens", "attention", "mlp"}
     from dcvit_engine.cli import main
     assert main(["info", str(tmp_path / "cait")]) == 0
     assert "CAIT (ATME token merging + CDCP channel pruning) is this project's own definition" \
         in capsys.readouterr().out
     rc, _, err = run_compress_cli(capsys, tmp_path, "cait", "--schedule", "decreasing")
     assert rc == 2 and "--schedule do(es) not apply to --method cait" in err
+
+
+def test_interrupted_run_resumes_after_the_search(tmp_path, monkeypatch):
+    """The search and the finetuning are checkpointed steps: a run interrupted in the
+    finetuning resumes without searching again and gives the uninterrupted run's student."""
+    from dcvit_engine.compress import cait, run
+
+    model = tiny_vit(patch_size=8)
+    images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    options = dict(iters=4, finetune_iters=3, batch_size=8, device="cpu", seed=5)
+    expected = compress_cait(model, images, 0.6, **options)
+
+    real_finetune, real_search = run.kd_finetune, cait.learn_channel_gates
+    searches = []
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def counted(*args, **kwargs):
+        searches.append(1)
+        return real_search(*args, **kwargs)
+
+    monkeypatch.setattr(run, "kd_finetune", interrupted)
+    monkeypatch.setattr(cait, "learn_channel_gates", counted)
+    folder = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        compress_cait(model, images, 0.6, checkpoint_dir=folder, **options)
+    assert searches == [1] and (folder / "state.json").is_file()
+    monkeypatch.setattr(run, "kd_finetune", real_finetune)
+    report = {}
+    student = compress_cait(model, images, 0.6, checkpoint_dir=folder, resume=True, report=report, **options)
+    assert searches == [1], "the search is not run again"
+    assert report["resumed"] and len(report["extras"]["finetune_losses"]) == 3
+    assert student.spec == expected.spec
+    for name, tensor in expected.state_dict().items():
+        torch.testing.assert_close(student.state_dict()[name], tensor)  # same seeds, same data

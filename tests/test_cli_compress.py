@@ -70,8 +70,8 @@ def test_compress_dcvit_then_eval(capsys, files, timm_teacher):
     assert report["method"] == "dcvit" and report["num_samples"] == 12
     assert report["achieved_macs"] == count_macs(student).total
     assert report["target_macs"]["ratio"] == 0.7 and abs(report["achieved_ratio"] - 0.7) < 0.01
-    assert len(report["block_scores"]) == 2 and report["chosen_blocks"]
-    assert report["losses"]["progressive"] and set(report["timings"]) >= {"total_s"}
+    assert len(report["extras"]["block_scores"]) == 2 and report["extras"]["chosen_blocks"]
+    assert report["extras"]["losses"]["progressive"] and set(report["timings"]) >= {"total_s"}
     assert not (files["root"] / "dcvit_out.partial").exists()
     # the --checkpoint weights were the teacher: untouched tensors are the checkpoint's
     assert torch.equal(student.head.weight, timm_teacher.head.weight)
@@ -172,11 +172,9 @@ class _Reached(Exception):
 @pytest.mark.parametrize("method", ["dcvit", "practise", "uvc", "cait", "tome"])
 def test_cli_passes_only_given_options_so_method_defaults_hold(capsys, files, monkeypatch, method):
     import functools
-    import importlib
 
-    from dcvit_engine.compress.api import METHODS, method_defaults
-    module_name, function_name = METHODS[method]
-    module = importlib.import_module(f"dcvit_engine.compress.{module_name}")
+    from dcvit_engine.compress.api import method_defaults, method_module
+    module, function_name = method_module(method), f"compress_{method}"
     real = getattr(module, function_name)
     seen = []
 
@@ -208,9 +206,10 @@ def test_help_shows_each_methods_own_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["compress", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    uvc, dcvit_defaults = method_defaults("uvc"), method_defaults("dcvit")
-    assert f"uvc {uvc['iters']}" in text and f"dcvit {dcvit_defaults['iters']}" in text
-    assert f"uvc {uvc['batch_size']}" in text and f"uvc {uvc['lr']}" in text
+    cait, dcvit_defaults = method_defaults("cait"), method_defaults("dcvit")
+    assert f"cait (default {cait['iters']})" in text and f"dcvit (default {dcvit_defaults['iters']})" in text
+    assert f"cait (default {cait['batch_size']})" in text and f"cait (default {cait['lr']})" in text
+    assert "--round {8,64}" in text and "--neuron-selection {random,activation}" in text
 
 
 def test_sweep_leaves_out_options_not_given():

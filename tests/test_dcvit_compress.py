@@ -55,19 +55,19 @@ def test_structure_scores_and_report(teacher, images, metric_set):
     plan = plan_dcvit(teacher.spec, TARGET)
     assert isinstance(student, ViTReference) and not student.training
     compressed = [i for i, b in enumerate(student.spec.blocks) if b.attn is None]
-    assert sorted(compressed) == sorted(report["chosen_blocks"])
+    assert sorted(compressed) == sorted(report["extras"]["chosen_blocks"])
     assert len(compressed) == plan.blocks_compressed
     assert all(student.spec.blocks[i].mlp_hidden == plan.hidden_width for i in compressed)
     assert report["achieved_macs"] == count_macs(student).total == plan.macs
     # every candidate was scored, the chosen ones are the lowest KL, in score order
-    scores = {s["block"]: s["score"] for s in report["block_scores"]}
+    scores = {s["block"]: s["score"] for s in report["extras"]["block_scores"]}
     assert sorted(scores) == list(plan.candidates)
     ranked = sorted(scores, key=lambda b: (scores[b], b))
-    assert report["chosen_blocks"] == ranked[:plan.blocks_compressed]
-    assert [s["block"] for s in report["steps"]] == report["chosen_blocks"]
+    assert report["extras"]["chosen_blocks"] == ranked[:plan.blocks_compressed]
+    assert [s["block"] for s in report["extras"]["steps"]] == report["extras"]["chosen_blocks"]
     # only blocks up to the one after the latest compressed block were trainable
-    for k, step in enumerate(report["steps"]):
-        assert step["trainable_up_to"] == min(max(report["chosen_blocks"][:k + 1]) + 1, 4)
+    for k, step in enumerate(report["extras"]["steps"]):
+        assert step["trainable_up_to"] == min(max(report["extras"]["chosen_blocks"][:k + 1]) + 1, 4)
     assert set(report["timings"]) >= {"selection_s", "progressive_s", "total_s"}
     json.dumps(report)  # report.json material
     # the teacher is untouched
@@ -76,12 +76,12 @@ def test_structure_scores_and_report(teacher, images, metric_set):
 
 def test_progressive_finetuning_lowers_feature_mse(teacher, images, metric_set):
     student, report = run(teacher, images, metric_set, iters=25)
-    for step in report["steps"]:
+    for step in report["extras"]["steps"]:
         assert step["last_loss"] < step["first_loss"]
     # the same blocks and neurons without finetuning mimic the teacher worse
     plan = plan_dcvit(teacher.spec, TARGET)
     untrained = teacher
-    for block in report["chosen_blocks"]:
+    for block in report["extras"]["chosen_blocks"]:
         neurons = keep_neurons("random", block, plan.teacher_hidden, plan.hidden_width, FAST["seed"], None)
         untrained = replace_block(untrained, block, plan.hidden_width, neurons)
     assert feature_mse(student, teacher, images) < 0.8 * feature_mse(untrained, teacher, images)
@@ -95,7 +95,7 @@ def test_full_length_scoring_trains_the_final_norm_and_skips_flips(teacher, imag
     report = {}
     student = compress_dcvit(teacher, images, TARGET, metric_set=metric_set, report=report, **options)
     assert report["finetune_iters"]["per_candidate"] == 3
-    assert all(len(losses) == 3 for losses in report["losses"]["selection"].values())
+    assert all(len(losses) == 3 for losses in report["extras"]["losses"]["selection"].values())
     assert report["settings"]["augment"] == "shift"
     # blocks 3 and 4 stay frozen (candidates 1, 2), so the final norm trains only because
     # DC-ViT trains it always

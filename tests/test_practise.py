@@ -44,9 +44,9 @@ def test_official_recipe_adaptors_sgd_and_label(teacher, images):
     shared, official = {}, {}
     compress_practise(teacher, images, 0.7, report=shared, **dict(FAST, iters=3))
     student = compress_practise(teacher, images, 0.7, recipe="official", report=official, **dict(FAST, iters=3))
-    assert official["recipe"] == "official" and shared["recipe"] == "shared"
-    assert official["settings"]["lr"] == FAST["lr"] and "feature MSE" in official["scoring"]
-    assert [s["score"] for s in official["block_scores"]] != [s["score"] for s in shared["block_scores"]]
+    assert official["extras"]["recipe"] == "official" and shared["extras"]["recipe"] == "shared"
+    assert official["settings"]["lr"] == FAST["lr"] and "feature MSE" in official["extras"]["scoring"]
+    assert [s["score"] for s in official["extras"]["block_scores"]] != [s["score"] for s in shared["extras"]["block_scores"]]
     # every layer but the classifier trains in the official recipe, the last block included
     assert not torch.equal(student.blocks[5].mlp.fc1.weight, teacher.blocks[5].mlp.fc1.weight)
     assert torch.equal(student.head.weight, teacher.head.weight)
@@ -58,7 +58,7 @@ def test_score_cache_scores_each_candidate_once_across_targets(teacher, images):
     cache, first, second, fresh = {}, {}, {}, {}
     compress_practise(teacher, images, 0.8, score_cache=cache, report=first, **dict(FAST, iters=2))
     compress_practise(teacher, images, 0.6, score_cache=cache, report=second, **dict(FAST, iters=2))
-    assert [s["score"] for s in second["block_scores"]] == [s["score"] for s in first["block_scores"]]
+    assert [s["score"] for s in second["extras"]["block_scores"]] == [s["score"] for s in first["extras"]["block_scores"]]
     assert second["timings"]["selection_s"] == 0.0 < first["timings"]["selection_s"]
     # another seed is another setting: scored afresh
     compress_practise(teacher, images, 0.6, score_cache=cache, report=fresh, **dict(FAST, iters=2, seed=6))
@@ -70,13 +70,13 @@ def test_drops_whole_blocks_and_reports_honest_macs(teacher, images):
     student = compress_practise(teacher, images, 0.7, report=report, **FAST)
     plan = plan_block_drop(teacher.spec, 0.7)
     dropped = [i for i, b in enumerate(student.spec.blocks) if b.attn is None]
-    assert dropped == report["chosen_blocks"] and len(dropped) == plan.blocks_dropped
+    assert dropped == report["extras"]["chosen_blocks"] and len(dropped) == plan.blocks_dropped
     assert all(student.spec.blocks[i].mlp_hidden == 0 for i in dropped)
     assert all(student.spec.blocks[i].attn is not None for i in range(6) if i not in dropped)
     assert report["achieved_macs"] == count_macs(student).total == plan.macs <= plan.target_macs
     assert report["achieved_ratio"] < 0.7  # whole blocks: the next step below the target
-    assert "proportional to block MACs" in report["latency_model"]
-    scores = {s["block"]: s for s in report["block_scores"]}
+    assert "proportional to block MACs" in report["extras"]["latency_model"]
+    scores = {s["block"]: s for s in report["extras"]["block_scores"]}
     assert sorted(scores) == [1, 2, 3, 4]
     lowest = sorted(scores, key=lambda b: (scores[b]["score"], b))[:len(dropped)]
     assert sorted(lowest) == dropped
@@ -85,9 +85,9 @@ def test_drops_whole_blocks_and_reports_honest_macs(teacher, images):
     saved = 100 * plan.block_macs / plan.teacher_macs
     assert [s["recoverability"] / s["score"] for s in scores.values()] == pytest.approx([saved] * len(scores))
     # the adaptor training lowered the feature loss for every candidate
-    for losses in report["losses"]["adaptor"].values():
+    for losses in report["extras"]["losses"]["adaptor"].values():
         assert losses[-1] < losses[0]
-    assert report["losses"]["finetune"][-1] < report["losses"]["finetune"][0]
+    assert report["extras"]["losses"]["finetune"][-1] < report["extras"]["losses"]["finetune"][0]
     json.dumps(report)
 
 
@@ -112,7 +112,7 @@ def test_resume_after_interrupted_finetune(teacher, images, tmp_path, monkeypatc
     student = compress_practise(teacher, images, 0.7, checkpoint_dir=tmp_path, resume=True,
                                 report=report, **FAST)
     assert calls == [FAST["iters"]] and report["resumed"]
-    assert sum(b.attn is None for b in student.spec.blocks) == len(report["chosen_blocks"])
+    assert sum(b.attn is None for b in student.spec.blocks) == len(report["extras"]["chosen_blocks"])
 
 
 def test_infeasible_target(teacher, images):

@@ -218,7 +218,7 @@ def test_cli_compress_tome(capsys, tmp_path):
     rc, out, err = run_compress_cli(capsys, tmp_path, "tome", "--schedule", "decreasing")
     assert rc == 0, err
     report = load_report(tmp_path / "tome")
-    assert report["method"] == "tome" and report["schedule"] == "decreasing"
+    assert report["method"] == "tome" and report["extras"]["schedule"] == "decreasing"
     assert report["achieved_macs"] <= 0.6 * report["teacher_macs"]
     rc, _, err = run_compress_cli(capsys, tmp_path, "tome", "--resume")
     assert rc == 2 and "--resume do(es) not apply to --method tome" in err

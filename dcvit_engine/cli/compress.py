@@ -16,70 +16,33 @@ from dcvit_engine.artifact import save
 from dcvit_engine.checkpoints import load_checkpoint
 from dcvit_engine.cli import CommandError
 from dcvit_engine.cli.data_args import add_data_arguments, images_from_args
+from dcvit_engine.cli.method_args import add_method_argument, add_method_options, given_options
 from dcvit_engine.cli.model_args import add_model_arguments
-from dcvit_engine.cli.plan import add_structure_arguments, parse_blocks
-from dcvit_engine.compress.api import METHODS, compress, method_defaults, method_options
+from dcvit_engine.cli.plan import add_target_argument
+from dcvit_engine.compress.api import METHODS, compress, method_options
 from dcvit_engine.compress.checkpoint import STATE_FILENAME
 from dcvit_engine.macs import count_macs
 from dcvit_engine.models import describe_source, parse_model_kwargs, resolve_model
 from dcvit_engine.spec import SPEC_FILENAME
 
-# options most methods take: passed to those that do, when given
-SHARED = ("iters", "batch_size", "lr", "device", "seed")
-# options that only some methods take (None unless given): refused for a method without them
-METHOD_SPECIFIC = ("num_blocks", "round_to", "neuron_selection", "select_iters", "metric_size",
-                   "metric_iters", "adaptor_iters", "finetune_iters", "token_share", "schedule")
-
 
 def register(subparsers):
     parser = subparsers.add_parser("compress", help="compress a model with a few images "
-                                   "(DC-ViT, PRACTISE, UVC, CAIT, ToMe)",
+                                   f"({', '.join(METHODS)})",
                                    description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser, weights=True)
     add_data_arguments(parser, num_samples_required=True)
-    add_structure_arguments(parser, methods=tuple(METHODS))
+    add_method_argument(parser)
+    add_target_argument(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="artifact folder to write")
-    parser.add_argument("--iters", type=int, default=None,
-                        help="finetuning iterations per step (dcvit, practise) or search steps (uvc, cait); "
-                        "default: the method's own, " + defaults_text("iters"))
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="default: the method's own, " + defaults_text("batch_size"))
-    parser.add_argument("--lr", type=float, default=None,
-                        help="learning rate of the weights (AdamW); default: the method's own, "
-                        + defaults_text("lr"))
-    parser.add_argument("--select-iters", type=int, default=None,
-                        help="dcvit: finetuning iterations per candidate block while scoring (default iters/10)")
-    parser.add_argument("--neuron-selection", choices=["random", "activation"], default=None,
-                        help="dcvit: which MLP neurons a compressed block keeps: random (the official "
-                             "default) or the highest mean GELU activation on the images")
-    parser.add_argument("--metric-size", type=int, default=None,
-                        help="dcvit: synthetic metric-set images (default: " + defaults_text("metric_size") + ")")
-    parser.add_argument("--metric-iters", type=int, default=None,
-                        help="dcvit: optimisation steps synthesising the metric set (default: "
-                        + defaults_text("metric_iters") + ")")
-    parser.add_argument("--adaptor-iters", type=int, default=None,
-                        help="practise: adaptor training iterations per candidate block (default iters/10)")
-    parser.add_argument("--finetune-iters", type=int, default=None,
-                        help="uvc, cait: distillation iterations once the structure is fixed (default: "
-                        + defaults_text("finetune_iters") + "; --iters counts the search steps)")
-    parser.add_argument("--token-share", type=float, default=None,
-                        help="cait: share of the MACs reduction asked from token merging (default: "
-                        + defaults_text("token_share") + ")")
-    parser.add_argument("--schedule", choices=["constant", "decreasing"], default=None,
-                        help="tome: ToMe's r schedule (default: " + defaults_text("schedule") + ")")
+    # every method's own options, from its module's CLI_OPTIONS; only those given are passed
+    parser.set_defaults(method_option_names=add_method_options(parser))
     parser.add_argument("--seed", type=int, default=0, help="picks the images and seeds every random choice")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the method's, cuda when available)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted run whose checkpoint is in OUT.partial")
     parser.set_defaults(func=run)
-
-
-def defaults_text(option: str) -> str:
-    """'dcvit 2000, practise 2000, uvc 200, ...': each method's default of `option`, read
-    off the method's signature, for help texts (methods without the option are left out)."""
-    defaults = {m: method_defaults(m) for m in METHODS}
-    return ", ".join(f"{m} {d[option]}" for m, d in defaults.items() if option in d)
 
 
 def model_from_source(artifact, model_name, model_kwargs_text, checkpoint, pretrained=False):
@@ -99,19 +62,13 @@ def model_from_source(artifact, model_name, model_kwargs_text, checkpoint, pretr
 
 
 def _method_options(args) -> dict:
+    """Only what the user gave reaches the method: its own signature holds its defaults."""
+    options = given_options(args, args.method, args.method_option_names)
     accepted = method_options(args.method)
-    # only what the user gave reaches the method: its own signature holds its defaults
-    options = {name: getattr(args, name) for name in SHARED if name in accepted and getattr(args, name) is not None}
-    given = {name: getattr(args, name) for name in METHOD_SPECIFIC if getattr(args, name) is not None}
-    if args.candidates is not None:
-        given["candidates"] = parse_blocks(args.candidates)
-    wrong = [name for name in given if name not in accepted]
+    options.update({name: getattr(args, name) for name in ("device", "seed")
+                    if name in accepted and getattr(args, name) is not None})
     if args.resume and "resume" not in accepted:
-        wrong.append("resume")
-    if wrong:
-        flags = ", ".join("--" + ("round" if n == "round_to" else n.replace("_", "-")) for n in wrong)
-        raise CommandError(f"{flags} do(es) not apply to --method {args.method}")
-    options.update(given)
+        raise CommandError(f"--resume do(es) not apply to --method {args.method}")
     return options
 
 
@@ -152,7 +109,8 @@ def run(args):
     save(student, out, report=report)
     shutil.rmtree(partial, ignore_errors=True)  # the run is complete: its checkpoints are spent
     macs, teacher_macs = count_macs(student.spec).total, count_macs(model.spec).total
-    chosen = f"chosen blocks {report['chosen_blocks']} (in order); " if "chosen_blocks" in report else ""
+    blocks = report["extras"].get("chosen_blocks")
+    chosen = f"chosen blocks {blocks} (in order); " if blocks is not None else ""
     print(f"{chosen}MACs {macs / 1e9:.4f} G = {macs / teacher_macs:.4f} of the teacher's "
           f"{teacher_macs / 1e9:.4f} G (target {args.target_macs})")
     print(f"wrote {out} ({report['wall_s']:.1f} s)")

@@ -62,25 +62,23 @@ def demo_options(method: str, args) -> dict:
 
 
 def run(args):
-    from dcvit_engine.cli.sweep import _options_for, check_seeds, parse_targets
+    from dcvit_engine import sweep
+    from dcvit_engine.cli.sweep import _options_for, parse_methods_targets_seeds
     from dcvit_engine.compress.fewshot import AUGMENTATIONS
-    from dcvit_engine.compress.api import METHODS
     from dcvit_engine.compress.metric_set import synthesize_metric_set
-    from dcvit_engine.demo_teacher import (DIGITS_SPLIT_SEED, DemoTeacherConfig, build_demo_model, demo_teacher,
-                                           default_cache_dir)
+    from dcvit_engine.demo_teacher import (
+        DIGITS_SPLIT_SEED,
+        DemoTeacherConfig,
+        build_demo_model,
+        default_cache_dir,
+        demo_teacher,
+    )
     from dcvit_engine.digits import DIGITS_MEAN, DIGITS_STD, digits_splits
     from dcvit_engine.reference import reference_from_timm
-    from dcvit_engine.sweep import (ROW_COLUMNS, Draw, equal_macs_pairs, format_table, plot_sweep,
-                                    run_sweep, table_line, write_csv)
 
     if not 1 <= args.num_samples <= 64:
         raise CommandError(f"--num-samples must be between 1 and 64 (the demo is few-shot), got {args.num_samples}")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise CommandError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    targets = parse_targets(args.targets)
-    seeds = range(args.seed, args.seed + check_seeds(args.seeds))
+    methods, targets, seeds = parse_methods_targets_seeds(args)
     if args.augment not in AUGMENTATIONS:
         raise CommandError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {args.augment!r}")
     if args.depth is not None and args.depth < 3:
@@ -88,7 +86,7 @@ def run(args):
     config = DemoTeacherConfig() if args.depth is None else DemoTeacherConfig(depth=args.depth)
     if args.pair and "dcvit" in methods and "practise" in methods:
         try:  # before the teacher is trained: the architecture alone decides
-            equal_macs_pairs(reference_from_timm(build_demo_model(config.model_kwargs())).spec, targets)
+            sweep.equal_macs_pairs(reference_from_timm(build_demo_model(config.model_kwargs())).spec, targets)
         except ValueError as err:
             raise CommandError(str(err)) from None
     start = time.perf_counter()
@@ -111,23 +109,23 @@ def run(args):
                                        img_size=teacher.spec.img_size, seed=seed, mean=DIGITS_MEAN, std=DIGITS_STD,
                                        cache_path=cache / name,
                                        progress=True)
-        draws.append(Draw(seed, train_x[order[:args.num_samples]], dict(metric_set=metric.images)))
+        draws.append(sweep.Draw(seed, train_x[order[:args.num_samples]], dict(metric_set=metric.images)))
     print(f"{args.num_samples} unlabeled few-shot digits and {args.metric_size} synthetic metric-set images "
           f"per seed, seeds {seeds.start}..{seeds.stop - 1}; {len(test_x)} held-out test digits")
 
     options = {m: _options_for(m, demo_options(m, args)) for m in methods}
     if "practise" in options and args.recipe != "shared":  # with PRACTISE's own SGD learning rate
         options["practise"] = dict({k: v for k, v in options["practise"].items() if k != "lr"}, recipe=args.recipe)
-    print(" | ".join(ROW_COLUMNS))
-    rows = run_sweep(teacher, None, test_x, test_y, options, targets, draws=draws, budget=args.budget,
-                     pair=args.pair, first_draw_only=[m for m in methods if m not in SEEDED_METHODS],
-                     device="cpu", progress=False, latency_batch=64,
-                     on_row=lambda row: print(" | ".join(table_line(row)), flush=True))
+    print(" | ".join(sweep.ROW_COLUMNS))
+    rows = sweep.run_sweep(teacher, None, test_x, test_y, options, targets, draws=draws, budget=args.budget,
+                           pair=args.pair, first_draw_only=[m for m in methods if m not in SEEDED_METHODS],
+                           device="cpu", progress=False, latency_batch=64,
+                           on_row=lambda row: print(" | ".join(sweep.table_line(row)), flush=True))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print("\n" + format_table(rows))
-    write_csv(rows, out / "demo.csv")
-    plot_sweep(rows, out / "demo.png", title="dcvit demo: digits teacher compressed from "
-                                             f"{args.num_samples} unlabeled images (CPU)")
+    print("\n" + sweep.format_table(rows))
+    sweep.write_csv(rows, out / "demo.csv")
+    sweep.plot_sweep(rows, out / "demo.png", title="dcvit demo: digits teacher compressed from "
+                                                   f"{args.num_samples} unlabeled images (CPU)")
     print(f"\nwrote {out / 'demo.csv'} and {out / 'demo.png'}; total {time.perf_counter() - start:.0f} s")
     return 0

@@ -5,8 +5,8 @@ import argparse
 from pathlib import Path
 
 from dcvit_engine.cli import CommandError
-from dcvit_engine.cli.compress import defaults_text
 from dcvit_engine.cli.data_args import add_data_arguments, images_from_args
+from dcvit_engine.cli.method_args import add_method_options
 from dcvit_engine.cli.model_args import add_model_arguments, backend_errors_as_command_errors, model_from_args
 
 
@@ -19,11 +19,7 @@ def register(subparsers):
     parser.add_argument("--methods", default="dcvit,practise", help="comma-separated (default dcvit,practise)")
     parser.add_argument("--targets", default="0.9,0.8,0.7,0.6,0.5",
                         help="comma-separated fractions of MACs kept (default 0.9,...,0.5)")
-    parser.add_argument("--iters", type=int, default=None,
-                        help="finetuning iterations per step or search steps; default: each method's own, "
-                        + defaults_text("iters"))
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="default: each method's own, " + defaults_text("batch_size"))
+    add_method_options(parser, names=("iters", "batch_size"))  # default: each method's own
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backend", default=None, help="engine backend for evaluation and latency")
     parser.add_argument("--metric-size", type=int, default=50,
@@ -58,6 +54,17 @@ def check_seeds(seeds: int) -> int:
     return seeds
 
 
+def parse_methods_targets_seeds(args) -> tuple[list[str], list[float], range]:
+    """--methods (registered names), --targets and --seeds of `dcvit sweep` and `dcvit demo`."""
+    from dcvit_engine.compress.api import METHODS
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise CommandError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    return methods, parse_targets(args.targets), range(args.seed, args.seed + check_seeds(args.seeds))
+
+
 def parse_targets(text: str) -> list[float]:
     try:
         targets = [float(t) for t in text.split(",") if t.strip()]
@@ -69,25 +76,19 @@ def parse_targets(text: str) -> list[float]:
 
 
 def run(args):
-    from dcvit_engine.compress.api import METHODS
-    from dcvit_engine.sweep import (ROW_COLUMNS, Draw, equal_macs_pairs, format_table, plot_sweep,
-                                    run_sweep, table_line, write_csv)
+    from dcvit_engine import sweep
+    from dcvit_engine.compress.api import method_options
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise CommandError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    targets = parse_targets(args.targets)
-    seeds = range(args.seed, args.seed + check_seeds(args.seeds))
+    methods, targets, seeds = parse_methods_targets_seeds(args)
     teacher, name = model_from_args(args)
     if args.pair and "dcvit" in methods and "practise" in methods:
         try:
-            equal_macs_pairs(teacher.spec, targets)
+            sweep.equal_macs_pairs(teacher.spec, targets)
         except ValueError as err:
             raise CommandError(str(err)) from None
-    draws = [Draw(seed, images_from_args(args, teacher.spec, seed=seed)[0]) for seed in seeds]
+    draws = [sweep.Draw(seed, images_from_args(args, teacher.spec, seed=seed)[0]) for seed in seeds]
     images = draws[0].images
-    if "dcvit" in methods or "practise" in methods:
+    if any("metric_set" in method_options(m) for m in methods):
         from dcvit_engine.compress.metric_set import synthesize_metric_set
 
         for draw in draws:  # one metric set per draw, the same for both methods (scored alike)
@@ -99,23 +100,23 @@ def run(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     options = dict(iters=args.iters, batch_size=args.batch_size, device=args.device)
+    if args.recipe != "shared":
+        options["recipe"] = args.recipe
     methods_options = {m: _options_for(m, options) for m in methods}
-    if "practise" in methods_options and args.recipe != "shared":
-        methods_options["practise"]["recipe"] = args.recipe
     print(f"sweep of {name}: {len(images)} few-shot images x {len(draws)} seeds, {len(eval_images)} "
           f"evaluation images, methods {', '.join(methods)}, targets {', '.join(f'{t:.2f}' for t in targets)}, "
           f"{args.budget} finetuning budget")
-    print(" | ".join(ROW_COLUMNS))
+    print(" | ".join(sweep.ROW_COLUMNS))
     with backend_errors_as_command_errors():
-        rows = run_sweep(teacher, None, eval_images, eval_labels,
-                         methods_options, targets, draws=draws,
-                         budget=args.budget, pair=args.pair,
-                         device=args.device, backend=args.backend, progress=True,
-                         on_row=lambda row: print(" | ".join(table_line(row))))
+        rows = sweep.run_sweep(teacher, None, eval_images, eval_labels, methods_options, targets, draws=draws,
+                               budget=args.budget, pair=args.pair, device=args.device, backend=args.backend,
+                               progress=True, on_row=lambda row: print(" | ".join(sweep.table_line(row))))
     if len(rows) == 1:
         raise CommandError("no method reached any of the targets; see the reasons above")
-    print("\n" + format_table(rows))
-    print(f"\nwrote {write_csv(rows, out / 'sweep.csv')} and {plot_sweep(rows, out / 'sweep.png', title=name)}")
+    print("\n" + sweep.format_table(rows))
+    csv_path = sweep.write_csv(rows, out / "sweep.csv")
+    png_path = sweep.plot_sweep(rows, out / "sweep.png", title=name)
+    print(f"\nwrote {csv_path} and {png_path}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""One entry point for every compression method:
+"""One entry point for every compression method, and the one place methods are registered:
 
     student = dcvit_engine.compress(model, images, method="dcvit", target_macs=0.7, **options)
 
@@ -6,42 +6,74 @@
 few-shot images as an (N, C, H, W) tensor at the model's input size (labels not needed);
 `target_macs` the fraction of the teacher's MACs to keep. The options are the method
 function's keyword arguments (see `method_options`); `progress` and `report` are passed
-to methods that take them. The result is a new ViTReference in eval mode.
+to methods that take them. The result is a new ViTReference in eval mode; `report`
+receives the common report (compress/run.py).
+
+A method `name` is one module, dcvit_engine.compress.<name>, with one entry point
+`compress_<name>(model, images, target_macs, *, ..., report=None)` built on run.MethodRun,
+and CLI_OPTIONS (the options `dcvit compress` offers); its line in METHODS below is all
+that `dcvit compress`, `dcvit sweep`, `dcvit plan` and this function know of it.
 """
 from __future__ import annotations
 
 import importlib
 import inspect
 import os
+from dataclasses import dataclass
 
 import torch
 
-from ..data import check_finite, nonfinite_rows, refuse_nonfinite
+from ..data import check_finite
 from ..reference import ViTReference
 
-# method name -> (module under dcvit_engine.compress, function). Each function takes
-# (model, images, target_macs, **options) and returns the compressed ViTReference.
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method `name`: module dcvit_engine.compress.<name>, entry point
+    compress_<name>. summary: one line for help texts; plan: the name of a function in the
+    module that plans the structure from the target alone (`dcvit plan`; None when the
+    structure depends on data)."""
+    summary: str
+    plan: str | None = None
+
+
 METHODS = {
-    "dcvit": ("dcvit", "compress_dcvit"),
-    "practise": ("practise", "compress_practise"),
-    "uvc": ("uvc", "compress_uvc"),
-    "cait": ("cait", "compress_cait"),
-    "tome": ("tome", "compress_tome"),
+    "dcvit": Method("drop attention, shrink MLPs (default)", plan="plan_dcvit"),
+    "practise": Method("drop whole blocks", plan="plan_block_drop"),
+    "uvc": Method("prune heads, head channels, MLP neurons and skip blocks"),
+    "cait": Method("grid-keeping token merging plus channel pruning shared by all heads"),
+    "tome": Method("training-free token merging"),
 }
+# options every method's run scaffold handles (not method settings): the CLI sets them itself
+RUN_OPTIONS = ("device", "seed", "labels", "checkpoint_dir", "resume", "progress", "report")
+
+
+def _method(method: str) -> Method:
+    if method not in METHODS:
+        raise ValueError(f"unknown compression method {method!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[method]
+
+
+def method_module(method: str):
+    """The module implementing `method` (imported on first use)."""
+    _method(method)
+    return importlib.import_module(f"dcvit_engine.compress.{method}")
 
 
 def method_function(method: str):
-    """The function implementing `method` (imported on first use)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown compression method {method!r}; choose one of {', '.join(METHODS)}")
-    module, name = METHODS[method]
-    return getattr(importlib.import_module(f"dcvit_engine.compress.{module}"), name)
+    """The entry point of `method`, compress_<method>."""
+    return getattr(method_module(method), f"compress_{method}")
+
+
+def method_plan(method: str):
+    """The function planning `method`'s structure from the target alone, or None."""
+    name = _method(method).plan
+    return None if name is None else getattr(method_module(method), name)
 
 
 def method_options(method: str) -> list[str]:
     """The keyword options `method` accepts besides model, images and target_macs."""
-    params = inspect.signature(method_function(method)).parameters
-    return [name for name, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    return list(method_defaults(method))
 
 
 def method_defaults(method: str) -> dict:
@@ -51,6 +83,17 @@ def method_defaults(method: str) -> dict:
     return {name: p.default for name, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
+def method_cli_options(method: str) -> dict:
+    """name -> run.CliOption: the options `dcvit compress` offers for `method`."""
+    return dict(getattr(method_module(method), "CLI_OPTIONS", {}))
+
+
+def target_required(method: str) -> bool:
+    """False for a method whose target_macs may be None (ToMe: r instead)."""
+    target = inspect.signature(method_function(method)).parameters["target_macs"]
+    return target.default is not None
+
+
 def _load_if_path(model):
     if isinstance(model, (str, os.PathLike)):
         from ..artifact import load
@@ -58,41 +101,13 @@ def _load_if_path(model):
     return model
 
 
-def _input_shape(model) -> tuple | None:
-    """(C, H, W) a ViTReference or a timm ViT takes, else None."""
-    if isinstance(model, ViTReference):
-        return (model.spec.in_chans, *model.spec.img_size)
-    embed = getattr(model, "patch_embed", None) if isinstance(model, torch.nn.Module) else None
-    proj, size = getattr(embed, "proj", None), getattr(embed, "img_size", None)
-    if proj is None or size is None or getattr(embed, "dynamic_img_size", False):
-        return None
-    return (proj.in_channels, *size)
-
-
-@torch.no_grad()
-def _check_teacher_outputs(model, images, batch_size: int = 64) -> None:
-    """Images with NaN/Inf, or a teacher whose outputs are NaN/Inf on them, are refused before
-    any work (one forward pass where the model lives; the caller's model is not moved)."""
-    check_finite(images)
-    if _input_shape(model) != tuple(images.shape[1:]):
-        return  # the method names what is wrong with the model or the images' shape
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        bad = sum(nonfinite_rows(model(images[i:i + batch_size].to(device)))
-                  for i in range(0, images.shape[0], batch_size))
-    finally:
-        model.train(was_training)
-    refuse_nonfinite(images.shape[0], bad_outputs=bad, model="the teacher")
-
-
 def compress(model, images=None, method: str = "dcvit", target_macs: float | None = None, *,
              progress: bool = False, report: dict | None = None, **options) -> ViTReference:
     """Compress `model` with `method` to `target_macs` (see the module docstring).
 
-    report: a dict that receives what the method decided (plan, chosen blocks, scores,
-    losses, timings, achieved MACs). Unknown options raise ValueError listing the valid ones.
+    report: a dict that receives the common report (run.py: target, achieved MACs and
+    ratio, structure, timings, the method's extras). Unknown options raise ValueError
+    listing the valid ones.
     """
     function = method_function(method)
     accepted = method_options(method)
@@ -100,17 +115,18 @@ def compress(model, images=None, method: str = "dcvit", target_macs: float | Non
     if unknown:
         raise ValueError(f"method {method!r} has no option(s) {', '.join(unknown)}; its options are "
                          f"{', '.join(o for o in accepted if o not in ('progress', 'report'))}")
-    if target_macs is None and method != "tome":
+    if target_macs is None and target_required(method):
         raise ValueError(f"method {method!r} needs target_macs, the fraction of the teacher's MACs "
                          "to keep (e.g. 0.75)")
     if "progress" in accepted:
         options["progress"] = progress
-    if "report" in accepted:
-        options["report"] = report
+    options["report"] = report
     model = _load_if_path(model)
-    if isinstance(images, torch.Tensor) and images.dim() == 4 and images.is_floating_point():
-        _check_teacher_outputs(model, images)  # shape and dtype errors are the method's to name
-    student = function(model, images, target_macs, **options)
-    if report is not None and "report" not in accepted:
-        report.setdefault("method", method)
-    return student
+    if method == "uvc" and isinstance(images, torch.Tensor):  # until compress_uvc is built on MethodRun
+        from .fewshot import as_reference
+        from .run import check_teacher_outputs
+        check_finite(images)
+        reference = as_reference(model)
+        if tuple(images.shape[1:]) == (reference.spec.in_chans, *reference.spec.img_size):
+            check_teacher_outputs(reference, images, next(reference.parameters()).device)
+    return function(model, images, target_macs, **options)

@@ -35,11 +35,10 @@ from ..macs import count_macs
 from ..ops import atme_unmerge
 from ..reference import ViTReference
 from ..spec import ATME_AXES, MergeSpec, ViTSpec, merge_schedule
-from .fewshot import (ProgressLog, as_reference, check_images, check_positive, on_device,
-                      predict_logits, resolve_device)
-from .finetune import kd_finetune, kd_loss
+from .fewshot import check_labels, check_non_negative, check_positive, predict_logits
+from .finetune import kd_loss
+from .run import CliOption, MethodRun
 from .slicing import BlockMasks, WidthCosts, apply_masks, slice_model, width_costs
-from .structure import check_target_ratio
 
 
 def _check_teacher(spec: ViTSpec) -> None:
@@ -293,63 +292,75 @@ def full_resolution_features(model: ViTReference, images: torch.Tensor) -> torch
     return tokens
 
 
+# the options `dcvit compress` offers (defaults: compress_cait's signature)
+CLI_OPTIONS = {
+    "iters": CliOption("gate-learning steps of the channel and neuron masks"),
+    "finetune_iters": CliOption("distillation steps once the structure is fixed"),
+    "batch_size": CliOption("few-shot batch size"),
+    "lr": CliOption("AdamW learning rate of the distillation"),
+    "token_share": CliOption("share of the MACs reduction asked from token merging"),
+}
+
+
 def compress_cait(model, images: torch.Tensor, target_macs: float, *, labels: torch.Tensor | None = None,
                   token_share: float = 0.5, first_axis: str = "w", iters: int = 200,
                   finetune_iters: int = 200, batch_size: int = 32, lr: float = 1e-4,
                   weight_decay: float = 0.05, gate_lr: float = 0.05, budget_lr: float = 1.0,
-                  device=None, seed: int = 0, progress: bool = False,
+                  device=None, seed: int = 0, checkpoint_dir=None, resume: bool = False, progress: bool = False,
                   report: dict | None = None) -> ViTReference:
     """CAIT-compress `model` (timm ViT or ViTReference) to at most `target_macs`, the fraction
     of its MACs to keep, with the few-shot `images` (labels optional: without them the loss
     is pure distillation from the model itself). token_share: share of the MACs to remove
     that token merging is asked for (the channels take the rest); first_axis: "w" or "h";
     iters: gate learning steps; finetune_iters: distillation steps with the structure
-    frozen. Returns the student (eval mode); `report` receives the plan and the widths."""
-    rho = check_target_ratio(target_macs)
+    frozen. checkpoint_dir / resume: the search and the finetuning are checkpointed steps
+    (checkpoint.RunCheckpoint). Returns the student (eval mode); `report` receives the common
+    report (run.py), the ATME plan and the widths in its extras."""
     if isinstance(token_share, bool) or not isinstance(token_share, (int, float)) or not 0 <= token_share <= 1:
         raise ValueError(f"token_share must be a number in [0, 1] (share of the MACs reduction done by "
                          f"token merging), got {token_share!r}")
     if first_axis not in ATME_AXES:
         raise ValueError(f"first_axis must be one of {ATME_AXES}, got {first_axis!r}")
     check_positive(iters=iters, batch_size=batch_size)
-    if isinstance(finetune_iters, bool) or not isinstance(finetune_iters, int) or finetune_iters < 0:
-        raise ValueError(f"finetune_iters must be a non-negative integer, got {finetune_iters!r}")
-    teacher = as_reference(model)
-    _check_teacher(teacher.spec)
-    check_images(images, teacher.spec)
-    if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != (images.shape[0],)):
-        raise ValueError(f"labels must be a tensor of {images.shape[0]} class indices, one per image")
-    layers, merged = plan_atme(teacher.spec, rho, token_share, first_axis)
-    device = resolve_device(device)
-    log = ProgressLog(progress, "cait")
-    log(f"ATME after blocks {list(layers)}: {count_macs(merged).total / count_macs(teacher.spec).total:.4f} "
+    check_non_negative(finetune_iters=finetune_iters)
+    run = MethodRun("cait", model, images, target_macs, device=device, progress=progress)
+    rho, teacher, device, log = run.target_ratio, run.teacher, run.device, run.log
+    _check_teacher(run.spec)
+    check_labels(labels, images)
+    layers, merged = plan_atme(run.spec, rho, token_share, first_axis)
+    log(f"ATME after blocks {list(layers)}: {count_macs(merged).total / run.teacher_macs:.4f} "
         f"of the MACs before channel pruning")
-    teacher = on_device(teacher, device).eval()
-    with torch.device("meta"):  # same tensors as the teacher: only merges differ
-        student = ViTReference(merged)
-    student.load_state_dict({k: v.detach().clone() for k, v in teacher.state_dict().items()},
-                            strict=True, assign=True)
-    teacher_logits = predict_logits(teacher, images, batch_size, device)
-    gates = ChannelGates(student, rho, count_macs(teacher.spec).total)
-    history = learn_channel_gates(student, gates, images, teacher_logits, labels, iters=iters,
-                                  batch_size=batch_size, gate_lr=gate_lr, budget_lr=budget_lr,
-                                  device=device, seed=seed, log=log)
-    keep, neuron_keep = fit_masks(gates, gates.hard(), rho * gates.teacher_macs, gates.hard_neurons())
-    removed = gates.removed_shares(keep, neuron_keep)
-    student = slice_model(student, gates.masks(student, keep, neuron_keep))
-    log(f"CDCP removed {removed['attention']:.1%} of the attention channels' MACs and "
-        f"{removed['mlp']:.1%} of the MLPs'")
-    log(f"channels frozen: {count_macs(student.spec).total / gates.teacher_macs:.4f} of the MACs; "
-        f"finetuning {finetune_iters} steps")
-    losses = kd_finetune(student, teacher, images, labels=labels, iters=finetune_iters,
-                         batch_size=batch_size, lr=lr, weight_decay=weight_decay, device=device,
-                         seed=seed + 1, progress=progress) if finetune_iters else []
-    if report is not None:
-        report.update(method="cait", target_ratio=rho, teacher_macs=gates.teacher_macs,
-                      achieved_macs=count_macs(student.spec).total, atme_layers=list(layers),
-                      atme_macs=count_macs(merged).total,
-                      qk_channels=keep[:, 0].sum(1).int().tolist(), v_channels=keep[:, 1].sum(1).int().tolist(),
-                      mlp_hidden=[int(n.sum()) for n in neuron_keep],
-                      removed_share=dict(tokens=1 - count_macs(merged).total / gates.teacher_macs, **removed),
-                      gate_history=history, finetune_losses=[float(v) for v in losses])
-    return student.eval()
+    ckpt = run.checkpoint(checkpoint_dir, resume, dict(
+        target=rho, token_share=token_share, first_axis=first_axis, iters=iters, finetune_iters=finetune_iters,
+        batch_size=batch_size, lr=lr, weight_decay=weight_decay, gate_lr=gate_lr, budget_lr=budget_lr,
+        seed=seed), labels=labels)
+
+    def search():
+        with torch.device("meta"):  # same tensors as the teacher: only merges differ
+            student = ViTReference(merged)
+        student.load_state_dict({k: v.detach().clone() for k, v in teacher.state_dict().items()},
+                                strict=True, assign=True)
+        teacher_logits = predict_logits(teacher, images, batch_size, device)
+        gates = ChannelGates(student, rho, run.teacher_macs)
+        history = learn_channel_gates(student, gates, images, teacher_logits, labels, iters=iters,
+                                      batch_size=batch_size, gate_lr=gate_lr, budget_lr=budget_lr,
+                                      device=device, seed=seed, log=log)
+        keep, neuron_keep = fit_masks(gates, gates.hard(), rho * gates.teacher_macs, gates.hard_neurons())
+        removed = gates.removed_shares(keep, neuron_keep)
+        student = slice_model(student, gates.masks(student, keep, neuron_keep))
+        log(f"CDCP removed {removed['attention']:.1%} of the attention channels' MACs and "
+            f"{removed['mlp']:.1%} of the MLPs'; {count_macs(student.spec).total / run.teacher_macs:.4f} "
+            "of the MACs")
+        return student, dict(
+            qk_channels=keep[:, 0].sum(1).int().tolist(), v_channels=keep[:, 1].sum(1).int().tolist(),
+            mlp_hidden=[int(n.sum()) for n in neuron_keep],
+            removed_share=dict(tokens=1 - count_macs(merged).total / run.teacher_macs, **removed),
+            gate_history=history)
+
+    student, searched = run.step(ckpt, "search", search)
+    student, losses = run.distill_step(ckpt, student, labels, iters=finetune_iters, batch_size=batch_size,
+                                       lr=lr, weight_decay=weight_decay, seed=seed + 1)
+    return run.finish(student, report, timings=ckpt.state["timings"],
+                      finetune_iters=dict(student=finetune_iters, per_step=finetune_iters, steps=1, selection=iters),
+                      extras=dict(atme_layers=list(layers), atme_macs=count_macs(merged).total, **searched,
+                                  finetune_losses=losses))

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from ..artifact import load as load_artifact
-from ..atomic import atomic_open
 from ..artifact import save as save_artifact
+from ..atomic import atomic_open
 from ..reference import ViTReference
 
 STATE_FILENAME = "state.json"
@@ -27,12 +27,13 @@ STATE_FORMAT = 1
 
 
 def tensor_digest(*tensors: torch.Tensor) -> str:
-    """A short content hash: a checkpoint only resumes with the very same teacher and images."""
+    """A short content hash (dtypes, shapes, bytes): a checkpoint only resumes with the very same
+    teacher and images, and a cached metric set belongs to the very same teacher."""
     digest = hashlib.blake2b(digest_size=12)
     for t in tensors:
         t = t.detach().to("cpu").contiguous()
         digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 

@@ -21,16 +21,41 @@ import time
 
 import torch
 
-from ..macs import count_macs
 from ..reference import ViTReference
-from .checkpoint import RunCheckpoint, model_digest, tensor_digest
+from .fewshot import (
+    AUGMENTATIONS,
+    augment_flags,
+    check_images,
+    check_positive,
+    kl_to_teacher,
+    mean_mlp_activations,
+    predict_logits,
+)
 from .finetune import feature_mimic_finetune, trainable_up_to
 from .metric_set import synthesize_metric_set
-from .fewshot import (ProgressLog, as_reference, augment_flags, check_images, check_positive,
-                      kl_to_teacher, mean_mlp_activations, on_device, predict_logits, resolve_device)
+from .run import CliOption, MethodRun, block_list
 from .structure import plan_dcvit, replace_block
 
 NEURON_SELECTIONS = ("random", "activation")
+
+# the options `dcvit compress` offers (defaults: compress_dcvit's signature)
+CLI_OPTIONS = {
+    "iters": CliOption("finetuning iterations per progressive step"),
+    "batch_size": CliOption("few-shot batch size"),
+    "lr": CliOption("AdamW learning rate of the finetuning"),
+    "num_blocks": CliOption("compress N blocks instead of the fewest that reach the target (more blocks "
+                            "keep wider MLPs)", type=int, metavar="N"),
+    "candidates": CliOption("blocks that may be compressed (all but the first and the last)",
+                            type=block_list, metavar="I,J,..."),
+    "round_to": CliOption("round the hidden width to a multiple of 8 or 64 (the MACs it costs are reported)",
+                          type=int, choices=(8, 64), flag="--round"),
+    "select_iters": CliOption("finetuning iterations per candidate block while scoring (None: iters)", type=int),
+    "neuron_selection": CliOption("which MLP neurons a compressed block keeps: random (the official default) "
+                                  "or the highest mean GELU activation on the images", choices=NEURON_SELECTIONS),
+    "metric_size": CliOption("synthetic metric-set images"),
+    "metric_iters": CliOption("optimisation steps synthesising the metric set"),
+    "augment": CliOption("few-shot augmentation (shift for digits: no flips)", choices=tuple(AUGMENTATIONS)),
+}
 
 
 def keep_neurons(selection: str, block: int, hidden: int, keep: int, seed: int,
@@ -60,8 +85,8 @@ def compress_dcvit(model, images: torch.Tensor, target_macs: float, *,
     iters: finetuning iterations per progressive step. select_iters: finetuning iterations
     per candidate during block selection (default iters, as the official code). augment:
     a fewshot.AUGMENTATIONS name ("shift" for digits: no flips). checkpoint_dir / resume:
-    see checkpoint.RunCheckpoint. report, when given, receives the plan, every candidate's
-    score, losses and timings.
+    see checkpoint.RunCheckpoint. report, when given, receives the common report (run.py);
+    its extras hold the plan, every candidate's score, the chosen blocks and the losses.
     """
     if neuron_selection not in NEURON_SELECTIONS:
         raise ValueError(f"neuron_selection must be one of {NEURON_SELECTIONS}, got {neuron_selection!r}")
@@ -69,33 +94,25 @@ def compress_dcvit(model, images: torch.Tensor, target_macs: float, *,
     augmentation = augment_flags(augment)
     check_positive(iters=iters, select_iters=select_iters, batch_size=batch_size,
                    metric_size=metric_size, metric_iters=metric_iters)
-    teacher = as_reference(model)
-    spec = teacher.spec
-    check_images(images, spec)
+    run = MethodRun("dcvit", model, images, target_macs, device=device, progress=progress)
+    spec, teacher, device, log = run.spec, run.teacher, run.device, run.log
     if metric_set is not None:
         check_images(metric_set, spec, "metric_set")
     plan = plan_dcvit(spec, target_macs, num_blocks=num_blocks, candidates=candidates, round_to=round_to)
-    device = resolve_device(device)
-    log = ProgressLog(progress, "dcvit")
     log(plan.summary().replace("\n", "; "))
 
-    config = dict(method="dcvit", target=plan.target_ratio, blocks=plan.blocks_compressed,
-                  hidden=plan.hidden_width, candidates=list(plan.candidates),
-                  neuron_selection=neuron_selection, iters=iters, select_iters=select_iters,
-                  batch_size=batch_size, lr=lr, weight_decay=weight_decay, augment=augment, seed=seed,
-                  metric_size=metric_size if metric_set is None else None,
-                  metric_iters=metric_iters if metric_set is None else None,
-                  teacher=model_digest(teacher), images=tensor_digest(images),
-                  metric_set=None if metric_set is None else tensor_digest(metric_set))
-    ckpt = RunCheckpoint(checkpoint_dir, config, resume)
+    ckpt = run.checkpoint(checkpoint_dir, resume, dict(
+        target=plan.target_ratio, blocks=plan.blocks_compressed, hidden=plan.hidden_width,
+        candidates=list(plan.candidates), neuron_selection=neuron_selection, iters=iters,
+        select_iters=select_iters, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        augment=augment, seed=seed, metric_size=metric_size if metric_set is None else None,
+        metric_iters=metric_iters if metric_set is None else None), metric_set=metric_set)
     state = ckpt.state
     timings = state.setdefault("timings", {"metric_set_s": 0.0, "selection_s": 0.0, "progressive_s": 0.0})
     if ckpt.resumed:
         log(f"resuming from {ckpt.folder}: {len(state.get('scores', {}))} candidate scores and "
             f"{len(state.get('steps', []))} progressive steps done")
 
-    teacher = on_device(teacher, device).eval()
-    device = next(teacher.parameters()).device  # "cuda" -> "cuda:0": the same device compares equal
     depth = spec.depth
     finetune = dict(batch_size=batch_size, lr=lr, weight_decay=weight_decay, device=device, **augmentation)
 
@@ -154,27 +171,16 @@ def compress_dcvit(model, images: torch.Tensor, target_macs: float, *,
         log(f"step {len(steps)}/{len(chosen)}: block {block} compressed, feature MSE "
             f"{losses[0]:.5f} -> {losses[-1]:.5f} ({seconds:.1f} s)")
 
-    student.eval()
-    achieved = count_macs(student).total
-    result = dict(
-        method="dcvit",
-        target_macs=dict(ratio=plan.target_ratio, macs=plan.target_macs),
-        teacher_macs=plan.teacher_macs, achieved_macs=achieved,
-        achieved_ratio=achieved / plan.teacher_macs, plan=plan.to_dict(),
-        chosen_blocks=chosen,
-        finetune_iters=dict(selection=select_iters * len(plan.candidates), per_candidate=select_iters,
-                            student=iters * len(chosen), per_step=iters, steps=len(chosen)),
-        block_scores=[dict(block=b, score=scores[str(b)]["score"], rank=r, chosen=b in chosen)
-                      for r, b in enumerate(ranking)],
-        losses=dict(selection={str(b): scores[str(b)]["losses"] for b in ranking},
-                    progressive=[dict(block=s["block"], losses=s["losses"]) for s in steps]),
-        steps=[dict(block=s["block"], trainable_up_to=s["trainable_up_to"], seconds=s["seconds"],
-                    first_loss=s["losses"][0], last_loss=s["losses"][-1]) for s in steps],
-        timings=dict(timings, total_s=sum(timings.values())),
-        settings={k: v for k, v in config.items() if k not in ("teacher", "images", "metric_set")},
-        num_images=int(images.shape[0]), metric_set_size=state["metric_set_size"],
-        device=str(device), resumed=ckpt.resumed,
-    )
-    if report is not None:
-        report.update(result)
-    return student
+    return run.finish(
+        student, report, timings=timings,
+        finetune_iters=dict(student=iters * len(chosen), per_step=iters, steps=len(chosen),
+                            selection=select_iters * len(plan.candidates), per_candidate=select_iters),
+        extras=dict(
+            plan=plan.to_dict(), chosen_blocks=chosen,
+            block_scores=[dict(block=b, score=scores[str(b)]["score"], rank=r, chosen=b in chosen)
+                          for r, b in enumerate(ranking)],
+            losses=dict(selection={str(b): scores[str(b)]["losses"] for b in ranking},
+                        progressive=[dict(block=s["block"], losses=s["losses"]) for s in steps]),
+            steps=[dict(block=s["block"], trainable_up_to=s["trainable_up_to"], seconds=s["seconds"],
+                        first_loss=s["losses"][0], last_loss=s["losses"][-1]) for s in steps],
+            metric_set_size=state["metric_set_size"]))

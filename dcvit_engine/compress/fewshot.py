@@ -1,4 +1,4 @@
-"""Pieces the few-shot block methods (DC-ViT, PRACTISE) share: input checks, the teacher's
+"""Pieces the compression methods share: input checks, the device choice, the teacher's
 outputs, the KL divergence of a student from them, mean MLP activations, progress lines."""
 from __future__ import annotations
 
@@ -10,41 +10,35 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import check_finite
+from ..devices import resolve_device  # noqa: F401  (the methods' device choice, re-exported)
 from ..reference import ViTReference, reference_from_timm
 
 
-def resolve_device(device) -> torch.device:
-    """The device to compute on: the given one, else CUDA when available, else the CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
-    return device
-
-
-def as_reference(model) -> ViTReference:
-    """The teacher as a ViTReference (a timm ViT is converted; it must have a classifier,
-    since block scores compare class distributions)."""
+def as_reference(model, head_required: bool = True) -> ViTReference:
+    """The teacher as a ViTReference (a timm ViT is converted; with head_required it must have
+    a classifier, since block scores and distillation compare class distributions)."""
     if isinstance(model, ViTReference):
         reference = model
     elif isinstance(model, nn.Module):
         reference = reference_from_timm(model)
     else:
         raise TypeError(f"expected a timm VisionTransformer or a ViTReference, got {type(model).__name__}")
-    if reference.spec.num_classes == 0:
+    if head_required and reference.spec.num_classes == 0:
         raise ValueError("the model has no classification head (num_classes = 0); block selection "
                          "compares class distributions, so give a model with its head")
     return reference
 
 
-def check_images(images, spec, what: str = "images") -> torch.Tensor:
-    """A float (N, C, H, W) tensor at the model's input size, or a ValueError saying what is off."""
-    expected = (spec.in_chans, *spec.img_size)
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != expected:
+def check_images(images, spec=None, what: str = "images") -> torch.Tensor:
+    """A float (N, C, H, W) tensor (at the model's input size when `spec` is given) without
+    NaN/Inf, or a ValueError saying what is off."""
+    expected = None if spec is None else (spec.in_chans, *spec.img_size)
+    if (not isinstance(images, torch.Tensor) or images.dim() != 4
+            or (expected is not None and tuple(images.shape[1:]) != expected)):
         got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"{what} must be a tensor of shape (N, {expected[0]}, {expected[1]}, "
-                         f"{expected[2]}) (the model's input size), got {got}")
+        shape = "(N, C, H, W)" if expected is None else \
+            f"of shape (N, {expected[0]}, {expected[1]}, {expected[2]}) (the model's input size)"
+        raise ValueError(f"{what} must be a float tensor {shape}, got {got}")
     if images.shape[0] == 0:
         raise ValueError(f"{what} is empty: give at least one image")
     if not images.is_floating_point():
@@ -84,6 +78,20 @@ def check_positive(**values) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_non_negative(**values) -> None:
+    """Each keyword must be a non-negative integer (e.g. finetuning iterations that may be 0)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+def check_labels(labels, images: torch.Tensor) -> None:
+    """Optional labels: None, or a tensor of one class index per image (-1: unlabeled)."""
+    if labels is not None and (not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (len(images),)):
+        got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must have shape ({len(images)},), one class index per image; got {got}")
 
 
 def _batches(images: torch.Tensor, batch_size: int):

@@ -14,6 +14,7 @@ Students are trained in place.  Teachers are never changed (eval mode, no grad).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from typing import Callable, Iterable, Iterator
@@ -22,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from .fewshot import check_images, check_labels
 
 Trainable = Callable[[str], bool] | Iterable[str] | Iterable[nn.Parameter] | None
 _EMBEDDING_PREFIXES = ("patch_embed.", "cls_token", "dist_token", "reg_token", "pos_embed", "norm_pre.")
@@ -98,16 +101,6 @@ def select_parameters(model: nn.Module, trainable: Trainable, train_head: bool) 
     if not chosen:
         raise ValueError("no parameter is trainable: `trainable` selected nothing")
     return [named[n] for n in dict.fromkeys(chosen)]
-
-
-def _check_images(images: torch.Tensor, labels: torch.Tensor | None) -> None:
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
-        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"images must be a float tensor (N, C, H, W), got {got}")
-    if images.shape[0] == 0:
-        raise ValueError("images is empty: give at least one image")
-    if labels is not None and (labels.dim() != 1 or len(labels) != len(images)):
-        raise ValueError(f"labels must have shape ({len(images)},), got {tuple(labels.shape)}")
 
 
 def light_augment(images: torch.Tensor, generator: torch.Generator, flip: bool = True) -> torch.Tensor:
@@ -220,8 +213,26 @@ def _check_settings(iters: int, batch_size: int, lr: float, weight_decay: float)
         raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={lr}, weight_decay={weight_decay}")
 
 
-def _resolve_device(device, student: nn.Module) -> torch.device:
-    return next(student.parameters()).device if device is None else torch.device(device)
+def _setup(student: nn.Module, teacher: nn.Module, trainable: Trainable, device, train_head: bool):
+    """(device, teacher there, the parameters to train): the student moves to `device`
+    (default: where it is), the teacher is copied there if it lives elsewhere."""
+    device = next(student.parameters()).device if device is None else torch.device(device)
+    student.to(device)
+    teacher = _teacher_on(teacher, device)
+    params = select_parameters(student, trainable, train_head=train_head)
+    _check_not_shared(params, teacher)
+    return device, teacher, params
+
+
+@contextlib.contextmanager
+def _teacher_in_eval(teacher: nn.Module):
+    """The teacher in eval mode for the run; its mode is restored afterwards."""
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        yield
+    finally:
+        teacher.train(was_training)
 
 
 def feature_mimic_finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor, iters: int,
@@ -240,7 +251,7 @@ def feature_mimic_finetune(student: nn.Module, teacher: nn.Module, images: torch
     the student's device; the student moves there, the teacher is copied if elsewhere).
     """
     _check_settings(iters, batch_size, lr, weight_decay)
-    _check_images(images, None)
+    check_images(images)
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     if not 0 <= warmup_frac < 1:
@@ -248,13 +259,7 @@ def feature_mimic_finetune(student: nn.Module, teacher: nn.Module, images: torch
     for model, what in ((student, "student"), (teacher, "teacher")):
         if not hasattr(model, "forward_features"):
             raise TypeError(f"the {what} ({type(model).__name__}) has no forward_features")
-    device = _resolve_device(device, student)
-    student.to(device)
-    teacher = _teacher_on(teacher, device)
-    params = select_parameters(student, trainable, train_head=False)
-    _check_not_shared(params, teacher)
-    teacher_was_training = teacher.training
-    teacher.eval()
+    device, teacher, params = _setup(student, teacher, trainable, device, train_head=False)
 
     def mse(x: torch.Tensor, _labels) -> torch.Tensor:
         with torch.no_grad():
@@ -268,11 +273,9 @@ def feature_mimic_finetune(student: nn.Module, teacher: nn.Module, images: torch
         return F.mse_loss(features, target)
 
     batches = few_shot_batches(images, None, batch_size, iters, seed, augment, device, flip)
-    try:
+    with _teacher_in_eval(teacher):
         return _run(student, params, batches, iters, lr, weight_decay, mse, warmup_frac * iters,
                     progress, "feature mimicking", optimizer)
-    finally:
-        teacher.train(teacher_was_training)
 
 
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -312,16 +315,11 @@ def kd_finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
     per-iteration loss.  trainable: as in feature_mimic_finetune, but None trains every
     parameter including the head (UVC finetunes the whole pruned model)."""
     _check_settings(iters, batch_size, lr, weight_decay)
-    _check_images(images, labels)
+    check_images(images)
+    check_labels(labels, images)
     if not 0 <= alpha <= 1 or tau <= 0:
         raise ValueError(f"need 0 <= alpha <= 1 and tau > 0, got alpha={alpha}, tau={tau}")
-    device = _resolve_device(device, student)
-    student.to(device)
-    teacher = _teacher_on(teacher, device)
-    params = select_parameters(student, trainable, train_head=True)
-    _check_not_shared(params, teacher)
-    teacher_was_training = teacher.training
-    teacher.eval()
+    device, teacher, params = _setup(student, teacher, trainable, device, train_head=True)
 
     def distill(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         with torch.no_grad():
@@ -329,8 +327,6 @@ def kd_finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
         return kd_loss(_logits(student, x), target, y, alpha, tau)
 
     batches = few_shot_batches(images, labels, batch_size, iters, seed, augment, device)
-    try:
+    with _teacher_in_eval(teacher):
         return _run(student, params, batches, iters, lr, weight_decay, distill, 0.0, progress,
                     "distillation")
-    finally:
-        teacher.train(teacher_was_training)

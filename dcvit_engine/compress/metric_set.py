@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_path
+from .checkpoint import tensor_digest
 
 _REFERENCE_SIZE = 224   # DeepInversion's resolution, for which jitter = 30 px
 _REFERENCE_JITTER = 30
@@ -92,16 +93,6 @@ def _target_classes(num_images: int, num_classes: int, generator: torch.Generato
     return classes[:num_images].sort().values
 
 
-def teacher_digest(teacher: nn.Module) -> str:
-    """sha256 over the teacher's state (names, dtypes, shapes, bytes)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(teacher.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _cache_file(cache_path, key: str) -> Path | None:
     """A folder gets one keyed file per setting; a file path is used as given (its key is checked)."""
     if cache_path is None:
@@ -160,7 +151,9 @@ def synthesize_metric_set(teacher: nn.Module, num_images: int = 50, iters: int =
                     in_chans=in_chans, seed=seed, tv_weight=tv_weight, tv_beta=tv_beta, l2_weight=l2_weight,
                     jitter=jitter, flip=flip, warmup_iters=warmup_iters,
                     bounds=None if bounds is None else [b.flatten().tolist() for b in bounds])
-    key = hashlib.sha256((teacher_digest(teacher) + json.dumps(settings, sort_keys=True)).encode()).hexdigest()
+    # the same content hash a run checkpoint keys its teacher by (checkpoint.tensor_digest)
+    teacher_state = tensor_digest(*teacher.state_dict().values())
+    key = hashlib.sha256((teacher_state + json.dumps(settings, sort_keys=True)).encode()).hexdigest()
     path = _cache_file(cache_path, key)
     cached = _load_cached(path, key)
     if cached is not None:

@@ -29,12 +29,10 @@ import time
 import torch
 import torch.nn as nn
 
-from ..macs import count_macs
 from ..reference import ViTReference
-from .checkpoint import RunCheckpoint, model_digest, tensor_digest
-from .fewshot import (ProgressLog, as_reference, augment_flags, check_images, check_positive,
-                      kl_to_teacher, on_device, predict_logits, resolve_device)
+from .fewshot import AUGMENTATIONS, augment_flags, check_images, check_positive, kl_to_teacher, predict_logits
 from .finetune import feature_mimic_finetune, trainable_up_to
+from .run import CliOption, MethodRun, block_list
 from .structure import plan_block_drop, replace_block
 
 
@@ -69,6 +67,19 @@ def with_adaptor(teacher: ViTReference, block: int) -> tuple[ViTReference, Linea
 
 RECIPES = ("shared", "official")
 OFFICIAL = dict(adaptor_lr=0.02, lr=0.02)  # PRACTISE's SGD learning rates
+
+# the options `dcvit compress` offers (defaults: compress_practise's signature)
+CLI_OPTIONS = {
+    "iters": CliOption("finetuning iterations of the student"),
+    "batch_size": CliOption("few-shot batch size"),
+    "lr": CliOption("learning rate of the finetuning (recipe official: 0.02 when left at the default)"),
+    "candidates": CliOption("blocks that may be dropped (all but the first and the last)",
+                            type=block_list, metavar="I,J,..."),
+    "adaptor_iters": CliOption("adaptor training iterations per candidate block (None: iters)", type=int),
+    "augment": CliOption("few-shot augmentation (shift for digits: no flips)", choices=tuple(AUGMENTATIONS)),
+    "recipe": CliOption("shared (DC-ViT's finetuning) or official (PRACTISE's adaptors and SGD)",
+                        choices=RECIPES),
+}
 
 
 def identity_linear(dim: int, device, dtype) -> nn.Linear:
@@ -139,29 +150,23 @@ def compress_practise(model, images: torch.Tensor, target_macs: float, *,
         lr = OFFICIAL["lr"] if lr == 3e-5 else lr
     optimizer = "sgd" if recipe == "official" else "adamw"
     check_positive(iters=iters, adaptor_iters=adaptor_iters, batch_size=batch_size)
-    teacher = as_reference(model)
-    spec = teacher.spec
-    check_images(images, spec)
+    run = MethodRun("practise", model, images, target_macs, device=device, progress=progress)
+    spec, teacher, device, log = run.spec, run.teacher, run.device, run.log
     if metric_set is not None:
         check_images(metric_set, spec, "metric_set")
     plan = plan_block_drop(spec, target_macs, candidates=candidates)
-    device = resolve_device(device)
-    log = ProgressLog(progress, "practise")
     log(plan.summary().replace("\n", "; "))
 
-    config = dict(method="practise", target=plan.target_ratio, blocks=plan.blocks_dropped,
-                  candidates=list(plan.candidates), iters=iters, adaptor_iters=adaptor_iters,
-                  adaptor_lr=adaptor_lr, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                  augment=augment, recipe=recipe, seed=seed, teacher=model_digest(teacher), images=tensor_digest(images),
-                  metric_set=None if metric_set is None else tensor_digest(metric_set))
-    ckpt = RunCheckpoint(checkpoint_dir, config, resume)
+    ckpt = run.checkpoint(checkpoint_dir, resume, dict(
+        target=plan.target_ratio, blocks=plan.blocks_dropped, candidates=list(plan.candidates), iters=iters,
+        adaptor_iters=adaptor_iters, adaptor_lr=adaptor_lr, batch_size=batch_size, lr=lr,
+        weight_decay=weight_decay, augment=augment, recipe=recipe, seed=seed), metric_set=metric_set)
+    config = ckpt.config
     state = ckpt.state
     timings = state.setdefault("timings", {"selection_s": 0.0, "finetune_s": 0.0})
     if ckpt.resumed:
         log(f"resuming from {ckpt.folder}: {len(state.get('scores', {}))} candidate scores done")
 
-    teacher = on_device(teacher, device).eval()
-    device = next(teacher.parameters()).device  # "cuda" -> "cuda:0": the same device compares equal
     depth = spec.depth
     scoring_set = images if metric_set is None else metric_set
     scoring_logits = predict_logits(teacher, scoring_set, batch_size, device)
@@ -225,32 +230,20 @@ def compress_practise(model, images: torch.Tensor, target_macs: float, *,
     else:
         student = ckpt.model(device)
 
-    student.eval()
-    achieved = count_macs(student).total
     finetune = state["finetune"]
-    result = dict(
-        method="practise",
-        target_macs=dict(ratio=plan.target_ratio, macs=plan.target_macs),
-        teacher_macs=plan.teacher_macs, achieved_macs=achieved,
-        achieved_ratio=achieved / plan.teacher_macs, plan=plan.to_dict(),
-        latency_model="proportional to block MACs (not measured)", recipe=recipe,
-        scoring="feature MSE on the images (official)" if recipe == "official" else "KL on the scoring set",
-        chosen_blocks=chosen,
-        finetune_iters=dict(selection=adaptor_iters * len(plan.candidates), per_candidate=adaptor_iters,
-                            student=iters, per_step=iters, steps=1),
-        block_scores=[dict(block=b, score=scores[str(b)]["score"],
-                           recoverability=scores[str(b)]["recoverability"], rank=r, chosen=b in chosen)
-                      for r, b in enumerate(ranking)],
-        losses=dict(adaptor={str(b): scores[str(b)]["losses"] for b in ranking},
-                    finetune=finetune["losses"]),
-        steps=[dict(blocks=chosen, trainable_up_to=finetune["trainable_up_to"],
-                    seconds=finetune["seconds"], first_loss=finetune["losses"][0],
-                    last_loss=finetune["losses"][-1])],
-        timings=dict(timings, total_s=sum(timings.values())),
-        settings={k: v for k, v in config.items() if k not in ("teacher", "images", "metric_set")},
-        num_images=int(images.shape[0]), scoring_set="metric_set" if metric_set is not None else "images",
-        device=str(device), resumed=ckpt.resumed,
-    )
-    if report is not None:
-        report.update(result)
-    return student
+    return run.finish(
+        student, report, timings=timings,
+        finetune_iters=dict(student=iters, per_step=iters, steps=1,
+                            selection=adaptor_iters * len(plan.candidates), per_candidate=adaptor_iters),
+        extras=dict(
+            plan=plan.to_dict(), recipe=recipe, latency_model="proportional to block MACs (not measured)",
+            scoring="feature MSE on the images (official)" if recipe == "official" else "KL on the scoring set",
+            scoring_set="metric_set" if metric_set is not None else "images", chosen_blocks=chosen,
+            block_scores=[dict(block=b, score=scores[str(b)]["score"],
+                               recoverability=scores[str(b)]["recoverability"], rank=r, chosen=b in chosen)
+                          for r, b in enumerate(ranking)],
+            losses=dict(adaptor={str(b): scores[str(b)]["losses"] for b in ranking},
+                        finetune=finetune["losses"]),
+            steps=[dict(blocks=chosen, trainable_up_to=finetune["trainable_up_to"],
+                        seconds=finetune["seconds"], first_loss=finetune["losses"][0],
+                        last_loss=finetune["losses"][-1])]))

@@ -34,8 +34,29 @@ class BlockCost:
         return self.mlp // self.hidden
 
 
+class _Plan:
+    """What every plan offers: the error against the target and JSON data (`dcvit plan
+    --json`, the report's extras), which each plan extends with its own keys."""
+    method = ""
+
+    @property
+    def relative_error(self) -> float:
+        """(planned MACs - target MACs) / target MACs."""
+        return self.macs / self.target_macs - 1.0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["candidates"] = list(self.candidates)
+        data.update(method=self.method, relative_error=self.relative_error,
+                    kept_ratio=self.macs / self.teacher_macs, **self._extra_keys())
+        return data
+
+    def _extra_keys(self) -> dict:
+        return {}
+
+
 @dataclass(frozen=True)
-class DCViTPlan:
+class DCViTPlan(_Plan):
     """How many blocks lose their attention and the hidden width their MLPs keep."""
     target_ratio: float
     teacher_macs: int
@@ -58,17 +79,10 @@ class DCViTPlan:
         """MACs the rounding adds (negative: removes) compared to the exact width."""
         return self.macs - self.unrounded_macs
 
-    @property
-    def relative_error(self) -> float:
-        """(planned MACs - target MACs) / target MACs."""
-        return self.macs / self.target_macs - 1.0
+    method = "dcvit"
 
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["candidates"] = list(self.candidates)
-        data.update(method="dcvit", rounding_macs=self.rounding_macs,
-                    relative_error=self.relative_error, kept_ratio=self.macs / self.teacher_macs)
-        return data
+    def _extra_keys(self) -> dict:
+        return dict(rounding_macs=self.rounding_macs)
 
     def summary(self) -> str:
         lines = [
@@ -90,7 +104,7 @@ class DCViTPlan:
 
 
 @dataclass(frozen=True)
-class BlockDropPlan:
+class BlockDropPlan(_Plan):
     """PRACTISE: how many whole blocks to drop; its achievable MACs are discrete."""
     target_ratio: float
     teacher_macs: int
@@ -100,16 +114,11 @@ class BlockDropPlan:
     blocks_dropped: int
     macs: int
 
-    @property
-    def relative_error(self) -> float:
-        return self.macs / self.target_macs - 1.0
+    method = "practise"
 
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["candidates"] = list(self.candidates)
-        data.update(method="practise", relative_error=self.relative_error,
-                    kept_ratio=self.macs / self.teacher_macs)
-        return data
+    def _extra_keys(self) -> dict:
+        # the core keys of DCViTPlan's, so `dcvit plan --json` reads alike for both
+        return dict(blocks_compressed=self.blocks_dropped, hidden_width=0)
 
     def summary(self) -> str:
         return (f"teacher {self.teacher_macs / 1e9:.4f} GMACs; target {self.target_ratio:.4f} -> "

@@ -16,11 +16,11 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn as nn
 
 from ..macs import count_macs
-from ..reference import ViTReference, reference_from_timm
+from ..reference import ViTReference
 from ..spec import MergeSpec, ViTSpec
+from .run import CliOption, MethodRun
 from .structure import check_target_ratio
 
 SCHEDULES = ("constant", "decreasing")
@@ -105,37 +105,34 @@ def r_for_target(spec: ViTSpec, target_macs: float, schedule: str = "constant") 
     return high
 
 
-def _reference(model) -> ViTReference:
-    if isinstance(model, ViTReference):
-        return model
-    if isinstance(model, nn.Module):
-        return reference_from_timm(model)
-    raise TypeError(f"ToMe takes a timm VisionTransformer or a ViTReference, got {type(model).__name__}")
+# the options `dcvit compress` offers (defaults: compress_tome's signature)
+CLI_OPTIONS = {
+    "schedule": CliOption("ToMe's r schedule", choices=SCHEDULES),
+}
 
 
 def compress_tome(model, images=None, target_macs: float | None = None, *, r: int | None = None,
                   schedule: str = "constant", report: dict | None = None) -> ViTReference:
     """ToMe applied to `model` (timm ViT or ViTReference); training-free, so `images` is not
-    used. Give either `r` (tokens merged per block) or `target_macs` (fraction of the
-    teacher's MACs to keep; r is then found by bisection). Returns a new ViTReference (eval
-    mode) with the teacher's weights and a spec with the merges and proportional attention;
-    `report`, when given, receives r, the per-block merges and the MACs."""
+    used (given ones are checked like every method's). Give either `r` (tokens merged per
+    block) or `target_macs` (fraction of the teacher's MACs to keep; r is then found by
+    bisection). Returns a new ViTReference (eval mode) with the teacher's weights and a spec
+    with the merges and proportional attention; `report`, when given, receives the common
+    report (run.py) with r and the per-block merges in its extras."""
     _check_schedule(schedule)
     if (r is None) == (target_macs is None):
         raise ValueError("ToMe needs exactly one of r (tokens merged per block) and target_macs "
                          f"(fraction of MACs to keep); got r={r!r}, target_macs={target_macs!r}")
-    teacher = _reference(model)
-    spec = teacher.spec
+    run = MethodRun("tome", model, images, target_macs, target_required=False, images_required=False,
+                    head_required=False, move=False)
+    spec = run.spec
     if r is None:
         r = r_for_target(spec, target_macs, schedule)
     new_spec = tome_spec(spec, _check_r(r), schedule)
-    state = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
+    state = {k: v.detach().clone() for k, v in run.teacher.state_dict().items()}
     with torch.device("meta"):  # same tensor names and shapes: only merges change
         student = ViTReference(new_spec)
     student.load_state_dict(state, strict=True, assign=True)
-    if report is not None:
-        teacher_macs, macs = count_macs(spec).total, count_macs(new_spec).total
-        report.update(method="tome", r=r, schedule=schedule, target_ratio=target_macs,
-                      teacher_macs=teacher_macs, achieved_macs=macs, kept_ratio=macs / teacher_macs,
-                      r_per_block=[b.merge.r if b.merge is not None else 0 for b in new_spec.blocks])
-    return student.eval()
+    run.settings = dict(r=r, schedule=schedule)
+    return run.finish(student, report, extras=dict(
+        r=r, schedule=schedule, r_per_block=[b.merge.r if b.merge is not None else 0 for b in new_spec.blocks]))

@@ -1,0 +1,16 @@
+"""The one rule for choosing the device to compute on, so every command and method picks the
+same: the one asked for, else CUDA when available, else the CPU; asking for CUDA on a machine
+without it is a one-line error."""
+from __future__ import annotations
+
+import torch
+
+
+def resolve_device(device=None) -> torch.device:
+    """`device` (a string or torch.device) as a torch.device; None: CUDA when available, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+    return device
