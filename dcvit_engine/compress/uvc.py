@@ -22,9 +22,10 @@ Each iteration (uvc_optimizer.py order):
      plus z * dR/dg while the hard structure is over the budget;
   4. dual ascent: y, p on the norms of the least groups, z on R - B; all kept >= 0;
   5. gates settle: a gate this step closed reopens if the budget holds with it open (least
-     sure closure first), a gate this step opened closes again if the budget does not hold
-     with it open; once the hard structure meets the budget, the gates' momentum
-     and z are reset to 0.
+     sure closure first), or if the blocks left open could not carry the budget even at
+     full width (the gates never cut more than the whole cut); a gate this step opened
+     closes again if the budget does not hold with it open; once the hard structure meets
+     the budget, the gates' momentum and z are reset to 0.
 During the first warmup_iters steps (UVC: 5 of 30 epochs) only 1 and 2 run: counts, gates
 and duals stay where they are, so z does not pile up before the structure can respond.
 R is the MACs fraction from the spec's own formula (slicing.WidthCosts, read off
@@ -44,16 +45,26 @@ closed -- 0.069 of the MACs at target 0.5 -- and nothing reopened them):
   - the gates step every iteration, not on UVC's 50-step average of the resource gradient;
   - step 5 (reopen a needlessly closed gate; reset momentum and z once the budget is met)
     is this project's own: it bounds z and stops momentum closing every block together;
+  - in step 5, a gate may close only while the blocks still open could meet the budget at
+    full width, so skipped blocks never remove more than the cut asked for and the widths
+    carry the rest (this project's own). Without it a gate closed whenever the hard
+    structure was over the budget, even by little, and at a target between block sizes the
+    search skipped a block the widths alone could have spared: the demo teacher (6 blocks,
+    0.161 of the MACs each) landed at 0.839 for target 0.9, a 4-block model at 0.535 for
+    0.7. With it: 0.900 and 0.699. Measured and not taken: re-opening a skipped block in
+    the budget projection (0.900 at 0.9, but the projection then decided 2.05 times the
+    cut, and at 0.75 it re-opened the block the gates had closed); UVC's 50-step average
+    of the gates' gradient (the gates step once or twice in a few-hundred-step run: their
+    margins stayed at 2.0, no block skipped at any target, not even at 0.5 on the 4-block
+    model); closing a gate only where that lands nearer the budget than leaving it open
+    (the same 0.900 at 0.9, but it can still skip a block the unpruned widths cannot refill);
   - z's step size is constant (UVC raises it every few epochs).
-Known limitation: a gate may close whenever the hard structure is over the budget, even by
-little, so at a target between block sizes the search can skip one block more than the
-widths alone would need (measured on a 4-block model at target 0.7: two blocks skipped,
-0.535 of the MACs left after the projection); the projection never un-skips a block.
 Few-shot adaptation: counts are learned as fractions of their range (an SGD step moves
 at most count_lr of the range), and group norms in the dual terms are relative to their
 block's mean, so one set of rates fits every model size.
 After the search, the hard structure is projected onto the budget (all pruned fractions
-shift by one common amount, then the slack is filled by relative norm per MAC) and sliced
+shift by one common amount, counts rounded to the nearest, then the slack is filled by
+relative norm per MAC; skipped blocks stay skipped) and sliced
 into a smaller spec; the report gives the searched structure's MACs, the final ones, and
 the share of the cut that this projection moved (`reallocated_share`).
 """
