@@ -206,9 +206,12 @@ def test_help_shows_each_methods_own_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["compress", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    cait, dcvit_defaults = method_defaults("cait"), method_defaults("dcvit")
-    assert f"cait (default {cait['iters']})" in text and f"dcvit (default {dcvit_defaults['iters']})" in text
-    assert f"cait (default {cait['batch_size']})" in text and f"cait (default {cait['lr']})" in text
+    dcvit_defaults = method_defaults("dcvit")
+    assert f"dcvit (default {dcvit_defaults['iters']})" in text
+    for method in ("uvc", "cait"):
+        defaults = method_defaults(method)
+        assert f"{method} (default {defaults['iters']})" in text and f"{method} (default {defaults['lr']})" in text
+        assert f"{method} (default {defaults['batch_size']})" in text
     assert "--round {8,64}" in text and "--neuron-selection {random,activation}" in text
 
 

@@ -34,9 +34,7 @@ def test_registry_covers_every_method_and_the_cheap_settings():
         assert set(api.method_cli_options(method)) <= set(api.method_options(method))
 
 
-@pytest.mark.parametrize("method", [m if m != "uvc" else pytest.param(m, marks=pytest.mark.xfail(
-    reason="until compress_uvc is built on run.MethodRun (after the UVC search change lands)", strict=True))
-    for m in CHEAP])
+@pytest.mark.parametrize("method", list(CHEAP))
 def test_every_method_writes_the_common_report(method):
     model = tiny_vit()
     images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -70,7 +68,7 @@ def test_format_1_reports_read_into_the_schema():
     assert upgrade_report(new) is new  # format 2 as it is
 
 
-@pytest.mark.parametrize("method", ["practise", "cait", "tome"])
+@pytest.mark.parametrize("method", ["practise", "uvc", "cait", "tome"])
 def test_direct_calls_get_the_shared_checks(method):
     function = api.method_function(method)
     images = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(2))

@@ -189,13 +189,13 @@ def test_gates_decide_at_the_defaults(with_labels):
     report = {}
     student = compress_uvc(model, train_x[:64], 0.5, labels=train_y[:64] if with_labels else None,
                            finetune_iters=0, device="cpu", report=report)
-    skipped = [i for i, s in enumerate(report["final"]["skip"]) if s]
-    assert 0 < len(skipped) < 4, report["gate_margins"]
-    assert skipped == [i for i, s in enumerate(report["searched"]["skip"]) if s]
+    skipped = [i for i, s in enumerate(report["extras"]["final"]["skip"]) if s]
+    assert 0 < len(skipped) < 4, report["extras"]["gate_margins"]
+    assert skipped == [i for i, s in enumerate(report["extras"]["searched"]["skip"]) if s]
     for i in skipped:
         assert student.spec.blocks[i].attn is None and student.spec.blocks[i].mlp_hidden == 0
-    assert abs(report["searched_macs"] / report["teacher_macs"] - 0.5) < 0.05
-    assert report["reallocated_share"] <= 0.05
+    assert abs(report["extras"]["searched_macs"] / report["teacher_macs"] - 0.5) < 0.05
+    assert report["extras"]["reallocated_share"] <= 0.05
     assert count_macs(student.spec).total <= 0.5 * TOLERANCE * count_macs(model).total
 
 
@@ -224,9 +224,9 @@ def test_target_between_block_sizes_is_not_cut_a_block_below(target):
     levels = [search.full_width_resource([k < live for k in range(4)]) for live in range(5)]
     assert min(abs(level - target) for level in levels) > 0.05  # between block sizes, not at one
     achieved = report["achieved_macs"] / report["teacher_macs"]
-    assert target - 0.02 <= achieved <= target * TOLERANCE, report["final"]["skip"]
-    assert search.full_width_resource([not s for s in report["searched"]["skip"]]) >= target
-    assert report["final"]["skip"] == report["searched"]["skip"]
+    assert target - 0.02 <= achieved <= target * TOLERANCE, report["extras"]["final"]["skip"]
+    assert search.full_width_resource([not s for s in report["extras"]["searched"]["skip"]]) >= target
+    assert report["extras"]["final"]["skip"] == report["extras"]["searched"]["skip"]
 
 
 def test_bad_inputs_are_rejected():
@@ -279,5 +279,5 @@ def test_report_gives_searched_and_final_macs_and_the_reallocated_share():
     report = {}
     compress_uvc(tiny_vit(), torch.randn(8, 3, 32, 32), 0.6, iters=6, finetune_iters=0, batch_size=4,
                  device="cpu", report=report)
-    assert 0 <= report["reallocated_share"] and len(report["gate_margins"]) == 4
-    assert report["searched_macs"] > 0 and {"resource", "soft_resource", "z"} <= set(report["search_history"][0])
+    assert 0 <= report["extras"]["reallocated_share"] and len(report["extras"]["gate_margins"]) == 4
+    assert report["extras"]["searched_macs"] > 0 and {"resource", "soft_resource", "z"} <= set(report["extras"]["search_history"][0])

@@ -21,9 +21,6 @@ import inspect
 import os
 from dataclasses import dataclass
 
-import torch
-
-from ..data import check_finite
 from ..reference import ViTReference
 
 
@@ -121,12 +118,4 @@ def compress(model, images=None, method: str = "dcvit", target_macs: float | Non
     if "progress" in accepted:
         options["progress"] = progress
     options["report"] = report
-    model = _load_if_path(model)
-    if method == "uvc" and isinstance(images, torch.Tensor):  # until compress_uvc is built on MethodRun
-        from .fewshot import as_reference
-        from .run import check_teacher_outputs
-        check_finite(images)
-        reference = as_reference(model)
-        if tuple(images.shape[1:]) == (reference.spec.in_chans, *reference.spec.img_size):
-            check_teacher_outputs(reference, images, next(reference.parameters()).device)
-    return function(model, images, target_macs, **options)
+    return function(_load_if_path(model), images, target_macs, **options)

@@ -10,7 +10,7 @@ schema all methods write.
 
 MethodRun gives every method the same checks (the target, the images' shape, dtype and
 NaN/Inf, NaN/Inf teacher outputs on them: one-line ValueErrors), the same device choice
-(fewshot.resolve_device), progress lines, the per-step run checkpoint (checkpoint.RunCheckpoint,
+(devices.resolve_device), progress lines, the per-step run checkpoint (checkpoint.RunCheckpoint,
 keyed by the settings and the teacher's and images' digests) and the report below.
 
 The report (REPORT_FORMAT 2), the same keys for every method:

@@ -80,11 +80,10 @@ import torch.nn as nn
 from ..macs import count_macs
 from ..reference import ViTReference
 from ..spec import AttentionSpec
-from .finetune import kd_finetune, kd_loss
-from .fewshot import (ProgressLog, as_reference, check_images, check_positive, on_device,
-                      predict_logits, resolve_device)
+from .fewshot import check_labels, check_non_negative, check_positive, predict_logits
+from .finetune import kd_loss
+from .run import CliOption, MethodRun
 from .slicing import BlockMasks, WidthCosts, attention_masks, slice_model, width_costs
-from .structure import check_target_ratio
 
 
 @dataclass(frozen=True)
@@ -470,73 +469,86 @@ class _SearchStep:
                 "soft_resource": float(soft_resource), "z": float(search.z)}
 
 
+# the options `dcvit compress` offers (defaults: compress_uvc's signature)
+CLI_OPTIONS = {
+    "iters": CliOption("primal-dual search steps"),
+    "finetune_iters": CliOption("distillation steps once the structure is fixed"),
+    "batch_size": CliOption("few-shot batch size"),
+    "lr": CliOption("AdamW learning rate of the weights (search and distillation)"),
+}
+
+
 def compress_uvc(model, images: torch.Tensor, target_macs: float, *, labels: torch.Tensor | None = None,
                  iters: int = 200, finetune_iters: int = 200, batch_size: int = 32, lr: float = 1e-4,
                  weight_decay: float = 0.05, count_lr: float = 0.02, gate_lr: float = 0.1,
                  budget_lr: float = 1.0, dual_lr: float = 0.05, prox_lr: float = 0.05, tau: float = 0.5,
-                 warmup_iters: int | None = None, device=None, seed: int = 0, progress: bool = False,
-                 report: dict | None = None) -> ViTReference:
+                 warmup_iters: int | None = None, device=None, seed: int = 0, checkpoint_dir=None,
+                 resume: bool = False, progress: bool = False, report: dict | None = None) -> ViTReference:
     """UVC-compress `model` (timm ViT or ViTReference) to at most `target_macs`, the fraction
     of its MACs to keep, with the few-shot `images` (labels optional: without them the loss
     is pure distillation from the model itself). iters: primal-dual search steps;
     finetune_iters: distillation steps once the structure is fixed; warmup_iters: search
-    steps with the block gates fixed (default iters // 6, as UVC's 5 of 30 epochs). Returns
-    the student (eval mode); `report`, when given, receives the searched and final
-    structure, their MACs, the final gate margins g1 - g0 and the reallocated share."""
-    rho = check_target_ratio(target_macs)
+    steps with the block gates fixed (default iters // 6, as UVC's 5 of 30 epochs).
+    checkpoint_dir / resume: the search and the finetuning are checkpointed steps
+    (checkpoint.RunCheckpoint). Returns the student (eval mode); `report`, when given,
+    receives the common report (run.py) with, in its extras, the searched and final
+    structure, the searched structure's MACs, the final gate margins g1 - g0 and the
+    reallocated share."""
     check_positive(iters=iters, batch_size=batch_size)
     warmup_iters = iters // 6 if warmup_iters is None else warmup_iters
     if isinstance(warmup_iters, bool) or not isinstance(warmup_iters, int) or not 0 <= warmup_iters < iters:
         raise ValueError(f"warmup_iters must be an integer in [0, iters), got {warmup_iters!r}")
-    if isinstance(finetune_iters, bool) or not isinstance(finetune_iters, int) or finetune_iters < 0:
-        raise ValueError(f"finetune_iters must be a non-negative integer, got {finetune_iters!r}")
-    teacher = as_reference(model)
-    spec = teacher.spec
-    check_images(images, spec)
-    if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != (images.shape[0],)):
-        raise ValueError(f"labels must be a tensor of {images.shape[0]} class indices, one per image")
-    search = UVCSearch(spec, rho)
+    check_non_negative(finetune_iters=finetune_iters)
+    run = MethodRun("uvc", model, images, target_macs, device=device, progress=progress)
+    rho, teacher, device, log = run.target_ratio, run.teacher, run.device, run.log
+    check_labels(labels, images)
+    search = UVCSearch(run.spec, rho)
     budget = rho * search.teacher_macs
     if budget < search.costs.fixed:
         raise ValueError(f"target {rho} is below what the patch embedding and the head alone cost "
                          f"({search.costs.fixed / search.teacher_macs:.4f} of the MACs)")
-    device = resolve_device(device)
-    log = ProgressLog(progress, "uvc")
-    teacher = on_device(teacher, device).eval()
-    teacher_logits = predict_logits(teacher, images, batch_size, device)
-    student = copy.deepcopy(teacher).train()
-    rates = SearchRates(lr=lr, weight_decay=weight_decay, count_lr=count_lr, gate_lr=gate_lr,
-                        budget_lr=budget_lr, dual_lr=dual_lr, prox_lr=prox_lr, tau=tau)
-    step = _SearchStep(student, search, rates, warmup_iters)
-    generator = torch.Generator().manual_seed(seed)
-    history = []
-    for it in range(iters):
-        idx = torch.randint(images.shape[0], (min(batch_size, images.shape[0]),), generator=generator)
-        history.append(step(images[idx].to(device), teacher_logits[idx].to(device),
-                            None if labels is None else labels[idx].to(device), generator))
-        if (it + 1) % max(1, iters // 10) == 0:
-            log(f"search step {it + 1}/{iters}: loss {history[-1]['loss']:.4f}, "
-                f"MACs fraction {history[-1]['resource']:.4f} (target {rho}), z {history[-1]['z']:.3f}")
-    scores = step.scores()
-    s_heads, r, s_neurons = (c.detach().long().tolist() for c in search.counts())
-    gates = search.gates.detach()
-    searched = UVCStructure(skip=[bool(g[1] <= g[0]) for g in gates], heads_removed=s_heads,
-                            channels_removed=r, neurons_removed=s_neurons)
-    margins = (gates[:, 1] - gates[:, 0]).tolist()
-    final = fit_to_budget(searched, scores, search.costs, budget, margins, search.head_dim)
-    searched_macs = searched.macs(search.costs, scores, search.head_dim)
-    moved = reallocated_share(searched, final, search.costs, scores, search.head_dim, search.teacher_macs)
-    student = slice_model(student, final.masks(scores))
-    log(f"searched structure {searched_macs / search.teacher_macs:.4f} of the MACs "
-        f"({sum(searched.skip)} blocks skipped), fitted {count_macs(student.spec).total / search.teacher_macs:.4f} "
-        f"({moved:.1%} of the cut moved by the fit); finetuning {finetune_iters} steps")
-    losses = kd_finetune(student, teacher, images, labels=labels, iters=finetune_iters,
-                         batch_size=batch_size, lr=lr, weight_decay=weight_decay, device=device,
-                         seed=seed + 1, progress=progress) if finetune_iters else []
-    if report is not None:
-        report.update(method="uvc", target_ratio=rho, teacher_macs=search.teacher_macs,
-                      achieved_macs=count_macs(student.spec).total, searched=asdict(searched),
-                      searched_macs=searched_macs, final=asdict(final), gate_margins=margins,
-                      reallocated_share=moved, warmup_iters=warmup_iters, search_history=history,
-                      finetune_losses=[float(v) for v in losses])
-    return student.eval()
+    ckpt = run.checkpoint(checkpoint_dir, resume, dict(
+        target=rho, iters=iters, finetune_iters=finetune_iters, batch_size=batch_size, lr=lr,
+        weight_decay=weight_decay, count_lr=count_lr, gate_lr=gate_lr, budget_lr=budget_lr, dual_lr=dual_lr,
+        prox_lr=prox_lr, tau=tau, warmup_iters=warmup_iters, seed=seed), labels=labels)
+
+    def primal_dual_search():
+        teacher_logits = predict_logits(teacher, images, batch_size, device)
+        student = copy.deepcopy(teacher).train()
+        rates = SearchRates(lr=lr, weight_decay=weight_decay, count_lr=count_lr, gate_lr=gate_lr,
+                            budget_lr=budget_lr, dual_lr=dual_lr, prox_lr=prox_lr, tau=tau)
+        step = _SearchStep(student, search, rates, warmup_iters)
+        generator = torch.Generator().manual_seed(seed)
+        history = []
+        for it in range(iters):
+            idx = torch.randint(images.shape[0], (min(batch_size, images.shape[0]),), generator=generator)
+            history.append(step(images[idx].to(device), teacher_logits[idx].to(device),
+                                None if labels is None else labels[idx].to(device), generator))
+            if (it + 1) % max(1, iters // 10) == 0:
+                log(f"search step {it + 1}/{iters}: loss {history[-1]['loss']:.4f}, "
+                    f"MACs fraction {history[-1]['resource']:.4f} (target {rho}), z {history[-1]['z']:.3f}")
+        scores = step.scores()
+        s_heads, r, s_neurons = (c.detach().long().tolist() for c in search.counts())
+        gates = search.gates.detach()
+        searched = UVCStructure(skip=[bool(g[1] <= g[0]) for g in gates], heads_removed=s_heads,
+                                channels_removed=r, neurons_removed=s_neurons)
+        margins = (gates[:, 1] - gates[:, 0]).tolist()
+        final = fit_to_budget(searched, scores, search.costs, budget, margins, search.head_dim)
+        searched_macs = searched.macs(search.costs, scores, search.head_dim)
+        moved = reallocated_share(searched, final, search.costs, scores, search.head_dim,
+                                  search.teacher_macs)
+        student = slice_model(student, final.masks(scores))
+        fitted = count_macs(student.spec).total / search.teacher_macs
+        log(f"searched structure {searched_macs / search.teacher_macs:.4f} of the MACs "
+            f"({sum(searched.skip)} blocks skipped), fitted {fitted:.4f} "
+            f"({moved:.1%} of the cut moved by the fit)")
+        return student, dict(searched=asdict(searched), searched_macs=searched_macs, final=asdict(final),
+                             gate_margins=margins, reallocated_share=moved, search_history=history)
+
+    student, searched = run.step(ckpt, "search", primal_dual_search)
+    student, losses = run.distill_step(ckpt, student, labels, iters=finetune_iters, batch_size=batch_size,
+                                       lr=lr, weight_decay=weight_decay, seed=seed + 1)
+    return run.finish(student, report, timings=ckpt.state["timings"],
+                      finetune_iters=dict(student=finetune_iters, per_step=finetune_iters, steps=1,
+                                          selection=iters),
+                      extras=dict(searched, warmup_iters=warmup_iters, finetune_losses=losses))
