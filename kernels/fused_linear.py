@@ -168,12 +168,16 @@ def _column_part(acc, PART_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: 
                  PART: tl.constexpr):
     # Columns [PART_INDEX * PART, (PART_INDEX + 1) * PART) of a (BLOCK_M, BLOCK_N) tile, PART
     # being BLOCK_N or its half (_epilogue_width).
+    # (one return at the end: the compiler visits statements after a constexpr-if's return)
     if PART == BLOCK_N:
-        return acc
-    lo, hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, PART)), (0, 2, 1)))
-    if PART_INDEX == 0:
-        return lo
-    return hi
+        part = acc
+    else:
+        lo, hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, PART)), (0, 2, 1)))
+        if PART_INDEX == 0:
+            part = lo
+        else:
+            part = hi
+    return part
 
 
 @triton.jit
