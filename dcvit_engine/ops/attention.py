@@ -20,6 +20,7 @@ from dcvit_engine.kernels.attention import (
     flash_attention_why_not,
 )
 from dcvit_engine.kernels.fused_linear import FoldedNorm
+from dcvit_engine.ops.checks import check_like_x
 from dcvit_engine.ops.define import OpDef, define_op
 from dcvit_engine.ops.mlp_block import check_folded
 
@@ -67,6 +68,7 @@ def check_attention_block_args(x, norm_weight, norm_bias, qkv_weight, qkv_bias, 
             "the widths must describe the packed [q heads | k heads | v heads] rows")
     expected = {
         "norm_weight": (norm_weight, (dim,)),
+        "qkv_weight": (qkv_weight, None),
         "norm_bias": (norm_bias, (dim,)),
         "qkv_bias": (qkv_bias, (qkv_rows,)),
         "proj_weight": (proj_weight, (dim, v_total)),
@@ -86,17 +88,7 @@ def check_attention_block_args(x, norm_weight, norm_bias, qkv_weight, qkv_bias, 
                                  f"LayerNorm tensors, got {type(pair).__name__}")
             for part, tensor in zip(("weight", "bias"), pair):
                 expected[f"{norm_name} {part}"] = (tensor, (qk_dims[0],))
-    for name, (tensor, shape) in expected.items():
-        if tensor is not None and tuple(tensor.shape) != shape:
-            raise ValueError(f"attention_block: {name} must have shape {shape}, got {tuple(tensor.shape)}")
-    for name, tensor in [("qkv_weight", qkv_weight)] + [(n, t) for n, (t, _) in expected.items()]:
-        if tensor is None:
-            continue
-        if tensor.dtype != x.dtype:
-            raise ValueError(f"attention_block: {name} is {tensor.dtype} but x is {x.dtype}; "
-                             "cast all to one dtype")
-        if tensor.device != x.device:
-            raise ValueError(f"attention_block: {name} is on {tensor.device} but x is on {x.device}")
+    check_like_x("attention_block", x, expected)
     return qk_dims, v_dims
 
 

@@ -8,6 +8,7 @@ import torch
 
 from dcvit_engine.kernels.fused_linear import FoldedNorm
 from dcvit_engine.kernels.mlp_block import mlp_block_ref, mlp_block_triton
+from dcvit_engine.ops.checks import check_like_x
 from dcvit_engine.ops.define import OpDef, define_op
 
 
@@ -20,26 +21,15 @@ def check_mlp_block_args(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_we
     if fc1_weight.dim() != 2 or fc1_weight.shape[1] != dim or fc1_weight.shape[0] < 1:
         raise ValueError(f"mlp_block: fc1_weight must be (H >= 1, D={dim}), got {tuple(fc1_weight.shape)}")
     hidden = fc1_weight.shape[0]
-    expected = {
+    check_like_x("mlp_block", x, {
         "norm_weight": (norm_weight, (dim,)),
         "norm_bias": (norm_bias, (dim,)),
+        "fc1_weight": (fc1_weight, None),
         "fc1_bias": (fc1_bias, (hidden,)),
         "fc2_weight": (fc2_weight, (dim, hidden)),
         "fc2_bias": (fc2_bias, (dim,)),
         "gamma": (gamma, (dim,)),
-    }
-    for name, (tensor, shape) in expected.items():
-        if tensor is None:
-            continue
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"mlp_block: {name} must have shape {shape}, got {tuple(tensor.shape)}")
-    for name, tensor in [("fc1_weight", fc1_weight)] + [(n, t) for n, (t, _) in expected.items()]:
-        if tensor is None:
-            continue
-        if tensor.dtype != x.dtype:
-            raise ValueError(f"mlp_block: {name} is {tensor.dtype} but x is {x.dtype}; cast all to one dtype")
-        if tensor.device != x.device:
-            raise ValueError(f"mlp_block: {name} is on {tensor.device} but x is on {x.device}")
+    })
     if not x.is_floating_point():
         raise ValueError(f"mlp_block: x must be a floating-point tensor, got {x.dtype}")
 

@@ -18,6 +18,7 @@ from dcvit_engine.kernels.token_merge import (
     tome_merge_ref,
     tome_merge_triton,
 )
+from dcvit_engine.ops.checks import check_like_x
 from dcvit_engine.ops.define import OpDef, define_op
 
 ATME_AXES = ("w", "h")
@@ -44,18 +45,12 @@ def _check_metric_and_size(op, x, metric, size):
     if metric.shape[:2] != x.shape[:2] or metric.shape[2] < 1:
         raise ValueError(f"{op}: metric must be (B, N, Cm) with x's B, N = {tuple(x.shape[:2])}, "
                          f"got {tuple(metric.shape)}")
-    extra = [("metric", metric)]
-    if size is not None:
-        if not isinstance(size, torch.Tensor) or tuple(size.shape) != (x.shape[0], x.shape[1], 1):
-            got = tuple(size.shape) if isinstance(size, torch.Tensor) else type(size).__name__
-            raise ValueError(f"{op}: size must be (B, N, 1) = {(x.shape[0], x.shape[1], 1)} "
-                             f"or None, got {got}")
-        extra.append(("size", size))
-    for name, t in extra:
-        if t.dtype != x.dtype:
-            raise ValueError(f"{op}: {name} is {t.dtype} but x is {x.dtype}; cast it to x's dtype")
-        if t.device != x.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+    if size is not None and (not isinstance(size, torch.Tensor)
+                             or tuple(size.shape) != (x.shape[0], x.shape[1], 1)):
+        got = tuple(size.shape) if isinstance(size, torch.Tensor) else type(size).__name__
+        raise ValueError(f"{op}: size must be (B, N, 1) = {(x.shape[0], x.shape[1], 1)} "
+                         f"or None, got {got}")
+    check_like_x(op, x, {"metric": (metric, None), "size": (size, None)})
 
 
 def check_tome_merge_args(x, metric, r, size, class_token, distill_token):
