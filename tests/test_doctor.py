@@ -1,5 +1,6 @@
 """`dcvit doctor`: prints the one priority table and checks every op on every backend that
 runs here against the float64 reference; a wrong or failing backend makes it exit 1."""
+import pytest
 import torch
 
 from dcvit_engine.cli import main
@@ -62,3 +63,18 @@ def test_an_unwritten_output_makes_doctor_fail(capsys, monkeypatch):
     _replace_cpu_impl(monkeypatch, op, nan_size)
     status, out = _doctor(capsys)
     assert status == 1 and "  cpu      WRONG" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without CUDA")
+def test_doctor_refuses_a_missing_cuda_device_in_one_line(capsys):
+    status = main(["doctor", "--device", "cuda"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert status == 2
+    assert out == ["dcvit doctor: --device cuda but CUDA is not available here; use --device cpu"]
+
+
+def test_doctor_without_the_interpreter_says_why_triton_is_off(capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    status, out = _doctor(capsys)
+    assert status == 0
+    assert out.count("triton   off      CPU tensors need TRITON_INTERPRET=1") == len(OPS)

@@ -108,6 +108,9 @@ def check_op(op, device, dtype, seed) -> int:
 
 def run(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"dcvit doctor: --device {args.device} but CUDA is not available here; use --device cpu")
+        return 2
     dtypes = [parse_dtype(name.strip()) for name in args.dtype.split(",") if name.strip()]
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), device {device}")
     print(f"compiled ops (dcvit_engine._C): {'loaded' if _native.LOAD_ERROR is None else _native.LOAD_ERROR}")
