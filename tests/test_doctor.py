@@ -78,3 +78,11 @@ def test_doctor_without_the_interpreter_says_why_triton_is_off(capsys, monkeypat
     status, out = _doctor(capsys)
     assert status == 0
     assert out.count("triton   off      CPU tensors need TRITON_INTERPRET=1") == len(OPS)
+
+
+def test_doctor_checks_the_dtypes_asked_for(capsys):
+    assert main(["doctor", "--device", "cpu"]) == 0  # default on the CPU: fp32 only
+    out = capsys.readouterr().out
+    assert "mlp_block on cpu, float32" in out and "bfloat16" not in out
+    status, out = _doctor(capsys, "--dtype", "bf16")  # a later --dtype wins over _doctor's fp32
+    assert status == 0 and "mlp_block on cpu, bfloat16" in out and "on cpu, float32" not in out

@@ -18,14 +18,17 @@ from dcvit_engine.ops import BACKENDS, OPS, PRIORITY
 from dcvit_engine.ops.dispatch import OTHER_DEVICE_ORDER, triton_interpreting
 from dcvit_engine.ops.tolerance import error_budget, rel_err
 
-DEFAULT_DTYPES = "fp32,bf16"
+# One dtype by default, the engine's usual run dtype there: on CUDA every Triton kernel is
+# compiled (and its GEMMs autotuned) on first use, which a second dtype doubles.
+DEFAULT_DTYPES = {"cuda": "bf16", "cpu": "fp32"}
 
 
 def register(subparsers):
     parser = subparsers.add_parser("doctor", help="show the build and check every backend of every op")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--dtype", default=DEFAULT_DTYPES,
-                        help=f"comma-separated dtypes to check (default {DEFAULT_DTYPES})")
+    parser.add_argument("--dtype", default=None,
+                        help="comma-separated dtypes to check, e.g. fp32,bf16 (default: bf16 on CUDA, "
+                             "fp32 on the CPU)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the example inputs (default 0)")
     parser.set_defaults(func=run)
 
@@ -111,7 +114,8 @@ def run(args):
     if device.type == "cuda" and not torch.cuda.is_available():
         print(f"dcvit doctor: --device {args.device} but CUDA is not available here; use --device cpu")
         return 2
-    dtypes = [parse_dtype(name.strip()) for name in args.dtype.split(",") if name.strip()]
+    names = args.dtype or DEFAULT_DTYPES.get(device.type, "fp32")
+    dtypes = [parse_dtype(name.strip()) for name in names.split(",") if name.strip()]
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), device {device}")
     print(f"compiled ops (dcvit_engine._C): {'loaded' if _native.LOAD_ERROR is None else _native.LOAD_ERROR}")
     print(f"TRITON_INTERPRET={'1' if triton_interpreting() else os.environ.get('TRITON_INTERPRET', '0')}, "
