@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from dcvit_engine.artifact import load, load_report
 from dcvit_engine.checkpoints import load_checkpoint
 from dcvit_engine.cli import main
+from dcvit_engine.compress.api import METHODS
 from dcvit_engine.digits import DIGITS_MEAN, DIGITS_STD, export_digits_folder
 from dcvit_engine.macs import count_macs
 from dcvit_engine.reference import reference_from_timm
@@ -169,7 +170,7 @@ class _Reached(Exception):
     """Raised by the recording method stand-in: the options have been seen, stop there."""
 
 
-@pytest.mark.parametrize("method", ["dcvit", "practise", "uvc", "cait", "tome"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_cli_passes_only_given_options_so_method_defaults_hold(capsys, files, monkeypatch, method):
     import functools
 
