@@ -13,8 +13,9 @@ size read once, the outputs written once); floor_ms = those bytes / the measured
 device-to-device copy bandwidth is the time no implementation can beat, printed next to each
 timing, and frac_of_peak = floor_ms / median_ms (target on the GPU: >= 0.6 for the fused
 backends). On the CPU the smoke sizes fit in cache while the copy bandwidth is measured on
-64 MB, so frac_of_peak can exceed 1 there; the floor is meant for the GPU sizes. speedup_vs_torch is against the torch reference backend
-(ToMe's own unfused sequence for tome: normalize, bmm, max, argsort, gather, scatter_reduce).
+64 MB, so frac_of_peak can exceed 1 there; the floor is meant for the GPU sizes.
+speedup_vs_torch is against the torch reference backend (ToMe's own unfused sequence for
+tome: normalize, bmm, max, argsort, gather, scatter_reduce).
 
   python benchmarks/bench_token_merge.py --out bench_out               # GPU, bf16
   python benchmarks/bench_token_merge.py --device cpu --out bench_out  # CPU smoke (small shapes)
@@ -28,10 +29,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import copy_bandwidth_gbs, device_name, median_ms, report_table  # noqa: E402
-
 from dcvit_engine import ops  # noqa: E402
 from dcvit_engine.ops.token_merge import token_merge_backends  # noqa: E402
+from timing import copy_bandwidth_gbs, device_name, median_ms, report_table  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODELS = {"deit_s": 384, "deit_b": 768}  # embed dim; the metric is one head's key width
@@ -95,7 +95,8 @@ def format_row(r):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=list(DTYPES),
                         help="default bf16 on GPU, fp32 on CPU")

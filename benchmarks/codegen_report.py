@@ -153,7 +153,8 @@ def collect_launches(dtypes=("bf16", "fp16"), archs=(90, 80), only=None, every_s
                 if only and not any(o in f"{label}/{short}" for o in only):
                     continue
                 def t(*shape, dtype=None, model_dtype=model_dtype):
-                    return torch.empty(*shape, dtype=getattr(torch, dtype) if dtype else model_dtype, device="cuda")
+                    return torch.empty(*shape, dtype=getattr(torch, dtype) if dtype else model_dtype,
+                                       device="cuda")
                 recorded = []
                 with FakeTensorMode(allow_non_fake_inputs=True):
                     run(t, _recorder(recorded))
@@ -164,7 +165,8 @@ def collect_launches(dtypes=("bf16", "fp16"), archs=(90, 80), only=None, every_s
                     kinds = {a for a in args if isinstance(a, torch.dtype)}
                     dtype = next((n for t, n in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"),
                                                  (torch.float32, "fp32")) if t in kinds), "int")
-                    spec = _spec_key(args) if every_shape else tuple(str(a) for a in args if not isinstance(a, (int, float)))
+                    spec = (_spec_key(args) if every_shape
+                            else tuple(str(a) for a in args if not isinstance(a, (int, float))))
                     key = (arch, kernel.__name__, spec, tuple(sorted(kwargs.items())))
                     entry = launches.setdefault(key, dict(kernel=kernel, args=args, kwargs=kwargs,
                                                           names=[], dtype=dtype, arch=arch))
@@ -198,8 +200,10 @@ def _spec_key(args):
 
 
 def config_text(kwargs):
-    tiles = [f"{k.replace('BLOCK_', '')}{v}" for k, v in kwargs.items() if k.startswith(("BLOCK", "GROUP"))]
-    return " ".join(tiles + [f"w{kwargs.get('num_warps', 4)}", f"s{kwargs.get('num_stages', 3)}"]).replace("GROUP_", "G")
+    tiles = [f"{k.replace('BLOCK_', '')}{v}" for k, v in kwargs.items()
+             if k.startswith(("BLOCK", "GROUP"))]
+    text = " ".join(tiles + [f"w{kwargs.get('num_warps', 4)}", f"s{kwargs.get('num_stages', 3)}"])
+    return text.replace("GROUP_", "G")
 
 
 def variant_text(kwargs):
@@ -373,7 +377,8 @@ def sass_facts(text):
                     loop_narrowest_load_bits=None, loop_cp_async=False, loop_tma=False)
     bits = [b for b in (_load_bits(op) for _, op, _ in main) if b is not None]
     return dict(facts, loop_instructions=len(main), loop_tc=weight(main)[0],
-                loop_widest_load_bits=max(bits, default=None), loop_narrowest_load_bits=min(bits, default=None),
+                loop_widest_load_bits=max(bits, default=None),
+                loop_narrowest_load_bits=min(bits, default=None),
                 loop_cp_async=any(op.startswith("LDGSTS") for _, op, _ in main),
                 loop_tma=any(op.startswith("UTMALDG") for _, op, _ in main))
 
@@ -392,7 +397,8 @@ def cuda_rows(archs):
     for arch in archs:
         usage = _run([cuobjdump, "-res-usage", "-arch", f"sm_{arch}", libs[0]])
         sass = _run([cuobjdump, "-sass", "-arch", f"sm_{arch}", libs[0]])
-        functions = re.findall(r"Function ([^\s:]+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
+        functions = re.findall(r"Function ([^\s:]+):\s*\n\s*"
+                               r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
         bodies = dict(re.findall(r"Function : (\S+)\n(.*?)(?=\n\s*Function : |\Z)", sass, re.S))
         seen = set()
         for name, regs, stack, shared, local in functions:
@@ -406,7 +412,8 @@ def cuda_rows(archs):
             row.update(sass_facts(bodies.get(name, "")))
             rows.append(row)
     if not rows:
-        return [], (f"{os.path.basename(libs[0])} holds no CUDA kernels for sm_{'/sm_'.join(map(str, archs))} "
+        return [], (f"{os.path.basename(libs[0])} holds no CUDA kernels for "
+                    f"sm_{'/sm_'.join(map(str, archs))} "
                     "(a CPU-only build, e.g. DCVIT_BUILD_CUDA=0 or no nvcc): CUDA part skipped")
     return rows, ""
 
@@ -453,7 +460,8 @@ def evaluate(rows, rules=RULES, waivers=None):
             ok = _check(name, rule, row, plain_loop)
             if ok is False:
                 waived = next((why for (rule_name, kernel, variant), why in waivers.items()
-                               if rule_name == name and kernel == row["kernel"] and variant in row["variant"]), None)
+                               if rule_name == name and kernel == row["kernel"]
+                               and variant in row["variant"]), None)
                 if rule["level"] == "gate" and waived is None:
                     failed.append(name)
                 else:
@@ -467,7 +475,8 @@ def _check(name, rule, row, plain_loop):
     if name == "compiles":
         return bool(row["compiles"])
     if name == "no_spills":
-        return row["dtype"] not in ("bf16", "fp16") or (row.get("spill_bytes") or 0) <= rule["max_spill_bytes"]
+        return (row["dtype"] not in ("bf16", "fp16")
+                or (row.get("spill_bytes") or 0) <= rule["max_spill_bytes"])
     if name == "tensor_cores_in_main_loop":
         return row["dtype"] not in ("bf16", "fp16") or (row.get("loop_tc") or 0) > 0
     if name.startswith("shared_memory_fits"):
@@ -515,8 +524,9 @@ def table(rows):
             continue
         widest = r.get("loop_widest_load_bits")
         lines.append(
-            f"{r['arch']:>2} {r['kernel'][:26]:26} {r['dtype']:4} {r['config'][:30]:30} {r.get('regs') or 0:>4} "
-            f"{r.get('spill_bytes') or 0:>5} {(r.get('smem_bytes') or 0) / 1024:>6.1f} {r.get('tc_instructions', 0):>4} "
+            f"{r['arch']:>2} {r['kernel'][:26]:26} {r['dtype']:4} {r['config'][:30]:30} "
+            f"{r.get('regs') or 0:>4} {r.get('spill_bytes') or 0:>5} "
+            f"{(r.get('smem_bytes') or 0) / 1024:>6.1f} {r.get('tc_instructions', 0):>4} "
             f"{r.get('loop_instructions') or '-':>5} {widest // 8 if widest else '-':>4} "
             f"{'yes' if r.get('loop_cp_async') else 'no':>4} "
             f"{('FAIL ' + r['gate']) if r['gate'] else 'ok'}{(' / ' + r['missed']) if r['missed'] else ''}")
@@ -574,16 +584,19 @@ def main(argv=None):
     parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
     args = parser.parse_args(argv)
     start = time.time()
-    rows, notes = run_report(tuple(args.arch or (90, 80)), args.jobs, args.only, not args.no_cuda, args.profile)
+    rows, notes = run_report(tuple(args.arch or (90, 80)), args.jobs, args.only, not args.no_cuda,
+                             args.profile)
     path = os.path.join(args.out, "codegen.csv")
     write_csv(rows, path)
     import triton
     print(table(rows))
     failures = [r for r in rows if r["gate"]]
-    print(f"\ntriton {triton.__version__}; " + "; ".join(notes) + f"; {time.time() - start:.0f} s; CSV: {path}")
+    print(f"\ntriton {triton.__version__}; " + "; ".join(notes)
+          + f"; {time.time() - start:.0f} s; CSV: {path}")
     for r in failures:
-        print(f"GATE FAILED sm_{r['arch']} {r['kernel']} {r['dtype']} [{r['config']}] {r['variant']}: {r['gate']}"
-              + (f" -- {r['error']}" if r["error"] else "") + f" (workloads: {r['workloads'][:120]})")
+        print(f"GATE FAILED sm_{r['arch']} {r['kernel']} {r['dtype']} [{r['config']}] {r['variant']}: "
+              f"{r['gate']}" + (f" -- {r['error']}" if r["error"] else "")
+              + f" (workloads: {r['workloads'][:120]})")
     return 1 if failures else 0
 
 
