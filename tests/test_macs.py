@@ -2,6 +2,8 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from dcvit_engine.macs import attention_macs, block_macs, count_macs, mlp_macs
@@ -46,29 +48,38 @@ SPECS = {
 }
 
 
+class _MacsByWeight(TorchFunctionMode):
+    """Counts each F.linear / F.conv2d call's MACs (per image) under the name of the module
+    that owns its weight. Keyed by the weight rather than by module hooks because the
+    reference calls some Linear weights functionally (the head, through `classify`)."""
+
+    def __init__(self, model: nn.Module, batch: int):
+        super().__init__()
+        self.owner = {id(m.weight): n for n, m in model.named_modules()
+                      if isinstance(m, (nn.Linear, nn.Conv2d))}
+        self.batch, self.per_module = batch, {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in (F.linear, F.conv2d):
+            x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            name = self.owner.get(id(weight))
+            if name is not None:
+                # linear: rows x in x out; conv: each output element costs in/groups x kh x kw
+                macs = (x.numel() // weight.shape[1] * weight.shape[1] * weight.shape[0]
+                        if func is F.linear else out.numel() * weight[0].numel())
+                self.per_module[name] = self.per_module.get(name, 0) + macs // self.batch
+        return out
+
+
 def hook_count(model: ViTReference, x: torch.Tensor):
-    """MACs per image measured on the module: forward hooks on every Linear / Conv2d, and
-    torch's FlopCounterMode (which sees every matmul) for the two attention matmuls."""
-    per_module = {}
-
-    def hook(name):
-        def count(module, inputs, output):
-            if isinstance(module, nn.Linear):
-                macs = inputs[0].numel() // module.in_features * module.in_features * module.out_features
-            else:
-                kh, kw = module.kernel_size
-                macs = output.numel() * module.in_channels // module.groups * kh * kw
-            per_module[name] = per_module.get(name, 0) + macs // x.shape[0]
-        return count
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
-               if isinstance(m, (nn.Linear, nn.Conv2d))]
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    """MACs per image measured on the module: every Linear / Conv2d weight's use (_MacsByWeight),
+    and torch's FlopCounterMode (which sees every matmul) for the two attention matmuls."""
+    by_weight = _MacsByWeight(model, x.shape[0])
+    with torch.no_grad(), FlopCounterMode(display=False) as counter, by_weight:
+        model(x)
+    per_module = by_weight.per_module
     all_matmuls = counter.get_total_flops() // 2 // x.shape[0]
     return per_module, all_matmuls - sum(per_module.values())
 
