@@ -48,6 +48,7 @@ def time_interleaved(runners: dict[str, Callable[[torch.Tensor], torch.Tensor]],
     names = list(runners)
     cuda = images.device.type == "cuda"
     times: dict[str, list[float]] = {name: [] for name in names}
+    events: dict[str, list] = {name: [] for name in names}
     with torch.no_grad():
         for name in names:
             for _ in range(warmup):
@@ -59,16 +60,20 @@ def time_interleaved(runners: dict[str, Callable[[torch.Tensor], torch.Tensor]],
             shift = round_index % len(names)
             for name in names[shift:] + names[:shift]:
                 if cuda:
+                    # no synchronize between calls (as measure_throughput): the host may run
+                    # ahead, so a launch-bound runner is not charged an idle GPU per call
                     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     start.record(stream)
                     runners[name](images)
                     end.record(stream)
-                    end.synchronize()
-                    times[name].append(start.elapsed_time(end))
+                    events[name].append((start, end))
                 else:
                     begin = time.perf_counter()
                     runners[name](images)
                     times[name].append((time.perf_counter() - begin) * 1e3)
+        if cuda:
+            torch.cuda.synchronize(images.device)
+            times = {name: [start.elapsed_time(end) for start, end in pairs] for name, pairs in events.items()}
     return {name: Throughput(batch_size=images.shape[0], repeats=repeats, median_ms=statistics.median(t),
                              min_ms=min(t), max_ms=max(t)) for name, t in times.items()}
 
