@@ -119,7 +119,8 @@ def bench_model(short: str, args, device, dtype, rows: list[dict], log):
 
 
 def add_speedups(rows: list[dict], peak_tflops: float) -> None:
-    base = {(r["model"], r["runner"], r["batch_size"]): r["images_per_s"] for r in rows if r["variant"] == "full"}
+    base = {(r["model"], r["runner"], r["batch_size"]): r["images_per_s"]
+            for r in rows if r["variant"] == "full"}
     for r in rows:
         full = base[(r["model"], r["runner"], r["batch_size"])]
         r["speedup"] = r["images_per_s"] / full
@@ -146,7 +147,8 @@ def plot(rows: list[dict], path: str, title: str) -> None:
             left.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{model} {runner}")
             if runner.startswith("engine"):
                 right.plot([p[0] for p in pts], [p[2] for p in pts], "o-", label=f"{model} {runner}")
-        left.set(xlabel="GMACs / image", ylabel="images / s", title=f"batch {batch}: throughput", yscale="log")
+        left.set(xlabel="GMACs / image", ylabel="images / s", title=f"batch {batch}: throughput",
+                 yscale="log")
         right.axhline(1.0, color="gray", lw=0.8)
         right.set(xlabel="GMACs / image", ylabel="measured speedup / MACs reduction",
                   title=f"batch {batch}: realized speedup")
@@ -163,30 +165,38 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
 def format_table(rows: list[dict]) -> str:
     header = (f"{'model':10} {'variant':7} {'hidden':>6} {'GMACs':>6} {'MACs red.':>9} {'runner':14} "
-              f"{'batch':>5} {'images/s':>10} {'ms':>9} {'floor ms':>9} {'of floor':>8} {'speedup':>7} {'realized':>8}")
+              f"{'batch':>5} {'images/s':>10} {'ms':>9} {'floor ms':>9} {'of floor':>8} {'speedup':>7} "
+              f"{'realized':>8}")
     lines = [header]
     for r in rows:
         lines.append(f"{r['model']:10} {r['variant']:7} {r['mlp_hidden']:>6} {r['gmacs']:6.3f} "
                      f"{r['macs_reduction']:9.3f} {r['runner']:14} {r['batch_size']:5} "
-                     f"{r['images_per_s']:10.1f} {r['median_ms']:9.2f} {r['floor_ms']:9.3f} {r['of_floor']:8.3f} "
+                     f"{r['images_per_s']:10.1f} {r['median_ms']:9.2f} {r['floor_ms']:9.3f} "
+                     f"{r['of_floor']:8.3f} "
                      f"{r['speedup']:7.3f} "
                      f"{r['realized_speedup']:8.3f}")
     return "\n".join(lines)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default bf16 on CUDA, float32 on the CPU")
-    parser.add_argument("--batch-sizes", default=None, help="comma list (default 1,64,256 on CUDA, 1,4 on the CPU)")
+    parser.add_argument("--batch-sizes", default=None,
+                        help="comma list (default 1,64,256 on CUDA, 1,4 on the CPU)")
     parser.add_argument("--models", default=None,
-                        help=f"comma list of {sorted(MODELS)} (default all on CUDA, deit_tiny,deit_small on the CPU)")
+                        help=f"comma list of {sorted(MODELS)} (default all on CUDA, deit_tiny,deit_small "
+                        "on the CPU)")
     parser.add_argument("--variants", default="1,2,3,4,5,6", help="comma list of N (attention-free blocks)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs (default 20 on CUDA, 5 on the CPU)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed runs (default 5 on CUDA, 1 on the CPU)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed runs (default 20 on CUDA, 5 on the CPU)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed runs (default 5 on CUDA, 1 on the CPU)")
     parser.add_argument("--no-compile", action="store_true", help="skip timm + torch.compile")
     parser.add_argument("--backends", default=None,
-                        help=f"comma list of engine backends from {list(BACKENDS)} (default: every one this device runs)")
+                        help=f"comma list of engine backends from {list(BACKENDS)} (default: every one this "
+                        "device runs)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (on a shared machine 1 thread is the least noisy)")
     parser.add_argument("--out", default="bench_out")
@@ -194,7 +204,8 @@ def parse_args(argv=None):
     gpu = args.device.startswith("cuda")
     args.dtype = parse_dtype(args.dtype or ("bf16" if gpu else "float32"))
     args.batch_sizes = [int(b) for b in (args.batch_sizes or ("1,64,256" if gpu else "1,4")).split(",")]
-    args.models = (args.models or ("deit_tiny,deit_small,deit_base" if gpu else "deit_tiny,deit_small")).split(",")
+    default_models = "deit_tiny,deit_small,deit_base" if gpu else "deit_tiny,deit_small"
+    args.models = (args.models or default_models).split(",")
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {sorted(MODELS)}")

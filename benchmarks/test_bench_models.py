@@ -11,10 +11,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_models import dcvit_variant, main  # noqa: E402
-from timing import time_interleaved  # noqa: E402
-
 from dcvit_engine.engine import build_engine  # noqa: E402
 from dcvit_engine.reference import ViTReference, reference_from_timm  # noqa: E402
+from timing import time_interleaved  # noqa: E402
 
 
 @pytest.fixture(scope="module")

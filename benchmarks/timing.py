@@ -73,7 +73,8 @@ def time_interleaved(runners: dict[str, Callable[[torch.Tensor], torch.Tensor]],
                     times[name].append((time.perf_counter() - begin) * 1e3)
         if cuda:
             torch.cuda.synchronize(images.device)
-            times = {name: [start.elapsed_time(end) for start, end in pairs] for name, pairs in events.items()}
+            times = {name: [start.elapsed_time(end) for start, end in pairs]
+                     for name, pairs in events.items()}
     return {name: Throughput(batch_size=images.shape[0], repeats=repeats, median_ms=statistics.median(t),
                              min_ms=min(t), max_ms=max(t)) for name, t in times.items()}
 

@@ -6,11 +6,10 @@ widths from 2 to 80, v widths that are not multiples of 16, several head groups,
 with masked (-inf) keys, and the fallback above 1024 tokens."""
 import pytest
 import torch
-from test_attention_op import ALL_OFF, ALL_ON, PROP_ATTN, assert_branch_close, check_backend, make_inputs
 
 from dcvit_engine import ops
 from dcvit_engine.kernels.attention import attention_block_ref
-
+from test_attention_op import ALL_OFF, ALL_ON, PROP_ATTN, assert_branch_close, check_backend, make_inputs
 
 # (batch, tokens, dim, qk_dims, v_dims)
 SHAPES = [

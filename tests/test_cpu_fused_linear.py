@@ -3,15 +3,16 @@
 float64 reference, and the CLI's dtype default on CPUs with native bf16."""
 import pytest
 import torch
-from numerics import assert_close_to_reference
 
 from dcvit_engine import ops
 from dcvit_engine.engine import command_dtype
 from dcvit_engine.kernels.mlp_block import mlp_block_ref
+from numerics import assert_close_to_reference
 from test_mlp_block import make_inputs
 
 MKLDNN = torch.backends.mkldnn.is_available()
-FUSED_DTYPES = [torch.float32] + ([torch.bfloat16] if MKLDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported() else [])
+BF16_FUSED = MKLDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+FUSED_DTYPES = [torch.float32] + ([torch.bfloat16] if BF16_FUSED else [])
 
 
 def op_names(fn) -> set[str]:
