@@ -82,7 +82,7 @@ def plan(args, work):
     bench = os.path.join(work, "bench")
     cpu = ["--device", "cpu"] if dry else ["--dtype", "bf16"]
     gpu_tests = ["tests/test_mlp_block.py"] if dry else ["tests"]
-    sanitize_subset = ["tests/test_mlp_block.py", "tests/test_attention_op.py", "tests/test_token_merge.py",
+    sanitize_subset = ["tests/test_mlp_block.py", "tests/test_attention.py", "tests/test_token_merge.py",
                        "-m", "gpu", "-k", "writes_every_output_element or out_variants",
                        "-q", "-p", "no:cacheprovider"]
     model = (["--models", "deit_tiny", "--batch-sizes", "1", "--repeats", "1", "--warmup", "0",

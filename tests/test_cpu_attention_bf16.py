@@ -9,7 +9,7 @@ import torch
 
 from dcvit_engine import ops
 from dcvit_engine.kernels.attention import attention_block_ref
-from test_attention_op import ALL_OFF, ALL_ON, PROP_ATTN, assert_branch_close, check_backend, make_inputs
+from test_attention import ALL_OFF, ALL_ON, PROP_ATTN, assert_branch_close, check_backend, make_inputs
 
 # (batch, tokens, dim, qk_dims, v_dims)
 SHAPES = [

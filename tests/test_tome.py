@@ -7,7 +7,7 @@ import timm
 import torch
 from compress_cli import run_compress_cli
 
-from test_adapter_reference import randomize_
+from test_adapter import randomize_
 from timm.models.deit import VisionTransformerDistilled
 
 from dcvit_engine.adapter import spec_from_timm
