@@ -48,7 +48,8 @@ def check_classes(train_classes: list[str], val_classes: list[str], spec) -> Non
     """The train and val class folders must be the same and as many as the model's classes."""
     if train_classes != val_classes:
         only = sorted(set(train_classes) ^ set(val_classes))[:3]
-        raise ValueError(f"train and val have different class folders (e.g. {only}); both need the same classes")
+        raise ValueError(f"train and val have different class folders (e.g. {only}); "
+                         "both need the same classes")
     if len(train_classes) != spec.num_classes:
         raise ValueError(f"the folder has {len(train_classes)} classes but the model's head has "
                          f"{spec.num_classes}; give the dataset the model was trained on")
@@ -88,8 +89,10 @@ def run_reproduction(teacher: ViTReference, root, out, *, samples=SAMPLES, point
     spec = teacher.spec
     train_dir, val_dir = imagenet_splits(root)
     size, chans = spec.img_size, spec.in_chans
-    val = load_image_folder(val_dir, size, mean, std, num_samples=val_samples, seed=seed, labeled=True, in_chans=chans)
-    train_classes = load_image_folder(train_dir, size, mean, std, num_samples=1, labeled=True, in_chans=chans).classes
+    val = load_image_folder(val_dir, size, mean, std, num_samples=val_samples, seed=seed, labeled=True,
+                            in_chans=chans)
+    train_classes = load_image_folder(train_dir, size, mean, std, num_samples=1, labeled=True,
+                                      in_chans=chans).classes
     check_classes(train_classes, val.classes, spec)
     targets = {k: macs_point(spec, k) for k in points}
     for k, ratio in targets.items():  # refuse a point without a DC-ViT pair before any work
@@ -128,9 +131,10 @@ def run_reproduction(teacher: ViTReference, root, out, *, samples=SAMPLES, point
                                                labeled=True, in_chans=chans).tensors()[0]
                 if method == "dcvit":
                     if metric_set is None:  # one synthetic metric set for every DC-ViT run, cached
-                        metric_set = synthesize_metric_set(teacher, num_images=metric_size, iters=metric_iters,
-                                                           seed=seed, mean=mean, std=std, device=device,
-                                                           cache_path=out / "metric_set.pt", progress=progress).images
+                        metric_set = synthesize_metric_set(
+                            teacher, num_images=metric_size, iters=metric_iters, seed=seed,
+                            mean=mean, std=std, device=device, cache_path=out / "metric_set.pt",
+                            progress=progress).images
                     options = dict(target_macs=ratio, num_blocks=k + 1, metric_set=metric_set)
                 else:  # PRACTISE's own recipe; its target sits just above the point to drop exactly k
                     options = dict(target_macs=ratio + 1e-6, recipe="official")
@@ -138,7 +142,8 @@ def run_reproduction(teacher: ViTReference, root, out, *, samples=SAMPLES, point
                 student = api.compress(teacher, images, method=method, iters=iters, batch_size=batch_size,
                                        seed=seed, device=device, checkpoint_dir=out / "runs" / key,
                                        resume=True, progress=progress, report=report, **options)
-                runs[key] = dict(method=method, samples=n, dropped=k, top1=top1(student, val, batch_size, device),
+                runs[key] = dict(method=method, samples=n, dropped=k,
+                                 top1=top1(student, val, batch_size, device),
                                  macs_ratio=count_macs(student).total / teacher_macs,
                                  chosen_blocks=report["extras"].get("chosen_blocks"),
                                  recipe=report["extras"].get("recipe", "official"))
@@ -162,4 +167,5 @@ def results_table(results: dict) -> str:
                       f"{run['top1']:.2f}", "-" if paper is None else f"{paper:.2f}"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     fmt = lambda line: "| " + " | ".join(v.rjust(w) for v, w in zip(line, widths)) + " |"  # noqa: E731
-    return "\n".join([fmt(lines[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(l) for l in lines[1:]])
+    separator = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([fmt(lines[0]), separator] + [fmt(line) for line in lines[1:]])

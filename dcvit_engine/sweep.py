@@ -170,7 +170,8 @@ def run_sweep(teacher: ViTReference, images: torch.Tensor | None, eval_images: t
     plan = [(m, t, dict(o)) for m, o in methods.items() for t in targets]
     if pair and "dcvit" in methods and "practise" in methods:
         pairs = equal_macs_pairs(spec, targets, methods["practise"])
-        plan += [(PAIRED, ratio, dict(methods["dcvit"], num_blocks=blocks)) for ratio, blocks in pairs.values()]
+        plan += [(PAIRED, ratio, dict(methods["dcvit"], num_blocks=blocks))
+                 for ratio, blocks in pairs.values()]
     teacher_macs = count_macs(spec).total
     teacher_engine = build_engine(teacher, backend=backend, device=device)
     teacher_preds = predict(teacher_engine, eval_images.to(device)).cpu()
@@ -240,7 +241,8 @@ def summarize(rows: list[SweepRow]) -> list[dict]:
     return summary
 
 
-ROW_COLUMNS = ("method", "target", "seed", "MACs%", "top1", "agree", "ms", "img/s", "FT iters", "s", "blocks of scores")
+ROW_COLUMNS = ("method", "target", "seed", "MACs%", "top1", "agree", "ms", "img/s", "FT iters", "s",
+               "blocks of scores")
 TABLE_COLUMNS = ("method", "target", "MACs (M)", "MACs %", "params (K)", "top-1", "agree", "latency ms",
                  "img/s", "FT iters", "seeds", "time s")
 
@@ -250,7 +252,8 @@ def table_line(row: SweepRow) -> tuple[str, ...]:
     return (row.method, "-" if row.target is None else f"{row.target:.2f}",
             "-" if row.seed is None else str(row.seed), f"{100 * row.macs_ratio:.1f}",
             "-" if row.top1 is None else f"{100 * row.top1:.2f}", f"{100 * row.agreement:.1f}",
-            f"{row.latency_ms:.2f}", f"{row.images_per_s:.0f}", row.budget, f"{row.compress_s:.0f}", row.blocks)
+            f"{row.latency_ms:.2f}", f"{row.images_per_s:.0f}", row.budget, f"{row.compress_s:.0f}",
+            row.blocks)
 
 
 def _mean_std(mean: float | None, std: float | None, seeds: int) -> str:
@@ -274,7 +277,8 @@ def format_table(rows: list[SweepRow]) -> str:
     lines = [TABLE_COLUMNS] + [summary_line(e) for e in summarize(rows)]
     widths = [max(len(line[i]) for line in lines) for i in range(len(TABLE_COLUMNS))]
     fmt = lambda line: "| " + " | ".join(v.rjust(w) for v, w in zip(line, widths)) + " |"  # noqa: E731
-    return "\n".join([fmt(lines[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(l) for l in lines[1:]])
+    separator = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([fmt(lines[0]), separator] + [fmt(line) for line in lines[1:]])
 
 
 def write_csv(rows: list[SweepRow], path: str | os.PathLike) -> Path:
@@ -304,10 +308,12 @@ def plot_sweep(rows: list[SweepRow], path: str | os.PathLike, title: str = "") -
         style = dict(marker="*", markersize=14, linestyle="none") if method == "teacher" else dict(marker="o")
         means = [100 * e[key] for e in group]
         errors = [100 * e[key + "_std"] for e in group]  # one standard deviation over the seeds
-        for ax, x in ((axes[0], [e["macs"] / 1e6 for e in group]), (axes[1], [e["latency_ms"] for e in group])):
+        for ax, x in ((axes[0], [e["macs"] / 1e6 for e in group]),
+                      (axes[1], [e["latency_ms"] for e in group])):
             ax.errorbar(x, means, yerr=errors, label=method, capsize=3, **style)
     axes[0].set_xlabel("MACs per image (M)")
-    axes[1].set_xlabel(f"latency of a batch of {rows[0].images_per_s * rows[0].latency_ms / 1e3:.0f} images (ms, engine)")
+    axes[1].set_xlabel(f"latency of a batch of {rows[0].images_per_s * rows[0].latency_ms / 1e3:.0f} "
+                       "images (ms, engine)")
     for ax in axes:
         ax.set_ylabel("top-1 (%)" if use_top1 else "agreement with teacher (%)")
         ax.grid(alpha=0.3)

@@ -4,12 +4,19 @@ slice exactly (float64, merges included), and the few-shot run meets the budget.
 import pytest
 import timm
 import torch
-from compress_cli import run_compress_cli
 
+from compress_cli import run_compress_cli
 from dcvit_engine.artifact import load, load_report, save
 from dcvit_engine.compress import api
-from dcvit_engine.compress.cait import (ChannelGates, atme_spec, candidate_plans, compress_cait,
-                                        fit_masks, full_resolution_features, plan_atme)
+from dcvit_engine.compress.cait import (
+    ChannelGates,
+    atme_spec,
+    candidate_plans,
+    compress_cait,
+    fit_masks,
+    full_resolution_features,
+    plan_atme,
+)
 from dcvit_engine.compress.slicing import BlockMasks, apply_masks, slice_model, width_costs
 from dcvit_engine.engine import build_engine
 from dcvit_engine.macs import count_macs
@@ -79,7 +86,8 @@ def test_shared_channel_masks_slice_exactly_with_merges():
     gates = ChannelGates(student, 0.5, count_macs(teacher.spec).total)
     keep = ((torch.rand(gates.logits.shape) > 0.4) * (0.5 + torch.rand(gates.logits.shape))).double()
     keep[:, :, 0] = 1.0  # at least one channel of each kind
-    neuron_keep = [((torch.rand(n.shape) > 0.5) * (0.5 + torch.rand(n.shape))).double() for n in gates.neuron_logits]
+    neuron_keep = [((torch.rand(n.shape) > 0.5) * (0.5 + torch.rand(n.shape))).double()
+                   for n in gates.neuron_logits]
     neuron_keep[1][:5] = 1.0
     neuron_keep[2].zero_()  # an MLP with no neuron left: the branch goes, with its bias
     masks = gates.masks(student, keep, neuron_keep)
@@ -98,8 +106,9 @@ def test_shared_channel_masks_slice_exactly_with_merges():
     hard_neurons = [(n != 0).double() for n in neuron_keep]
     assert float(gates.macs((keep != 0).double(), hard_neurons)) == count_macs(sliced.spec).total
     costs = width_costs(sliced.spec)
-    assert costs.total([b.attn.qk_total for b in sliced.spec.blocks], [b.attn.v_total for b in sliced.spec.blocks],
-                       [b.mlp_hidden for b in sliced.spec.blocks]) == count_macs(sliced.spec).total
+    blocks = sliced.spec.blocks
+    assert costs.total([b.attn.qk_total for b in blocks], [b.attn.v_total for b in blocks],
+                       [b.mlp_hidden for b in blocks]) == count_macs(sliced.spec).total
 
 
 def test_per_head_q_k_masks_are_refused_where_tokens_merge():

@@ -211,7 +211,8 @@ def test_help_shows_each_methods_own_defaults(capsys):
     assert f"dcvit (default {dcvit_defaults['iters']})" in text
     for method in ("uvc", "cait"):
         defaults = method_defaults(method)
-        assert f"{method} (default {defaults['iters']})" in text and f"{method} (default {defaults['lr']})" in text
+        assert (f"{method} (default {defaults['iters']})" in text
+                and f"{method} (default {defaults['lr']})" in text)
         assert f"{method} (default {defaults['batch_size']})" in text
     assert "--round {8,64}" in text and "--neuron-selection {random,activation}" in text
 

@@ -55,8 +55,8 @@ def test_every_method_writes_the_common_report(method):
 
 def test_format_1_reports_read_into_the_schema():
     dcvit_v1 = {"method": "dcvit", "target_macs": {"ratio": 0.7, "macs": 70}, "teacher_macs": 100,
-                "achieved_macs": 69, "achieved_ratio": 0.69, "chosen_blocks": [2], "timings": {"total_s": 3.0},
-                "model": "vit", "wall_s": 4.0}
+                "achieved_macs": 69, "achieved_ratio": 0.69, "chosen_blocks": [2],
+                "timings": {"total_s": 3.0}, "model": "vit", "wall_s": 4.0}
     new = upgrade_report(dcvit_v1)
     assert set(new) >= set(COMMON_KEYS) and new["target_macs"] == {"ratio": 0.7, "macs": 70}
     assert new["extras"] == {"chosen_blocks": [2]} and new["model"] == "vit" and new["wall_s"] == 4.0

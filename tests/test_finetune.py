@@ -7,8 +7,14 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from dcvit_engine.compress.finetune import (feature_mimic_finetune, kd_finetune, kd_loss, light_augment,
-                                            select_parameters, trainable_up_to)
+from dcvit_engine.compress.finetune import (
+    feature_mimic_finetune,
+    kd_finetune,
+    kd_loss,
+    light_augment,
+    select_parameters,
+    trainable_up_to,
+)
 
 KWARGS = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=10)
 
@@ -51,12 +57,14 @@ def test_trainable_up_to_selects_front_blocks(pair):
     assert any(n.startswith("blocks.1.") for n in names)
     assert not any(n.startswith(("blocks.2.", "norm.", "head.")) for n in names)
     everything = trainable_up_to(student, 7)  # beyond the last block: all blocks and the final norm
-    assert everything("blocks.2.mlp.fc1.weight") and everything("norm.weight") and not everything("head.weight")
+    assert (everything("blocks.2.mlp.fc1.weight") and everything("norm.weight")
+            and not everything("head.weight"))
     with pytest.raises(ValueError, match="last_block"):
         trainable_up_to(student, -1)
     # DC-ViT's official code trains the final norm whatever the last block
     with_norm = trainable_up_to(student, 1, final_norm=True)
-    assert with_norm("norm.weight") and with_norm("blocks.1.attn.qkv.weight") and not with_norm("blocks.2.norm1.weight")
+    assert (with_norm("norm.weight") and with_norm("blocks.1.attn.qkv.weight")
+            and not with_norm("blocks.2.norm1.weight"))
     assert not trainable_up_to(student, 7, final_norm=False)("norm.weight")
 
 
@@ -144,7 +152,8 @@ def test_kd_loss_matches_hand_formula():
     soft_ce = -(p_t * s.log_softmax(-1)).sum(-1).mean()
     tau = 2.0
     # UVC's official weighting: the KL summed, divided by batch x classes (here 6 x 5)
-    kl = (torch.softmax(t / tau, -1) * (torch.log_softmax(t / tau, -1) - torch.log_softmax(s / tau, -1))).sum() / 30
+    log_ratio = torch.log_softmax(t / tau, -1) - torch.log_softmax(s / tau, -1)
+    kl = (torch.softmax(t / tau, -1) * log_ratio).sum() / 30
     expected = 0.9 * soft_ce + 0.1 * tau ** 2 * kl
     torch.testing.assert_close(kd_loss(s, t, tau=tau), expected)
     labels = torch.tensor([0, 1, -1, 3, 4, -1])

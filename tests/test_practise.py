@@ -43,10 +43,12 @@ def test_official_recipe_adaptors_sgd_and_label(teacher, images):
     assert len(params) == 4 and params[0].shape == (48, 48)
     shared, official = {}, {}
     compress_practise(teacher, images, 0.7, report=shared, **dict(FAST, iters=3))
-    student = compress_practise(teacher, images, 0.7, recipe="official", report=official, **dict(FAST, iters=3))
+    student = compress_practise(teacher, images, 0.7, recipe="official", report=official,
+                                **dict(FAST, iters=3))
     assert official["extras"]["recipe"] == "official" and shared["extras"]["recipe"] == "shared"
     assert official["settings"]["lr"] == FAST["lr"] and "feature MSE" in official["extras"]["scoring"]
-    assert [s["score"] for s in official["extras"]["block_scores"]] != [s["score"] for s in shared["extras"]["block_scores"]]
+    assert ([s["score"] for s in official["extras"]["block_scores"]]
+            != [s["score"] for s in shared["extras"]["block_scores"]])
     # every layer but the classifier trains in the official recipe, the last block included
     assert not torch.equal(student.blocks[5].mlp.fc1.weight, teacher.blocks[5].mlp.fc1.weight)
     assert torch.equal(student.head.weight, teacher.head.weight)
@@ -58,7 +60,8 @@ def test_score_cache_scores_each_candidate_once_across_targets(teacher, images):
     cache, first, second, fresh = {}, {}, {}, {}
     compress_practise(teacher, images, 0.8, score_cache=cache, report=first, **dict(FAST, iters=2))
     compress_practise(teacher, images, 0.6, score_cache=cache, report=second, **dict(FAST, iters=2))
-    assert [s["score"] for s in second["extras"]["block_scores"]] == [s["score"] for s in first["extras"]["block_scores"]]
+    assert ([s["score"] for s in second["extras"]["block_scores"]]
+            == [s["score"] for s in first["extras"]["block_scores"]])
     assert second["timings"]["selection_s"] == 0.0 < first["timings"]["selection_s"]
     # another seed is another setting: scored afresh
     compress_practise(teacher, images, 0.6, score_cache=cache, report=fresh, **dict(FAST, iters=2, seed=6))

@@ -6,8 +6,13 @@ import timm
 import torch
 
 from dcvit_engine.adapter import spec_from_timm
-from dcvit_engine.compress.structure import (check_target_ratio, compressed_spec, plan_block_drop,
-                                             plan_dcvit, replace_block)
+from dcvit_engine.compress.structure import (
+    check_target_ratio,
+    compressed_spec,
+    plan_block_drop,
+    plan_dcvit,
+    replace_block,
+)
 from dcvit_engine.macs import block_macs, count_macs
 from dcvit_engine.reference import reference_from_timm
 

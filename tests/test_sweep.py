@@ -6,7 +6,8 @@ import pytest
 from dcvit_engine.cli import main
 from dcvit_engine.digits import DIGITS_MEAN, DIGITS_STD, export_digits_folder
 
-MODEL_KWARGS = '{"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 4, "num_heads": 3, "num_classes": 10}'
+MODEL_KWARGS = ('{"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 4, "num_heads": 3, '
+                '"num_classes": 10}')
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,8 @@ def test_sweep_writes_table_csv_and_plot(digits_folders, tmp_path, capsys):
     table = [line for line in printed.splitlines() if line.startswith("|")]
     assert len(table) == 2 + 5 and "method" in table[0], "header, rule, one line per row"
     rows = list(csv.DictReader(open(out / "sweep.csv")))
-    assert [r["method"] for r in rows] == ["teacher", "tome", "tome", "practise-official", "practise-official"]
+    assert [r["method"] for r in rows] == ["teacher", "tome", "tome",
+                                           "practise-official", "practise-official"]
     for row in rows[1:]:
         assert float(row["macs_ratio"]) <= float(row["target"]) * 1.005
         assert 0 <= float(row["agreement"]) <= 1 and float(row["latency_ms"]) > 0
@@ -56,7 +58,8 @@ def test_seeds_equal_budget_and_equal_macs_pairs(digits_folders, tmp_path, capsy
     status = main(["sweep", "--model", "vit_tiny_patch16_224", "--model-kwargs", MODEL_KWARGS,
                    "--data", str(train), "--num-samples", "12", "--eval-data", str(test),
                    "--methods", "dcvit,practise", "--targets", "0.8", "--iters", "4", "--seeds", "2",
-                   "--metric-size", "4", "--metric-iters", "2", "--batch-size", "8", *norm, "--out", str(out)])
+                   "--metric-size", "4", "--metric-iters", "2", "--batch-size", "8", *norm,
+                   "--out", str(out)])
     assert status == 0
     printed = capsys.readouterr().out
     table = [line for line in printed.splitlines() if line.startswith("|")]

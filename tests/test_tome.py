@@ -5,17 +5,16 @@ import math
 import pytest
 import timm
 import torch
-from compress_cli import run_compress_cli
-
-from test_adapter import randomize_
 from timm.models.deit import VisionTransformerDistilled
 
+from compress_cli import run_compress_cli
 from dcvit_engine.adapter import spec_from_timm
 from dcvit_engine.artifact import load, load_report, save
 from dcvit_engine.compress import api
 from dcvit_engine.compress.tome import compress_tome, max_useful_r, parse_r, r_for_target, tome_spec
 from dcvit_engine.engine import build_engine
 from dcvit_engine.macs import count_macs
+from test_adapter import randomize_
 
 
 def tiny_vit(**kw):

@@ -5,8 +5,8 @@ budget projection and the whole few-shot run meet the budget."""
 import pytest
 import timm
 import torch
-from compress_cli import run_compress_cli
 
+from compress_cli import run_compress_cli
 from dcvit_engine.artifact import load, load_report, save
 from dcvit_engine.compress import api
 from dcvit_engine.compress.slicing import BlockMasks, apply_masks, attention_masks, slice_model, width_costs
@@ -125,8 +125,8 @@ def test_fit_to_budget_a_little_over_moves_little():
     ref = reference_from_timm(tiny_vit(patch_size=4))
     search = UVCSearch(ref.spec, 0.5)
     scores = group_scores(ref, 3, 16)
-    start = UVCStructure(skip=[False] * 4, heads_removed=[0] * 4, channels_removed=[[1, 1, 1] for _ in range(4)],
-                         neurons_removed=[30, 20, 30, 40])
+    start = UVCStructure(skip=[False] * 4, heads_removed=[0] * 4,
+                         channels_removed=[[1, 1, 1] for _ in range(4)], neurons_removed=[30, 20, 30, 40])
     overshoot = 0.01 * search.teacher_macs
     budget = start.macs(search.costs, scores, 16) - overshoot
     fitted = fit_to_budget(start, scores, search.costs, budget, [1.0] * 4, 16)
@@ -143,8 +143,8 @@ def test_fit_to_budget_meets_any_budget(target):
     ref = reference_from_timm(tiny_vit(patch_size=4))
     search = UVCSearch(ref.spec, target)
     scores = group_scores(ref, 3, 16)
-    start = UVCStructure(skip=[False] * 4, heads_removed=[0, 1, 0, 0], channels_removed=[[0, 2, 0] for _ in range(4)],
-                         neurons_removed=[10, 0, 50, 0])
+    start = UVCStructure(skip=[False] * 4, heads_removed=[0, 1, 0, 0],
+                         channels_removed=[[0, 2, 0] for _ in range(4)], neurons_removed=[10, 0, 50, 0])
     budget = target * search.teacher_macs
     fitted = fit_to_budget(start, scores, search.costs, budget, [0.5, 2.0, 1.0, 1.5], 16)
     macs = count_macs(slice_model(ref, fitted.masks(scores)).spec).total
@@ -280,4 +280,5 @@ def test_report_gives_searched_and_final_macs_and_the_reallocated_share():
     compress_uvc(tiny_vit(), torch.randn(8, 3, 32, 32), 0.6, iters=6, finetune_iters=0, batch_size=4,
                  device="cpu", report=report)
     assert 0 <= report["extras"]["reallocated_share"] and len(report["extras"]["gate_margins"]) == 4
-    assert report["extras"]["searched_macs"] > 0 and {"resource", "soft_resource", "z"} <= set(report["extras"]["search_history"][0])
+    assert (report["extras"]["searched_macs"] > 0
+            and {"resource", "soft_resource", "z"} <= set(report["extras"]["search_history"][0]))

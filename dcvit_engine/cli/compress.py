@@ -39,7 +39,8 @@ def register(subparsers):
     # every method's own options, from its module's CLI_OPTIONS; only those given are passed
     parser.set_defaults(method_option_names=add_method_options(parser))
     parser.add_argument("--seed", type=int, default=0, help="picks the images and seeds every random choice")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: the method's, cuda when available)")
+    parser.add_argument("--device", default=None,
+                        help="cpu or cuda (default: the method's, cuda when available)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted run whose checkpoint is in OUT.partial")
     parser.set_defaults(func=run)

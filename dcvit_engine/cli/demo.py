@@ -28,22 +28,31 @@ DEFAULT_ITERS = 100
 
 
 def register(subparsers):
-    parser = subparsers.add_parser("demo", help="train a digits teacher once, compress it with every method, compare")
+    parser = subparsers.add_parser(
+        "demo", help="train a digits teacher once, compress it with every method, compare")
     parser.add_argument("--out", default="dcvit_demo", help="output folder (default ./dcvit_demo)")
-    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
-    parser.add_argument("--targets", default=DEFAULT_TARGETS, help=f"fractions of MACs kept (default {DEFAULT_TARGETS})")
-    parser.add_argument("--num-samples", type=int, default=64, help="unlabeled few-shot images (default 64, at most 64)")
+    parser.add_argument("--methods", default=DEFAULT_METHODS,
+                        help=f"comma-separated (default {DEFAULT_METHODS})")
+    parser.add_argument("--targets", default=DEFAULT_TARGETS,
+                        help=f"fractions of MACs kept (default {DEFAULT_TARGETS})")
+    parser.add_argument("--num-samples", type=int, default=64,
+                        help="unlabeled few-shot images (default 64, at most 64)")
     parser.add_argument("--iters", type=int, default=DEFAULT_ITERS,
-                        help=f"finetuning iterations of each DC-ViT/PRACTISE student (default {DEFAULT_ITERS}; "
-                        "UVC, CAIT and ToMe keep their own defaults)")
+                        help=f"finetuning iterations of each DC-ViT/PRACTISE student "
+                        f"(default {DEFAULT_ITERS}; UVC, CAIT and ToMe keep their own defaults)")
     parser.add_argument("--lr", type=float, default=DEFAULT_LR,
-                        help=f"DC-ViT/PRACTISE finetuning learning rate (default {DEFAULT_LR:g}; the official "
-                        "3e-5 is for DeiT-B over 2000 iterations)")
+                        help=f"DC-ViT/PRACTISE finetuning learning rate (default {DEFAULT_LR:g}; "
+                        "the official 3e-5 is for DeiT-B over 2000 iterations)")
     parser.add_argument("--augment", default="shift",
-                        help="DC-ViT/PRACTISE augmentation: shift (default; no flips for digits), flip+shift, none")
-    parser.add_argument("--metric-size", type=int, default=20, help="synthetic metric-set images (default 20)")
-    parser.add_argument("--metric-iters", type=int, default=200, help="metric-set optimization steps (default 200)")
-    parser.add_argument("--cache-dir", default=None, help="where the trained teacher is cached (default $DCVIT_CACHE or ~/.cache/dcvit_engine)")
+                        help="DC-ViT/PRACTISE augmentation: shift (default; no flips for digits), "
+                        "flip+shift, none")
+    parser.add_argument("--metric-size", type=int, default=20,
+                        help="synthetic metric-set images (default 20)")
+    parser.add_argument("--metric-iters", type=int, default=200,
+                        help="metric-set optimization steps (default 200)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="where the trained teacher is cached "
+                        "(default $DCVIT_CACHE or ~/.cache/dcvit_engine)")
     parser.add_argument("--depth", type=int, default=None,
                         help="teacher depth (default: the demo teacher's 6; 12, as DeiT, trains a second "
                         "teacher once and takes about twice as long)")
@@ -77,12 +86,14 @@ def run(args):
     from dcvit_engine.reference import reference_from_timm
 
     if not 1 <= args.num_samples <= 64:
-        raise CommandError(f"--num-samples must be between 1 and 64 (the demo is few-shot), got {args.num_samples}")
+        raise CommandError("--num-samples must be between 1 and 64 (the demo is few-shot), "
+                           f"got {args.num_samples}")
     methods, targets, seeds = parse_methods_targets_seeds(args)
     if args.augment not in AUGMENTATIONS:
         raise CommandError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {args.augment!r}")
     if args.depth is not None and args.depth < 3:
-        raise CommandError(f"--depth must be at least 3 (a first, a last and one candidate block), got {args.depth}")
+        raise CommandError("--depth must be at least 3 (a first, a last and one candidate block), "
+                           f"got {args.depth}")
     config = DemoTeacherConfig() if args.depth is None else DemoTeacherConfig(depth=args.depth)
     if args.pair and "dcvit" in methods and "practise" in methods:
         try:  # before the teacher is trained: the architecture alone decides
@@ -106,7 +117,8 @@ def run(args):
         # keyed by the teacher's settings too: a --depth 12 teacher must not evict the default's
         name = f"demo_metric_set-{config.cache_key()}-{args.metric_size}-{args.metric_iters}-{seed}.pt"
         metric = synthesize_metric_set(teacher, num_images=args.metric_size, iters=args.metric_iters,
-                                       img_size=teacher.spec.img_size, seed=seed, mean=DIGITS_MEAN, std=DIGITS_STD,
+                                       img_size=teacher.spec.img_size, seed=seed,
+                                       mean=DIGITS_MEAN, std=DIGITS_STD,
                                        cache_path=cache / name,
                                        progress=True)
         draws.append(sweep.Draw(seed, train_x[order[:args.num_samples]], dict(metric_set=metric.images)))
@@ -115,7 +127,8 @@ def run(args):
 
     options = {m: _options_for(m, demo_options(m, args)) for m in methods}
     if "practise" in options and args.recipe != "shared":  # with PRACTISE's own SGD learning rate
-        options["practise"] = dict({k: v for k, v in options["practise"].items() if k != "lr"}, recipe=args.recipe)
+        without_lr = {k: v for k, v in options["practise"].items() if k != "lr"}
+        options["practise"] = dict(without_lr, recipe=args.recipe)
     print(" | ".join(sweep.ROW_COLUMNS))
     rows = sweep.run_sweep(teacher, None, test_x, test_y, options, targets, draws=draws, budget=args.budget,
                            pair=args.pair, first_draw_only=[m for m in methods if m not in SEEDED_METHODS],

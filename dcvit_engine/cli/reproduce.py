@@ -18,21 +18,25 @@ def _ints(text: str, what: str) -> list[int]:
 def register(subparsers):
     from dcvit_engine.reproduce import OFFICIAL, POINTS, SAMPLES
 
-    parser = subparsers.add_parser("reproduce", help="the DC-ViT paper's DeiT-B comparison on your ImageNet copy")
+    parser = subparsers.add_parser(
+        "reproduce", help="the DC-ViT paper's DeiT-B comparison on your ImageNet copy")
     add_model_arguments(parser)
     parser.add_argument("--data", required=True, metavar="IMAGENET_DIR",
                         help="folder with train/<class>/ and val/<class>/ (the ImageNet layout)")
-    parser.add_argument("--out", default="dcvit_reproduce", help="results and checkpoints (default ./dcvit_reproduce)")
+    parser.add_argument("--out", default="dcvit_reproduce",
+                        help="results and checkpoints (default ./dcvit_reproduce)")
     parser.add_argument("--samples", default=",".join(map(str, SAMPLES)),
                         help=f"few-shot image counts (default {','.join(map(str, SAMPLES))})")
     parser.add_argument("--points", default=",".join(map(str, POINTS)),
                         help="MACs points as the blocks PRACTISE drops; DC-ViT compresses one more "
                         f"(default {','.join(map(str, POINTS))}: -8.3/-16.6/-25%% of DeiT-B's FLOPs)")
-    parser.add_argument("--iters", type=int, default=OFFICIAL["iters"], help=f"default {OFFICIAL['iters']} (official)")
+    parser.add_argument("--iters", type=int, default=OFFICIAL["iters"],
+                        help=f"default {OFFICIAL['iters']} (official)")
     parser.add_argument("--batch-size", type=int, default=OFFICIAL["batch_size"])
     parser.add_argument("--metric-size", type=int, default=OFFICIAL["metric_size"])
     parser.add_argument("--metric-iters", type=int, default=OFFICIAL["metric_iters"])
-    parser.add_argument("--val-samples", type=int, default=None, help="evaluate on this many val images (default all)")
+    parser.add_argument("--val-samples", type=int, default=None,
+                        help="evaluate on this many val images (default all)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=run)

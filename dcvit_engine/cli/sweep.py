@@ -16,14 +16,16 @@ def register(subparsers):
     add_data_arguments(parser, num_samples_required=True)  # the few-shot images (labels unused)
     parser.add_argument("--eval-data", required=True,
                         help="folder of evaluation images; with class subfolders top-1 is reported")
-    parser.add_argument("--methods", default="dcvit,practise", help="comma-separated (default dcvit,practise)")
+    parser.add_argument("--methods", default="dcvit,practise",
+                        help="comma-separated (default dcvit,practise)")
     parser.add_argument("--targets", default="0.9,0.8,0.7,0.6,0.5",
                         help="comma-separated fractions of MACs kept (default 0.9,...,0.5)")
     add_method_options(parser, names=("iters", "batch_size"))  # default: each method's own
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backend", default=None, help="engine backend for evaluation and latency")
     parser.add_argument("--metric-size", type=int, default=50,
-                        help="synthetic metric-set images per seed, shared by DC-ViT and PRACTISE (default 50)")
+                        help="synthetic metric-set images per seed, shared by DC-ViT and PRACTISE "
+                        "(default 50)")
     parser.add_argument("--metric-iters", type=int, default=2000,
                         help="metric-set optimization steps (default 2000, the official value)")
     parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
@@ -44,8 +46,9 @@ def add_fairness_arguments(parser, default_seeds: int) -> None:
     parser.add_argument("--no-pair", dest="pair", action="store_false",
                         help="do not also run DC-ViT at each PRACTISE MACs point (one block more)")
     parser.add_argument("--recipe", choices=("shared", "official"), default="shared",
-                        help="PRACTISE's finetuning: shared (default; DC-ViT's recipe, so the methods differ "
-                        "only in what they remove) or official (its adaptors and SGD; rows 'practise-official')")
+                        help="PRACTISE's finetuning: shared (default; DC-ViT's recipe, so the methods "
+                        "differ only in what they remove) or official (its adaptors and SGD; "
+                        "rows 'practise-official')")
 
 
 def check_seeds(seeds: int) -> int:
@@ -69,7 +72,8 @@ def parse_targets(text: str) -> list[float]:
     try:
         targets = [float(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise CommandError(f"--targets must be comma-separated numbers such as 0.9,0.7,0.5, got {text!r}") from None
+        raise CommandError("--targets must be comma-separated numbers such as 0.9,0.7,0.5, "
+                           f"got {text!r}") from None
     if not targets or not all(0 < t < 1 for t in targets):
         raise CommandError(f"--targets must be fractions of MACs kept, each in (0, 1), got {text!r}")
     return targets
@@ -104,7 +108,8 @@ def run(args):
         options["recipe"] = args.recipe
     methods_options = {m: _options_for(m, options) for m in methods}
     print(f"sweep of {name}: {len(images)} few-shot images x {len(draws)} seeds, {len(eval_images)} "
-          f"evaluation images, methods {', '.join(methods)}, targets {', '.join(f'{t:.2f}' for t in targets)}, "
+          f"evaluation images, methods {', '.join(methods)}, "
+          f"targets {', '.join(f'{t:.2f}' for t in targets)}, "
           f"{args.budget} finetuning budget")
     print(" | ".join(sweep.ROW_COLUMNS))
     with backend_errors_as_command_errors():

@@ -126,7 +126,8 @@ def channel_scores(model: ViTReference):
             continue
         heads, d, total = spec.attn.num_heads, spec.attn.qk_dims[0], spec.attn.qk_total
         rows = block.attn.qkv.weight.detach().norm(dim=1)
-        q, k, v = rows[:total].view(heads, d), rows[total:2 * total].view(heads, d), rows[2 * total:].view(heads, d)
+        q, k, v = (rows[:total].view(heads, d), rows[total:2 * total].view(heads, d),
+                   rows[2 * total:].view(heads, d))
         proj = block.attn.proj.weight.detach().norm(dim=0).view(heads, d)
         out.append(((q * k).sum(0), (v * proj).sum(0)))
     return out
@@ -263,7 +264,8 @@ def learn_channel_gates(student: ViTReference, gates: ChannelGates, images, teac
         neuron_keep = [_straight_through(n) for n in gates.neuron_logits]
         with apply_masks(student, gates.masks(student, keep, neuron_keep)):
             logits = student(images[idx].to(device))
-        loss = kd_loss(logits, teacher_logits[idx].to(device), None if labels is None else labels[idx].to(device))
+        loss = kd_loss(logits, teacher_logits[idx].to(device),
+                       None if labels is None else labels[idx].to(device))
         resource = gates.macs(keep, neuron_keep) / gates.teacher_macs
         optimizer.zero_grad()
         (loss + gates.lam * (resource - gates.target)).backward()
@@ -306,8 +308,8 @@ def compress_cait(model, images: torch.Tensor, target_macs: float, *, labels: to
                   token_share: float = 0.5, first_axis: str = "w", iters: int = 200,
                   finetune_iters: int = 200, batch_size: int = 32, lr: float = 1e-4,
                   weight_decay: float = 0.05, gate_lr: float = 0.05, budget_lr: float = 1.0,
-                  device=None, seed: int = 0, checkpoint_dir=None, resume: bool = False, progress: bool = False,
-                  report: dict | None = None) -> ViTReference:
+                  device=None, seed: int = 0, checkpoint_dir=None, resume: bool = False,
+                  progress: bool = False, report: dict | None = None) -> ViTReference:
     """CAIT-compress `model` (timm ViT or ViTReference) to at most `target_macs`, the fraction
     of its MACs to keep, with the few-shot `images` (labels optional: without them the loss
     is pure distillation from the model itself). token_share: share of the MACs to remove
@@ -316,7 +318,8 @@ def compress_cait(model, images: torch.Tensor, target_macs: float, *, labels: to
     frozen. checkpoint_dir / resume: the search and the finetuning are checkpointed steps
     (checkpoint.RunCheckpoint). Returns the student (eval mode); `report` receives the common
     report (run.py), the ATME plan and the widths in its extras."""
-    if isinstance(token_share, bool) or not isinstance(token_share, (int, float)) or not 0 <= token_share <= 1:
+    if (isinstance(token_share, bool) or not isinstance(token_share, (int, float))
+            or not 0 <= token_share <= 1):
         raise ValueError(f"token_share must be a number in [0, 1] (share of the MACs reduction done by "
                          f"token merging), got {token_share!r}")
     if first_axis not in ATME_AXES:
@@ -331,9 +334,9 @@ def compress_cait(model, images: torch.Tensor, target_macs: float, *, labels: to
     log(f"ATME after blocks {list(layers)}: {count_macs(merged).total / run.teacher_macs:.4f} "
         f"of the MACs before channel pruning")
     ckpt = run.checkpoint(checkpoint_dir, resume, dict(
-        target=rho, token_share=token_share, first_axis=first_axis, iters=iters, finetune_iters=finetune_iters,
-        batch_size=batch_size, lr=lr, weight_decay=weight_decay, gate_lr=gate_lr, budget_lr=budget_lr,
-        seed=seed), labels=labels)
+        target=rho, token_share=token_share, first_axis=first_axis, iters=iters,
+        finetune_iters=finetune_iters, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        gate_lr=gate_lr, budget_lr=budget_lr, seed=seed), labels=labels)
 
     def search():
         with torch.device("meta"):  # same tensors as the teacher: only merges differ
@@ -361,6 +364,7 @@ def compress_cait(model, images: torch.Tensor, target_macs: float, *, labels: to
     student, losses = run.distill_step(ckpt, student, labels, iters=finetune_iters, batch_size=batch_size,
                                        lr=lr, weight_decay=weight_decay, seed=seed + 1)
     return run.finish(student, report, timings=ckpt.state["timings"],
-                      finetune_iters=dict(student=finetune_iters, per_step=finetune_iters, steps=1, selection=iters),
+                      finetune_iters=dict(student=finetune_iters, per_step=finetune_iters, steps=1,
+                                          selection=iters),
                       extras=dict(atme_layers=list(layers), atme_macs=count_macs(merged).total, **searched,
                                   finetune_losses=losses))

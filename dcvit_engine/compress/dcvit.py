@@ -49,9 +49,11 @@ CLI_OPTIONS = {
                             type=block_list, metavar="I,J,..."),
     "round_to": CliOption("round the hidden width to a multiple of 8 or 64 (the MACs it costs are reported)",
                           type=int, choices=(8, 64), flag="--round"),
-    "select_iters": CliOption("finetuning iterations per candidate block while scoring (None: iters)", type=int),
+    "select_iters": CliOption("finetuning iterations per candidate block while scoring (None: iters)",
+                              type=int),
     "neuron_selection": CliOption("which MLP neurons a compressed block keeps: random (the official default) "
-                                  "or the highest mean GELU activation on the images", choices=NEURON_SELECTIONS),
+                                  "or the highest mean GELU activation on the images",
+                                  choices=NEURON_SELECTIONS),
     "metric_size": CliOption("synthetic metric-set images"),
     "metric_iters": CliOption("optimisation steps synthesising the metric set"),
     "augment": CliOption("few-shot augmentation (shift for digits: no flips)", choices=tuple(AUGMENTATIONS)),
@@ -140,8 +142,8 @@ def compress_dcvit(model, images: torch.Tensor, target_macs: float, *,
     for block in pending:
         start = time.perf_counter()
         student = compress_block(teacher, block)
-        losses = feature_mimic_finetune(student, teacher, images, iters=select_iters,
-                                        trainable=trainable_up_to(student, min(block + 1, depth - 1), final_norm=True),
+        trainable = trainable_up_to(student, min(block + 1, depth - 1), final_norm=True)
+        losses = feature_mimic_finetune(student, teacher, images, iters=select_iters, trainable=trainable,
                                         seed=seed + 1 + block, progress=False, **finetune)
         score = kl_to_teacher(student, metric_set, metric_logits, batch_size, device)
         seconds = time.perf_counter() - start

@@ -181,7 +181,8 @@ def synthesize_metric_set(teacher: nn.Module, num_images: int = 50, iters: int =
             if step < warmup_iters:
                 step_lr = lr * (step + 1) / warmup_iters
             else:
-                step_lr = 0.5 * (1 + math.cos(math.pi * (step - warmup_iters) / max(1, iters - warmup_iters))) * lr
+                cosine = math.cos(math.pi * (step - warmup_iters) / max(1, iters - warmup_iters))
+                step_lr = 0.5 * (1 + cosine) * lr
             for group in optimizer.param_groups:
                 group["lr"] = step_lr
             dy, dx = torch.randint(-jitter, jitter + 1, (2,), generator=generator).tolist()

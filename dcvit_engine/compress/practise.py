@@ -101,7 +101,8 @@ def with_neighbour_adaptors(teacher: ViTReference, block: int) -> tuple[ViTRefer
         raise ValueError(f"block {block}: PRACTISE's official adaptors need an MLP in block {block - 1} "
                          f"and attention in block {block + 1}")
     dim = teacher.spec.embed_dim
-    first, second = identity_linear(dim, weight.device, weight.dtype), identity_linear(dim, weight.device, weight.dtype)
+    first = identity_linear(dim, weight.device, weight.dtype)
+    second = identity_linear(dim, weight.device, weight.dtype)
     before.mlp.fc2 = nn.Sequential(before.mlp.fc2, first)
     after.attn.qkv = nn.Sequential(second, after.attn.qkv)
     return student, [*first.parameters(), *second.parameters()]
@@ -174,13 +175,14 @@ def compress_practise(model, images: torch.Tensor, target_macs: float, *,
 
     scores = state.setdefault("scores", {})
     # everything a candidate's score depends on (not the target, nor the finetuning)
-    cache_key = repr({k: config[k] for k in ("adaptor_iters", "adaptor_lr", "batch_size", "augment", "recipe", "seed",
-                                             "teacher", "images", "metric_set")})
+    cache_key = repr({k: config[k] for k in ("adaptor_iters", "adaptor_lr", "batch_size", "augment",
+                                             "recipe", "seed", "teacher", "images", "metric_set")})
     cached = {} if score_cache is None else score_cache.setdefault(cache_key, {})
     for block in plan.candidates:
         if str(block) not in scores and str(block) in cached:
             scores[str(block)] = dict(cached[str(block)], seconds=0.0)
-            log(f"candidate block {block}: score {scores[str(block)]['score']:.6f} (computed for another target)")
+            log(f"candidate block {block}: score {scores[str(block)]['score']:.6f} "
+                "(computed for another target)")
         if str(block) in scores:
             continue
         start = time.perf_counter()
@@ -237,7 +239,8 @@ def compress_practise(model, images: torch.Tensor, target_macs: float, *,
                             selection=adaptor_iters * len(plan.candidates), per_candidate=adaptor_iters),
         extras=dict(
             plan=plan.to_dict(), recipe=recipe, latency_model="proportional to block MACs (not measured)",
-            scoring="feature MSE on the images (official)" if recipe == "official" else "KL on the scoring set",
+            scoring=("feature MSE on the images (official)" if recipe == "official"
+                     else "KL on the scoring set"),
             scoring_set="metric_set" if metric_set is not None else "images", chosen_blocks=chosen,
             block_scores=[dict(block=b, score=scores[str(b)]["score"],
                                recoverability=scores[str(b)]["recoverability"], rank=r, chosen=b in chosen)

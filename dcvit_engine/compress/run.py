@@ -115,7 +115,8 @@ class MethodRun:
                  move: bool = True):
         self.method = method
         self.started = time.perf_counter()
-        self.target_ratio = None if target_macs is None and not target_required else check_target_ratio(target_macs)
+        self.target_ratio = (None if target_macs is None and not target_required
+                             else check_target_ratio(target_macs))
         teacher = as_reference(model, head_required=head_required)
         self.spec = teacher.spec
         self.images = images
@@ -188,7 +189,8 @@ class MethodRun:
                     ratio=self.target_ratio, macs=round(self.target_ratio * self.teacher_macs)),
                 teacher_macs=self.teacher_macs, achieved_macs=achieved,
                 achieved_ratio=achieved / self.teacher_macs, structure=block_structure(student.spec),
-                finetune_iters=dict(dict(student=0, per_step=0, steps=0, selection=0), **(finetune_iters or {})),
+                finetune_iters=dict(dict(student=0, per_step=0, steps=0, selection=0),
+                                    **(finetune_iters or {})),
                 timings=timings, settings=self.settings,
                 num_images=0 if self.images is None else int(self.images.shape[0]),
                 device=str(self.device), resumed=self.resumed, extras=extras or {})
@@ -220,7 +222,8 @@ def upgrade_report(report: dict) -> dict:
                   teacher_macs=teacher, achieved_macs=achieved, achieved_ratio=achieved_ratio,
                   structure=None, finetune_iters=old.get("finetune_iters") or {},
                   timings=old.get("timings") or {}, settings=old.get("settings") or {},
-                  num_images=old.get("num_images"), device=old.get("device"), resumed=old.get("resumed", False))
+                  num_images=old.get("num_images"), device=old.get("device"),
+                  resumed=old.get("resumed", False))
     moved = _OLD_TARGET_RATIO + _OLD_ACHIEVED_RATIO
     common.update({k: old[k] for k in CLI_KEYS if k in old})
     common["extras"] = {k: v for k, v in old.items() if k not in common and k not in moved}

@@ -120,7 +120,8 @@ def _check_masks(spec: ViTSpec, masks: list[BlockMasks]) -> None:
             if size is None:
                 raise ValueError(f"block {i}: a {name} mask was given but the block has no such branch")
             if tensor.shape != (size,):
-                raise ValueError(f"block {i}: {name} mask has shape {tuple(tensor.shape)}, expected ({size},)")
+                raise ValueError(f"block {i}: {name} mask has shape {tuple(tensor.shape)}, "
+                                 f"expected ({size},)")
         if block.attn is not None and block.attn.qk_norm and m.qkv is not None:
             qk = m.qkv[:2 * block.attn.qk_total]
             if not bool((qk == 1).all()):

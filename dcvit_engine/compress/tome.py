@@ -134,5 +134,5 @@ def compress_tome(model, images=None, target_macs: float | None = None, *, r: in
         student = ViTReference(new_spec)
     student.load_state_dict(state, strict=True, assign=True)
     run.settings = dict(r=r, schedule=schedule)
-    return run.finish(student, report, extras=dict(
-        r=r, schedule=schedule, r_per_block=[b.merge.r if b.merge is not None else 0 for b in new_spec.blocks]))
+    r_per_block = [b.merge.r if b.merge is not None else 0 for b in new_spec.blocks]
+    return run.finish(student, report, extras=dict(r=r, schedule=schedule, r_per_block=r_per_block))

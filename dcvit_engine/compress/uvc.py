@@ -173,10 +173,11 @@ class UVCSearch(nn.Module):
         """MACs fraction with the blocks where open_blocks is true kept at the teacher's widths
         (the most the widths can give back once the other blocks are skipped)."""
         width = self.heads * self.head_dim
+        costs = self.costs
         kept = sum(c_qk * width + c_v * width + c_n * self.hidden
-                   for c_qk, c_v, c_n, live in zip(self.costs.qk, self.costs.v, self.costs.neuron, open_blocks)
+                   for c_qk, c_v, c_n, live in zip(costs.qk, costs.v, costs.neuron, open_blocks)
                    if live)
-        return (self.costs.fixed + kept) / self.teacher_macs
+        return (costs.fixed + kept) / self.teacher_macs
 
 
 def group_scores(model: ViTReference, heads: int, head_dim: int):
@@ -392,8 +393,9 @@ class _SearchStep:
         before the step) if the structure meets the budget with it open, least sure closure
         first -- gates start alike and move alike, so without this momentum shuts them all
         at once; a gate this step opened stays closed if its block does not fit the budget --
-        else the distillation gradient reopens it, z closes it again, and the search cycles. Once the hard structure meets the budget, the gates' momentum and z are
-        reset, so the push that got it there does not carry it further down."""
+        else the distillation gradient reopens it, z closes it again, and the search cycles.
+        Once the hard structure meets the budget, the gates' momentum and z are reset, so the
+        push that got it there does not carry it further down."""
         search = self.search
         gates = search.gates
         was_open = before[:, 1] > before[:, 0]
@@ -421,7 +423,8 @@ class _SearchStep:
                 gates[i] = before[i]
                 if buffer is not None:
                     buffer[i] = 0
-        if was_over and float(search.resource((gates[:, 1] > gates[:, 0]).to(gates.dtype), kept)) <= search.target:
+        if was_over and (float(search.resource((gates[:, 1] > gates[:, 0]).to(gates.dtype), kept))
+                         <= search.target):
             if buffer is not None:
                 buffer.zero_()
             search.z.zero_()
@@ -441,7 +444,8 @@ class _SearchStep:
         resource = search.resource(hard + over * (keep - keep.detach()), kept)
         with torch.no_grad():
             soft_resource = search.resource(keep.detach(), kept)
-        objective = loss + search.z * (resource - search.target) + (search.y_heads * heads_term).sum()             + (search.y_neurons * neurons_term).sum() + (search.p_channels * channels_term).sum()
+        objective = (loss + search.z * (resource - search.target) + (search.y_heads * heads_term).sum()
+                     + (search.y_neurons * neurons_term).sum() + (search.p_channels * channels_term).sum())
         for opt in (self.weights, self.counts, self.gates):
             opt.zero_grad()
         objective.backward()
