@@ -361,10 +361,7 @@ def compress_cait(model, images: torch.Tensor, target_macs: float, *, labels: to
             gate_history=history)
 
     student, searched = run.step(ckpt, "search", search)
-    student, losses = run.distill_step(ckpt, student, labels, iters=finetune_iters, batch_size=batch_size,
-                                       lr=lr, weight_decay=weight_decay, seed=seed + 1)
-    return run.finish(student, report, timings=ckpt.state["timings"],
-                      finetune_iters=dict(student=finetune_iters, per_step=finetune_iters, steps=1,
-                                          selection=iters),
-                      extras=dict(atme_layers=list(layers), atme_macs=count_macs(merged).total, **searched,
-                                  finetune_losses=losses))
+    return run.distill_and_finish(ckpt, student, report, labels, iters=finetune_iters, selection=iters,
+                                  batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed + 1,
+                                  extras=dict(atme_layers=list(layers), atme_macs=count_macs(merged).total,
+                                              **searched))

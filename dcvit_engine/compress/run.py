@@ -174,6 +174,17 @@ class MethodRun:
         student, record = self.step(ckpt, "finetune", work)
         return student, record["losses"]
 
+    def distill_and_finish(self, ckpt: RunCheckpoint, student: ViTReference, report: dict | None, labels, *,
+                           iters: int, selection: int, batch_size: int, lr: float, weight_decay: float,
+                           seed: int, extras: dict) -> ViTReference:
+        """How a search-then-finetune method (UVC, CAIT) ends: distill_step, then finish with
+        `iters` finetuning iterations in one step after `selection` search iterations."""
+        student, losses = self.distill_step(ckpt, student, labels, iters=iters, batch_size=batch_size, lr=lr,
+                                            weight_decay=weight_decay, seed=seed)
+        return self.finish(student, report, timings=ckpt.state["timings"],
+                           finetune_iters=dict(student=iters, per_step=iters, steps=1, selection=selection),
+                           extras=dict(extras, finetune_losses=losses))
+
     def finish(self, student: ViTReference, report: dict | None, *, finetune_iters: dict | None = None,
                timings: dict | None = None, extras: dict | None = None) -> ViTReference:
         """The student in eval mode; `report` (when given) receives the common report."""

@@ -551,9 +551,6 @@ def compress_uvc(model, images: torch.Tensor, target_macs: float, *, labels: tor
                              gate_margins=margins, reallocated_share=moved, search_history=history)
 
     student, searched = run.step(ckpt, "search", primal_dual_search)
-    student, losses = run.distill_step(ckpt, student, labels, iters=finetune_iters, batch_size=batch_size,
-                                       lr=lr, weight_decay=weight_decay, seed=seed + 1)
-    return run.finish(student, report, timings=ckpt.state["timings"],
-                      finetune_iters=dict(student=finetune_iters, per_step=finetune_iters, steps=1,
-                                          selection=iters),
-                      extras=dict(searched, warmup_iters=warmup_iters, finetune_losses=losses))
+    return run.distill_and_finish(ckpt, student, report, labels, iters=finetune_iters, selection=iters,
+                                  batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed + 1,
+                                  extras=dict(searched, warmup_iters=warmup_iters))
