@@ -49,7 +49,7 @@ void check_mlp_block_args(const at::Tensor& x, const at::Tensor& norm_weight,
 
 at::Tensor mlp_block_outputs(const at::Tensor& x, const at::Tensor&, const at::Tensor&,
                              const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                             const at::Tensor&, const std::optional<at::Tensor>&, double) {
+                             const at::Tensor&, double, const std::optional<at::Tensor>&) {
   return at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
 }
 
@@ -66,8 +66,8 @@ constexpr int64_t kFusedRowChunk = 8192;
 at::Tensor& mlp_block_out_cpu(const at::Tensor& x, const at::Tensor& norm_weight,
                               const at::Tensor& norm_bias, const at::Tensor& fc1_weight,
                               const at::Tensor& fc1_bias, const at::Tensor& fc2_weight,
-                              const at::Tensor& fc2_bias, const std::optional<at::Tensor>& gamma,
-                              double eps, at::Tensor& out) {
+                              const at::Tensor& fc2_bias, double eps,
+                              const std::optional<at::Tensor>& gamma, at::Tensor& out) {
   check_mlp_block_args(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                        gamma, out);
   TORCH_CHECK(x.device().is_cpu(), "mlp_block (cpu): x must be a CPU tensor");
@@ -110,10 +110,10 @@ at::Tensor& mlp_block_out_cpu(const at::Tensor& x, const at::Tensor& norm_weight
 TORCH_LIBRARY_FRAGMENT(dcvit, m) {
   m.def(
       "mlp_block(Tensor x, Tensor norm_weight, Tensor norm_bias, Tensor fc1_weight, "
-      "Tensor fc1_bias, Tensor fc2_weight, Tensor fc2_bias, Tensor? gamma, float eps) -> Tensor");
+      "Tensor fc1_bias, Tensor fc2_weight, Tensor fc2_bias, float eps, Tensor? gamma) -> Tensor");
   m.def(
       "mlp_block.out(Tensor x, Tensor norm_weight, Tensor norm_bias, Tensor fc1_weight, "
-      "Tensor fc1_bias, Tensor fc2_weight, Tensor fc2_bias, Tensor? gamma, float eps, *, "
+      "Tensor fc1_bias, Tensor fc2_weight, Tensor fc2_bias, float eps, Tensor? gamma, *, "
       "Tensor(a!) out) -> Tensor(a!)");
 }
 

@@ -20,7 +20,7 @@ void check_mlp_block_args(const at::Tensor& x, const at::Tensor& norm_weight,
 at::Tensor mlp_block_outputs(const at::Tensor& x, const at::Tensor& norm_weight,
                              const at::Tensor& norm_bias, const at::Tensor& fc1_weight,
                              const at::Tensor& fc1_bias, const at::Tensor& fc2_weight,
-                             const at::Tensor& fc2_bias, const std::optional<at::Tensor>& gamma,
-                             double eps);
+                             const at::Tensor& fc2_bias, double eps,
+                             const std::optional<at::Tensor>& gamma);
 
 }  // namespace dcvit

@@ -16,7 +16,7 @@ from .launching import launch_directly
 
 
 def mlp_block_ref(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                  gamma=None, eps=1e-6):
+                  eps=1e-6, gamma=None):
     """Plain-PyTorch definition of the op (timm's Block MLP branch with its residual)."""
     h = torch.nn.functional.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
     h = torch.nn.functional.gelu(torch.nn.functional.linear(h, fc1_weight, fc1_bias))
@@ -25,7 +25,7 @@ def mlp_block_ref(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, f
 
 
 def mlp_block_triton(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                     gamma=None, eps=1e-6, *, fc1_folded=None, out=None, launch=None):
+                     eps=1e-6, gamma=None, *, fc1_folded=None, out=None, launch=None):
     """Runs the fused kernels (arguments in the op's schema order); writes into `out` when
     given (tests poison it).
 

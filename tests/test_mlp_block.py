@@ -208,7 +208,7 @@ def test_triton_writes_every_output_element():
 def test_cpu_out_variant_writes_every_output_element():
     x, w, g = make_inputs(2, 197, 96, 1000, True, dtype=torch.float32)
     out = poisoned_like(x)
-    torch.ops.dcvit.mlp_block.out(x, *w, g, 1e-6, out=out)
+    torch.ops.dcvit.mlp_block.out(x, *w, 1e-6, g, out=out)
     torch.testing.assert_close(out, mlp_block_ref(x, *w, gamma=g), rtol=1e-5, atol=1e-5)
 
 
@@ -218,7 +218,7 @@ def test_gpu_writes_every_output_element(backend):
     x, w, g = make_inputs(2, 197, 96, 1000, True, dtype=torch.float32, device="cuda")
     out = poisoned_like(x)
     if backend == "cuda":
-        torch.ops.dcvit.mlp_block.out(x, *w, g, 1e-6, out=out)
+        torch.ops.dcvit.mlp_block.out(x, *w, 1e-6, g, out=out)
     else:
         mlp_block_triton(x, *w, gamma=g, out=out)  # fp32 runs here, only dispatch refuses it
     torch.testing.assert_close(out, mlp_block_ref(x, *w, gamma=g), rtol=1e-5, atol=1e-5)
@@ -237,7 +237,7 @@ def test_opcheck(backend):
     x, w, g = make_inputs(2, 9, 48, 37, True, dtype=torch.float32)
     op = torch.ops.dcvit.mlp_block if backend == "cpu" else torch.ops.dcvit._triton_mlp_block
     for gamma in (g, None):
-        torch.library.opcheck(op.default, (x, *w, gamma, 1e-6))
+        torch.library.opcheck(op.default, (x, *w, 1e-6, gamma))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch", pytest.param("triton", marks=requires_interpreter)])

@@ -51,8 +51,8 @@ __global__ void gelu_kernel(scalar_t* __restrict__ h, int64_t numel) {
 at::Tensor& mlp_block_out_cuda(const at::Tensor& x, const at::Tensor& norm_weight,
                                const at::Tensor& norm_bias, const at::Tensor& fc1_weight,
                                const at::Tensor& fc1_bias, const at::Tensor& fc2_weight,
-                               const at::Tensor& fc2_bias, const std::optional<at::Tensor>& gamma,
-                               double eps, at::Tensor& out) {
+                               const at::Tensor& fc2_bias, double eps,
+                               const std::optional<at::Tensor>& gamma, at::Tensor& out) {
   check_mlp_block_args(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                        gamma, out);
   TORCH_CHECK(x.is_cuda(), "mlp_block (cuda): x must be a CUDA tensor");

@@ -12,7 +12,7 @@ namespace {
 
 using MlpBlockFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                               const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                              const at::Tensor&, const std::optional<at::Tensor>&, double);
+                              const at::Tensor&, double, const std::optional<at::Tensor>&);
 
 // out[r, d] = x[r, d] + gamma[d] * (fc2 @ gelu(fc1 @ ln(x[r]) + b1) + b2)[d], in double.
 std::vector<double> naive_mlp_block(const at::Tensor& x, const at::Tensor& nw, const at::Tensor& nb,
@@ -61,7 +61,7 @@ bool check(int64_t batch, int64_t tokens, int64_t dim, int64_t hidden, bool laye
   std::optional<at::Tensor> gamma;
   if (layer_scale) gamma = at::rand({dim}) + 0.1;
   auto op = c10::Dispatcher::singleton().findSchemaOrThrow("dcvit::mlp_block", "").typed<MlpBlockFn>();
-  auto out = op.call(x, nw, nb, w1, b1, w2, b2, gamma, 1e-6).contiguous();
+  auto out = op.call(x, nw, nb, w1, b1, w2, b2, 1e-6, gamma).contiguous();
   auto expected = naive_mlp_block(x, nw, nb, w1, b1, w2, b2, gamma ? &*gamma : nullptr, 1e-6);
   const float* got = out.data_ptr<float>();
   double err2 = 0, ref2 = 0;

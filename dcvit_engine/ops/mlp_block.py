@@ -62,13 +62,13 @@ def _example(generator):
 
     weights = (1 + rnd(dim, scale=0.2), rnd(dim, scale=0.1), rnd(hidden, dim, scale=dim**-0.5),
                rnd(hidden, scale=0.1), rnd(dim, hidden, scale=hidden**-0.5), rnd(dim, scale=0.1))
-    return (rnd(2, tokens, dim), *weights, rnd(dim).abs() + 0.1, 1e-6), {}
+    return (rnd(2, tokens, dim), *weights, 1e-6, rnd(dim).abs() + 0.1), {}
 
 
 MLP_BLOCK = define_op(OpDef(
     name="mlp_block",
     schema="(Tensor x, Tensor norm_weight, Tensor norm_bias, Tensor fc1_weight, Tensor fc1_bias, "
-           "Tensor fc2_weight, Tensor fc2_bias, Tensor? gamma, float eps) -> Tensor",
+           "Tensor fc2_weight, Tensor fc2_bias, float eps, Tensor? gamma) -> Tensor",
     reference=mlp_block_ref,
     fake=_fake,
     triton=mlp_block_triton,
@@ -93,10 +93,10 @@ def mlp_block(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_b
     check_mlp_block_args(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma)
     if fc1_folded is not None:
         check_folded(fc1_folded, fc1_weight, x)
-    return MLP_BLOCK(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma,
-                     float(eps), backend=backend, fc1_folded=fc1_folded)
+    return MLP_BLOCK(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, float(eps),
+                     gamma, backend=backend, fc1_folded=fc1_folded)
 
 
 def mlp_block_backends(x, *weights, gamma=None, eps=1e-6) -> dict[str, str | None]:
     """Each backend's reason for refusing these inputs (None: available)."""
-    return MLP_BLOCK.reasons(x, *weights, gamma, float(eps))
+    return MLP_BLOCK.reasons(x, *weights, float(eps), gamma)
