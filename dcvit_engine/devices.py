@@ -12,5 +12,6 @@ def resolve_device(device=None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+        raise ValueError(f"device {device} was asked for but CUDA is not available here; use the CPU "
+                         "(--device cpu, device='cpu')")
     return device

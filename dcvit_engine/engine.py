@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .adapter import from_timm
+from .devices import resolve_device
 from .kernels.fused_linear import fold_layer_norm
 from .kernels.head_padding import pad_heads, padded_width
 from .ops.dispatch import requested_backend
@@ -366,12 +367,10 @@ def parse_dtype(dtype) -> torch.dtype:
 
 
 def _resolve_device(device) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device} requested but CUDA is not available here; use device='cpu'")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+    """devices.resolve_device, with CUDA's index made explicit (CUDA graphs are per device)."""
+    device = resolve_device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 

@@ -12,6 +12,8 @@ import os
 from dataclasses import MISSING, dataclass
 from pathlib import Path
 
+from .kernels.merge_rules import atme_merged_grid
+
 SPEC_VERSION = 1
 SPEC_FILENAME = "spec.json"  # name of the spec inside an artifact folder
 
@@ -348,7 +350,7 @@ def merge_schedule(spec: ViTSpec) -> list[tuple[int, int, tuple[int, int] | None
             rows, cols = grid
             if (cols if merge.axis == "w" else rows) < 2:
                 _fail(f"blocks[{i}].merge.axis", f"cannot halve axis {merge.axis!r} of grid {grid}")
-            grid = (rows, -(-cols // 2)) if merge.axis == "w" else (-(-rows // 2), cols)
+            grid = atme_merged_grid(grid, merge.axis)
             tokens = prefix + grid[0] * grid[1]
         schedule.append((entering, tokens, grid_in))
     return schedule

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from .launching import dot_precision, dot_upcast, launch_directly
+from .merge_rules import atme_merged_grid, tome_effective_r, tome_protected  # noqa: F401 (re-exported)
 
 # Cosine similarity of ATME pairs: dot / max(|a| |b|, COSINE_EPS) -- zero vectors give 0.
 COSINE_EPS = 1e-12
@@ -44,19 +45,6 @@ def score_dtype(metric):
     # so a bf16 metric does not create ties that fp32 would resolve.
     return torch.float64 if metric.dtype == torch.float64 else torch.float32
 
-
-def tome_protected(class_token, distill_token):
-    return int(class_token) + int(distill_token)
-
-
-def tome_effective_r(tokens, r, class_token, distill_token):
-    """ToMe's clamp: at most half of the unprotected tokens can be merged away."""
-    return max(0, min(r, (tokens - tome_protected(class_token, distill_token)) // 2))
-
-
-def atme_merged_grid(grid, axis):
-    rows, cols = grid
-    return (rows, (cols + 1) // 2) if axis == "w" else ((rows + 1) // 2, cols)
 
 
 # ---- plain-PyTorch references ------------------------------------------------------

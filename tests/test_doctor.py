@@ -70,7 +70,8 @@ def test_doctor_refuses_a_missing_cuda_device_in_one_line(capsys):
     status = main(["doctor", "--device", "cuda"])
     out = capsys.readouterr().out.strip().splitlines()
     assert status == 2
-    assert out == ["dcvit doctor: --device cuda but CUDA is not available here; use --device cpu"]
+    assert out == ["dcvit doctor: device cuda was asked for but CUDA is not available here; use the CPU "
+                   "(--device cpu, device='cpu')"]
 
 
 def test_doctor_without_the_interpreter_says_why_triton_is_off(capsys, monkeypatch):

@@ -8,6 +8,7 @@ import torch
 
 from dcvit_engine.cli import CommandError
 from dcvit_engine.cli.model_args import add_model_arguments, backend_errors_as_command_errors, model_from_args
+from dcvit_engine.devices import resolve_device
 from dcvit_engine.engine import build_engine, command_dtype
 from dcvit_engine.macs import count_macs
 from dcvit_engine.ops import BACKENDS
@@ -71,7 +72,7 @@ def onnx_runner(session, path, images):
 def run(args):
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     session = open_onnx(args.onnx, device) if args.onnx else None
     if session is not None and args.dtype is None:
         # Compare like with like: without --dtype the engine runs in the file's dtype.

@@ -13,6 +13,7 @@ import time
 import torch
 
 from dcvit_engine import _native
+from dcvit_engine.devices import resolve_device
 from dcvit_engine.engine import parse_dtype
 from dcvit_engine.ops import BACKENDS, OPS, PRIORITY
 from dcvit_engine.ops.dispatch import OTHER_DEVICE_ORDER, triton_interpreting
@@ -110,9 +111,10 @@ def check_op(op, device, dtype, seed) -> int:
 
 
 def run(args):
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print(f"dcvit doctor: --device {args.device} but CUDA is not available here; use --device cpu")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        print(f"dcvit doctor: {err}")
         return 2
     names = args.dtype or DEFAULT_DTYPES.get(device.type, "fp32")
     dtypes = [parse_dtype(name.strip()) for name in names.split(",") if name.strip()]

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from dcvit_engine.cli.model_args import add_model_arguments, backend_errors_as_command_errors, model_from_args
+from dcvit_engine.devices import resolve_device
 from dcvit_engine.engine import command_dtype
 from dcvit_engine.infer import run_inference
 from dcvit_engine.ops import BACKENDS
@@ -60,7 +61,7 @@ def run(args):
     if args.std is not None:
         options["std"] = _floats(args.std)
     device = torch.device(args.device) if args.device else None
-    target = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    target = resolve_device(args.device)
     dtype, note = command_dtype(args.dtype, target)
     if note:
         print(note)

@@ -34,7 +34,7 @@ import torch.nn as nn
 from ..macs import count_macs
 from ..ops import atme_unmerge
 from ..reference import ViTReference
-from ..spec import ATME_AXES, MergeSpec, ViTSpec, merge_schedule
+from ..spec import ATME_AXES, MergeSpec, ViTSpec, atme_merged_grid, merge_schedule
 from .fewshot import check_labels, check_non_negative, check_positive, predict_logits
 from .finetune import kd_loss
 from .run import CliOption, MethodRun
@@ -65,7 +65,7 @@ def atme_spec(spec: ViTSpec, layers, first_axis: str = "w") -> ViTSpec:
         if (cols if axis == "w" else rows) < 2:
             raise ValueError(f"ATME cannot merge at block {i}: the grid is already {rows} x {cols}")
         out.blocks[i].merge = MergeSpec(kind="atme", axis=axis)
-        rows, cols = (rows, -(-cols // 2)) if axis == "w" else (-(-rows // 2), cols)
+        rows, cols = atme_merged_grid((rows, cols), axis)
         axis = "h" if axis == "w" else "w"
     return out.validate()
 
