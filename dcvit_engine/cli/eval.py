@@ -13,8 +13,9 @@ from pathlib import Path
 from dcvit_engine.artifact import load
 from dcvit_engine.cli.compress import model_from_source
 from dcvit_engine.cli.data_args import add_data_arguments, images_from_args
-from dcvit_engine.compress.fewshot import predict_logits, resolve_device
+from dcvit_engine.compress.fewshot import predict_logits
 from dcvit_engine.data import check_finite
+from dcvit_engine.devices import resolve_device
 from dcvit_engine.macs import count_macs
 
 

@@ -10,7 +10,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import check_finite
-from ..devices import resolve_device  # noqa: F401  (the methods' device choice, re-exported)
 from ..reference import ViTReference, reference_from_timm
 
 
