@@ -59,6 +59,13 @@ def _create_timm(model_name: str, model_kwargs: dict | None, checkpoint, pretrai
     return model.eval()
 
 
+def create_timm_model(model_name: str, model_kwargs: dict | None = None,
+                      device: str | torch.device = "cpu"):
+    """The timm model itself (eval mode, random weights), e.g. to time timm's own forward
+    beside the engine; unknown names and rejected kwargs are one-line ValueErrors."""
+    return _create_timm(model_name, model_kwargs, None, False, device)
+
+
 def resolve_model(artifact: str | os.PathLike | None = None, model_name: str | None = None,
                   model_kwargs: dict | None = None, checkpoint: str | os.PathLike | None = None,
                   pretrained: bool = False) -> ViTReference:

@@ -132,3 +132,42 @@ def test_resolve_model_loads_a_checkpoint(tmp_path):
         resolve_model(model_name="vit_tiny_patch16_224", checkpoint=tmp_path / "missing.pth")
     with pytest.raises(ValueError, match="an artifact carries its own"):
         resolve_model(artifact=tmp_path, checkpoint=tmp_path / "weights.pth")
+
+
+TEACHER_KWARGS = ('{"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 3, "num_heads": 3, '
+                  '"num_classes": 10}')
+
+
+def test_bench_before_and_after_with_the_teacher(capsys, compressed_artifact):
+    code, out, _ = run(capsys, "bench", str(compressed_artifact), "--teacher", "vit_tiny_patch16_224",
+                       "--teacher-kwargs", TEACHER_KWARGS, "--batch-size", "2", "--backend", "cpu",
+                       "--device", "cpu", "--dtype", "fp32", "--warmup", "1", "--repeats", "2", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert set(result["runners"]) == {"timm eager (teacher)", "engine (teacher)", "engine"}
+    teacher_macs = count_macs(resolve_spec(model_name="vit_tiny_patch16_224",
+                                           model_kwargs=json.loads(TEACHER_KWARGS))).total
+    student_macs = count_macs(resolve_spec(artifact=compressed_artifact)).total
+    assert result["macs_reduction"] == pytest.approx(teacher_macs / student_macs)
+    runners = result["runners"]
+    speedup = runners["engine"]["images_per_s"] / runners["engine (teacher)"]["images_per_s"]
+    assert result["speedup_vs_teacher_engine"] == pytest.approx(speedup)
+    assert result["realized_speedup"] == pytest.approx(speedup / result["macs_reduction"])
+    assert all(r["repeats"] == 2 and r["batch_size"] == 2 for r in runners.values())
+
+
+def test_bench_table_names_the_runners(capsys, compressed_artifact):
+    code, out, _ = run(capsys, "bench", str(compressed_artifact), "--teacher", "vit_tiny_patch16_224",
+                       "--teacher-kwargs", TEACHER_KWARGS, "--batch-size", "1", "--backend", "cpu",
+                       "--device", "cpu", "--dtype", "fp32", "--warmup", "0", "--repeats", "1")
+    assert code == 0
+    assert "timm eager (teacher)" in out and "engine (student)" in out and "realized speedup" in out
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--teacher", "vit_tiny_patch16_224"], "pass the teacher's --teacher-kwargs"),
+    (["--teacher-kwargs", "{}"], "--teacher-kwargs needs --teacher"),
+])
+def test_bench_teacher_errors_are_one_line(capsys, compressed_artifact, extra, message):
+    code, _, err = run(capsys, "bench", str(compressed_artifact), "--device", "cpu", "--batch-size", "1", *extra)
+    assert code == 2 and message in err and err.count("\n") == 1

@@ -1,18 +1,28 @@
 """`dcvit bench`: images/s and latency of the engine on an artifact or a timm model (random
 weights), median of repeats after warm-up (compilation and CUDA graph capture happen in
-the warm-up). With --onnx FILE (an export of the same model, CPU only) onnxruntime is
-timed in the same run on the same images, so the two numbers can be compared."""
+the warm-up).
+
+Before and after: with --teacher NAME (the timm model the student was compressed from)
+timm's own eager forward and the engine are timed on the teacher beside the engine on the
+student, interleaved in one run (each round calls every runner once, so all of them see the
+same load), and the speedup is printed with the realized speedup = speedup / MACs
+reduction. With --onnx FILE (an export of the same model, CPU only) onnxruntime joins the
+same interleaved run on the same images."""
 import json
 
 import torch
 
+from dcvit_engine.artifact import load_report
 from dcvit_engine.cli import CommandError
 from dcvit_engine.cli.model_args import add_model_arguments, backend_errors_as_command_errors, model_from_args
 from dcvit_engine.devices import resolve_device
 from dcvit_engine.engine import build_engine, command_dtype
 from dcvit_engine.macs import count_macs
+from dcvit_engine.models import create_timm_model, parse_model_kwargs
 from dcvit_engine.ops import BACKENDS
-from dcvit_engine.throughput import measure_throughput
+from dcvit_engine.throughput import measure_throughput, time_interleaved
+
+TIMM_TEACHER, ENGINE_TEACHER, ENGINE = "timm eager (teacher)", "engine (teacher)", "engine"
 
 
 def register(subparsers):
@@ -29,8 +39,14 @@ def register(subparsers):
     parser.add_argument("--no-cuda-graphs", action="store_true", help="do not capture CUDA graphs")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--teacher", default=None, metavar="NAME",
+                        help="timm model the student was compressed from: time timm eager and the engine on "
+                             "it beside the engine on the student, interleaved, and print the speedup and "
+                             "the realized speedup (random weights: speed does not depend on them)")
+    parser.add_argument("--teacher-kwargs", default=None, metavar="JSON",
+                        help="timm create_model keyword arguments of --teacher")
     parser.add_argument("--onnx", default=None, metavar="FILE",
-                        help="also time this ONNX export of the model in onnxruntime (CPU)")
+                        help="also time this ONNX export of the model in onnxruntime (CPU), interleaved")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
@@ -69,9 +85,33 @@ def onnx_runner(session, path, images):
     return lambda _: session.run(None, {inp.name: array})
 
 
+def teacher_runners(args, spec, dtype, device) -> tuple[dict, dict, str | None]:
+    """timm eager and the engine on --teacher (runners and GMACs per image), and a note when
+    the student's own report names a teacher of other MACs."""
+    teacher = create_timm_model(args.teacher, parse_model_kwargs(args.teacher_kwargs))
+    engine = build_engine(teacher, backend=args.backend, dtype=dtype, device=device,
+                          cuda_graphs=not args.no_cuda_graphs, compile=args.compile)
+    if (engine.spec.in_chans, tuple(engine.spec.img_size)) != (spec.in_chans, tuple(spec.img_size)):
+        raise CommandError(f"--teacher {args.teacher} takes {engine.spec.in_chans}x"
+                           f"{'x'.join(map(str, engine.spec.img_size))} images, the student "
+                           f"{spec.in_chans}x{'x'.join(map(str, spec.img_size))}: pass the teacher's "
+                           "--teacher-kwargs (e.g. img_size)")
+    macs = count_macs(engine.spec).total
+    report = load_report(args.artifact) if args.artifact else None
+    note = None
+    if report and report.get("teacher_macs") and abs(report["teacher_macs"] - macs) > 1e-6 * macs:
+        note = (f"note: the student's report gives its teacher {report['teacher_macs'] / 1e9:.4f} "
+                f"GMACs/image, --teacher {args.teacher} has {macs / 1e9:.4f}: the comparison is not with "
+                "its own teacher")
+    teacher = teacher.to(device=device, dtype=dtype)
+    return {TIMM_TEACHER: teacher, ENGINE_TEACHER: engine}, {TIMM_TEACHER: macs, ENGINE_TEACHER: macs}, note
+
+
 def run(args):
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.teacher_kwargs and not args.teacher:
+        raise CommandError("--teacher-kwargs needs --teacher NAME")
     device = resolve_device(args.device)
     session = open_onnx(args.onnx, device) if args.onnx else None
     if session is not None and args.dtype is None:
@@ -79,39 +119,81 @@ def run(args):
         dtype, note = ONNX_TYPES.get(session.get_inputs()[0].type, torch.float32), None
     else:
         dtype, note = command_dtype(args.dtype, device)
-    if note and not args.json:
-        print(note)
+    notes = [note] if note else []
     model, name = model_from_args(args)
     engine = build_engine(model, backend=args.backend, dtype=dtype, device=device,
                           cuda_graphs=not args.no_cuda_graphs, compile=args.compile)
     spec = engine.spec
+    runners, macs = {}, {}
+    if args.teacher:
+        runners, macs, teacher_note = teacher_runners(args, spec, dtype, device)
+        notes += [teacher_note] if teacher_note else []
+    runners[ENGINE] = engine
+    macs[ENGINE] = count_macs(spec).total
     images = torch.randn(args.batch_size, spec.in_chans, *spec.img_size, device=device, dtype=dtype)
-    run_onnx = onnx_runner(session, args.onnx, images) if session is not None else None
+    if session is not None:
+        runners["onnxruntime"] = onnx_runner(session, args.onnx, images)
+        macs["onnxruntime"] = macs[ENGINE]
     with backend_errors_as_command_errors():
-        timing = measure_throughput(engine, images, warmup=args.warmup, repeats=args.repeats)
-    onnx_timing = (measure_throughput(run_onnx, images, warmup=args.warmup, repeats=args.repeats)
-                   if run_onnx else None)
-    macs = count_macs(spec).total
-    result = dict(model=name, device=str(device), dtype=str(dtype).removeprefix("torch."),
-                  backend=args.backend, compile=args.compile, cuda_graphs=engine.cuda_graphs,
-                  gmacs_per_image=macs / 1e9, **timing.to_dict())
-    if note:
-        result["dtype_note"] = note
-    if onnx_timing is not None:
-        result["onnxruntime"] = dict(file=args.onnx, threads=torch.get_num_threads(), **onnx_timing.to_dict())
+        if len(runners) == 1:
+            timings = {ENGINE: measure_throughput(engine, images, warmup=args.warmup, repeats=args.repeats)}
+        else:
+            timings = time_interleaved(runners, images, warmup=args.warmup, repeats=args.repeats)
+    result = _result(args, name, device, dtype, engine, macs, timings, notes)
     if args.json:
         print(json.dumps(result, indent=2))
-        return 0
-    print(f"{name} on {device} ({result['dtype']}, backend {args.backend}"
-          f"{', compiled' if args.compile else ''}{', CUDA graphs' if engine.cuda_graphs else ''}), "
-          f"{macs / 1e9:.3f} GMACs/image")
-    print(f"batch {args.batch_size}: {timing.images_per_s:.1f} images/s, latency median "
-          f"{timing.median_ms:.3f} ms (min {timing.min_ms:.3f}, max {timing.max_ms:.3f}) over "
-          f"{timing.repeats} repeats after {args.warmup} warm-up")
-    if onnx_timing is not None:
-        print(f"onnxruntime ({args.onnx}, CPU, {torch.get_num_threads()} thread(s)), batch "
-              f"{args.batch_size}: {onnx_timing.images_per_s:.1f} images/s, latency median "
-              f"{onnx_timing.median_ms:.3f} ms (min {onnx_timing.min_ms:.3f}, max "
-              f"{onnx_timing.max_ms:.3f}); engine/onnxruntime speed "
-              f"{timing.images_per_s / onnx_timing.images_per_s:.3g}x")
+    else:
+        _print(args, name, device, result, timings, macs, notes)
     return 0
+
+
+def _result(args, name, device, dtype, engine, macs, timings, notes) -> dict:
+    """The JSON object: the engine's timing at the top level (as without comparisons), every
+    runner under `runners`, and the before/after ratios when a teacher was timed."""
+    result = dict(model=name, device=str(device), dtype=str(dtype).removeprefix("torch."),
+                  backend=args.backend, compile=args.compile, cuda_graphs=engine.cuda_graphs,
+                  gmacs_per_image=macs[ENGINE] / 1e9, **timings[ENGINE].to_dict())
+    if notes:
+        result["notes"] = notes
+    if len(timings) > 1:
+        result["runners"] = {k: dict(gmacs_per_image=macs[k] / 1e9, **t.to_dict())
+                             for k, t in timings.items()}
+    if "onnxruntime" in timings:
+        result["onnxruntime"] = dict(file=args.onnx, threads=torch.get_num_threads(),
+                                     **timings["onnxruntime"].to_dict())
+    if ENGINE_TEACHER in timings:
+        speedup = timings[ENGINE].images_per_s / timings[ENGINE_TEACHER].images_per_s
+        reduction = macs[ENGINE_TEACHER] / macs[ENGINE]
+        result.update(teacher=args.teacher,
+                      speedup_vs_timm_eager=timings[ENGINE].images_per_s / timings[TIMM_TEACHER].images_per_s,
+                      speedup_vs_teacher_engine=speedup, macs_reduction=reduction,
+                      realized_speedup=speedup / reduction)
+    return result
+
+
+def _print(args, name, device, result, timings, macs, notes) -> None:
+    for line in notes:
+        print(line)
+    print(f"{name} on {device} ({result['dtype']}, backend {args.backend}"
+          f"{', compiled' if args.compile else ''}{', CUDA graphs' if result['cuda_graphs'] else ''}), "
+          f"{macs[ENGINE] / 1e9:.3f} GMACs/image")
+    if len(timings) == 1:
+        timing = timings[ENGINE]
+        print(f"batch {args.batch_size}: {timing.images_per_s:.1f} images/s, latency median "
+              f"{timing.median_ms:.3f} ms (min {timing.min_ms:.3f}, max {timing.max_ms:.3f}) over "
+              f"{timing.repeats} repeats after {args.warmup} warm-up")
+        return
+    base = TIMM_TEACHER if TIMM_TEACHER in timings else ENGINE
+    threads = f" ({torch.get_num_threads()} CPU thread(s))" if device.type == "cpu" else ""
+    print(f"batch {args.batch_size}, {args.repeats} interleaved rounds after {args.warmup} warm-up{threads}:")
+    rows = [("runner", "GMACs/image", "images/s", "median ms", f"vs {base}")]
+    label = {ENGINE: "engine (student)"} if ENGINE_TEACHER in timings else {}
+    rows += [(label.get(k, k), f"{macs[k] / 1e9:.3f}", f"{t.images_per_s:.1f}", f"{t.median_ms:.3f}",
+              f"{t.images_per_s / timings[base].images_per_s:.2f}x") for k, t in timings.items()]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  " + r[0].ljust(widths[0]) + "  " + "  ".join(v.rjust(w) for v, w in zip(r[1:], widths[1:])))
+    if ENGINE_TEACHER in timings:
+        print(f"student vs teacher on the engine: {result['speedup_vs_teacher_engine']:.2f}x the images/s "
+              f"for {result['macs_reduction']:.2f}x fewer MACs: realized speedup "
+              f"{result['realized_speedup']:.2f} (1.00 = every MAC removed came back as speed)")
