@@ -152,8 +152,27 @@ def _write_onnx(program, example, path: Path, opset: int, output_name: str) -> N
     onnx_program = torch.onnx.export(program, (example,), dynamo=True, opset_version=opset,
                                      input_names=[INPUT_NAME], output_names=[output_name],
                                      optimize=True, verbose=False)
+    _name_batch_axis(onnx_program.model)
     # one self-contained file: an external weights file would not move with the rename
     onnx_program.save(str(path), external_data=False)
+
+
+def _name_batch_axis(model) -> None:
+    """The exporter names a dynamic batch after its internal symbol ("s77"); users and tools
+    read `batch`. Renames that symbol on every value of the graph (an onnx_ir model)."""
+    import onnx_ir as ir
+
+    first = model.graph.inputs[0].shape
+    if first is None or not isinstance(first[0], ir.SymbolicDim) or first[0].value is None:
+        return  # a static batch
+    symbol = first[0].value
+    values = list(model.graph.inputs) + list(model.graph.outputs)
+    values += [v for node in model.graph.all_nodes() for v in node.outputs]
+    for value in values:
+        if value.shape is not None and any(isinstance(d, ir.SymbolicDim) and d.value == symbol
+                                           for d in value.shape):
+            value.shape = ir.Shape([ir.SymbolicDim("batch") if isinstance(d, ir.SymbolicDim) and
+                                    d.value == symbol else d for d in value.shape])
 
 
 def onnx_session(path: str | os.PathLike, threads: int | None = None):

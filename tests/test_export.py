@@ -105,6 +105,16 @@ def images_for(spec, batch, dtype=torch.float32):
     return torch.randn(batch, spec.in_chans, *spec.img_size).to(dtype)
 
 
+def test_onnx_dynamic_batch_axis_is_named_batch(distilled_exports):
+    import onnx
+
+    onnx_file, _, _ = distilled_exports
+    graph = onnx.load(str(onnx_file)).graph
+    for value in list(graph.input) + list(graph.output):
+        first = value.type.tensor_type.shape.dim[0]
+        assert first.dim_param == "batch", (value.name, first)
+
+
 # ---- the exportable merge, float64 --------------------------------------------------------
 
 def test_stable_argsort_matches_torch_with_ties_and_inf():
