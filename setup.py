@@ -10,6 +10,7 @@ compiled against the torch it will run with.
 """
 import glob
 import os
+import re
 import shutil
 
 from setuptools import find_packages, setup
@@ -75,6 +76,11 @@ def _extension():
             "dcvit_engine._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}
         )
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    # the archs compiled, readable as dcvit_engine._C.cuda_archs (`dcvit doctor` prints them):
+    # "8.0;9.0" -> 80_90, a token the compiler command line carries without quoting
+    archs = "_".join(a.replace(".", "").replace("+", "") for a in
+                     re.split(r"[;, ]+", os.environ["TORCH_CUDA_ARCH_LIST"]) if a)
+    cxx_flags += [f"-DDCVIT_CUDA_ARCHS={archs}"]
     nvcc_flags = ["-O3", "-lineinfo", "-DDCVIT_WITH_CUDA"]
     for include_dir in _pip_cuda_include_dirs():
         cxx_flags += ["-idirafter", include_dir]

@@ -25,6 +25,14 @@ except Exception as exc:  # ImportError, OSError (undefined symbol from an ABI m
 _AVAILABILITY: dict[tuple[str, str], str | None] = {}
 
 
+def compiled_cuda_archs() -> list[str] | None:
+    """The CUDA archs _C's kernels were compiled for (e.g. ['sm_80', 'sm_90']), [] when it was
+    built without CUDA, None when _C is not loaded or predates this record."""
+    if LOAD_ERROR is not None or not hasattr(_C, "cuda_archs"):
+        return None
+    return [f"sm_{arch}" for arch in _C.cuda_archs.split("_") if arch]
+
+
 def native_unavailable(op: str, dispatch_key: str) -> str | None:
     """Why the compiled kernel of `dcvit::op` for `dispatch_key` ('CPU'/'CUDA') cannot run,
     or None when it can. Memoized: registrations are fixed once _C is loaded, and a plain

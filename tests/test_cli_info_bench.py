@@ -169,5 +169,6 @@ def test_bench_table_names_the_runners(capsys, compressed_artifact):
     (["--teacher-kwargs", "{}"], "--teacher-kwargs needs --teacher"),
 ])
 def test_bench_teacher_errors_are_one_line(capsys, compressed_artifact, extra, message):
-    code, _, err = run(capsys, "bench", str(compressed_artifact), "--device", "cpu", "--batch-size", "1", *extra)
+    code, _, err = run(capsys, "bench", str(compressed_artifact), "--device", "cpu", "--batch-size", "1",
+                       *extra)
     assert code == 2 and message in err and err.count("\n") == 1

@@ -24,6 +24,21 @@ def test_doctor_checks_every_op_and_exits_zero(capsys):
     assert out.count("  cpu      ok ") == len(OPS)
 
 
+def test_doctor_says_what_was_compiled_and_why_auto_picks(capsys):
+    from dcvit_engine import _native
+
+    archs = _native.compiled_cuda_archs()
+    status, out = _doctor(capsys)
+    assert status == 0, out
+    assert "C++ CPU kernels: built" in out
+    assert archs is not None  # this build records its CUDA archs ([] without CUDA kernels)
+    if archs:
+        assert "CUDA kernels: " + ", ".join(archs) in out and all(a.startswith("sm_") for a in archs)
+    else:
+        assert "CUDA kernels: not built" in out
+    assert "auto picks cpu: the first of the order above that takes these inputs" in out
+
+
 def _replace_cpu_impl(monkeypatch, op, run):
     impl = op.dispatcher.impls["cpu"]
     monkeypatch.setitem(op.dispatcher.impls, "cpu", Impl("cpu", impl.why_not, run))

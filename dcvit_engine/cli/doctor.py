@@ -56,6 +56,18 @@ def _synchronize(device):
         torch.cuda.synchronize(device)
 
 
+def _compiled_ops() -> str:
+    """Whether _C loaded, and which kernels it holds: the CPU ones always, CUDA per arch."""
+    if _native.LOAD_ERROR is not None:
+        return f"not loaded ({_native.LOAD_ERROR}); the cpu and cuda backends are off"
+    archs = _native.compiled_cuda_archs()
+    if archs is None:
+        cuda = "unknown (built before the build recorded its archs; rebuild to see them)"
+    else:
+        cuda = ", ".join(archs) if archs else "not built (no CUDA toolkit or torch CPU build at build time)"
+    return f"loaded; C++ CPU kernels: built; CUDA kernels: {cuda}"
+
+
 def print_priority(device: torch.device) -> None:
     print(f"\nbackend order (dcvit_engine/ops/dispatch.py PRIORITY; '*': this device, {device.type}):")
     devices = sorted({d for row in PRIORITY.values() for d in row})
@@ -80,7 +92,8 @@ def check_op(op, device, dtype, seed) -> int:
     chosen = next((b for b in order if reasons.get(b) is None), None)
     shape = tuple(args[0].shape)
     print(f"\n{op.name} on {device}, {str(dtype).replace('torch.', '')}, x {shape} "
-          f"(auto picks: {chosen or 'none'}):")
+          f"(auto picks {chosen or 'none'}: the first of the order above that takes these inputs; "
+          "ms is one call with first-use costs, not a ranking):")
     print(f"  {'backend':8} {'status':8} {'rel. error':>11} {'budget':>10} {'ms':>9}")
     wrong = 0
     for backend in BACKENDS:
@@ -119,7 +132,7 @@ def run(args):
     names = args.dtype or DEFAULT_DTYPES.get(device.type, "fp32")
     dtypes = [parse_dtype(name.strip()) for name in names.split(",") if name.strip()]
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), device {device}")
-    print(f"compiled ops (dcvit_engine._C): {'loaded' if _native.LOAD_ERROR is None else _native.LOAD_ERROR}")
+    print(f"compiled ops (dcvit_engine._C): {_compiled_ops()}")
     print(f"TRITON_INTERPRET={'1' if triton_interpreting() else os.environ.get('TRITON_INTERPRET', '0')}, "
           f"DCVIT_BACKEND={os.environ.get('DCVIT_BACKEND', 'auto')}")
     print_priority(device)
