@@ -78,7 +78,7 @@ def test_rules_fail_spills_compile_errors_and_gemms_without_tensor_cores():
         _row(spill_bytes=8),
         _row(dtype="fp32", spill_bytes=64, loop_tc=0),  # fp32 is not held to either rule
         _row(loop_tc=0, loop_hgmma=0),
-        _row(kernel="_weighted_gather_kernel", loop_tc=0, loop_hgmma=0),  # a copy kernel needs no tensor cores
+        _row(kernel="_weighted_gather_kernel", loop_tc=0, loop_hgmma=0),  # a copy kernel: no tensor cores
         _row(compiles=False, error="error: unknown"),
         _row(smem_bytes=300 * 1024),
         _row(arch=80, smem_bytes=200 * 1024),  # too big for sm_80: the autotuner skips it, reported
