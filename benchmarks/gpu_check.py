@@ -22,7 +22,8 @@ prints the best backend beside it, and says for each unmeasured target which ste
 $OUT ends with two files: gpu_check.tar.gz (every log and CSV) and summary.txt.
 
 --dry-run runs the same steps in the same order on the CPU with tiny shapes (no build, no
-GPU): the control flow, tested in CI; its numbers are not measurements.
+GPU), every timeout and the budget times DRY_RUN_SLOWDOWN: the control flow, tested in CI;
+its numbers are not measurements.
 
   bash benchmarks/gpu_check.sh                      # OUT defaults to ./gpu_out
   python benchmarks/gpu_check.py --out DIR [--budget 540] [--sanitize] [--dry-run]
@@ -49,6 +50,9 @@ INTERRUPT_GRACE_S = 10.0  # gpu_tests: SIGINT this long before its timeout, then
 STEP_TIMEOUTS = {"environment": 15, "build": 120, "smoke": 50, "headline": 100, "gemms": 35,
                  "backends": 45, "merges": 25, "input_pipeline": 20, "gpu_tests": 75, "compile": 40}
 SANITIZE_S = 30
+# --dry-run: the CPU (Triton interpreted, shared CI machines) is slower than the GPU at even the
+# tiny shapes; every timeout and the budget are scaled by this, the order stays the same
+DRY_RUN_SLOWDOWN = 3
 INPUT_PIPELINE = "benchmarks/bench_input_pipeline.py"  # written on the preprocess branch
 # GPU test files whose failures matter most run first: the production paths, then the ops
 GPU_TEST_ORDER = ["tests/test_engine_gpu_defaults.py", "tests/test_engine.py", "tests/test_token_merge.py",
@@ -120,12 +124,17 @@ def run_steps(steps, budget_s, log_dir, clock=time.monotonic):
     return steps
 
 
-def step_timeouts(sanitize):
+def step_timeouts(sanitize, dry_run=False):
     timeouts = dict(STEP_TIMEOUTS)
     if sanitize:
         timeouts["gpu_tests"] -= SANITIZE_S
         timeouts["sanitize"] = SANITIZE_S
-    return timeouts
+    scale = DRY_RUN_SLOWDOWN if dry_run else 1
+    return {name: seconds * scale for name, seconds in timeouts.items()}
+
+
+def budget(args):
+    return args.budget * (DRY_RUN_SLOWDOWN if args.dry_run else 1)
 
 
 def plan(args, work):
@@ -133,7 +142,7 @@ def plan(args, work):
     names, same order, same timeouts)."""
     py, dry = sys.executable, args.dry_run
     bench = os.path.join(work, "bench")
-    timeouts = step_timeouts(args.sanitize)
+    timeouts = step_timeouts(args.sanitize, dry)
     interp = {"TRITON_INTERPRET": "1"} if dry else {}
 
     def gpu_step(name):
@@ -144,7 +153,7 @@ def plan(args, work):
                        "print(platform.platform(), torch.__version__, triton.__version__, timm.__version__)"]
         build = [py, "-c", "import dcvit_engine._C"]
     else:
-        environment = ["bash", "-c", "python -c 'import torch, triton, timm; print(torch.__version__, "
+        environment = ["bash", "-c", f"'{py}' -c 'import torch, triton, timm; print(torch.__version__, "
                        "triton.__version__, timm.__version__, torch.cuda.get_device_name())'"
                        " && (ninja --version || echo 'ninja: missing') && (nvcc --version | tail -n 2"
                        " || echo 'nvcc: missing') && nvidia-smi -L"]
@@ -243,7 +252,8 @@ def _tail(path, lines=8):
 def summary_text(args, steps, bench, started):
     kind = ("DRY RUN on the CPU with tiny shapes: control flow only, no measurement" if args.dry_run
             else "GPU run")
-    lines = [f"gpu_check: {kind}", f"started {started}, budget {args.budget:.0f} s, sanitize {args.sanitize}",
+    lines = [f"gpu_check: {kind}",
+             f"started {started}, budget {budget(args):.0f} s, sanitize {args.sanitize}",
              "", f"{'#':>2} {'step':16} {'timeout':>7} {'seconds':>7}  status"]
     for i, s in enumerate(steps):
         lines.append(f"{i:>2} {s.name:16} {s.timeout:7.0f} {s.seconds:7.1f}  {s.status}")
@@ -286,7 +296,7 @@ def main(argv=None):
     try:
         steps = plan(args, work)
         # the timeouts fit the budget by construction; a shorter --budget cuts the last steps
-        run_steps(steps, args.budget - PACKING_S, os.path.join(work, "logs"))
+        run_steps(steps, budget(args) - PACKING_S, os.path.join(work, "logs"))
     finally:
         # the summary is written whatever happened above, an interrupt of this script included
         try:
