@@ -10,10 +10,11 @@ a `TuningTable`:
     span less than 8x (DeiT-B r=13: 197 -> 41), so one batch size touches at most 2 buckets,
     i.e. at most 8 keys for its 4 GEMM shapes; within a bucket the tile grid stays large
     enough that the pick (a tile shape) still fits.
-  - Picks are written to a JSON file under $DCVIT_CACHE_DIR (default ~/.cache/dcvit) whose
-    name hashes the GPU's name, the triton version, the kernel's source (its JIT cache key,
-    which covers the functions it calls) and the config list, so a stale pick is never read
-    for a changed kernel, another GPU or another config set.
+  - Picks are written to a JSON file under $DCVIT_CACHE/autotune (the project's cache root,
+    default ~/.cache/dcvit_engine, as the demo teacher's) whose name hashes the GPU's name,
+    the triton version, the kernel's source (its JIT cache key, which covers the functions it
+    calls) and the config list, so a stale pick is never read for a changed kernel, another
+    GPU or another config set.
 Works through Triton's own `Autotuner.run` (it only asks the table `key in`, `[key]`,
 `[key] = pick`), so eager launches, `wrap_triton` and CUDA graph warm-ups all share it.
 """
@@ -24,7 +25,7 @@ import tempfile
 
 import triton
 
-CACHE_DIR_ENV = "DCVIT_CACHE_DIR"
+CACHE_ENV = "DCVIT_CACHE"  # the project's cache root (dcvit_engine/demo_teacher.py uses it too)
 
 
 def m_bucket(m: int) -> int:
@@ -33,7 +34,8 @@ def m_bucket(m: int) -> int:
 
 
 def cache_dir() -> str:
-    return os.environ.get(CACHE_DIR_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "dcvit")
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "dcvit_engine")
+    return os.path.join(os.path.expanduser(root), "autotune")
 
 
 def current_device_name() -> str:

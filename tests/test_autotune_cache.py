@@ -81,7 +81,7 @@ def _tome_deit_b_forward(batch, launch):
 
 
 def test_a_tome_deit_b_model_tunes_at_most_8_keys_per_new_batch_size(monkeypatch, tmp_path):
-    monkeypatch.setenv("DCVIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("DCVIT_CACHE", str(tmp_path))
     gpu = _FakeGpu(monkeypatch)
     exact = set()
     for batch in (1, 8, 64, 256, 255, 100):
@@ -99,11 +99,11 @@ def test_a_tome_deit_b_model_tunes_at_most_8_keys_per_new_batch_size(monkeypatch
 
 
 def test_picks_are_read_back_by_a_new_process_and_kept_apart_per_gpu(monkeypatch, tmp_path):
-    monkeypatch.setenv("DCVIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("DCVIT_CACHE", str(tmp_path))
     first = _FakeGpu(monkeypatch)
     _tome_deit_b_forward(64, first.launch)
     tuned = first.keys()
-    assert tuned > 0 and any(p.name.startswith("autotune-") for p in tmp_path.iterdir())
+    assert tuned > 0 and any(p.name.startswith("autotune-") for p in (tmp_path / "autotune").iterdir())
 
     # a new process: fresh tables reading the same folder; nothing is benchmarked again
     again = _FakeGpu(monkeypatch)
@@ -120,10 +120,10 @@ def test_picks_are_read_back_by_a_new_process_and_kept_apart_per_gpu(monkeypatch
 
 
 def test_a_corrupt_cache_file_is_tuned_again_not_an_error(monkeypatch, tmp_path):
-    monkeypatch.setenv("DCVIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("DCVIT_CACHE", str(tmp_path))
     gpu = _FakeGpu(monkeypatch)
     _tome_deit_b_forward(8, gpu.launch)
-    for path in tmp_path.iterdir():
+    for path in (tmp_path / "autotune").iterdir():
         path.write_text("{not json")
     fresh = _FakeGpu(monkeypatch)
     _tome_deit_b_forward(8, fresh.launch)
