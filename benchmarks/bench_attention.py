@@ -14,8 +14,10 @@ F.scaled_dot_product_attention per head group against the Triton flash kernel, b
 same packed qkv.
 
 The op's backends and the Triton core get the weights as build_engine prepares them: every
-head zero-padded to a multiple of 16 (kernels/head_padding.py); the unfused torch
-baseline and SDPA run the real widths. MACs always count the real widths.
+head zero-padded to a multiple of 16 (kernels/head_padding.py), and for the triton backend
+the LayerNorm folded into the qkv weights once (`qkv_folded`, as the engine does at build
+time; without it the op would refold per timed call); the unfused torch baseline and SDPA
+run the real widths. MACs always count the real widths.
 
 realized speedup = (time of the dense case / time of the case, same implementation and key
 bias) / (dense MACs / case MACs): 1.0 means the removed MACs came back in full as time.
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dcvit_engine import ops  # noqa: E402
 from dcvit_engine.kernels.attention import flash_attention_triton  # noqa: E402
+from dcvit_engine.kernels.fused_linear import fold_layer_norm  # noqa: E402
 from dcvit_engine.kernels.head_padding import pad_heads  # noqa: E402
 from dcvit_engine.macs import attention_macs  # noqa: E402
 from dcvit_engine.ops.attention import attention_block_backends  # noqa: E402
@@ -131,11 +134,12 @@ def time_case(model, case, with_bias, args, device, dtype, peak, log):
     op_args = (x, nw, nb, padded.qkv_weight, padded.qkv_bias, padded.proj_weight, b_proj)
     reasons = attention_block_backends(*op_args, padded.qk_dims, padded.v_dims, scale, gamma=gamma,
                                        key_bias=key_bias)
+    folded = fold_layer_norm(nw, nb, padded.qkv_weight, padded.qkv_bias)
     for backend in ("cuda", "triton", "cpu"):
         if reasons[backend] is None and not (backend == "triton" and device.type == "cpu"):
             impls[("block", backend)] = (lambda b: lambda: ops.attention_block(
                 *op_args, padded.qk_dims, padded.v_dims, scale, gamma=gamma, key_bias=key_bias,
-                backend=b))(backend)
+                backend=b, qkv_folded=folded if b == "triton" else None))(backend)
     qkv = F.linear(x, w_qkv, b_qkv)
     mask = None if key_bias is None else key_bias[:, None, None, :]
     impls[("core", "sdpa")] = lambda: sdpa_core(qkv, qk_dims, v_dims, scale, mask)

@@ -51,7 +51,10 @@ ROOT = os.path.dirname(HERE)
 RULES = {
     "compiles": dict(level="gate", kinds=None, archs=None),
     "no_spills": dict(level="gate", kinds=None, archs=None, max_spill_bytes=0),
-    "tensor_cores_in_main_loop": dict(level="gate", kinds=("gemm", "attention"), archs=None),
+    # sm_90: the main loop must issue wgmma (HGMMA); mma.sync (HMMA) there is the slow fall-back
+    # (a tile/warp shape Triton cannot map to warpgroups) and fails. sm_80 has only HMMA.
+    "tensor_cores_in_main_loop": dict(level="gate", kinds=("gemm", "attention"), archs=None,
+                                      loop_count={90: "loop_hgmma", 80: "loop_tc"}),
     "shared_memory_fits": dict(level="gate", kinds=None, archs=(90,)),
     # sm_80 has 164 KiB; triton.autotune skips a config that does not fit, so only reported
     "shared_memory_fits_sm80": dict(level="target", kinds=None, archs=(80,)),
@@ -351,6 +354,10 @@ def _is_tensor_core(opcode):
     return opcode.startswith(("HGMMA", "HMMA"))
 
 
+def _is_wgmma(opcode):
+    return opcode.startswith("HGMMA")
+
+
 def sass_facts(text):
     """Tensor-core instructions, cp.async/TMA, and the main loop's instructions and loads."""
     instrs, labels = parse_sass(text)
@@ -373,10 +380,11 @@ def sass_facts(text):
                 sum(_load_bits(op) is not None or op.startswith("UTMALDG") for _, op, _ in body), -len(body))
     main = max(loops, key=weight, default=None)
     if main is None or weight(main)[:2] == (0, 0):
-        return dict(facts, loop_instructions=None, loop_tc=0, loop_widest_load_bits=None,
+        return dict(facts, loop_instructions=None, loop_tc=0, loop_hgmma=0, loop_widest_load_bits=None,
                     loop_narrowest_load_bits=None, loop_cp_async=False, loop_tma=False)
     bits = [b for b in (_load_bits(op) for _, op, _ in main) if b is not None]
     return dict(facts, loop_instructions=len(main), loop_tc=weight(main)[0],
+                loop_hgmma=sum(_is_wgmma(op) for _, op, _ in main),
                 loop_widest_load_bits=max(bits, default=None),
                 loop_narrowest_load_bits=min(bits, default=None),
                 loop_cp_async=any(op.startswith("LDGSTS") for _, op, _ in main),
@@ -478,7 +486,9 @@ def _check(name, rule, row, plain_loop):
         return (row["dtype"] not in ("bf16", "fp16")
                 or (row.get("spill_bytes") or 0) <= rule["max_spill_bytes"])
     if name == "tensor_cores_in_main_loop":
-        return row["dtype"] not in ("bf16", "fp16") or (row.get("loop_tc") or 0) > 0
+        # the count of the arch's own instruction: HGMMA on sm_90 (HMMA alone fails), HMMA on sm_80
+        column = rule["loop_count"][row["arch"]]
+        return row["dtype"] not in ("bf16", "fp16") or (row.get(column) or 0) > 0
     if name.startswith("shared_memory_fits"):
         return (row.get("smem_bytes") or 0) <= SHARED_MEMORY_LIMIT[row["arch"]]
     if name == "attention_loop_instructions":
@@ -500,9 +510,9 @@ def _check(name, rule, row, plain_loop):
 # ---- report -----------------------------------------------------------------------------
 
 COLUMNS = ["arch", "kernel", "dtype", "config", "variant", "compiles", "error", "regs", "spill_bytes",
-           "smem_bytes", "tc_instructions", "loop_tc", "loop_instructions", "loop_widest_load_bits",
-           "loop_narrowest_load_bits", "loop_cp_async", "loop_tma", "cp_async", "tma", "compile_s",
-           "gate", "missed", "workloads"]
+           "smem_bytes", "tc_instructions", "loop_tc", "loop_hgmma", "loop_instructions",
+           "loop_widest_load_bits", "loop_narrowest_load_bits", "loop_cp_async", "loop_tma", "cp_async",
+           "tma", "compile_s", "gate", "missed", "workloads"]
 
 
 def write_csv(rows, path):

@@ -149,10 +149,13 @@ void plan_from_scores(const score_t* scores, int64_t num_a, int64_t num_b, int64
   constexpr score_t neg_inf = -std::numeric_limits<score_t>::infinity();
   std::vector<score_t> best(num_a, neg_inf);
   std::vector<int32_t> dst(num_a, 0);
-  for (int64_t i = class_token ? 1 : 0; i < num_a; ++i) {  // the class token never merges
+  // the class token never merges: its best is NaN, which sorts last (kernels/token_merge.py)
+  if (class_token) best[0] = std::numeric_limits<score_t>::quiet_NaN();
+  for (int64_t i = class_token ? 1 : 0; i < num_a; ++i) {
     const score_t* row = scores + i * num_b;
     for (int64_t j = distill_token ? 1 : 0; j < num_b; ++j) {  // nor is the dist token a target
-      if (row[j] > best[i]) {  // strict: the earliest index wins a tie, as torch.max
+      // strict: the earliest index wins a tie, as torch.max; a NaN score never wins
+      if (row[j] > best[i]) {
         best[i] = row[j];
         dst[i] = static_cast<int32_t>(j);
       }
@@ -160,8 +163,11 @@ void plan_from_scores(const score_t* scores, int64_t num_a, int64_t num_b, int64
   }
   std::vector<int32_t> edge(num_a);
   std::iota(edge.begin(), edge.end(), 0);
-  std::stable_sort(edge.begin(), edge.end(),
-                   [&](int32_t a, int32_t b) { return best[a] > best[b]; });
+  // descending, NaN last: a strict weak order whatever the scores (a plain '>' is not one
+  // with NaN, and std::stable_sort may then read out of bounds)
+  std::stable_sort(edge.begin(), edge.end(), [&](int32_t a, int32_t b) {
+    return !std::isnan(best[a]) && (std::isnan(best[b]) || best[a] > best[b]);
+  });
   // kept A tokens: back in token order only with a class token (ToMe keeps it first)
   if (class_token) std::sort(edge.begin() + r, edge.end());
   // merged tokens listed by destination, then token order
@@ -197,7 +203,8 @@ TomePlan tome_merge_plan_cpu(const at::Tensor& metric, int64_t r, bool class_tok
   const int64_t num_a = (tokens + 1) / 2, num_b = tokens / 2, n_out = tokens - r;
   const auto score_type = metric.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor m = metric.to(score_type);
-  m = m / at::linalg_vector_norm(m, 2, {-1}, /*keepdim=*/true);
+  // divided by max(|m|, eps), as the other backends: a zero row scores 0
+  m = m / at::linalg_vector_norm(m, 2, {-1}, /*keepdim=*/true).clamp_min(kCosineEps);
   const at::Tensor scores =
       at::bmm(m.slice(1, 0, tokens, 2), m.slice(1, 1, tokens, 2).transpose(1, 2)).contiguous();
   const auto int_opts = metric.options().dtype(at::kInt);
@@ -327,7 +334,8 @@ void atme_merge_cpu_kernel(const at::Tensor& x, const at::Tensor& metric, const 
       }
       const acc_t cos = dot / std::max(std::sqrt(sq_dst) * std::sqrt(sq_src), acc_t(kCosineEps));
       // the destination absorbs the share max(cos, 0) of the source, and only that share's size
-      const acc_t absorbed = std::max(cos, acc_t(0)) * size_of(src);
+      // (a NaN similarity counts as dissimilar: written so that NaN gives 0)
+      const acc_t absorbed = (cos > acc_t(0) ? cos : acc_t(0)) * size_of(src);
       const acc_t new_size = size_of(dst) + absorbed;
       const acc_t alpha = absorbed / new_size;
       const scalar_t* x_src = xs + (b * tokens + src) * channels;

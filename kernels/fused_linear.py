@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .autotune_cache import share_tuning
 from .launching import dot_precision, dot_upcast
 
 # DCVIT_GEMM_AUTOTUNE=0 launches the fixed choice on the GPU too (to compare against it).
@@ -289,7 +290,8 @@ def _autotuned(kernel, configs):
     configs = [triton.Config({k: v for k, v in c.items() if k.isupper()},
                              num_warps=c["num_warps"], num_stages=c["num_stages"])
                for c in configs]
-    return triton.autotune(configs=configs, key=["M", "N", "K"])(kernel)
+    # M bucketed and picks kept across processes (autotune_cache): batch sizes share results
+    return share_tuning(triton.autotune(configs=configs, key=["M", "N", "K"])(kernel))
 
 
 _TUNED = {(kernel, aligned): _autotuned(kernel, GPU_GEMM_CONFIGS if aligned else GPU_UNALIGNED_GEMM_CONFIGS)

@@ -37,7 +37,17 @@ from .launching import dot_precision, dot_upcast, launch_directly
 from .merge_rules import atme_merged_grid, tome_effective_r, tome_protected  # noqa: F401 (re-exported)
 
 # Cosine similarity of ATME pairs: dot / max(|a| |b|, COSINE_EPS) -- zero vectors give 0.
+# ToMe's scores likewise divide by max(|m|, COSINE_EPS) per token.
 COSINE_EPS = 1e-12
+
+# Scores that are not numbers, on every backend (what ToMe itself leaves undefined):
+#  - a NaN similarity (a NaN or Inf in the metric) never wins a row's best match: the row max
+#    is over the numbers only, and a row with none gets -inf and B token 0, as torch.max of
+#    an all -inf row;
+#  - the edge sort is descending, stable, and NaN last; a protected (class) token's best is
+#    NaN, so it sorts after every token, -inf ones included, and is never merged;
+#  - an ATME pair whose similarity is NaN counts as dissimilar (nothing of the source kept).
+# So the ranks are always a permutation and every gather index stays inside the batch's slice.
 
 
 def score_dtype(metric):
@@ -61,7 +71,7 @@ def tome_scores(metric):
     """Cosine similarity of every A token (even index) with every B token (odd index),
     (B, Na, Nb), in score_dtype."""
     m = metric.to(score_dtype(metric))
-    m = m / m.norm(dim=-1, keepdim=True)
+    m = m / m.norm(dim=-1, keepdim=True).clamp_min(COSINE_EPS)  # a zero row scores 0
     return m[..., ::2, :] @ m[..., 1::2, :].transpose(-1, -2)
 
 
@@ -96,12 +106,14 @@ def tome_merge_ref(x, metric, r, size=None, class_token=True, distill_token=Fals
         return x, size
     with torch.no_grad():
         scores = tome_scores(metric)
-        if class_token:
-            scores[..., 0, :] = -torch.inf
+        scores = scores.masked_fill(scores.isnan(), -torch.inf)  # NaN never wins a row's max
         if distill_token:
             scores[..., :, 0] = -torch.inf
         node_max, node_idx = scores.max(dim=-1)
-        edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)[..., None]
+        if class_token:
+            node_max[..., 0] = torch.nan  # sorts after every token: never merged
+        # descending, stable, NaN last (torch sorts NaN last in ascending order)
+        edge_idx = (-node_max).argsort(dim=-1, stable=True)[..., None]
         unm_idx = edge_idx[..., r:, :]
         if class_token:  # ToMe sorts only to keep the class token first
             unm_idx = unm_idx.sort(dim=-2).values
@@ -134,6 +146,7 @@ def atme_merge_ref(x, metric, grid, axis, num_prefix_tokens=1, size=None):
     m_dst, m_src = m_dst.to(score_dtype(metric)), m_src.to(score_dtype(metric))
     cos = (m_dst * m_src).sum(-1, keepdim=True) / (
         m_dst.norm(dim=-1, keepdim=True) * m_src.norm(dim=-1, keepdim=True)).clamp_min(COSINE_EPS)
+    cos = cos.masked_fill(cos.isnan(), 0.0)  # a NaN similarity counts as dissimilar
     absorbed = cos.clamp_min(0) * s_src  # w * size_src, in the score dtype
     new_size = s_dst + absorbed
     alpha = (absorbed / new_size).to(x.dtype)
@@ -163,7 +176,7 @@ def atme_unmerge_ref(x, grid_before, axis, num_prefix_tokens=1):
 @triton.jit
 def _tome_best_match_kernel(
     m_ptr, best_ptr, best_idx_ptr,
-    NA, NB, CM, stride_mb, stride_mn,
+    NA, NB, CM, stride_mb, stride_mn, COS_EPS,
     CLASS_TOKEN: tl.constexpr, DISTILL_TOKEN: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
@@ -181,8 +194,8 @@ def _tome_best_match_kernel(
         at = tl.load(a_ptrs + ks[None, :], mask=a_ok[:, None] & (ks[None, :] < CM), other=0.0)
         at = at.to(tl.float32)
         sq_a += tl.sum(at * at, axis=1)
-    # padding rows/columns (zero dot products) get norm 1, so no 0 * inf = NaN arises
-    inv_a = 1.0 / tl.sqrt(tl.where(a_ok, sq_a, 1.0))
+    # 1 / max(|a|, eps), as the reference: a zero row scores 0 (padding rows: norm 1)
+    inv_a = 1.0 / tl.maximum(tl.sqrt(tl.where(a_ok, sq_a, 1.0)), COS_EPS)
 
     best = tl.full((BLOCK_A,), float("-inf"), dtype=tl.float32)
     best_idx = tl.zeros((BLOCK_A,), dtype=tl.int64)
@@ -202,8 +215,9 @@ def _tome_best_match_kernel(
                 acc = tl.dot(at.to(tl.float32), bf, acc, input_precision="ieee")
             else:
                 acc = tl.dot(at, bt, acc, input_precision=DOT_PRECISION)
-        inv_b = 1.0 / tl.sqrt(tl.where(b_ok, sq_b, 1.0))
+        inv_b = 1.0 / tl.maximum(tl.sqrt(tl.where(b_ok, sq_b, 1.0)), COS_EPS)
         scores = acc * inv_a[:, None] * inv_b[None, :]
+        scores = tl.where(scores != scores, float("-inf"), scores)  # a NaN score never wins the row
         excluded = b_rows >= NB
         if DISTILL_TOKEN:  # B's first token is the distillation token: never a destination
             excluded = excluded | (b_rows == 0)
@@ -214,27 +228,32 @@ def _tome_best_match_kernel(
         better = tile_best > best
         best = tl.where(better, tile_best, best)
         best_idx = tl.where(better, tile_idx, best_idx)
-    if CLASS_TOKEN:  # the class token (A's first) is never merged away
-        best = tl.where(a_rows == 0, float("-inf"), best)
+    if CLASS_TOKEN:  # the class token (A's first): NaN sorts last, so it is never merged away
+        best = tl.where(a_rows == 0, float("nan"), best)
     tl.store(best_ptr + batch * NA + a_rows, best, mask=a_ok)
     tl.store(best_idx_ptr + batch * NA + a_rows, best_idx, mask=a_ok)
 
 
 @triton.jit
 def _tome_rank_kernel(best_ptr, rank_ptr, NA, BLOCK: tl.constexpr):
-    """rank[i] = place of A token i in the stable descending sort of best: the tokens with a
-    higher score, plus the earlier tokens with the same score (torch's stable argsort)."""
+    """rank[i] = place of A token i in the stable descending sort of best, NaN last: the tokens
+    with a higher score, plus the earlier tokens with the same score (torch's stable argsort),
+    a number always before a NaN. A permutation of 0..NA-1 whatever the scores."""
     pid = tl.program_id(0).to(tl.int64)
     batch = tl.program_id(1).to(tl.int64)
     i = pid * BLOCK + tl.arange(0, BLOCK)
     i_ok = i < NA
     v_i = tl.load(best_ptr + batch * NA + i, mask=i_ok, other=0.0)
+    nan_i = v_i != v_i
     rank = tl.zeros((BLOCK,), dtype=tl.int32)
     for j0 in range(0, NA, BLOCK):
         j = j0 + tl.arange(0, BLOCK)
         j_ok = j < NA
         v_j = tl.load(best_ptr + batch * NA + j, mask=j_ok, other=0.0)
-        before = (v_j[None, :] > v_i[:, None]) | ((v_j[None, :] == v_i[:, None]) & (j[None, :] < i[:, None]))
+        nan_j = v_j != v_j
+        same = (v_j[None, :] == v_i[:, None]) | (nan_j[None, :] & nan_i[:, None])
+        higher = ~nan_j[None, :] & (nan_i[:, None] | (v_j[None, :] > v_i[:, None]))
+        before = higher | (same & (j[None, :] < i[:, None]))
         rank += tl.sum((before & j_ok[None, :]).to(tl.int32), axis=1)
     tl.store(rank_ptr + batch * NA + i, rank, mask=i_ok)
 
@@ -395,6 +414,7 @@ def _atme_merge_kernel(
         sq_dst += tl.sum(md * md, axis=1)
         sq_src += tl.sum(ms * ms, axis=1)
     cos = dot / tl.maximum(tl.sqrt(sq_dst) * tl.sqrt(sq_src), eps)
+    cos = tl.where(cos != cos, 0.0, cos)  # a NaN similarity counts as dissimilar
 
     if HAS_SIZE:
         s_dst = tl.load(size_ptr + batch * N + dst, mask=ok, other=1.0).to(tl.float32)
@@ -489,11 +509,20 @@ def _size_or_none(size):
     return None if size is None else size.contiguous()
 
 
+def _check_outputs(op, **buffers):
+    # the kernels read every input contiguous (made so above) and write outputs by index
+    # arithmetic without strides: a caller's buffer must be contiguous, as the C++ ops require
+    for name, t in buffers.items():
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{op}: {name} must be contiguous, got strides {tuple(t.stride())}")
+
+
 def tome_merge_triton(x, metric, r, size=None, class_token=True, distill_token=False, *,
                       out=None, size_out=None, launch=None):
     """ToMe merge with the Triton kernels; returns (x, size). Writes into `out`/`size_out`
     when given (tests poison them). `launch` wraps each kernel (see launching.py)."""
     launch = launch or launch_directly
+    _check_outputs("tome_merge", out=out, size_out=size_out)
     batch, tokens, channels = x.shape
     r = tome_effective_r(tokens, r, class_token, distill_token)
     n_out = tokens - r
@@ -511,7 +540,7 @@ def tome_merge_triton(x, metric, r, size=None, class_token=True, distill_token=F
     node_idx = torch.empty((batch, num_a), device=x.device, dtype=torch.int64)
     cfg = _match_config(x.device.type)
     launch(_tome_best_match_kernel)[(triton.cdiv(num_a, cfg["BLOCK_A"]), batch)](
-        metric, node_max, node_idx, num_a, num_b, dim_m, metric.stride(0), metric.stride(1),
+        metric, node_max, node_idx, num_a, num_b, dim_m, metric.stride(0), metric.stride(1), COSINE_EPS,
         CLASS_TOKEN=class_token, DISTILL_TOKEN=distill_token,
         DOT_PRECISION=dot_precision(metric.dtype),
         DOT_UPCAST=dot_upcast(x.device.type, metric.dtype), **cfg,
@@ -533,6 +562,7 @@ def atme_merge_triton(x, metric, grid, axis, num_prefix_tokens=1, size=None, *, 
                       size_out=None, launch=None):
     """ATME with one fused kernel; returns (x, size, new_grid)."""
     launch = launch or launch_directly
+    _check_outputs("atme_merge", out=out, size_out=size_out)
     batch, tokens, channels = x.shape
     new_grid = atme_merged_grid(grid, axis)
     n_out = num_prefix_tokens + new_grid[0] * new_grid[1]
@@ -558,6 +588,7 @@ def atme_merge_triton(x, metric, grid, axis, num_prefix_tokens=1, size=None, *, 
 def atme_unmerge_triton(x, grid_before, axis, num_prefix_tokens=1, *, out=None, launch=None):
     """Restores the H x W grid of grid_before: each merged token at both of its positions."""
     launch = launch or launch_directly
+    _check_outputs("atme_unmerge", out=out)
     batch, tokens, channels = x.shape
     rows, cols = grid_before
     n_full = num_prefix_tokens + rows * cols

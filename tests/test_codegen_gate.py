@@ -66,7 +66,7 @@ def test_cuda_kernels_of_the_extension(report):
 def _row(**overrides):
     row = dict(arch=90, kernel="_linear_residual_kernel", dtype="bf16", config="M128 N128", variant="",
                workloads="deit_b/mlp", compiles=True, error="", regs=150, spill_bytes=0, smem_bytes=96 * 1024,
-               tc_instructions=4, loop_tc=4, loop_instructions=100, loop_widest_load_bits=128,
+               tc_instructions=4, loop_tc=4, loop_hgmma=4, loop_instructions=100, loop_widest_load_bits=128,
                loop_narrowest_load_bits=128, loop_cp_async=True, loop_tma=False)
     row.update(overrides)
     return row
@@ -77,8 +77,8 @@ def test_rules_fail_spills_compile_errors_and_gemms_without_tensor_cores():
         _row(),
         _row(spill_bytes=8),
         _row(dtype="fp32", spill_bytes=64, loop_tc=0),  # fp32 is not held to either rule
-        _row(loop_tc=0),
-        _row(kernel="_weighted_gather_kernel", loop_tc=0),  # a copy kernel needs no tensor cores
+        _row(loop_tc=0, loop_hgmma=0),
+        _row(kernel="_weighted_gather_kernel", loop_tc=0, loop_hgmma=0),  # a copy kernel: no tensor cores
         _row(compiles=False, error="error: unknown"),
         _row(smem_bytes=300 * 1024),
         _row(arch=80, smem_bytes=200 * 1024),  # too big for sm_80: the autotuner skips it, reported
@@ -86,6 +86,23 @@ def test_rules_fail_spills_compile_errors_and_gemms_without_tensor_cores():
     assert [r["gate"] for r in rows] == ["", "no_spills", "", "tensor_cores_in_main_loop", "", "compiles",
                                          "shared_memory_fits", ""]
     assert rows[7]["missed"] == "shared_memory_fits_sm80"
+
+
+def test_sm90_needs_wgmma_in_the_main_loop_and_sm80_mma_sync():
+    # an sm_90 GEMM or attention loop that fell back to mma.sync (HMMA only) fails the gate
+    rows = codegen.evaluate([
+        _row(loop_tc=4, loop_hgmma=0),
+        _row(kernel="_flash_attention_kernel", loop_tc=8, loop_hgmma=0),
+        _row(kernel="_flash_attention_kernel", loop_tc=8, loop_hgmma=8),
+        _row(arch=80, loop_tc=4, loop_hgmma=0),  # sm_80 has no wgmma: HMMA is its rule
+        _row(arch=80, loop_tc=0, loop_hgmma=0),
+        _row(kernel="_tome_best_match_kernel", loop_tc=4, loop_hgmma=0),  # not a GEMM/attention kind
+    ])
+    assert [r["gate"] for r in rows] == ["tensor_cores_in_main_loop", "tensor_cores_in_main_loop", "", "",
+                                         "tensor_cores_in_main_loop", ""]
+    hmma = codegen.sass_facts(SASS.replace("HGMMA.64x128x16.F32.BF16", "HMMA.16816.F32.BF16"))
+    assert hmma["loop_tc"] == 1 and hmma["loop_hgmma"] == 0
+    assert codegen.sass_facts(SASS)["loop_hgmma"] == 1
 
 
 def test_targets_are_reported_not_failed_and_compare_norm_gemm_with_plain_gemm():

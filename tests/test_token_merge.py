@@ -327,6 +327,107 @@ def test_atme_unmerge_restores_grid_with_merged_values_in_both_positions(prefix,
                 assert torch.equal(cells[:, i, j], small[:, mi, mj])
 
 
+# ---- scores that are not numbers: defined order, no index out of bounds ------------------
+
+NAN, INF = float("nan"), float("inf")
+
+
+def nasty_metric(batch=3, tokens=23, dim=6, dtype=torch.float32, device="cpu"):
+    """Random metric rows with, in element 0, a NaN A token (4), a zero A token (6) and a zero
+    B token (7); in element 1 an Inf A token (8), a -Inf channel in B token (9) and a NaN B
+    token (11); element 2 all NaN."""
+    gen = torch.Generator().manual_seed(22)
+    m = torch.randn(batch, tokens, dim, generator=gen)
+    m[0, 4] = NAN
+    m[0, 6] = 0.0
+    m[0, 7] = 0.0
+    m[1, 8, 0] = INF
+    m[1, 9, 2] = -INF
+    m[1, 11, 1] = NAN
+    m[2] = NAN
+    return m.to(device, dtype)
+
+
+def check_merge_groups(out, what):
+    """x was one-hot per token: every input token must appear in exactly
+    one output row, so no token was read twice, dropped, or taken from outside its slice."""
+    hits = (out.float() != 0).sum(dim=0)  # per input token: the output rows holding it
+    assert torch.equal(hits, torch.ones_like(hits)), f"{what}: tokens not used exactly once: {hits}"
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", pytest.param("triton", marks=requires_interpreter)])
+@pytest.mark.parametrize("class_token,distill_token", [(True, False), (False, False), (True, True)])
+@pytest.mark.parametrize("r", [5, 11])
+def test_tome_nan_inf_and_zero_metrics_give_a_defined_order_and_finite_outputs(backend, class_token,
+                                                                                distill_token, r):
+    tokens = 23
+    metric = nasty_metric(tokens=tokens)
+    x = torch.eye(tokens).expand(3, tokens, tokens).contiguous()  # one-hot: output rows show groups
+    size = 1 + torch.arange(3 * tokens, dtype=torch.float32).reshape(3, tokens, 1) % 3
+    out, out_size = ops.tome_merge(x, metric, r, size, class_token, distill_token, backend=backend)
+    # scores in fp32 as every backend's (the metric's dtype), the averages in fp64
+    ref, ref_size = tome_merge_ref(x.double(), metric, r, size.double(), class_token, distill_token)
+    assert torch.isfinite(out).all() and torch.isfinite(out_size).all()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_size.double(), ref_size)
+    torch.testing.assert_close(out_size.sum(1), size.sum(1))  # every token's size counted once
+    for b in range(3):
+        check_merge_groups(out[b], f"{backend} element {b}")
+    if class_token:  # the class token is never merged, whatever the other scores
+        assert out[:, 0, 0].tolist() == [1.0] * 3 and (out[:, 0, 1:] == 0).all()
+    if r == 5 and class_token and not distill_token:
+        # NaN last: the NaN A token 4 of element 0 has no number to merge by, and 10 A tokens do
+        kept = [int(row.nonzero()[0]) for row in out[0, : (tokens + 1) // 2 - r]]
+        assert 4 in kept
+
+
+def test_tome_reference_sorts_nan_after_every_number_and_the_class_token_after_nan():
+    # element 2's metric is all NaN: no A token has a number, so they merge in token order,
+    # the class token (NaN by rule) still last
+    metric = nasty_metric()
+    x = torch.eye(23).expand(3, 23, 23).contiguous()
+    out, _ = tome_merge_ref(x, metric, 11, None, True, False)
+    assert out[2, 0, 0] == 1.0 and (out[2, 0, 1:] == 0).all()
+    first_b = out[2, 1]  # all 11 A tokens merged into B token 1 (the first of an all -inf row)
+    assert sorted(first_b.nonzero().flatten().tolist()) == [1] + list(range(2, 23, 2))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", pytest.param("triton", marks=requires_interpreter)])
+def test_atme_nan_inf_and_zero_metrics_count_as_dissimilar(backend):
+    prefix, grid = 1, (3, 4)
+    tokens = prefix + 12
+    x = torch.randn(2, tokens, 5, generator=torch.Generator().manual_seed(3))
+    metric = torch.randn(2, tokens, 4, generator=torch.Generator().manual_seed(4))
+    metric[0, 1] = NAN     # pair (1, 2) of row 0: NaN
+    metric[0, 4, 2] = INF  # pair (3, 4): Inf
+    metric[1, 5] = 0.0     # pair (5, 6): zero norm
+    size = torch.full((2, tokens, 1), 2.0)
+    out, out_size, _ = ops.atme_merge(x, metric, grid, "w", prefix, size, backend=backend)
+    assert torch.isfinite(out).all() and torch.isfinite(out_size).all()
+    ref, ref_size, _ = atme_merge_ref(x, metric, grid, "w", prefix, size)
+    torch.testing.assert_close((out, out_size), (ref, ref_size))
+    for b, pair_out, dst in ((0, 1, 1), (0, 2, 3), (1, 3, 5)):  # x_dst and size_dst pass unchanged
+        assert torch.equal(out[b, pair_out], x[b, dst]) and out_size[b, pair_out, 0] == 2.0
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_merges_with_nan_inf_and_zero_metrics_stay_in_bounds(backend):
+    """The GPU kernels on the same inputs (run under compute-sanitizer by gpu_check --sanitize):
+    the same tokens merge as in the reference, every output element written."""
+    tokens = 197
+    metric = nasty_metric(batch=3, tokens=tokens, dim=64, device="cuda")
+    x = torch.eye(tokens, device="cuda").expand(3, tokens, tokens).contiguous()
+    for class_token, distill_token in [(True, False), (False, False), (True, True)]:
+        ref, ref_size = tome_merge_ref(x.double(), metric, 50, None, class_token, distill_token)
+        out, out_size = ops.tome_merge(x, metric, 50, None, class_token, distill_token, backend=backend)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out_size.double(), ref_size)
+    grid_x = x[:, :1 + 14 * 14, :8].contiguous()
+    merged, size, _ = ops.atme_merge(grid_x, metric[:, :197], (14, 14), "h", 1, None, backend=backend)
+    assert torch.isfinite(merged).all() and torch.isfinite(size).all()
+
+
 # ---- out= buffers, opcheck, torch.compile, bad input ------------------------------------
 
 def test_out_variants_write_every_element():
@@ -363,6 +464,16 @@ def test_triton_out_variants_write_every_element():
     full_ref = atme_unmerge_ref(ref, (8, 8), "h", 1)
     full = poisoned_like(full_ref)
     assert torch.equal(atme_unmerge_triton(ref, (8, 8), "h", 1, out=full), full_ref)
+
+
+def test_triton_launchers_refuse_strided_output_buffers():
+    # the kernels write outputs without strides; a strided buffer would be written wrongly
+    x, metric, size = (t.float() for t in make_inputs(1, 17, 8, 4, True))
+    out = torch.empty(1, 8, 13).transpose(1, 2)  # (1, 13, 8), not contiguous
+    with pytest.raises(ValueError, match="tome_merge: out must be contiguous"):
+        tome_merge_triton(x, metric, 4, size, out=out)
+    with pytest.raises(ValueError, match="atme_unmerge: out must be contiguous"):
+        atme_unmerge_triton(x[:, :1 + 2 * 4], (4, 4), "h", 1, out=torch.empty(1, 8, 17).transpose(1, 2))
 
 
 @requires_cuda

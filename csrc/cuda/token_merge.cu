@@ -171,16 +171,18 @@ __global__ void __launch_bounds__(kMatchThreads) tome_match_kernel(
       }
       __syncthreads();
     }
-    if (b0 == 0) inv_a = acc_t(1) / sqrt(row_sum8(sq_a));
+    // 1 / max(|m|, eps), as the other backends: a zero row scores 0, never 0 * inf = NaN
+    if (b0 == 0) inv_a = acc_t(1) / max(sqrt(row_sum8(sq_a)), acc_t(kCosineEps));
     sq_b = row_sum8(sq_b);
-    if (lane8 == 0) inv_b[row] = acc_t(1) / sqrt(sq_b);
+    if (lane8 == 0) inv_b[row] = acc_t(1) / max(sqrt(sq_b), acc_t(kCosineEps));
     __syncthreads();
 #pragma unroll
     for (int q = 0; q < kMatchCols; ++q) {
       const int64_t j = b0 + lane8 + 8 * q;
       if (j >= num_b || (distill_token && j == 0)) continue;
       const acc_t score = acc[q] * inv_a * inv_b[lane8 + 8 * q];
-      if (score > best_v) {  // strict: the earliest index wins a tie, as torch.max
+      // strict: the earliest index wins a tie, as torch.max; a NaN score never wins
+      if (score > best_v) {
         best_v = score;
         best_j = static_cast<int32_t>(j);
       }
@@ -197,9 +199,10 @@ __global__ void __launch_bounds__(kMatchThreads) tome_match_kernel(
     }
   }
   if (lane8 == 0 && a_token < num_a) {
-    const bool protected_token = class_token && a_token == 0;  // never merged away
+    // the class token never merges: its best is NaN, which the rank sorts after every token
+    const bool protected_token = class_token && a_token == 0;
     best[batch * num_a + a_token] =
-        protected_token ? -std::numeric_limits<acc_t>::infinity() : best_v;
+        protected_token ? std::numeric_limits<acc_t>::quiet_NaN() : best_v;
     best_idx[batch * num_a + a_token] = best_j;
   }
 }
@@ -208,8 +211,9 @@ __global__ void __launch_bounds__(kMatchThreads) tome_match_kernel(
 
 constexpr int kPlanThreads = 128;
 
-// rank[i] = place of A token i in the stable descending sort of best: the tokens with a higher
-// score, plus the earlier ones with the same score (torch's stable argsort). Block (i tile,
+// rank[i] = place of A token i in the stable descending sort of best, NaN last: the tokens with
+// a higher score, plus the earlier ones with the same score (torch's stable argsort), a number
+// always before a NaN; a permutation whatever the scores, so the plan's slots are. Block (i tile,
 // batch); scores are staged through shared memory one tile at a time.
 template <typename acc_t>
 __global__ void __launch_bounds__(kPlanThreads) tome_rank_kernel(
@@ -227,7 +231,9 @@ __global__ void __launch_bounds__(kPlanThreads) tome_rank_kernel(
     const int n = static_cast<int>(std::min<int64_t>(kPlanThreads, num_a - j0));
     for (int k = 0; k < n; ++k) {
       const acc_t w = tile[k];
-      before += (w > v) || (w == v && j0 + k < i);
+      const bool higher = !isnan(w) && (isnan(v) || w > v);
+      const bool same = w == v || (isnan(w) && isnan(v));
+      before += higher || (same && j0 + k < i);
     }
     __syncthreads();
   }
@@ -523,6 +529,7 @@ __global__ void atme_merge_kernel(const scalar_t* __restrict__ x, const scalar_t
   sq_src = block_sum(sq_src, scratch);
   const float cos = dot / fmaxf(sqrtf(sq_dst) * sqrtf(sq_src), static_cast<float>(kCosineEps));
   // the destination absorbs the share max(cos, 0) of the source, and only that share's size
+  // (fmaxf returns its number operand: a NaN similarity counts as dissimilar, as elsewhere)
   const float absorbed = fmaxf(cos, 0.f) * load_size<float>(sb, src);
   const float new_size = load_size<float>(sb, dst) + absorbed;
   const acc_t alpha = absorbed / new_size;
