@@ -1,7 +1,7 @@
 """Plain-PyTorch module built from a ViTSpec: the numerical reference for every backend.
 
-Parameter names equal timm's, so an uncompressed timm state dict loads with
-strict=True. Heads may be ragged (per-head q/k and v widths, packed qkv as the spec
+Parameter names equal timm VisionTransformer's, so an uncompressed timm ViT state dict
+loads with strict=True (an Eva model's through adapter.from_timm, which renames). Heads may be ragged (per-head q/k and v widths, packed qkv as the spec
 contract says), branches may be removed, and blocks may merge tokens. The engine shares
 this module's merge metric, merge dispatch and head (merge_metric, merge_tokens, classify).
 """
@@ -17,7 +17,8 @@ from .adapter import from_timm
 from .exportable_merge import bipartite_merge_static
 from .kernels.attention import head_norm
 from .ops.token_merge import atme_merge, tome_merge
-from .spec import AttentionSpec, BlockSpec, MergeSpec, ViTSpec, merge_schedule
+from .rope import apply_rope, rope_tables
+from .spec import AttentionSpec, AttnPoolSpec, BlockSpec, MergeSpec, ViTSpec, merge_schedule
 
 
 def _affine(module: nn.Module | None):
@@ -60,16 +61,65 @@ def pool_features(spec: ViTSpec, feats: torch.Tensor) -> torch.Tensor:
     return feats
 
 
-def classify(spec: ViTSpec, feats: torch.Tensor, *, head=None, head_dist=None, fc_norm=None):
+def activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    """The spec's MLP activations (spec.ACTIVATIONS), as timm computes them."""
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "quick_gelu":
+        return x * torch.sigmoid(1.702 * x)
+    if name == "silu":
+        return F.silu(x)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def attention_pool(spec: ViTSpec, feats: torch.Tensor, params: dict) -> torch.Tensor:
+    """timm's AttentionPoolLatent (global_pool 'map') on the final tokens. params: the
+    attn_pool.* tensors without the prefix (latent, q.weight, kv.weight, [q.bias, kv.bias],
+    [q_norm.*, k_norm.*], proj.*, norm.*, mlp.fc1.*, mlp.fc2.*)."""
+    pool: AttnPoolSpec = spec.attn_pool
+    if not pool.include_prefix:
+        feats = feats[:, spec.num_prefix_tokens:]
+    batch, tokens, dim = feats.shape
+    heads, eps = pool.num_heads, spec.norm_eps
+    head_dim = dim // heads
+    latent = params["latent"].expand(batch, -1, -1)
+    q = F.linear(latent, params["q.weight"], params.get("q.bias"))
+    kv = F.linear(feats, params["kv.weight"], params.get("kv.bias"))
+    q = q.reshape(batch, pool.latent_len, heads, head_dim).transpose(1, 2)
+    k, v = kv.reshape(batch, tokens, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+    if pool.qk_norm:
+        q = F.layer_norm(q, (head_dim,), params["q_norm.weight"], params["q_norm.bias"], eps)
+        k = F.layer_norm(k, (head_dim,), params["k_norm.weight"], params["k_norm.bias"], eps)
+    attn = ((q * head_dim ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+    x = (attn @ v).transpose(1, 2).reshape(batch, pool.latent_len, dim)
+    x = F.linear(x, params["proj.weight"], params["proj.bias"])
+    y = F.layer_norm(x, (dim,), params["norm.weight"], params["norm.bias"], eps)
+    y = activation(pool.mlp_act, F.linear(y, params["mlp.fc1.weight"], params["mlp.fc1.bias"]))
+    x = x + F.linear(y, params["mlp.fc2.weight"], params["mlp.fc2.bias"])
+    if pool.pool == "token":
+        return x[:, 0]
+    return x.mean(dim=1) if pool.pool == "avg" else x
+
+
+def classify(spec: ViTSpec, feats: torch.Tensor, *, head=None, head_dist=None, fc_norm=None,
+             attn_pool: dict | None = None):
     """timm's eval-mode output from the final tokens: for a distilled model the mean of the
-    two heads, else pooling (pool_features), fc_norm and the head; head, head_dist and
-    fc_norm are (weight, bias) pairs or None (no head: the pooled features)."""
+    two heads, else pooling (pool_features, or attention_pool with the attn_pool tensors for
+    global_pool 'map'), fc_norm and the head; head, head_dist and fc_norm are (weight, bias)
+    pairs or None (no head: the pooled features)."""
     if spec.dist_token:
         x, x_dist = feats[:, 0], feats[:, 1]
         if head is not None:
             x, x_dist = F.linear(x, *head), F.linear(x_dist, *head_dist)
         return (x + x_dist) / 2
-    x = pool_features(spec, feats)
+    if spec.global_pool == "map":
+        if attn_pool is None:
+            raise ValueError("global_pool 'map' needs the attn_pool tensors")
+        x = attention_pool(spec, feats, attn_pool)
+    else:
+        x = pool_features(spec, feats)
     if fc_norm is not None:
         x = F.layer_norm(x, (spec.embed_dim,), *fc_norm, spec.norm_eps)
     return F.linear(x, *head) if head is not None else x
@@ -96,14 +146,53 @@ class PatchEmbed(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    """fc2([norm](act(fc1(x)))); gated: fc1's rows are [gate | value] and the hidden is
+    act(gate) * value (the spec contract)."""
+
+    def __init__(self, dim: int, block: BlockSpec, norm_eps: float):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
+        hidden = block.mlp_hidden
+        self.act, self.gated = block.mlp_act, block.mlp_gated
+        self.fc1 = nn.Linear(dim, 2 * hidden if self.gated else hidden)
+        self.norm = nn.LayerNorm(hidden, eps=norm_eps) if block.mlp_inner_norm else None
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        x = self.fc1(x)
+        if self.gated:
+            gate, value = x.chunk(2, dim=-1)
+            x = activation(self.act, gate) * value
+        else:
+            x = activation(self.act, x)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.fc2(x)
+
+
+class AttentionPool(nn.Module):
+    """Holds timm AttentionPoolLatent's parameters under its names; computes attention_pool."""
+
+    def __init__(self, spec: ViTSpec):
+        super().__init__()
+        pool, dim, eps = spec.attn_pool, spec.embed_dim, spec.norm_eps
+        self.spec = spec
+        self.latent = nn.Parameter(torch.zeros(1, pool.latent_len, dim))
+        self.q = nn.Linear(dim, dim, bias=pool.qkv_bias)
+        self.kv = nn.Linear(dim, 2 * dim, bias=pool.qkv_bias)
+        if pool.qk_norm:
+            self.q_norm = nn.LayerNorm(dim // pool.num_heads, eps=eps)
+            self.k_norm = nn.LayerNorm(dim // pool.num_heads, eps=eps)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.mlp = nn.Module()
+        self.mlp.fc1 = nn.Linear(dim, pool.mlp_hidden)
+        self.mlp.fc2 = nn.Linear(pool.mlp_hidden, dim)
+
+    def params(self) -> dict:
+        return dict(self.named_parameters())
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return attention_pool(self.spec, feats, self.params())
 
 
 class Attention(nn.Module):
@@ -114,24 +203,30 @@ class Attention(nn.Module):
     from the pruned width.
     """
 
-    def __init__(self, dim: int, attn: AttentionSpec, norm_eps: float, prop_attn: bool):
+    def __init__(self, dim: int, attn: AttentionSpec, norm_eps: float, prop_attn: bool,
+                 rope_prefix: int = 0, rotate_half: bool = False):
         super().__init__()
         self.qk_dims, self.v_dims = list(attn.qk_dims), list(attn.v_dims)
         self.scale = attn.scale
         self.prop_attn = prop_attn
+        # RoPE: the first rope_prefix tokens stay unrotated; tables come with each forward
+        self.rope_prefix, self.rotate_half = rope_prefix, rotate_half
         self.qkv = nn.Linear(dim, attn.qkv_out, bias=attn.qkv_bias)
         if attn.qk_norm:
             self.q_norm = nn.LayerNorm(attn.qk_dims[0], eps=norm_eps)
             self.k_norm = nn.LayerNorm(attn.qk_dims[0], eps=norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        self.norm = nn.LayerNorm(attn.v_total, eps=norm_eps) if attn.inner_norm else None
         self.proj = nn.Linear(attn.v_total, dim, bias=attn.proj_bias)
 
-    def forward(self, x: torch.Tensor, size: torch.Tensor | None = None, return_keys: bool = False):
-        """Attention output; with return_keys also the token-merge metric (see merge_metric)."""
+    def forward(self, x: torch.Tensor, size: torch.Tensor | None = None, return_keys: bool = False,
+                rope=None):
+        """Attention output; with return_keys also the token-merge metric (see merge_metric).
+        rope: (sin, cos) tables of the patch tokens (rope.rope_tables, the spec's layout) or None."""
         qk_total = sum(self.qk_dims)
         q, k, v = self.qkv(x).split([qk_total, qk_total, sum(self.v_dims)], dim=-1)
-        out = self._heads(q, k, v, size)
+        out = self._heads(q, k, v, size, rope)
         return (out, self.merge_metric(k)) if return_keys else out
 
     def merge_metric(self, k: torch.Tensor) -> torch.Tensor:
@@ -139,7 +234,7 @@ class Attention(nn.Module):
         eps = self.k_norm.eps if self.k_norm is not None else 1e-6
         return merge_metric(k, self.qk_dims, _affine(self.k_norm), eps)
 
-    def _heads(self, q, k, v, size):
+    def _heads(self, q, k, v, size, rope):
         bias = None
         if self.prop_attn and size is not None:
             # proportional attention: a key standing for s merged tokens gets weight s
@@ -148,15 +243,25 @@ class Attention(nn.Module):
             # equal widths: all heads in one batched matmul (B, H, N, d)
             batch, tokens, heads = q.shape[0], q.shape[1], len(self.qk_dims)
             q, k, v = (t.reshape(batch, tokens, heads, -1).transpose(1, 2) for t in (q, k, v))
-            out = self._attend(q, k, v, None if bias is None else bias.unsqueeze(1))
-            return self.proj(out.transpose(1, 2).reshape(batch, tokens, -1))
-        heads = [self._attend(qh, kh, vh, bias) for qh, kh, vh in zip(
+            out = self._attend(q, k, v, None if bias is None else bias.unsqueeze(1), rope)
+            return self._project(out.transpose(1, 2).reshape(batch, tokens, -1))
+        heads = [self._attend(qh, kh, vh, bias, rope) for qh, kh, vh in zip(
             q.split(self.qk_dims, -1), k.split(self.qk_dims, -1), v.split(self.v_dims, -1))]
-        return self.proj(torch.cat(heads, dim=-1))
+        return self._project(torch.cat(heads, dim=-1))
 
-    def _attend(self, q, k, v, bias):
+    def _project(self, out: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(out) if self.norm is not None else out)
+
+    def _rotate(self, t: torch.Tensor, rope) -> torch.Tensor:
+        """RoPE on the patch tokens (dim -2 past the prefix) of q or k, as timm."""
+        n = self.rope_prefix
+        return torch.cat([t[..., :n, :], apply_rope(t[..., n:, :], *rope, self.rotate_half)], dim=-2)
+
+    def _attend(self, q, k, v, bias, rope):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = self._rotate(q, rope), self._rotate(k, rope)
         logits = (q * self.scale) @ k.transpose(-2, -1)
         if bias is not None:
             logits = logits + bias
@@ -174,20 +279,21 @@ class Block(nn.Module):
         self.norm2 = self.mlp = self.ls2 = None
         if block.attn is not None:
             self.norm1 = nn.LayerNorm(dim, eps=eps)
-            self.attn = Attention(dim, block.attn, eps, spec.prop_attn)
+            self.attn = Attention(dim, block.attn, eps, spec.prop_attn, spec.num_prefix_tokens,
+                                  spec.rope is not None and spec.rope.rotate_half)
             self.ls1 = LayerScale(dim) if block.layer_scale else None
         if block.mlp_hidden:
             self.norm2 = nn.LayerNorm(dim, eps=eps)
-            self.mlp = Mlp(dim, block.mlp_hidden)
+            self.mlp = Mlp(dim, block, eps)
             self.ls2 = LayerScale(dim) if block.layer_scale else None
 
     def attention_residual(self, x: torch.Tensor, size: torch.Tensor | None,
-                           return_keys: bool = False):
+                           return_keys: bool = False, rope=None):
         """x + attention; with return_keys also the merge metric: the attention keys, or the
-        tokens themselves in a block without attention."""
+        tokens themselves in a block without attention. rope: see Attention.forward."""
         if self.attn is None:
             return (x, x) if return_keys else x
-        y = self.attn(self.norm1(x), size, return_keys=return_keys)
+        y = self.attn(self.norm1(x), size, return_keys=return_keys, rope=rope)
         y, metric = y if return_keys else (y, None)
         x = x + (self.ls1(y) if self.ls1 is not None else y)
         return (x, metric) if return_keys else x
@@ -210,11 +316,13 @@ class ViTReference(nn.Module):
         self.patch_embed = PatchEmbed(spec)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if spec.class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, dim)) if spec.dist_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, spec.reg_tokens, dim)) if spec.reg_tokens else None
         pos_len = spec.num_patches + (0 if spec.no_embed_class else spec.num_prefix_tokens)
-        self.pos_embed = nn.Parameter(torch.randn(1, pos_len, dim) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, pos_len, dim) * 0.02) if spec.abs_pos_embed else None
         self.norm_pre = nn.LayerNorm(dim, eps=spec.norm_eps) if spec.pre_norm else None
         self.blocks = nn.ModuleList(Block(spec, b) for b in spec.blocks)
         self.norm = nn.LayerNorm(dim, eps=spec.norm_eps) if spec.final_norm else None
+        self.attn_pool = AttentionPool(self.spec) if spec.attn_pool is not None else None
         self.fc_norm = nn.LayerNorm(dim, eps=spec.norm_eps) if spec.fc_norm else None
         has_head = spec.num_classes > 0
         self.head = nn.Linear(dim, spec.num_classes) if has_head else None
@@ -229,7 +337,10 @@ class ViTReference(nn.Module):
                              f"(in_chans, img_size of the spec), got {got}; resize the images")
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token, self.reg_token)
+                  if t is not None]
+        if self.pos_embed is None:
+            return torch.cat(prefix + [x], dim=1)
         if self.spec.no_embed_class:
             return torch.cat(prefix + [x + self.pos_embed], dim=1)
         return torch.cat(prefix + [x], dim=1) + self.pos_embed
@@ -249,9 +360,12 @@ class ViTReference(nn.Module):
         if self.norm_pre is not None:
             x = self.norm_pre(x)
         size = None  # merged-token counts; None until the first merge (all ones)
+        rope = None
+        if self.spec.rope is not None:
+            rope = rope_tables(self.spec, layout="spec", dtype=x.dtype, device=x.device)
         for i, block in enumerate(self.blocks):
             if block.merge is None:
-                x = block.attention_residual(x, size)
+                x = block.attention_residual(x, size, rope=rope)
             else:
                 x, metric = block.attention_residual(x, size, return_keys=True)
                 x, size = self._merge(i, x, size, metric)
@@ -260,7 +374,8 @@ class ViTReference(nn.Module):
 
     def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
         return classify(self.spec, feats, head=_affine(self.head), head_dist=_affine(self.head_dist),
-                        fc_norm=_affine(self.fc_norm))
+                        fc_norm=_affine(self.fc_norm),
+                        attn_pool=None if self.attn_pool is None else self.attn_pool.params())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

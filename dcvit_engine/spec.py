@@ -9,17 +9,25 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import MISSING, dataclass
+from dataclasses import MISSING, asdict, dataclass
 from pathlib import Path
 
 from .kernels.merge_rules import atme_merged_grid
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2
+# versions this dcvit_engine reads; a version-1 spec is a version-2 spec without the v2 fields
+READABLE_VERSIONS = (1, 2)
 SPEC_FILENAME = "spec.json"  # name of the spec inside an artifact folder
 
-GLOBAL_POOLS = ("token", "avg", "")
+GLOBAL_POOLS = ("token", "avg", "map", "")
 MERGE_KINDS = ("tome", "atme")
 ATME_AXES = ("w", "h")
+# MLP activations: exact GELU, GELU's tanh approximation, QuickGELU x*sigmoid(1.702x), SiLU
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "silu")
+ROPE_KINDS = ("cat", "dinov3")   # timm RotaryEmbeddingCat (in_pixels=False), RotaryEmbeddingDinoV3
+GRID_INDEXINGS = ("ij", "xy")
+NORMALIZE_COORDS = ("separate", "min", "max")
+LATENT_POOLS = ("token", "avg", "")
 
 
 def _fail(where: str, message: str) -> None:
@@ -37,6 +45,23 @@ def _check_int(where: str, value, minimum: int) -> None:
 def _check_bool(where: str, value) -> None:
     if not isinstance(value, bool):
         _fail(where, f"expected true/false, got {value!r} ({type(value).__name__})")
+
+
+def _check_number(where: str, value, positive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (positive and value <= 0):
+        _fail(where, f"expected a {'positive ' if positive else ''}finite number, got {value!r}")
+
+
+def _check_choice(where: str, value, choices) -> None:
+    if value not in choices:
+        _fail(where, f"expected one of {choices}, got {value!r}")
+
+
+def _version_error(version) -> ValueError:
+    return ValueError(f"invalid spec: version: unsupported spec version {version!r}; this dcvit_engine "
+                      f"reads versions {', '.join(map(str, READABLE_VERSIONS))} (upgrade dcvit_engine "
+                      "or re-export the model)")
 
 
 def _check_keys(where: str, data, cls) -> None:
@@ -62,6 +87,7 @@ class AttentionSpec:
     qkv_bias: bool = True
     proj_bias: bool = True
     qk_norm: bool = False  # timm q_norm/k_norm: LayerNorm over head_dim, shared by all heads
+    inner_norm: bool = False  # timm attn.norm (scale_norm): LayerNorm over the v_total outputs, before proj
 
     @property
     def num_heads(self) -> int:
@@ -92,7 +118,7 @@ class AttentionSpec:
         if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) \
                 or not math.isfinite(self.scale) or self.scale <= 0:
             _fail(f"{where}.scale", f"expected a positive finite number, got {self.scale!r}")
-        for name in ("qkv_bias", "proj_bias", "qk_norm"):
+        for name in ("qkv_bias", "proj_bias", "qk_norm", "inner_norm"):
             _check_bool(f"{where}.{name}", getattr(self, name))
         if self.qk_norm:
             # q_norm/k_norm hold one weight of size head_dim shared by all heads, so every
@@ -128,11 +154,17 @@ class MergeSpec:
 
 @dataclass
 class BlockSpec:
-    """One transformer block: x += ls1*attn(norm1(x)); [merge]; x += ls2*mlp(norm2(x))."""
+    """One transformer block: x += ls1*attn(norm1(x)); [merge]; x += ls2*mlp(norm2(x)).
+
+    The MLP is fc2([mlp.norm](act(fc1(x)))), or gated fc2([mlp.norm](act(g) * v)) where fc1's
+    rows are [g_0 .. g_{h-1} | v_0 .. v_{h-1}] (timm GluMlp gate_last=False / SwiGLU's fc1_g, fc1_x)."""
     attn: AttentionSpec | None   # None = attention branch (and norm1, ls1) removed
-    mlp_hidden: int              # 0 = MLP branch (and norm2, ls2) removed
+    mlp_hidden: int              # 0 = MLP branch (and norm2, ls2) removed; gated: the product width
     layer_scale: bool = False    # ls1.gamma / ls2.gamma present (timm LayerScale)
     merge: MergeSpec | None = None
+    mlp_act: str = "gelu"        # one of ACTIVATIONS
+    mlp_gated: bool = False      # fc1 holds 2 * mlp_hidden rows: gate half, then value half
+    mlp_inner_norm: bool = False  # timm mlp.norm: LayerNorm over mlp_hidden before fc2
 
     def validate(self, where: str = "block") -> None:
         if self.attn is not None:
@@ -141,10 +173,84 @@ class BlockSpec:
             self.attn.validate(f"{where}.attn")
         _check_int(f"{where}.mlp_hidden", self.mlp_hidden, 0)
         _check_bool(f"{where}.layer_scale", self.layer_scale)
+        _check_choice(f"{where}.mlp_act", self.mlp_act, ACTIVATIONS)
+        _check_bool(f"{where}.mlp_gated", self.mlp_gated)
+        _check_bool(f"{where}.mlp_inner_norm", self.mlp_inner_norm)
         if self.merge is not None:
             if not isinstance(self.merge, MergeSpec):
                 _fail(f"{where}.merge", f"expected MergeSpec or None, got {type(self.merge).__name__}")
             self.merge.validate(f"{where}.merge")
+
+
+@dataclass
+class RopeSpec:
+    """Rotary position embedding of q and k in every attention, as timm computes it.
+
+    Patch token p at grid row r, column c is rotated by angles from the spec's patch grid;
+    prefix tokens are never rotated (timm's num_prefix_tokens skip). The frequencies,
+    coordinates and the rotation layout are timm's: `rope.rope_tables` computes them."""
+    kind: str                 # "cat": RotaryEmbeddingCat (index grid, temperature bands); "dinov3"
+    dim: int                  # rotated width per head (timm: head_dim), a multiple of 4
+    temperature: float        # cat: bands 1/t**(i/(dim/4)); dinov3: periods t**(2i/(dim/2)), unused
+                              # when min_period/max_period give the periods
+    rotate_half: bool         # True: channel i pairs with i + dim/2; False: interleaved (2i, 2i+1)
+    grid_indexing: str = "ij"  # "xy" swaps the coordinate channels (x first), as timm
+    grid_offset: float = 0.0
+    ref_feat_shape: list[int] | None = None  # cat: EVA's rescale of positions to this grid
+    normalize_coords: str = "separate"       # dinov3: denominator of the centered coordinates
+    min_period: float | None = None          # dinov3: periods from min/max instead of temperature
+    max_period: float | None = None
+
+    def validate(self, where: str = "rope") -> None:
+        _check_choice(f"{where}.kind", self.kind, ROPE_KINDS)
+        _check_int(f"{where}.dim", self.dim, 4)
+        if self.dim % 4:
+            _fail(f"{where}.dim", f"must be a multiple of 4 (two axes of sin/cos pairs), got {self.dim}")
+        _check_number(f"{where}.temperature", self.temperature, positive=True)
+        _check_bool(f"{where}.rotate_half", self.rotate_half)
+        _check_choice(f"{where}.grid_indexing", self.grid_indexing, GRID_INDEXINGS)
+        _check_number(f"{where}.grid_offset", self.grid_offset)
+        _check_choice(f"{where}.normalize_coords", self.normalize_coords, NORMALIZE_COORDS)
+        if self.ref_feat_shape is not None:
+            if self.kind != "cat":
+                _fail(f"{where}.ref_feat_shape", "only the 'cat' kind rescales to a reference grid")
+            if not isinstance(self.ref_feat_shape, (list, tuple)) or len(self.ref_feat_shape) != 2:
+                _fail(f"{where}.ref_feat_shape", f"expected [rows, cols], got {self.ref_feat_shape!r}")
+            for s in self.ref_feat_shape:
+                _check_int(f"{where}.ref_feat_shape", s, 1)
+        if (self.min_period is None) != (self.max_period is None):
+            _fail(f"{where}.min_period", "min_period and max_period go together")
+        if self.min_period is not None:
+            if self.kind != "dinov3":
+                _fail(f"{where}.min_period", "only the 'dinov3' kind takes periods")
+            _check_number(f"{where}.min_period", self.min_period, positive=True)
+            _check_number(f"{where}.max_period", self.max_period, positive=True)
+
+
+@dataclass
+class AttnPoolSpec:
+    """timm AttentionPoolLatent (global_pool 'map'): learned latent queries attend over the
+    final tokens, then x = proj(attn); x += mlp(norm(x)); pool over the latents. Weights under
+    attn_pool.* with timm's names (latent, q, kv, [q_norm, k_norm], proj, norm, mlp.fc1, mlp.fc2)."""
+    num_heads: int
+    mlp_hidden: int
+    latent_len: int = 1
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    mlp_act: str = "gelu"
+    include_prefix: bool = False  # timm VisionTransformer: patch tokens only; Eva: every token
+    pool: str = "token"           # over the latents: first, mean, or all ("")
+
+    def validate(self, embed_dim: int, where: str = "attn_pool") -> None:
+        _check_int(f"{where}.num_heads", self.num_heads, 1)
+        if embed_dim % self.num_heads:
+            _fail(f"{where}.num_heads", f"{self.num_heads} heads do not divide embed_dim {embed_dim}")
+        _check_int(f"{where}.mlp_hidden", self.mlp_hidden, 1)
+        _check_int(f"{where}.latent_len", self.latent_len, 1)
+        for name in ("qkv_bias", "qk_norm", "include_prefix"):
+            _check_bool(f"{where}.{name}", getattr(self, name))
+        _check_choice(f"{where}.mlp_act", self.mlp_act, ACTIVATIONS)
+        _check_choice(f"{where}.pool", self.pool, LATENT_POOLS)
 
 
 @dataclass
@@ -165,6 +271,11 @@ class ViTSpec:
     prop_attn: bool           # proportional attention: + log(size) per key after merges
     blocks: list[BlockSpec]
     version: int = SPEC_VERSION
+    # version 2 (defaults = the version-1 model)
+    reg_tokens: int = 0       # timm register tokens (reg_token), after the class / dist tokens
+    abs_pos_embed: bool = True  # learned absolute pos_embed present (timm pos_embed not None)
+    rope: RopeSpec | None = None      # rotary position embedding in every attention
+    attn_pool: AttnPoolSpec | None = None  # the 'map' head; present exactly when global_pool == 'map'
 
     # ---- derived geometry -------------------------------------------------------
     @property
@@ -179,7 +290,9 @@ class ViTSpec:
 
     @property
     def num_prefix_tokens(self) -> int:
-        return int(self.class_token) + int(self.dist_token)
+        """Tokens before the patches, in order: class, distillation, registers. Never merged,
+        pruned or rotated."""
+        return int(self.class_token) + int(self.dist_token) + self.reg_tokens
 
     @property
     def depth(self) -> int:
@@ -188,10 +301,8 @@ class ViTSpec:
     # ---- validation ---------------------------------------------------------------
     def validate(self) -> "ViTSpec":
         """Raise ValueError naming the first bad field; return self for chaining."""
-        _check_int("version", self.version, 0)
         if self.version != SPEC_VERSION:
-            _fail("version", f"unsupported spec version {self.version}; this dcvit_engine reads "
-                  f"version {SPEC_VERSION} (upgrade dcvit_engine or re-export the model)")
+            raise _version_error(self.version)
         if not isinstance(self.img_size, (tuple, list)) or len(self.img_size) != 2:
             _fail("img_size", f"expected [height, width], got {self.img_size!r}")
         for axis, s in zip(("height", "width"), self.img_size):
@@ -209,6 +320,16 @@ class ViTSpec:
             _fail("global_pool", f"expected one of {GLOBAL_POOLS}, got {self.global_pool!r}")
         if self.global_pool == "token" and not self.class_token:
             _fail("global_pool", "'token' pooling needs class_token = true")
+        _check_int("reg_tokens", self.reg_tokens, 0)
+        _check_bool("abs_pos_embed", self.abs_pos_embed)
+        if self.reg_tokens and self.dist_token:
+            _fail("reg_tokens", "register tokens with a distillation token is no timm layout")
+        if (self.global_pool == "map") != (self.attn_pool is not None):
+            _fail("attn_pool", "an attention-pool head goes with global_pool = 'map' and only with it")
+        if self.attn_pool is not None:
+            if not isinstance(self.attn_pool, AttnPoolSpec):
+                _fail("attn_pool", f"expected AttnPoolSpec or None, got {type(self.attn_pool).__name__}")
+            self.attn_pool.validate(self.embed_dim)
         if self.dist_token:
             if not self.class_token:
                 _fail("dist_token", "a distillation token needs class_token = true (DeiT layout)")
@@ -224,63 +345,75 @@ class ViTSpec:
             if not isinstance(block, BlockSpec):
                 _fail(f"blocks[{i}]", f"expected BlockSpec, got {type(block).__name__}")
             block.validate(f"blocks[{i}]")
+        if self.rope is not None:
+            self._validate_rope()
+        if self.reg_tokens and any(b.merge is not None and b.merge.kind == "tome" for b in self.blocks):
+            _fail("reg_tokens", "ToMe merges with register tokens are not supported yet (the merge "
+                  "protects only class and distillation tokens)")
         merge_schedule(self)  # raises on merges the token count cannot support
         return self
 
+    def _validate_rope(self) -> None:
+        if not isinstance(self.rope, RopeSpec):
+            _fail("rope", f"expected RopeSpec or None, got {type(self.rope).__name__}")
+        self.rope.validate()
+        for i, block in enumerate(self.blocks):
+            # rotation pairs span the whole head width, so q/k heads stay whole (v may shrink)
+            if block.attn is not None and any(d != self.rope.dim for d in block.attn.qk_dims):
+                _fail(f"blocks[{i}].attn.qk_dims", f"RoPE rotates whole heads of width {self.rope.dim}, "
+                      f"got {list(block.attn.qk_dims)}")
+            if block.merge is not None:
+                _fail(f"blocks[{i}].merge", "token merging with RoPE is not supported yet (a merged "
+                      "token's rotary position is not defined)")
+
     # ---- (de)serialisation --------------------------------------------------------
     def to_dict(self) -> dict:
-        def block_dict(b: BlockSpec) -> dict:
-            return {
-                "attn": None if b.attn is None else {
-                    "qk_dims": list(b.attn.qk_dims), "v_dims": list(b.attn.v_dims),
-                    "scale": float(b.attn.scale), "qkv_bias": b.attn.qkv_bias,
-                    "proj_bias": b.attn.proj_bias, "qk_norm": b.attn.qk_norm},
-                "mlp_hidden": b.mlp_hidden,
-                "layer_scale": b.layer_scale,
-                "merge": None if b.merge is None else {
-                    "kind": b.merge.kind, "r": b.merge.r, "axis": b.merge.axis},
-            }
-        return {
-            "version": self.version,
-            "img_size": list(self.img_size), "patch_size": self.patch_size,
-            "in_chans": self.in_chans, "embed_dim": self.embed_dim,
-            "num_classes": self.num_classes, "class_token": self.class_token,
-            "dist_token": self.dist_token, "global_pool": self.global_pool,
-            "fc_norm": self.fc_norm, "pre_norm": self.pre_norm, "final_norm": self.final_norm,
-            "no_embed_class": self.no_embed_class, "norm_eps": float(self.norm_eps),
-            "prop_attn": self.prop_attn,
-            "blocks": [block_dict(b) for b in self.blocks],
-        }
+        data = asdict(self)  # nested specs become plain dicts
+        data["version"] = self.version
+        data["img_size"] = list(self.img_size)
+        data["norm_eps"] = float(self.norm_eps)
+        for block in data["blocks"]:
+            if block["attn"] is not None:
+                block["attn"]["scale"] = float(block["attn"]["scale"])
+                block["attn"]["qk_dims"] = list(block["attn"]["qk_dims"])
+                block["attn"]["v_dims"] = list(block["attn"]["v_dims"])
+        if data["rope"] is not None and data["rope"]["ref_feat_shape"] is not None:
+            data["rope"]["ref_feat_shape"] = list(data["rope"]["ref_feat_shape"])
+        return {"version": data.pop("version"), **data}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ViTSpec":
-        """Build and validate a spec from plain data (e.g. parsed JSON)."""
-        _check_keys("spec", data, cls)
+        """Build and validate a spec from plain data (e.g. parsed JSON); a version-1 spec is
+        read as version 2 with the v2 fields at their defaults."""
+        if not isinstance(data, dict):
+            _fail("spec", f"expected an object, got {type(data).__name__}")
         # check the version first: a newer format may not even have today's fields
-        _check_int("version", data.get("version", SPEC_VERSION), 0)
-        if data.get("version", SPEC_VERSION) != SPEC_VERSION:
-            _fail("version", f"unsupported spec version {data['version']}; this dcvit_engine reads "
-                  f"version {SPEC_VERSION} (upgrade dcvit_engine or re-export the model)")
+        version = data.get("version", SPEC_VERSION)
+        if isinstance(version, bool) or version not in READABLE_VERSIONS:
+            raise _version_error(version)
+        _check_keys("spec", data, cls)
         if not isinstance(data["blocks"], list):
             _fail("blocks", f"expected a list, got {type(data['blocks']).__name__}")
         blocks = []
         for i, bd in enumerate(data["blocks"]):
             where = f"blocks[{i}]"
             _check_keys(where, bd, BlockSpec)
-            attn = bd.get("attn")
-            if attn is not None:
-                _check_keys(f"{where}.attn", attn, AttentionSpec)
-                attn = AttentionSpec(**attn)
-            merge = bd.get("merge")
-            if merge is not None:
-                _check_keys(f"{where}.merge", merge, MergeSpec)
-                merge = MergeSpec(**merge)
-            blocks.append(BlockSpec(attn=attn, mlp_hidden=bd["mlp_hidden"],
-                                    layer_scale=bd.get("layer_scale", False), merge=merge))
+            fields = dict(bd)
+            if fields.get("attn") is not None:
+                _check_keys(f"{where}.attn", fields["attn"], AttentionSpec)
+                fields["attn"] = AttentionSpec(**fields["attn"])
+            if fields.get("merge") is not None:
+                _check_keys(f"{where}.merge", fields["merge"], MergeSpec)
+                fields["merge"] = MergeSpec(**fields["merge"])
+            blocks.append(BlockSpec(**fields))
         fields = {k: v for k, v in data.items() if k != "blocks"}
-        img_size = fields["img_size"]
-        if isinstance(img_size, list):
-            fields["img_size"] = tuple(img_size)
+        fields["version"] = SPEC_VERSION
+        if isinstance(fields["img_size"], list):
+            fields["img_size"] = tuple(fields["img_size"])
+        for name, part in (("rope", RopeSpec), ("attn_pool", AttnPoolSpec)):
+            if fields.get(name) is not None:
+                _check_keys(name, fields[name], part)
+                fields[name] = part(**fields[name])
         return cls(blocks=blocks, **fields).validate()
 
     def to_json(self, indent: int | None = 2) -> str:

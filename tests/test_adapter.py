@@ -109,18 +109,11 @@ def test_spec_from_timm_fields():
 
 
 @pytest.mark.parametrize("kwargs, feature", [
-    (dict(reg_tokens=2), "register tokens"),
-    (dict(global_pool="map"), "global_pool 'map'"),
     (dict(global_pool="max", fc_norm=False), "global_pool 'max'"),
-    (dict(act_layer="gelu_tanh"), "only exact GELU"),
-    (dict(act_layer=nn.ReLU), "ReLU"),
+    (dict(act_layer=nn.ReLU), "blocks.0.mlp.act is ReLU"),
     (dict(norm_layer="rmsnorm"), "only LayerNorm"),
-    (dict(dynamic_img_size=True), "dynamic_img_size"),
     (dict(embed_norm_layer="layernorm"), "patch_embed norm"),
-    (dict(pos_embed="none"), "position embedding"),
-    (dict(attn_layer="diff"), "DiffAttention"),
-    (dict(scale_attn_norm=True), "scale_norm"),
-    (dict(scale_mlp_norm=True), "scale_mlp_norm"),
+    (dict(attn_layer="diff"), "blocks.0.attn is DiffAttention"),
     (dict(proj_bias=False), "no bias"),
     (dict(global_pool="avg", pool_include_prefix=True), "pool_include_prefix"),
     (dict(patch_size=(8, 4)), "non-square patch"),
@@ -133,9 +126,20 @@ def test_unsupported_timm_features_are_named(kwargs, feature):
 
 def test_unsupported_model_classes():
     from timm.models.eva import Eva
-    with pytest.raises(UnsupportedModelError, match="rope"):
+    with pytest.raises(UnsupportedModelError, match="rope: RotaryEmbeddingMixed"):
         spec_from_timm(Eva(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3,
-                           use_rot_pos_emb=True))
+                           use_rot_pos_emb=True, rope_type="mixed", use_abs_pos_emb=False))
+    with pytest.raises(UnsupportedModelError, match=r"relative position bias \(blocks.0.attn"):
+        spec_from_timm(timm.create_model("beit_base_patch16_224", img_size=32, patch_size=8, embed_dim=48,
+                                         depth=1, num_heads=3))
+    with pytest.raises(UnsupportedModelError, match=r"relative position bias \(blocks.0.attn.rel_pos"):
+        spec_from_timm(timm.create_model("vit_relpos_base_patch16_224", img_size=32, patch_size=8,
+                                         embed_dim=48, depth=1, num_heads=3))
+    with pytest.raises(UnsupportedModelError, match=r"parallel blocks \(blocks.0"):
+        spec_from_timm(timm.create_model("vit_base_patch16_224", img_size=32, patch_size=8, embed_dim=48,
+                                         depth=1, num_heads=3, block_fn=timm.layers.ParallelScalingBlock
+                                         if hasattr(timm.layers, "ParallelScalingBlock") else
+                                         timm.models.vision_transformer.ParallelScalingBlock))
     with pytest.raises(UnsupportedModelError, match="model class Linear"):
         spec_from_timm(nn.Linear(3, 3))
     model = timm.create_model("vit_tiny_patch16_224", **TINY)
