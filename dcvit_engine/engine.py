@@ -25,7 +25,7 @@ from .kernels.fused_linear import fold_layer_norm
 from .kernels.head_padding import pad_heads, padded_width
 from .ops.dispatch import requested_backend
 from .reference import ViTReference, classify, merge_metric, merge_tokens
-from .spec import MergeSpec, ViTSpec, merge_schedule
+from .spec import MergeSpec, ViTSpec, merge_schedule, refuse_v2_features
 
 GRAPH_WARMUP_RUNS = 3  # eager runs on a side stream before capture (cuBLAS/Triton autotune, lazy init)
 
@@ -432,6 +432,7 @@ def build_engine(model_or_artifact, backend: str | None = None, dtype=None, devi
     through torch.compile(fullgraph=True) (inside the CUDA graph when both are on).
     """
     spec, state = _source_spec_state(model_or_artifact)
+    refuse_v2_features(spec, "the engine")  # until its ops run them (issue 19, item 5)
     requested_backend(backend)  # rejects unknown backend names with the list of choices
     reference_tensor = state["pos_embed"]
     device = _resolve_device(device if device is not None else reference_tensor.device)

@@ -453,6 +453,40 @@ class ViTSpec:
             raise ValueError(f"{file}: {err}") from None
 
 
+# ---- features of version 2 -------------------------------------------------------
+def v2_features(spec: ViTSpec) -> list[str]:
+    """The version-2 features `spec` uses, one readable name each (empty for a spec that version
+    1 could describe). Readers that do not run them yet (the engine, the compression methods)
+    refuse such a spec at their entry with the first name."""
+    found = []
+    if spec.reg_tokens:
+        found.append(f"{spec.reg_tokens} register tokens (reg_tokens)")
+    if not spec.abs_pos_embed:
+        found.append("no absolute position embedding (abs_pos_embed = false)")
+    if spec.rope is not None:
+        found.append(f"rotary position embedding (rope, kind {spec.rope.kind!r})")
+    if spec.attn_pool is not None:
+        found.append("the attention-pool head (global_pool 'map', attn_pool)")
+    for i, block in enumerate(spec.blocks):
+        if block.mlp_hidden and block.mlp_act != "gelu":
+            found.append(f"MLP activation {block.mlp_act!r} (blocks[{i}].mlp_act)")
+        if block.mlp_hidden and block.mlp_gated:
+            found.append(f"a gated MLP (blocks[{i}].mlp_gated)")
+        if block.mlp_hidden and block.mlp_inner_norm:
+            found.append(f"the MLP inner norm (blocks[{i}].mlp_inner_norm)")
+        if block.attn is not None and block.attn.inner_norm:
+            found.append(f"the attention inner norm (blocks[{i}].attn.inner_norm)")
+    return found
+
+
+def refuse_v2_features(spec: ViTSpec, reader: str) -> None:
+    """Raise ValueError naming the first version-2 feature `reader` does not run yet."""
+    found = v2_features(spec)
+    if found:
+        raise ValueError(f"{reader} does not run {found[0]} yet; the reference module and export do "
+                         f"(dcvit_engine.reference / dcvit export)")
+
+
 # ---- token schedule --------------------------------------------------------------
 def merge_schedule(spec: ViTSpec) -> list[tuple[int, int, tuple[int, int] | None]]:
     """Per block: (tokens entering, tokens after its merge, patch grid entering or None).

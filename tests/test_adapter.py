@@ -132,7 +132,7 @@ def test_unsupported_model_classes():
     with pytest.raises(UnsupportedModelError, match=r"relative position bias \(blocks.0.attn"):
         spec_from_timm(timm.create_model("beit_base_patch16_224", img_size=32, patch_size=8, embed_dim=48,
                                          depth=1, num_heads=3))
-    with pytest.raises(UnsupportedModelError, match=r"relative position bias \(blocks.0.attn.rel_pos"):
+    with pytest.raises(UnsupportedModelError, match=r"relative position bias \(\(model\): VisionTransformerRelPos"):
         spec_from_timm(timm.create_model("vit_relpos_base_patch16_224", img_size=32, patch_size=8,
                                          embed_dim=48, depth=1, num_heads=3))
     with pytest.raises(UnsupportedModelError, match=r"parallel blocks \(blocks.0"):

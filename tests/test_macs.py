@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dcvit_engine.macs import attention_macs, block_macs, count_macs, mlp_macs
 from dcvit_engine.reference import ViTReference, reference_from_timm
-from dcvit_engine.spec import AttentionSpec, BlockSpec, MergeSpec, ViTSpec
+from dcvit_engine.spec import AttentionSpec, AttnPoolSpec, BlockSpec, MergeSpec, RopeSpec, ViTSpec
 
 
 def make_spec(blocks, **overrides) -> ViTSpec:
@@ -36,6 +36,13 @@ def pruned_blocks():
     ]
 
 
+def gated_blocks():
+    """EVA-02 / DINOv3-like blocks: SwiGLU with the inner norm, attention inner norm, whole heads."""
+    return [BlockSpec(AttentionSpec([8] * 3, [8, 3, 8], 8 ** -0.5, inner_norm=True), 40, layer_scale=True,
+                      mlp_act="silu", mlp_gated=True, mlp_inner_norm=True),
+            BlockSpec(AttentionSpec([8] * 3, [8] * 3, 8 ** -0.5), 24, mlp_act="gelu_tanh")]
+
+
 SPECS = {
     "full": lambda: make_spec(full_blocks()),
     "pruned": lambda: make_spec(pruned_blocks()),
@@ -45,6 +52,13 @@ SPECS = {
     "no_pool_no_embed_class": lambda: make_spec(pruned_blocks(), global_pool="", no_embed_class=True),
     "no_head_odd_size": lambda: make_spec(full_blocks(2, 4, 5, 33), num_classes=0, img_size=(33, 17),
                                           in_chans=2),
+    "gated_rope_registers": lambda: make_spec(gated_blocks(), reg_tokens=2, abs_pos_embed=False,
+                                              rope=RopeSpec("cat", 8, 10000.0, rotate_half=False)),
+    "attention_pool": lambda: make_spec(pruned_blocks(), class_token=False, global_pool="map",
+                                        attn_pool=AttnPoolSpec(num_heads=3, mlp_hidden=40)),
+    "attention_pool_latents": lambda: make_spec(
+        full_blocks(), reg_tokens=1, global_pool="map", attn_pool=AttnPoolSpec(
+            num_heads=2, mlp_hidden=17, latent_len=3, qk_norm=True, include_prefix=True, pool="")),
 }
 
 
@@ -94,6 +108,10 @@ def test_analytic_count_equals_hook_count(name):
     assert report.attention_matmuls == attention_matmuls
     assert report.patch_embed == per_module["patch_embed.proj"]
     assert report.head == per_module.get("head", 0) + per_module.get("head_dist", 0)
+    if report.attn_pool is not None:
+        pool = report.attn_pool
+        assert (pool.q, pool.kv, pool.proj) == tuple(per_module[f"attn_pool.{n}"] for n in ("q", "kv", "proj"))
+        assert pool.mlp == per_module["attn_pool.mlp.fc1"] + per_module["attn_pool.mlp.fc2"]
     for i, b in enumerate(report.blocks):
         pre = f"blocks.{i}."
         assert b.qkv == per_module.get(pre + "attn.qkv", 0)
@@ -171,3 +189,48 @@ def test_merges_shrink_later_blocks():
     report = count_macs(make_spec(atme, img_size=(40, 40), global_pool=""))  # 5x5 -> 5x3
     assert [(b.tokens, b.mlp_tokens) for b in report.blocks] == [(26, 16), (16, 16)]
     assert report.head == 16 * 24 * 7  # no pooling: the head sees every token
+
+
+def test_gated_rope_register_family_by_hand():
+    """EVA-02 / DINOv3 family: registers enter every matmul, a gated fc1 costs both halves,
+    RoPE and the inner norms are reported apart."""
+    spec = SPECS["gated_rope_registers"]()
+    report = count_macs(spec)
+    n, d, patches = 1 + 2 + 15, 24, 15  # class + 2 registers + the 3 x 5 grid
+    b0, b1 = report.blocks
+    assert b0.qkv == n * d * (24 + 24 + 19) and b0.qk == n * n * 24 and b0.av == n * n * 19
+    assert b0.proj == n * 19 * d
+    assert b0.fc1 == n * d * 2 * 40 and b0.fc2 == n * 40 * d  # gate and value halves
+    assert b0.mlp == mlp_macs(d, 40, n, gated=True)
+    assert b1.fc1 == n * d * 24 and b1.mlp == mlp_macs(d, 24, n)
+    assert b0.rope == b1.rope == 2 * 2 * patches * 24  # q and k of the patch tokens only
+    assert report.rope == b0.rope + b1.rope
+    assert b0.layernorm == 4 * (n * d + n * 19 + n * d + n * 40)  # norm1, attn.norm, norm2, mlp.norm
+    assert report.total == (patches * d * 3 * 64 + b0.total + b1.total + d * 7)
+
+
+def test_attention_pool_head_by_hand():
+    """SigLIP / PE family: the 'map' head's q, kv, QK^T, A.V, proj and MLP are in the total."""
+    report = count_macs(SPECS["attention_pool"]())
+    d, tokens = 24, 15  # no class token: the pool attends over the 15 patch tokens
+    pool = report.attn_pool
+    assert (pool.q, pool.kv, pool.qk, pool.av, pool.proj, pool.mlp) == (
+        d * d, tokens * d * 2 * d, tokens * d, tokens * d, d * d, 2 * d * 40)
+    assert report.head == d * 7
+    assert report.total == report.patch_embed + sum(b.total for b in report.blocks) + pool.total + d * 7
+    latents = count_macs(SPECS["attention_pool_latents"]())
+    tokens = 1 + 1 + 15  # include_prefix: class and register token too
+    assert latents.attn_pool.kv == tokens * d * 2 * d and latents.attn_pool.qk == 3 * tokens * d
+    assert latents.head == 3 * d * 7  # pool "": the head sees each of the 3 latents
+
+
+def test_named_families_count_from_timm():
+    """count_macs of timm models of the new families equals the hand formula of their spec."""
+    model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, depth=2, img_size=56)
+    report = count_macs(model)
+    n, d, hidden = 1 + 16, 192, int(192 * 4 * 2 / 3)
+    assert report.blocks[0].fc1 == n * d * 2 * hidden and report.blocks[0].fc2 == n * hidden * d
+    assert report.blocks[0].rope == 2 * 2 * 16 * d
+    siglip = count_macs(timm.create_model("vit_base_patch16_siglip_224", pretrained=False, depth=1,
+                                          img_size=64))
+    assert siglip.attn_pool.kv == 16 * 768 * 2 * 768 and siglip.attn_pool.mlp == 2 * 768 * 3072

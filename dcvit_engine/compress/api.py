@@ -21,7 +21,9 @@ import inspect
 import os
 from dataclasses import dataclass
 
+from ..adapter import spec_from_timm
 from ..reference import ViTReference
+from ..spec import ViTSpec, refuse_v2_features
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,11 @@ def target_required(method: str) -> bool:
     return target.default is not None
 
 
+def _spec_of(model) -> ViTSpec:
+    spec = getattr(model, "spec", None)
+    return spec if isinstance(spec, ViTSpec) else spec_from_timm(model)
+
+
 def _load_if_path(model):
     if isinstance(model, (str, os.PathLike)):
         from ..artifact import load
@@ -118,4 +125,6 @@ def compress(model, images=None, method: str = "dcvit", target_macs: float | Non
     if "progress" in accepted:
         options["progress"] = progress
     options["report"] = report
-    return function(_load_if_path(model), images, target_macs, **options)
+    model = _load_if_path(model)
+    refuse_v2_features(_spec_of(model), f"method {method!r}")  # until the methods handle them
+    return function(model, images, target_macs, **options)
