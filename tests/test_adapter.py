@@ -1,3 +1,4 @@
+import functools
 import math
 
 import pytest
@@ -9,6 +10,8 @@ from dcvit_engine.adapter import UnsupportedModelError, from_timm, spec_from_tim
 from dcvit_engine.reference import ViTReference, reference_from_timm, state_shapes
 from dcvit_engine.spec import AttentionSpec, BlockSpec, ViTSpec
 
+GLU_MLP_GATE_LAST = functools.partial(timm.layers.GluMlp, act_layer=nn.SiLU, gate_last=True)
+GLU_MLP_GATE_LAST.__name__ = "GluMlp(gate_last=True)"
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=10)
 
 
@@ -74,7 +77,21 @@ def test_reference_matches_timm_zoo_models(name):
     dict(in_chans=1, mlp_ratio=2.5),
     dict(init_values=1e-5, qk_norm=True, qkv_bias=False, no_embed_class=True, pre_norm=True,
          img_size=(40, 24)),
-], ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+    # version-2 parts in timm's VisionTransformer
+    dict(reg_tokens=3),
+    dict(reg_tokens=2, class_token=False, global_pool="avg", no_embed_class=True),
+    dict(act_layer="gelu_tanh"),
+    dict(act_layer="quick_gelu", pre_norm=True),
+    dict(act_layer="silu"),
+    dict(scale_attn_norm=True, scale_mlp_norm=True),
+    dict(pos_embed="none", reg_tokens=1),
+    dict(dynamic_img_size=True),
+    dict(mlp_layer=GLU_MLP_GATE_LAST, mlp_ratio=2.0),            # [value | gate] fc1 -> [gate | value]
+    dict(mlp_layer=timm.layers.SwiGLU, scale_mlp_norm=True),
+    dict(mlp_layer=timm.layers.SwiGLUPacked, init_values=1e-5),
+    dict(global_pool="map", class_token=False),
+    dict(global_pool="map", reg_tokens=2, act_layer="gelu_tanh"),
+], ids=lambda kw: ",".join(f"{k}={getattr(v, '__name__', v)}" for k, v in kw.items()))
 def test_reference_matches_custom_timm_configs(kwargs):
     torch.manual_seed(0)
     config = dict(TINY, **kwargs)
@@ -83,6 +100,7 @@ def test_reference_matches_custom_timm_configs(kwargs):
     assert spec.img_size == ((config["img_size"],) * 2 if isinstance(config["img_size"], int)
                              else config["img_size"])
     assert spec.blocks[0].layer_scale == ("init_values" in kwargs)
+    assert spec.reg_tokens == kwargs.get("reg_tokens", 0)
 
 
 def test_distilled_tiny_config_and_train_mode_follows_eval():

@@ -1,13 +1,17 @@
 import json
 
 import pytest
+import torch
 
 from dcvit_engine.spec import (
     SPEC_VERSION,
     AttentionSpec,
+    AttnPoolSpec,
     BlockSpec,
     MergeSpec,
+    RopeSpec,
     ViTSpec,
+    v2_features,
     final_tokens,
     merge_schedule,
     tokens_per_block,
@@ -68,6 +72,98 @@ def test_from_dict_rejects_unsupported_version():
     data = make_spec().to_dict()
     data["version"] = SPEC_VERSION + 1
     with pytest.raises(ValueError, match="unsupported spec version"):
+        ViTSpec.from_dict(data)
+
+
+@pytest.mark.parametrize("version", [3, 0, "2", None, True])
+def test_newer_or_unknown_version_is_a_version_error_not_a_field_error(version):
+    """A spec of a later format (new fields, changed shapes) fails on its version first."""
+    data = v2_spec().to_dict()
+    data.update(version=version, some_v3_field={"x": 1})
+    data["blocks"][0]["mlp_hidden"] = "changed in v3"
+    with pytest.raises(ValueError, match=r"^invalid spec: version: unsupported spec version"):
+        ViTSpec.from_dict(data)
+
+
+# what dcvit_engine 0.x (spec version 1) wrote: no v2 field at all
+V1_SPEC_JSON = """{"version": 1, "img_size": [32, 40], "patch_size": 8, "in_chans": 3, "embed_dim": 48,
+ "num_classes": 10, "class_token": true, "dist_token": false, "global_pool": "token", "fc_norm": false,
+ "pre_norm": false, "final_norm": true, "no_embed_class": false, "norm_eps": 1e-06, "prop_attn": false,
+ "blocks": [{"attn": {"qk_dims": [16, 5], "v_dims": [16, 7], "scale": 0.25, "qkv_bias": true,
+   "proj_bias": true, "qk_norm": false}, "mlp_hidden": 37, "layer_scale": true, "merge": null},
+  {"attn": null, "mlp_hidden": 50, "layer_scale": false, "merge": {"kind": "tome", "r": 3, "axis": ""}}]}"""
+
+
+def test_version_1_spec_file_reads_as_version_2_with_v1_meaning(tmp_path):
+    (tmp_path / "spec.json").write_text(V1_SPEC_JSON)
+    spec = ViTSpec.load(tmp_path / "spec.json")
+    assert spec.version == SPEC_VERSION == 2
+    assert (spec.reg_tokens, spec.abs_pos_embed, spec.rope, spec.attn_pool) == (0, True, None, None)
+    assert all((b.mlp_act, b.mlp_gated, b.mlp_inner_norm) == ("gelu", False, False) for b in spec.blocks)
+    assert not spec.blocks[0].attn.inner_norm and v2_features(spec) == []
+    assert spec.num_prefix_tokens == 1 and spec.blocks[1].merge == MergeSpec("tome", r=3)
+    assert ViTSpec.from_json(spec.to_json()) == spec  # re-written as version 2
+
+
+def test_version_1_artifact_loads(tmp_path):
+    from dcvit_engine import artifact
+    from dcvit_engine.reference import ViTReference
+    spec = ViTSpec.from_json(V1_SPEC_JSON)
+    torch.manual_seed(0)
+    model = ViTReference(spec).eval()
+    artifact.save(model, tmp_path / "a")
+    (tmp_path / "a" / "spec.json").write_text(V1_SPEC_JSON)  # as the old version wrote it
+    loaded = artifact.load(tmp_path / "a")
+    x = torch.randn(2, 3, 32, 40)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def v2_spec() -> ViTSpec:
+    blocks = [BlockSpec(AttentionSpec([16] * 3, [16, 9, 16], 0.25, inner_norm=True), 40, layer_scale=True,
+                        mlp_act="silu", mlp_gated=True, mlp_inner_norm=True),
+              BlockSpec(AttentionSpec([16] * 3, [16] * 3, 0.25), 24, mlp_act="quick_gelu")]
+    return make_spec(blocks=blocks, reg_tokens=4, abs_pos_embed=False, global_pool="map",
+                     rope=RopeSpec("cat", 16, 10000.0, rotate_half=False, ref_feat_shape=[16, 16]),
+                     attn_pool=AttnPoolSpec(num_heads=4, mlp_hidden=96, include_prefix=True)).validate()
+
+
+def test_version_2_fields_round_trip():
+    spec = v2_spec()
+    data = json.loads(spec.to_json())
+    assert data["version"] == 2 and data["reg_tokens"] == 4 and data["rope"]["kind"] == "cat"
+    assert data["attn_pool"]["num_heads"] == 4 and data["blocks"][0]["mlp_gated"] is True
+    assert ViTSpec.from_json(spec.to_json()) == spec
+    assert spec.num_prefix_tokens == 5
+    assert v2_features(spec)[:4] == ["4 register tokens (reg_tokens)",
+                                     "no absolute position embedding (abs_pos_embed = false)",
+                                     "rotary position embedding (rope, kind 'cat')",
+                                     "the attention-pool head (global_pool 'map', attn_pool)"]
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d["blocks"][0].update(mlp_act="relu"), r"blocks\[0\].mlp_act: expected one of"),
+    (lambda d: d["blocks"][0].update(mlp_gated=1), r"blocks\[0\].mlp_gated: expected true/false"),
+    (lambda d: d["blocks"][0]["attn"].update(inner_norm="yes"), "inner_norm"),
+    (lambda d: d.update(reg_tokens=-1), "reg_tokens: must be >= 0"),
+    (lambda d: d["rope"].update(dim=14), "multiple of 4"),
+    (lambda d: d["rope"].update(kind="mixed"), r"rope.kind: expected one of"),
+    (lambda d: d["rope"].update(grid_indexing="yx"), "grid_indexing"),
+    (lambda d: d["rope"].update(min_period=1.0), "go together"),
+    (lambda d: d["rope"].update(ref_feat_shape=[16]), r"expected \[rows, cols\]"),
+    (lambda d: d["blocks"][1]["attn"].update(qk_dims=[16, 8, 16]), "RoPE rotates whole heads"),
+    (lambda d: d["blocks"][1].update(merge={"kind": "atme", "axis": "w"}), "token merging with RoPE"),
+    (lambda d: d.update(attn_pool=None), "global_pool = 'map'"),
+    (lambda d: d["attn_pool"].update(num_heads=5), "do not divide embed_dim"),
+    (lambda d: d["attn_pool"].update(pool="max"), r"attn_pool.pool"),
+    (lambda d: d["attn_pool"].update(extra=1), "unknown field"),
+    (lambda d: d.update(rope=None, blocks=d["blocks"][:1] + [dict(d["blocks"][1], merge={
+        "kind": "tome", "r": 2, "axis": ""})]), "ToMe merges with register tokens"),
+])
+def test_version_2_validation_errors(mutate, message):
+    data = v2_spec().to_dict()
+    mutate(data)
+    with pytest.raises(ValueError, match=message):
         ViTSpec.from_dict(data)
 
 
