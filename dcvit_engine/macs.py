@@ -13,10 +13,18 @@ import torch.nn as nn
 
 from .adapter import spec_from_timm
 from .spec import ViTSpec
-from .spec_macs import AttnPoolMacs, BlockMacs, MacsReport, attention_macs, block_macs, mlp_macs, spec_macs
+from .spec_macs import (
+    AttnPoolMacs,
+    BlockMacs,
+    MacsReport,
+    attention_macs,
+    block_macs,
+    mlp_macs,
+    spec_macs,
+)
 
-__all__ = ["AttnPoolMacs", "BlockMacs", "MacsReport", "attention_macs", "block_macs", "count_macs", "mlp_macs",
-           "spec_macs"]
+__all__ = ["AttnPoolMacs", "BlockMacs", "MacsReport", "attention_macs", "block_macs", "count_macs",
+           "mlp_macs", "spec_macs"]
 
 
 def count_macs(obj) -> MacsReport:

@@ -1,9 +1,10 @@
 """Plain-PyTorch module built from a ViTSpec: the numerical reference for every backend.
 
 Parameter names equal timm VisionTransformer's, so an uncompressed timm ViT state dict
-loads with strict=True (an Eva model's through adapter.from_timm, which renames). Heads may be ragged (per-head q/k and v widths, packed qkv as the spec
-contract says), branches may be removed, and blocks may merge tokens. The engine shares
-this module's merge metric, merge dispatch and head (merge_metric, merge_tokens, classify).
+loads with strict=True (an Eva model's through adapter.from_timm, which renames). Heads may
+be ragged (per-head q/k and v widths, packed qkv as the spec contract says), branches may be
+removed, and blocks may merge tokens. The engine shares this module's merge metric, merge
+dispatch and head (merge_metric, merge_tokens, classify).
 """
 from __future__ import annotations
 

@@ -90,10 +90,12 @@ def rope_tables(spec: ViTSpec, *, layout: str = "half", dtype=torch.float32, dev
         raise ValueError("this spec has no rotary position embedding (spec.rope is None)")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    angles = rope_angles(spec.rope, spec.grid, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    # below float32 (bf16, fp16) the angles are still taken in float32, as timm does
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    angles = rope_angles(spec.rope, spec.grid, dtype=compute)
     rotate_half = True if layout == "half" else spec.rope.rotate_half
-    sin, cos = (_layout(f(angles), rotate_half).to(dtype=dtype, device=device) for f in (torch.sin, torch.cos))
-    return sin, cos
+    return tuple(_layout(f(angles), rotate_half).to(dtype=dtype, device=device)
+                 for f in (torch.sin, torch.cos))
 
 
 def half_rotation_order(spec: ViTSpec) -> torch.Tensor:

@@ -150,14 +150,14 @@ def test_unsupported_model_classes():
     with pytest.raises(UnsupportedModelError, match=r"relative position bias \(blocks.0.attn"):
         spec_from_timm(timm.create_model("beit_base_patch16_224", img_size=32, patch_size=8, embed_dim=48,
                                          depth=1, num_heads=3))
-    with pytest.raises(UnsupportedModelError, match=r"relative position bias \(\(model\): VisionTransformerRelPos"):
+    with pytest.raises(UnsupportedModelError,
+                       match=r"relative position bias \(\(model\): VisionTransformerRelPos"):
         spec_from_timm(timm.create_model("vit_relpos_base_patch16_224", img_size=32, patch_size=8,
                                          embed_dim=48, depth=1, num_heads=3))
     with pytest.raises(UnsupportedModelError, match=r"parallel blocks \(blocks.0"):
         spec_from_timm(timm.create_model("vit_base_patch16_224", img_size=32, patch_size=8, embed_dim=48,
-                                         depth=1, num_heads=3, block_fn=timm.layers.ParallelScalingBlock
-                                         if hasattr(timm.layers, "ParallelScalingBlock") else
-                                         timm.models.vision_transformer.ParallelScalingBlock))
+                                         depth=1, num_heads=3,
+                                         block_fn=timm.models.vision_transformer.ParallelScalingBlock))
     with pytest.raises(UnsupportedModelError, match="model class Linear"):
         spec_from_timm(nn.Linear(3, 3))
     model = timm.create_model("vit_tiny_patch16_224", **TINY)

@@ -110,7 +110,8 @@ def test_analytic_count_equals_hook_count(name):
     assert report.head == per_module.get("head", 0) + per_module.get("head_dist", 0)
     if report.attn_pool is not None:
         pool = report.attn_pool
-        assert (pool.q, pool.kv, pool.proj) == tuple(per_module[f"attn_pool.{n}"] for n in ("q", "kv", "proj"))
+        measured = tuple(per_module[f"attn_pool.{n}"] for n in ("q", "kv", "proj"))
+        assert (pool.q, pool.kv, pool.proj) == measured
         assert pool.mlp == per_module["attn_pool.mlp.fc1"] + per_module["attn_pool.mlp.fc2"]
     for i, b in enumerate(report.blocks):
         pre = f"blocks.{i}."

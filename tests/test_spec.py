@@ -11,10 +11,10 @@ from dcvit_engine.spec import (
     MergeSpec,
     RopeSpec,
     ViTSpec,
-    v2_features,
     final_tokens,
     merge_schedule,
     tokens_per_block,
+    v2_features,
 )
 
 
