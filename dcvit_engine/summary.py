@@ -60,10 +60,11 @@ def model_summary(spec: ViTSpec) -> dict:
     return {
         "img_size": list(spec.img_size), "patch_size": spec.patch_size, "in_chans": spec.in_chans,
         "embed_dim": spec.embed_dim, "num_classes": spec.num_classes, "depth": spec.depth,
-        "class_token": spec.class_token, "dist_token": spec.dist_token,
+        "class_token": spec.class_token, "dist_token": spec.dist_token, "reg_tokens": spec.reg_tokens,
         "global_pool": spec.global_pool, "prop_attn": spec.prop_attn,
         "blocks": blocks,
         "macs": {"total": macs.total, "patch_embed": macs.patch_embed, "head": macs.head,
+                 "attn_pool": macs.attn_pool.total if macs.attn_pool is not None else 0,
                  "blocks": sum(b["macs"] for b in blocks), "layernorm_not_counted": macs.layernorm},
         "params": {"total": total_params, "blocks": sum(params.values())},
     }
@@ -73,6 +74,8 @@ def format_summary(summary: dict, title: str) -> str:
     """The summary as an aligned text table."""
     prefix = [name for name, on in (("class", summary["class_token"]),
                                     ("distillation", summary["dist_token"])) if on]
+    if summary.get("reg_tokens"):
+        prefix.append(f"{summary['reg_tokens']} registers")
     lines = [
         title,
         f"image {summary['img_size'][0]}x{summary['img_size'][1]}x{summary['in_chans']}, patch "
@@ -96,7 +99,9 @@ def format_summary(summary: dict, title: str) -> str:
     lines += [
         "",
         f"MACs per image: {macs['total'] / 1e9:.4f} G (blocks {macs['blocks'] / 1e9:.4f} G, patch embedding "
-        f"{macs['patch_embed'] / 1e9:.4f} G, head {macs['head'] / 1e9:.4f} G; LayerNorm "
+        f"{macs['patch_embed'] / 1e9:.4f} G, "
+        + (f"attention pool {macs['attn_pool'] / 1e9:.4f} G, " if macs.get("attn_pool") else "")
+        + f"head {macs['head'] / 1e9:.4f} G; LayerNorm "
         f"{macs['layernorm_not_counted'] / 1e9:.4f} G not counted)",
         f"parameters: {params['total']:,} (blocks {params['blocks']:,})",
     ]

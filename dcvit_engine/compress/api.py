@@ -16,6 +16,7 @@ that `dcvit compress`, `dcvit sweep`, `dcvit plan` and this function know of it.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import os
@@ -65,9 +66,18 @@ def method_function(method: str):
 
 
 def method_plan(method: str):
-    """The function planning `method`'s structure from the target alone, or None."""
+    """The function planning `method`'s structure from the target alone (its first argument
+    the teacher's spec), or None. It refuses a spec with parts the method does not handle yet."""
     name = _method(method).plan
-    return None if name is None else getattr(method_module(method), name)
+    if name is None:
+        return None
+    plan = getattr(method_module(method), name)
+
+    @functools.wraps(plan)  # keeps the signature, which `dcvit plan` reads its options from
+    def checked(spec, *args, **kwargs):
+        refuse_v2_features(spec, f"method {method!r}")
+        return plan(spec, *args, **kwargs)
+    return checked
 
 
 def method_options(method: str) -> list[str]:
