@@ -11,6 +11,7 @@ are renamed on the way (exact: no arithmetic but concatenation):
   gamma_1 / gamma_2                            -> ls1.gamma / ls2.gamma
   mlp.fc1_g, mlp.fc1_x (SwiGLU)                -> mlp.fc1 rows [gate | value]
   GluMlp(gate_last=True) fc1 [value | gate]    -> mlp.fc1 rows [gate | value]
+  rope.freqs (RotaryEmbeddingMixed)            -> blocks.i.attn.rope_freqs, block i's slice
 """
 from __future__ import annotations
 
@@ -285,8 +286,11 @@ def _convert(model: nn.Module) -> tuple[ViTSpec, dict[str, torch.Tensor]]:
     except ValueError as err:  # a timm layout the spec's rules cannot hold (e.g. RoPE wider than a head)
         raise unsupported(str(err)) from None
     # every other tensor (embeddings, tokens, norms, heads, attn_pool.*) keeps timm's own name
+    if rope is not None and rope.kind == "mixed":  # (2, depth, heads, d/2): each block its own slice
+        for i in range(spec.depth):
+            state[f"blocks.{i}.attn.rope_freqs"] = model.rope.freqs[:, i]
     for name, tensor in model.state_dict().items():
-        if not name.startswith("blocks."):
+        if not name.startswith(("blocks.", "rope.")):
             state[name] = tensor
     return spec, state
 

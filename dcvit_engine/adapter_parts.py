@@ -32,7 +32,11 @@ def timm_classes() -> dict:
             SwiGLU,
         )
         from timm.layers.activations import GELU, GELUTanh, QuickGELU, Swish
-        from timm.layers.pos_embed_sincos import RotaryEmbeddingCat, RotaryEmbeddingDinoV3
+        from timm.layers.pos_embed_sincos import (
+            RotaryEmbeddingCat,
+            RotaryEmbeddingDinoV3,
+            RotaryEmbeddingMixed,
+        )
         from timm.models.deit import VisionTransformerDistilled
         from timm.models.eva import Eva, EvaAttention, EvaBlock
         from timm.models.vision_transformer import Block, VisionTransformer
@@ -42,6 +46,7 @@ def timm_classes() -> dict:
                 GluMlp=GluMlp, LayerScale=LayerScale, Mlp=Mlp, PatchEmbed=PatchEmbed, SwiGLU=SwiGLU,
                 TimmGELU=GELU, GELUTanh=GELUTanh, QuickGELU=QuickGELU, Swish=Swish,
                 RotaryEmbeddingCat=RotaryEmbeddingCat, RotaryEmbeddingDinoV3=RotaryEmbeddingDinoV3,
+                RotaryEmbeddingMixed=RotaryEmbeddingMixed,
                 VisionTransformerDistilled=VisionTransformerDistilled, Eva=Eva, EvaAttention=EvaAttention,
                 EvaBlock=EvaBlock, Block=Block, VisionTransformer=VisionTransformer)
 
@@ -102,9 +107,19 @@ def rope_spec(model: nn.Module, classes: dict) -> RopeSpec | None:
                         grid_offset=float(rope.grid_offset), normalize_coords=rope.normalize_coords,
                         min_period=float(rope.min_period) if periods else None,
                         max_period=float(rope.max_period) if periods else None)
+    elif kind is classes["RotaryEmbeddingMixed"]:
+        depth = len(model.blocks)
+        if rope.depth != depth or tuple(rope.freqs.shape[1:3]) != (depth, rope.num_heads):
+            raise unsupported(f"rope: RotaryEmbeddingMixed frequencies of shape {tuple(rope.freqs.shape)} "
+                              f"for {len(model.blocks)} blocks")
+        if not getattr(model, "rope_mixed", False):
+            raise unsupported("rope: RotaryEmbeddingMixed on a model that does not pass it per block")
+        spec = RopeSpec(kind="mixed", dim=int(rope.dim // rope.num_heads),
+                        temperature=float(rope.temperature), rotate_half=False,
+                        grid_indexing=rope.grid_indexing)
     else:
-        raise unsupported(f"rope: {kind.__name__} (only RotaryEmbeddingCat and RotaryEmbeddingDinoV3; "
-                          "learned per-block frequencies as in RotaryEmbeddingMixed are not described)")
+        raise unsupported(f"rope: {kind.__name__} (only RotaryEmbeddingCat, RotaryEmbeddingDinoV3 and "
+                          "RotaryEmbeddingMixed)")
     feat_shape = getattr(rope, "feat_shape", None)
     if feat_shape is not None and tuple(feat_shape) != tuple(model.patch_embed.grid_size):
         raise unsupported(f"rope: its grid {tuple(feat_shape)} differs from the patch grid "

@@ -205,13 +205,18 @@ class Attention(nn.Module):
     """
 
     def __init__(self, dim: int, attn: AttentionSpec, norm_eps: float, prop_attn: bool,
-                 rope_prefix: int = 0, rotate_half: bool = False):
+                 rope_prefix: int = 0, rotate_half: bool = False, mixed_rope: ViTSpec | None = None):
         super().__init__()
         self.qk_dims, self.v_dims = list(attn.qk_dims), list(attn.v_dims)
         self.scale = attn.scale
         self.prop_attn = prop_attn
         # RoPE: the first rope_prefix tokens stay unrotated; tables come with each forward
         self.rope_prefix, self.rotate_half = rope_prefix, rotate_half
+        # mixed RoPE: this block's own learned frequencies (2, heads, dim // 2); tables built here
+        self.mixed_rope = mixed_rope
+        self.rope_freqs = None
+        if mixed_rope is not None:
+            self.rope_freqs = nn.Parameter(torch.zeros(2, attn.num_heads, mixed_rope.rope.dim // 2))
         self.qkv = nn.Linear(dim, attn.qkv_out, bias=attn.qkv_bias)
         if attn.qk_norm:
             self.q_norm = nn.LayerNorm(attn.qk_dims[0], eps=norm_eps)
@@ -227,6 +232,9 @@ class Attention(nn.Module):
         rope: (sin, cos) tables of the patch tokens (rope.rope_tables, the spec's layout) or None."""
         qk_total = sum(self.qk_dims)
         q, k, v = self.qkv(x).split([qk_total, qk_total, sum(self.v_dims)], dim=-1)
+        if self.rope_freqs is not None:  # (heads, N, d) tables, one per head
+            rope = rope_tables(self.mixed_rope, layout="spec", dtype=x.dtype, device=x.device,
+                               freqs=self.rope_freqs)
         out = self._heads(q, k, v, size, rope)
         return (out, self.merge_metric(k)) if return_keys else out
 
@@ -246,8 +254,11 @@ class Attention(nn.Module):
             q, k, v = (t.reshape(batch, tokens, heads, -1).transpose(1, 2) for t in (q, k, v))
             out = self._attend(q, k, v, None if bias is None else bias.unsqueeze(1), rope)
             return self._project(out.transpose(1, 2).reshape(batch, tokens, -1))
-        heads = [self._attend(qh, kh, vh, bias, rope) for qh, kh, vh in zip(
-            q.split(self.qk_dims, -1), k.split(self.qk_dims, -1), v.split(self.v_dims, -1))]
+        per_head = [rope] * len(self.qk_dims)
+        if rope is not None and self.rope_freqs is not None:
+            per_head = list(zip(*rope))  # mixed: head h rotates with its own tables
+        heads = [self._attend(qh, kh, vh, bias, rh) for qh, kh, vh, rh in zip(
+            q.split(self.qk_dims, -1), k.split(self.qk_dims, -1), v.split(self.v_dims, -1), per_head)]
         return self._project(torch.cat(heads, dim=-1))
 
     def _project(self, out: torch.Tensor) -> torch.Tensor:
@@ -281,7 +292,8 @@ class Block(nn.Module):
         if block.attn is not None:
             self.norm1 = nn.LayerNorm(dim, eps=eps)
             self.attn = Attention(dim, block.attn, eps, spec.prop_attn, spec.num_prefix_tokens,
-                                  spec.rope is not None and spec.rope.rotate_half)
+                                  spec.rope is not None and spec.rope.rotate_half,
+                                  spec if spec.rope is not None and spec.rope.kind == "mixed" else None)
             self.ls1 = LayerScale(dim) if block.layer_scale else None
         if block.mlp_hidden:
             self.norm2 = nn.LayerNorm(dim, eps=eps)
@@ -321,7 +333,7 @@ class ViTReference(nn.Module):
         pos_len = spec.num_patches + (0 if spec.no_embed_class else spec.num_prefix_tokens)
         self.pos_embed = nn.Parameter(torch.randn(1, pos_len, dim) * 0.02) if spec.abs_pos_embed else None
         self.norm_pre = nn.LayerNorm(dim, eps=spec.norm_eps) if spec.pre_norm else None
-        self.blocks = nn.ModuleList(Block(spec, b) for b in spec.blocks)
+        self.blocks = nn.ModuleList(Block(self.spec, b) for b in self.spec.blocks)
         self.norm = nn.LayerNorm(dim, eps=spec.norm_eps) if spec.final_norm else None
         self.attn_pool = AttentionPool(self.spec) if spec.attn_pool is not None else None
         self.fc_norm = nn.LayerNorm(dim, eps=spec.norm_eps) if spec.fc_norm else None
@@ -362,7 +374,7 @@ class ViTReference(nn.Module):
             x = self.norm_pre(x)
         size = None  # merged-token counts; None until the first merge (all ones)
         rope = None
-        if self.spec.rope is not None:
+        if self.spec.rope is not None and self.spec.rope.kind != "mixed":  # mixed: per block
             rope = rope_tables(self.spec, layout="spec", dtype=x.dtype, device=x.device)
         for i, block in enumerate(self.blocks):
             if block.merge is None:

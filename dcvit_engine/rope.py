@@ -33,7 +33,7 @@ def _axis_coords(rope: RopeSpec, grid: tuple[int, int]) -> torch.Tensor:
     if rope.grid_indexing == "xy":  # timm swaps the axes, meshgrid 'xy' swaps them back spatially
         shape = shape[::-1]
         ref = ref[::-1] if ref is not None else None
-    if rope.kind == "cat":
+    if rope.kind in ("cat", "mixed"):
         axes = [torch.arange(s, dtype=torch.int64).to(torch.float32) + rope.grid_offset for s in shape]
         if ref is not None:  # EVA: positions rescaled so the grid spans the pretraining grid
             axes = [t / s * r for t, s, r in zip(axes, shape, ref)]
@@ -62,10 +62,16 @@ def _frequencies(rope: RopeSpec) -> torch.Tensor:
     return rope.temperature ** exponent
 
 
-def rope_angles(rope: RopeSpec, grid: tuple[int, int], dtype=torch.float64) -> torch.Tensor:
+def rope_angles(rope: RopeSpec, grid: tuple[int, int], dtype=torch.float64, freqs=None) -> torch.Tensor:
     """(rows * cols, dim // 2) rotation angles, patches row-major, the angle of pair i in
-    column i (axis 0's bands, then axis 1's)."""
+    column i (axis 0's bands, then axis 1's). Mixed: (heads, rows * cols, dim // 2) from a
+    block's learned freqs (2, heads, dim // 2), x * freqs[0] + y * freqs[1]."""
     coords = _axis_coords(rope, grid).flatten(0, 1).to(dtype)       # (N, 2)
+    if rope.kind == "mixed":
+        if freqs is None:
+            raise ValueError("mixed RoPE needs the block's frequencies (blocks.i.attn.rope_freqs)")
+        freqs = freqs.to(device=coords.device, dtype=dtype)
+        return coords[:, 0, None] * freqs[0][:, None, :] + coords[:, 1, None] * freqs[1][:, None, :]
     freqs = _frequencies(rope).to(dtype)                           # (dim // 4,)
     if rope.kind == "cat":
         angles = coords[:, :, None] * freqs
@@ -81,18 +87,20 @@ def _layout(values: torch.Tensor, rotate_half: bool) -> torch.Tensor:
     return torch.stack([values, values], dim=-1).flatten(-2)  # [f0, f0, f1, f1, ...]
 
 
-def rope_tables(spec: ViTSpec, *, layout: str = "half", dtype=torch.float32, device=None):
+def rope_tables(spec: ViTSpec, *, layout: str = "half", dtype=torch.float32, device=None, freqs=None):
     """(sin, cos), each (num_patches, rope.dim): the table of every patch token and every q/k
     channel of one head (all heads share it; prefix tokens are not rotated). layout "half":
     the op contract (pair i, i + d/2), for q/k channels ordered by half_rotation_order;
-    "spec": the model's own layout (what timm and the reference module apply)."""
+    "spec": the model's own layout (what timm and the reference module apply).
+    Mixed RoPE: per block and head, (heads, num_patches, rope.dim) from that block's
+    `freqs` (blocks.i.attn.rope_freqs); timm takes its angles in float32 at every dtype."""
     if spec.rope is None:
         raise ValueError("this spec has no rotary position embedding (spec.rope is None)")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     # below float32 (bf16, fp16) the angles are still taken in float32, as timm does
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
-    angles = rope_angles(spec.rope, spec.grid, dtype=compute)
+    compute = torch.float64 if dtype == torch.float64 and spec.rope.kind != "mixed" else torch.float32
+    angles = rope_angles(spec.rope, spec.grid, dtype=compute, freqs=freqs)
     rotate_half = True if layout == "half" else spec.rope.rotate_half
     return tuple(_layout(f(angles), rotate_half).to(dtype=dtype, device=device)
                  for f in (torch.sin, torch.cos))

@@ -24,7 +24,8 @@ MERGE_KINDS = ("tome", "atme")
 ATME_AXES = ("w", "h")
 # MLP activations: exact GELU, GELU's tanh approximation, QuickGELU x*sigmoid(1.702x), SiLU
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "silu")
-ROPE_KINDS = ("cat", "dinov3")   # timm RotaryEmbeddingCat (in_pixels=False), RotaryEmbeddingDinoV3
+# timm RotaryEmbeddingCat (in_pixels=False), RotaryEmbeddingDinoV3, RotaryEmbeddingMixed
+ROPE_KINDS = ("cat", "dinov3", "mixed")
 GRID_INDEXINGS = ("ij", "xy")
 NORMALIZE_COORDS = ("separate", "min", "max")
 LATENT_POOLS = ("token", "avg", "")
@@ -189,10 +190,12 @@ class RopeSpec:
     Patch token p at grid row r, column c is rotated by angles from the spec's patch grid;
     prefix tokens are never rotated (timm's num_prefix_tokens skip). The frequencies,
     coordinates and the rotation layout are timm's: `rope.rope_tables` computes them."""
-    kind: str                 # "cat": RotaryEmbeddingCat (index grid, temperature bands); "dinov3"
+    kind: str                 # "cat": RotaryEmbeddingCat (index grid, temperature bands); "dinov3";
+                              # "mixed": learned frequencies per block and head, weights
+                              # blocks.i.attn.rope_freqs (2, heads, dim // 2): x-axis, then y-axis
     dim: int                  # rotated width per head (timm: head_dim), a multiple of 4
     temperature: float        # cat: bands 1/t**(i/(dim/4)); dinov3: periods t**(2i/(dim/2)), unused
-                              # when min_period/max_period give the periods
+                              # when min_period/max_period give the periods; mixed: timm's init only
     rotate_half: bool         # True: channel i pairs with i + dim/2; False: interleaved (2i, 2i+1)
     grid_indexing: str = "ij"  # "xy" swaps the coordinate channels (x first), as timm
     grid_offset: float = 0.0
@@ -218,6 +221,9 @@ class RopeSpec:
                 _fail(f"{where}.ref_feat_shape", f"expected [rows, cols], got {self.ref_feat_shape!r}")
             for s in self.ref_feat_shape:
                 _check_int(f"{where}.ref_feat_shape", s, 1)
+        if self.kind == "mixed" and (self.rotate_half or self.grid_offset or self.ref_feat_shape):
+            _fail(f"{where}.kind", "mixed RoPE (timm RotaryEmbeddingMixed) rotates interleaved pairs on "
+                  "the plain index grid: rotate_half false, no grid_offset, no ref_feat_shape")
         if (self.min_period is None) != (self.max_period is None):
             _fail(f"{where}.min_period", "min_period and max_period go together")
         if self.min_period is not None:

@@ -144,9 +144,12 @@ def test_unsupported_timm_features_are_named(kwargs, feature):
 
 def test_unsupported_model_classes():
     from timm.models.eva import Eva
-    with pytest.raises(UnsupportedModelError, match="rope: RotaryEmbeddingMixed"):
+    with pytest.raises(UnsupportedModelError, match="blocks.0 is EvaBlockPostNorm"):
         spec_from_timm(Eva(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3,
-                           use_rot_pos_emb=True, rope_type="mixed", use_abs_pos_emb=False))
+                           use_rot_pos_emb=True, use_post_norm=True))
+    with pytest.raises(UnsupportedModelError, match="rope: RotaryEmbeddingMRope"):
+        spec_from_timm(Eva(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3,
+                           use_rot_pos_emb=True, rope_type="mrope", use_abs_pos_emb=False))
     with pytest.raises(UnsupportedModelError, match=r"relative position bias \(blocks.0.attn"):
         spec_from_timm(timm.create_model("beit_base_patch16_224", img_size=32, patch_size=8, embed_dim=48,
                                          depth=1, num_heads=3))

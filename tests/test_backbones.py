@@ -24,8 +24,10 @@ NAMED = {
     "vit_base_patch16_rope_reg1_gap_256": (dict(depth=2, img_size=48), dict(reg_tokens=1, rope="cat")),
     "vit_pe_core_small_patch16_384": (dict(depth=2, img_size=48), dict(rope="cat", pool="map")),
 }
-# same families, other layouts: unfused q/k/v + SwiGLU with mlp.norm (EVA-02 base and up)
-FAMILY = {"eva02_base_patch14_224": (dict(depth=2, img_size=42), dict(rope="cat", gated=True))}
+# same families, other layouts: unfused q/k/v + SwiGLU with mlp.norm (EVA-02 base and up);
+# learned per-block, per-head RoPE frequencies (RoPE-Mixed, timm RotaryEmbeddingMixed)
+FAMILY = {"eva02_base_patch14_224": (dict(depth=2, img_size=42), dict(rope="cat", gated=True)),
+          "vit_small_patch16_rope_mixed_224": (dict(depth=2, img_size=48), dict(rope="mixed"))}
 
 
 def randomized(name: str, seed: int = 0, **kwargs):
@@ -109,38 +111,47 @@ def test_reference_equals_timm_at_full_size(name):
         assert rel_err(reference(x), model(x)) < 1e-10
 
 
-@pytest.mark.parametrize("name", list(NAMED))
+@pytest.mark.parametrize("name", list(NAMED) + ["vit_small_patch16_rope_mixed_224"])
 def test_export_of_the_reference(name, tmp_path):
     """ONNX (run in onnxruntime) and pt2, each verified against the reference by export_model."""
-    kwargs, _ = NAMED[name]
+    kwargs, _ = {**NAMED, **FAMILY}[name]
     reference = reference_from_timm(randomized(name, **dict(kwargs, depth=1)))
     for fmt in ("onnx", "pt2"):
         result = export_model(reference, tmp_path / f"model.{fmt}", format=fmt)
         assert result.max_rel_diff <= 1e-4 and (tmp_path / f"model.{fmt}").is_file()
 
 
-@pytest.mark.parametrize("name", ["eva02_tiny_patch14_224", "vit_small_patch16_dinov3"])
+@pytest.mark.parametrize("name", ["eva02_tiny_patch14_224", "vit_small_patch16_dinov3",
+                                  "vit_pe_core_small_patch16_384", "vit_small_patch16_rope_mixed_224"])
 def test_rope_tables_equal_timms(name):
-    kwargs, _ = NAMED[name]
+    kwargs, _ = {**NAMED, **FAMILY}[name]
     model = randomized(name, **kwargs)
-    spec = from_timm(model)[0]
-    sin, cos = rope_tables(spec, layout="spec")
-    timm_sin, timm_cos = model.rope.get_embed(shape=list(spec.grid)).chunk(2, dim=-1)
+    spec, state = from_timm(model)
+    if spec.rope.kind == "mixed":  # block 1's tables, per head
+        sin, cos = rope_tables(spec, layout="spec", freqs=state["blocks.1.attn.rope_freqs"])
+        timm_sin, timm_cos = model.rope.get_embed()[1].chunk(2, dim=-1)
+    else:
+        sin, cos = rope_tables(spec, layout="spec")
+        timm_sin, timm_cos = model.rope.get_embed(shape=list(spec.grid)).chunk(2, dim=-1)
     torch.testing.assert_close(sin, timm_sin, rtol=0, atol=1e-6)
     torch.testing.assert_close(cos, timm_cos, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["eva02_tiny_patch14_224", "vit_small_patch16_dinov3"])
+@pytest.mark.parametrize("name", ["eva02_tiny_patch14_224", "vit_small_patch16_dinov3",
+                                  "vit_small_patch16_rope_mixed_224"])
 def test_half_layout_with_permuted_channels_gives_the_same_scores(name):
     """The op contract: q/k channels reordered by half_rotation_order and rotated in the half
-    layout give exactly the attention scores of the model's own layout (interleaved for EVA-02)."""
-    kwargs, _ = NAMED[name]
-    spec = from_timm(randomized(name, **kwargs))[0]
+    layout give exactly the attention scores of the model's own layout (interleaved for EVA-02
+    and RoPE-Mixed, whose tables are per head)."""
+    kwargs, _ = {**NAMED, **FAMILY}[name]
+    spec, state = from_timm(randomized(name, **kwargs))
+    freqs = state.get("blocks.0.attn.rope_freqs")
+    heads = 1 if freqs is None else freqs.shape[1]
     gen = torch.Generator().manual_seed(3)
-    q, k = (torch.randn(2, spec.num_patches, spec.rope.dim, generator=gen, dtype=torch.float64)
+    q, k = (torch.randn(2, heads, spec.num_patches, spec.rope.dim, generator=gen, dtype=torch.float64)
             for _ in range(2))
-    own = rope_tables(spec, layout="spec", dtype=torch.float64)
-    half = rope_tables(spec, layout="half", dtype=torch.float64)
+    own = rope_tables(spec, layout="spec", dtype=torch.float64, freqs=freqs)
+    half = rope_tables(spec, layout="half", dtype=torch.float64, freqs=freqs)
     order = half_rotation_order(spec)
     scores = apply_rope(q, *own, spec.rope.rotate_half) @ apply_rope(k, *own, spec.rope.rotate_half).mT
     permuted = apply_rope(q[..., order], *half, True) @ apply_rope(k[..., order], *half, True).mT
