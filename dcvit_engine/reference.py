@@ -205,18 +205,19 @@ class Attention(nn.Module):
     """
 
     def __init__(self, dim: int, attn: AttentionSpec, norm_eps: float, prop_attn: bool,
-                 rope_prefix: int = 0, rotate_half: bool = False, mixed_rope: ViTSpec | None = None):
+                 rope: ViTSpec | None = None):
         super().__init__()
         self.qk_dims, self.v_dims = list(attn.qk_dims), list(attn.v_dims)
         self.scale = attn.scale
         self.prop_attn = prop_attn
-        # RoPE: the first rope_prefix tokens stay unrotated; tables come with each forward
-        self.rope_prefix, self.rotate_half = rope_prefix, rotate_half
-        # mixed RoPE: this block's own learned frequencies (2, heads, dim // 2); tables built here
-        self.mixed_rope = mixed_rope
-        self.rope_freqs = None
-        if mixed_rope is not None:
-            self.rope_freqs = nn.Parameter(torch.zeros(2, attn.num_heads, mixed_rope.rope.dim // 2))
+        # RoPE (rope: the model's spec when it has one): each attention builds its tables, so
+        # that calling a block alone rotates too; the prefix tokens stay unrotated
+        self.rope_spec = rope
+        self.rope_prefix = rope.num_prefix_tokens if rope is not None else 0
+        self.rotate_half = rope is not None and rope.rope.rotate_half
+        self.rope_freqs = None  # mixed RoPE: this block's learned frequencies (2, heads, dim // 2)
+        if rope is not None and rope.rope.kind == "mixed":
+            self.rope_freqs = nn.Parameter(torch.zeros(2, attn.num_heads, rope.rope.dim // 2))
         self.qkv = nn.Linear(dim, attn.qkv_out, bias=attn.qkv_bias)
         if attn.qk_norm:
             self.q_norm = nn.LayerNorm(attn.qk_dims[0], eps=norm_eps)
@@ -226,14 +227,13 @@ class Attention(nn.Module):
         self.norm = nn.LayerNorm(attn.v_total, eps=norm_eps) if attn.inner_norm else None
         self.proj = nn.Linear(attn.v_total, dim, bias=attn.proj_bias)
 
-    def forward(self, x: torch.Tensor, size: torch.Tensor | None = None, return_keys: bool = False,
-                rope=None):
-        """Attention output; with return_keys also the token-merge metric (see merge_metric).
-        rope: (sin, cos) tables of the patch tokens (rope.rope_tables, the spec's layout) or None."""
+    def forward(self, x: torch.Tensor, size: torch.Tensor | None = None, return_keys: bool = False):
+        """Attention output; with return_keys also the token-merge metric (see merge_metric)."""
         qk_total = sum(self.qk_dims)
         q, k, v = self.qkv(x).split([qk_total, qk_total, sum(self.v_dims)], dim=-1)
-        if self.rope_freqs is not None:  # (heads, N, d) tables, one per head
-            rope = rope_tables(self.mixed_rope, layout="spec", dtype=x.dtype, device=x.device,
+        rope = None
+        if self.rope_spec is not None:  # (N, d) tables, or (heads, N, d) for mixed RoPE
+            rope = rope_tables(self.rope_spec, layout="spec", dtype=x.dtype, device=x.device,
                                freqs=self.rope_freqs)
         out = self._heads(q, k, v, size, rope)
         return (out, self.merge_metric(k)) if return_keys else out
@@ -291,9 +291,8 @@ class Block(nn.Module):
         self.norm2 = self.mlp = self.ls2 = None
         if block.attn is not None:
             self.norm1 = nn.LayerNorm(dim, eps=eps)
-            self.attn = Attention(dim, block.attn, eps, spec.prop_attn, spec.num_prefix_tokens,
-                                  spec.rope is not None and spec.rope.rotate_half,
-                                  spec if spec.rope is not None and spec.rope.kind == "mixed" else None)
+            self.attn = Attention(dim, block.attn, eps, spec.prop_attn,
+                                  spec if spec.rope is not None else None)
             self.ls1 = LayerScale(dim) if block.layer_scale else None
         if block.mlp_hidden:
             self.norm2 = nn.LayerNorm(dim, eps=eps)
@@ -301,12 +300,12 @@ class Block(nn.Module):
             self.ls2 = LayerScale(dim) if block.layer_scale else None
 
     def attention_residual(self, x: torch.Tensor, size: torch.Tensor | None,
-                           return_keys: bool = False, rope=None):
+                           return_keys: bool = False):
         """x + attention; with return_keys also the merge metric: the attention keys, or the
-        tokens themselves in a block without attention. rope: see Attention.forward."""
+        tokens themselves in a block without attention."""
         if self.attn is None:
             return (x, x) if return_keys else x
-        y = self.attn(self.norm1(x), size, return_keys=return_keys, rope=rope)
+        y = self.attn(self.norm1(x), size, return_keys=return_keys)
         y, metric = y if return_keys else (y, None)
         x = x + (self.ls1(y) if self.ls1 is not None else y)
         return (x, metric) if return_keys else x
@@ -373,12 +372,9 @@ class ViTReference(nn.Module):
         if self.norm_pre is not None:
             x = self.norm_pre(x)
         size = None  # merged-token counts; None until the first merge (all ones)
-        rope = None
-        if self.spec.rope is not None and self.spec.rope.kind != "mixed":  # mixed: per block
-            rope = rope_tables(self.spec, layout="spec", dtype=x.dtype, device=x.device)
         for i, block in enumerate(self.blocks):
             if block.merge is None:
-                x = block.attention_residual(x, size, rope=rope)
+                x = block.attention_residual(x, size)
             else:
                 x, metric = block.attention_residual(x, size, return_keys=True)
                 x, size = self._merge(i, x, size, metric)
