@@ -65,6 +65,18 @@ def _version_error(version) -> ValueError:
                       "or re-export the model)")
 
 
+# the fields version 2 added, per dataclass (left out of to_dict at their defaults)
+V2_FIELDS = ("reg_tokens", "abs_pos_embed", "rope", "attn_pool")
+V2_BLOCK_FIELDS = ("mlp_act", "mlp_gated", "mlp_inner_norm")
+V2_ATTENTION_FIELDS = ("inner_norm",)
+
+
+def _drop_defaults(data: dict, cls, names) -> None:
+    for name in names:
+        if data[name] == cls.__dataclass_fields__[name].default:
+            del data[name]
+
+
 def _check_keys(where: str, data, cls) -> None:
     if not isinstance(data, dict):
         _fail(where, f"expected an object, got {type(data).__name__}")
@@ -374,6 +386,10 @@ class ViTSpec:
 
     # ---- (de)serialisation --------------------------------------------------------
     def to_dict(self) -> dict:
+        """Plain data for JSON. Version-2 fields at their defaults are left out: a version-1
+        dcvit_engine checks field names before the version, so it then reads a spec that uses
+        no version-2 feature as 'unsupported spec version 2', and one that does as an unknown
+        field naming the feature (never as a shape error)."""
         data = asdict(self)  # nested specs become plain dicts
         data["version"] = self.version
         data["img_size"] = list(self.img_size)
@@ -385,6 +401,11 @@ class ViTSpec:
                 block["attn"]["v_dims"] = list(block["attn"]["v_dims"])
         if data["rope"] is not None and data["rope"]["ref_feat_shape"] is not None:
             data["rope"]["ref_feat_shape"] = list(data["rope"]["ref_feat_shape"])
+        _drop_defaults(data, ViTSpec, V2_FIELDS)
+        for block in data["blocks"]:
+            _drop_defaults(block, BlockSpec, V2_BLOCK_FIELDS)
+            if block["attn"] is not None:
+                _drop_defaults(block["attn"], AttentionSpec, V2_ATTENTION_FIELDS)
         return {"version": data.pop("version"), **data}
 
     @classmethod

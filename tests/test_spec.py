@@ -128,6 +128,15 @@ def v2_spec() -> ViTSpec:
                      attn_pool=AttnPoolSpec(num_heads=4, mlp_hidden=96, include_prefix=True)).validate()
 
 
+def test_a_spec_without_v2_features_is_written_with_the_v1_fields_only():
+    """So that a version-1 reader (it checks field names first) fails on the version."""
+    data = json.loads(ViTSpec.from_json(V1_SPEC_JSON).to_json())
+    v1 = json.loads(V1_SPEC_JSON)
+    assert data["version"] == 2 and set(data) == set(v1)
+    assert [set(b) for b in data["blocks"]] == [set(b) for b in v1["blocks"]]
+    assert set(data["blocks"][0]["attn"]) == set(v1["blocks"][0]["attn"])
+
+
 def test_version_2_fields_round_trip():
     spec = v2_spec()
     data = json.loads(spec.to_json())
@@ -147,7 +156,8 @@ def test_version_2_fields_round_trip():
     (lambda d: d["blocks"][0]["attn"].update(inner_norm="yes"), "inner_norm"),
     (lambda d: d.update(reg_tokens=-1), "reg_tokens: must be >= 0"),
     (lambda d: d["rope"].update(dim=14), "multiple of 4"),
-    (lambda d: d["rope"].update(kind="mixed"), r"rope.kind: expected one of"),
+    (lambda d: d["rope"].update(kind="mrope"), r"rope.kind: expected one of"),
+    (lambda d: d["rope"].update(kind="mixed", ref_feat_shape=None, rotate_half=True), "mixed RoPE"),
     (lambda d: d["rope"].update(grid_indexing="yx"), "grid_indexing"),
     (lambda d: d["rope"].update(min_period=1.0), "go together"),
     (lambda d: d["rope"].update(ref_feat_shape=[16]), r"expected \[rows, cols\]"),
