@@ -25,12 +25,16 @@ from .kernels.token_merge import tome_merge_sum, tome_scores, tome_start
 
 
 def stable_argsort_descending(values: torch.Tensor) -> torch.Tensor:
-    """argsort(values, dim=-1, descending=True, stable=True) for (B, N) values without NaN."""
+    """The stable descending order of (B, N) values with NaN last (as the merge ops sort):
+    (-values).argsort(dim=-1, stable=True). A permutation whatever the values, so every
+    gather and scatter built on it stays in bounds."""
     n = values.shape[-1]
     index = torch.arange(n, device=values.device)
-    greater = values.unsqueeze(-2) > values.unsqueeze(-1)          # [b, i, j]: v_j > v_i
-    tie_before = (values.unsqueeze(-2) == values.unsqueeze(-1)) & (index < index.unsqueeze(-1))
-    rank = (greater | tie_before).sum(dim=-1)
+    v_i, v_j = values.unsqueeze(-1), values.unsqueeze(-2)             # [b, i, j]
+    nan_i, nan_j = v_i.isnan(), v_j.isnan()
+    higher = ~nan_j & (nan_i | (v_j > v_i))                            # j sorts before i
+    same = (v_j == v_i) | (nan_j & nan_i)
+    rank = (higher | (same & (index < index.unsqueeze(-1)))).sum(dim=-1)
     return _invert(rank)
 
 
@@ -50,8 +54,12 @@ def _merge_plan(metric: torch.Tensor, r: int, class_token: bool, distill_token: 
         protected = protected | (torch.arange(num_a, device=scores.device) == 0).unsqueeze(-1)
     if distill_token:  # the distillation token (B's first) never receives a merge
         protected = protected | (torch.arange(num_b, device=scores.device) == 0)
-    scores = scores.masked_fill(protected, -torch.inf)
+    # the merge ops' rule for any scores: NaN never wins a row's best match, and the class
+    # token's best is NaN, which sorts after every token (-inf ones included): never merged
+    scores = scores.masked_fill(scores.isnan() | protected, -torch.inf)
     node_max, node_idx = scores.max(dim=-1)
+    if class_token:
+        node_max = node_max.masked_fill(torch.arange(num_a, device=scores.device) == 0, torch.nan)
     edge_idx = stable_argsort_descending(node_max)
     src_idx = edge_idx[..., :r, None]
     dst_idx = node_idx.gather(-1, edge_idx[..., :r])[..., None]

@@ -124,6 +124,37 @@ def test_stable_argsort_matches_torch_with_ties_and_inf():
     assert torch.equal(stable_argsort_descending(values), expected)
 
 
+def test_stable_argsort_puts_nan_last_and_stays_a_permutation():
+    values = torch.randint(0, 3, (4, 23)).double()
+    values[0, [2, 5, 9]] = torch.nan
+    values[1, :] = torch.nan
+    values[2, [0, 7]] = -torch.inf
+    values[2, 11] = torch.nan
+    expected = (-values).argsort(dim=-1, stable=True)  # ascending of -v: descending, NaN last
+    order = stable_argsort_descending(values)
+    assert torch.equal(order, expected)
+    assert torch.equal(order.sort(dim=-1).values, torch.arange(23).expand(4, -1))
+
+
+@pytest.mark.parametrize("poison", ["nan", "zero_rows"])
+def test_static_tome_merge_is_defined_on_nan_and_zero_metrics(poison):
+    """The export's merge follows the merge ops' rule: same result as the reference kernel,
+    every token accounted for (sizes sum to the token count), the class token kept first."""
+    torch.manual_seed(0)
+    x, metric = torch.randn(2, 37, 8).double(), torch.randn(2, 37, 5).double()
+    if poison == "nan":
+        metric[0, [3, 4, 10]] = torch.nan
+        metric[1, :, 0] = torch.nan
+    else:
+        metric[:, [2, 6, 7, 20]] = 0.0
+    merged, size = bipartite_merge_static(x, metric, 7, class_token=True)
+    expected, expected_size = tome_merge_ref(x, metric, 7, None, True, False)
+    assert torch.equal(size, expected_size) and torch.equal(merged.isnan(), expected.isnan())
+    assert torch.allclose(merged.nan_to_num(), expected.nan_to_num(), rtol=1e-12, atol=1e-12)
+    assert torch.allclose(size.sum(dim=(1, 2)), torch.full((2,), 37.0, dtype=torch.float64))
+    assert torch.equal(merged[:, 0], x[:, 0])
+
+
 @pytest.mark.parametrize("class_token, distill_token", [(True, False), (True, True), (False, False)])
 @pytest.mark.parametrize("tokens, r", [(37, 5), (50, 1), (51, 100)])
 def test_static_tome_merge_equals_the_reference_in_float64(class_token, distill_token, tokens, r):
