@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from dcvit_engine.errors import InputError
+
 from .adapter import from_timm
 from .atomic import atomic_folder
 from .reference import ViTReference, state_shapes
@@ -105,7 +107,7 @@ def load_report(path: str | os.PathLike) -> dict | None:
     try:
         return json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{file} is not valid JSON ({err}); the artifact is corrupt") from None
+        raise InputError(f"{file} is not valid JSON ({err}); the artifact is corrupt") from None
 
 
 def _check_tensors(spec: ViTSpec, tensors: dict[str, torch.Tensor], file: Path) -> None:
@@ -121,7 +123,7 @@ def _check_tensors(spec: ViTSpec, tensors: dict[str, torch.Tensor], file: Path) 
         elif not tensors[name].is_floating_point():
             problems.append(f"{name} has dtype {tensors[name].dtype}, expected floating point")
     if problems:
-        raise ValueError(f"{file} does not match spec.json ({len(problems)} problem(s)): "
+        raise InputError(f"{file} does not match spec.json ({len(problems)} problem(s)): "
                          + "; ".join(problems))
 
 
@@ -135,7 +137,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> ViTRefe
     try:
         tensors = load_file(str(file), device=str(device))
     except Exception as err:  # safetensors raises its own error types for corrupt headers/data
-        raise ValueError(f"{file} is not a readable safetensors file ({err}); the artifact is "
+        raise InputError(f"{file} is not a readable safetensors file ({err}); the artifact is "
                          "corrupt, re-save the model") from None
     _check_tensors(spec, tensors, file)
     with torch.device("meta"):  # weights come from the file; skip the random init

@@ -29,6 +29,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from dcvit_engine.errors import InputError
+
 from .atomic import atomic_folder
 from .digits import DIGITS_MEAN, DIGITS_NUM_CLASSES, DIGITS_STD, digits_splits
 
@@ -140,7 +142,7 @@ def _train(config: DemoTeacherConfig, progress: bool) -> tuple[torch.nn.Module, 
     generator = torch.Generator().manual_seed(config.seed)
     steps_per_epoch = len(train_x) // config.batch_size  # drop the ragged last batch
     if steps_per_epoch == 0:
-        raise ValueError(f"batch_size {config.batch_size} exceeds the {len(train_x)} training images")
+        raise InputError(f"batch_size {config.batch_size} exceeds the {len(train_x)} training images")
     total_steps = config.epochs * steps_per_epoch
     warmup_steps = max(1, int(config.warmup_epochs * steps_per_epoch))
 
@@ -186,7 +188,7 @@ def _save(folder: Path, model: torch.nn.Module, info: dict) -> None:
 def _load(folder: Path, config: DemoTeacherConfig) -> tuple[torch.nn.Module, dict]:
     info = json.loads((folder / "info.json").read_text())
     if info.get("config") != dataclasses.asdict(config):
-        raise ValueError(f"{folder / 'info.json'} was written for other settings")
+        raise InputError(f"{folder / 'info.json'} was written for other settings")
     model = build_demo_model(info["model_kwargs"])
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     return model.eval(), info

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from dcvit_engine.errors import InputError
+
 
 def resolve_device(device=None) -> torch.device:
     """`device` (a string or torch.device) as a torch.device; None: CUDA when available, else the CPU."""
@@ -12,6 +14,6 @@ def resolve_device(device=None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} was asked for but CUDA is not available here; use the CPU "
+        raise InputError(f"device {device} was asked for but CUDA is not available here; use the CPU "
                          "(--device cpu, device='cpu')")
     return device

@@ -20,6 +20,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from dcvit_engine.errors import InputError
+
 from .atomic import atomic_open
 from .data import IMAGENET_MEAN, IMAGENET_STD, load_image_folder, nonfinite_mask, refuse_nonfinite
 from .engine import Engine, build_engine
@@ -172,7 +174,7 @@ def run_inference(model, data_dir: str | os.PathLike, out_csv: str | os.PathLike
     torchrun each rank predicts its shard on its GPU (LOCAL_RANK) and rank 0 writes the CSV.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
     rank, world_size, owns_group = _distributed()
     try:
         if isinstance(model, Engine):
@@ -185,10 +187,10 @@ def run_inference(model, data_dir: str | os.PathLike, out_csv: str | os.PathLike
                                   cuda_graphs=cuda_graphs)
         spec = engine.spec
         if spec.num_classes == 0:
-            raise ValueError("the model has no classification head (num_classes = 0); inference "
+            raise InputError("the model has no classification head (num_classes = 0); inference "
                              "predicts classes, so it needs one")
         if class_names is not None and len(class_names) != spec.num_classes:
-            raise ValueError(f"{len(class_names)} class names given but the model has "
+            raise InputError(f"{len(class_names)} class names given but the model has "
                              f"{spec.num_classes} classes")
         dataset = load_image_folder(data_dir, spec.img_size, mean=mean, std=std, labeled=labeled,
                                     in_chans=spec.in_chans)

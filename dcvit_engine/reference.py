@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dcvit_engine.errors import InputError
+
 from .adapter import from_timm
 from .exportable_merge import bipartite_merge_static
 from .kernels.attention import head_norm
@@ -225,7 +227,7 @@ class ViTReference(nn.Module):
         expected = (spec.in_chans, *spec.img_size)
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != expected:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"expected images of shape (B, {expected[0]}, {expected[1]}, {expected[2]}) "
+            raise InputError(f"expected images of shape (B, {expected[0]}, {expected[1]}, {expected[2]}) "
                              f"(in_chans, img_size of the spec), got {got}; resize the images")
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:

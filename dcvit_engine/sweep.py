@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from dcvit_engine.errors import InputError
+
 from .atomic import atomic_open, atomic_path
 from .engine import build_engine
 from .macs import count_macs
@@ -100,7 +102,7 @@ def equal_macs_pairs(spec, targets, practise_options: dict | None = None) -> dic
         try:
             plan_dcvit(spec, ratio, num_blocks=drop.blocks_dropped + 1, candidates=candidates)
         except ValueError as err:
-            raise ValueError(f"target {target:.2f} has no equal-MACs pair: PRACTISE drops "
+            raise InputError(f"target {target:.2f} has no equal-MACs pair: PRACTISE drops "
                              f"{drop.blocks_dropped} blocks ({100 * ratio:.1f}% of the MACs) and DC-ViT "
                              f"cannot compress {drop.blocks_dropped + 1} blocks to that ({err}); choose a "
                              "higher target or turn pairing off") from None
@@ -160,11 +162,11 @@ def run_sweep(teacher: ViTReference, images: torch.Tensor | None, eval_images: t
     from .compress import api
 
     if budget not in BUDGETS:
-        raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
+        raise InputError(f"budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
     if draws is None:
         draws = [Draw(seed=None, images=images)]
     if not draws:
-        raise ValueError("no few-shot draws: give at least one seed")
+        raise InputError("no few-shot draws: give at least one seed")
     teacher = teacher.eval()
     spec = teacher.spec
     plan = [(m, t, dict(o)) for m, o in methods.items() for t in targets]

@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from dcvit_engine.errors import InputError
+
 
 @dataclass(frozen=True)
 class Throughput:
@@ -34,9 +36,9 @@ class Throughput:
 
 def _check_counts(warmup: int, repeats: int) -> None:
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
+        raise InputError(f"warmup must be an integer >= 0, got {warmup!r}")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
+        raise InputError(f"repeats must be an integer >= 1, got {repeats!r}")
 
 
 def measure_throughput(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,

@@ -16,6 +16,7 @@ from dcvit_engine.cli.data_args import add_data_arguments, images_from_args
 from dcvit_engine.compress.fewshot import predict_logits
 from dcvit_engine.data import check_finite
 from dcvit_engine.devices import resolve_device
+from dcvit_engine.errors import InputError
 from dcvit_engine.macs import count_macs
 
 
@@ -41,11 +42,11 @@ def register(subparsers):
 def _teacher(args):
     if args.teacher is None:
         if args.model_kwargs or args.checkpoint:
-            raise ValueError("--model-kwargs and --checkpoint describe the --teacher; give --teacher too")
+            raise InputError("--model-kwargs and --checkpoint describe the --teacher; give --teacher too")
         return None, None
     if Path(args.teacher).is_dir():
         if args.model_kwargs:
-            raise ValueError("an artifact teacher carries its own structure; --model-kwargs applies "
+            raise InputError("an artifact teacher carries its own structure; --model-kwargs applies "
                              "only to a timm model name")
         return model_from_source(args.teacher, None, None, args.checkpoint)
     return model_from_source(None, args.teacher, args.model_kwargs, args.checkpoint)
@@ -57,7 +58,7 @@ def run(args):
     teacher, teacher_name = _teacher(args)
     if teacher is not None and (teacher.spec.img_size, teacher.spec.in_chans, teacher.spec.num_classes) != \
             (student.spec.img_size, student.spec.in_chans, student.spec.num_classes):
-        raise ValueError(f"the teacher ({teacher_name}) and {args.artifact} differ in input size, "
+        raise InputError(f"the teacher ({teacher_name}) and {args.artifact} differ in input size, "
                          "channels or classes; they cannot be compared")
     images, labels, _classes = images_from_args(args, student.spec, seed=args.seed)
     check_finite(images)

@@ -9,6 +9,7 @@ import torch
 from dcvit_engine.cli.model_args import add_model_arguments, backend_errors_as_command_errors, model_from_args
 from dcvit_engine.devices import resolve_device
 from dcvit_engine.engine import command_dtype
+from dcvit_engine.errors import InputError
 from dcvit_engine.infer import run_inference
 from dcvit_engine.ops import BACKENDS
 
@@ -17,7 +18,7 @@ def _floats(text: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",")]
     except ValueError:
-        raise ValueError(f"expected comma-separated numbers such as 0.5,0.5,0.5, got {text!r}") from None
+        raise InputError(f"expected comma-separated numbers such as 0.5,0.5,0.5, got {text!r}") from None
 
 
 def _class_names(path: str) -> list[str]:
@@ -53,7 +54,7 @@ def register(subparsers):
 
 def run(args):
     if args.num_workers < 0:
-        raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
+        raise InputError(f"--num-workers must be >= 0, got {args.num_workers}")
     model, name = model_from_args(args)
     options = {}
     if args.mean is not None:

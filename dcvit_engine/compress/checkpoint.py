@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from dcvit_engine.errors import InputError
+
 from ..artifact import load as load_artifact
 from ..artifact import save as save_artifact
 from ..atomic import atomic_open
@@ -78,17 +80,17 @@ class RunCheckpoint:
         try:
             state = json.loads(state_file.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{state_file} is not valid JSON ({err}); remove {self.folder} to "
+            raise InputError(f"{state_file} is not valid JSON ({err}); remove {self.folder} to "
                              "start over") from None
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ValueError(f"{state_file} is not a dcvit_engine run state (format {STATE_FORMAT}); "
+            raise InputError(f"{state_file} is not a dcvit_engine run state (format {STATE_FORMAT}); "
                              f"remove {self.folder} to start over")
         saved = state.get("config", {})
         differ = sorted(k for k in set(saved) | set(self.config) if saved.get(k) != self.config.get(k))
         if differ:
             detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {self.config.get(k)!r}"
                                for k in differ)
-            raise ValueError(f"cannot resume from {self.folder}: the run's settings differ ({detail}); "
+            raise InputError(f"cannot resume from {self.folder}: the run's settings differ ({detail}); "
                              "use the same settings or remove the folder to start over")
         self.state = state
         self.resumed = True

@@ -27,6 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from dcvit_engine.errors import InputError
+
 from ..atomic import atomic_path
 from .checkpoint import tensor_digest
 
@@ -58,10 +60,10 @@ def _teacher_input(teacher: nn.Module, img_size) -> tuple[tuple[int, int], int]:
     if img_size is not None:
         size = img_size
     if size is None:
-        raise ValueError("could not tell the teacher's input size; pass img_size")
+        raise InputError("could not tell the teacher's input size; pass img_size")
     size = (size, size) if isinstance(size, int) else tuple(size)
     if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
-        raise ValueError(f"img_size must be a positive int or an (H, W) pair of ints, got {img_size!r}")
+        raise InputError(f"img_size must be a positive int or an (H, W) pair of ints, got {img_size!r}")
     return size, in_chans
 
 
@@ -137,14 +139,14 @@ def synthesize_metric_set(teacher: nn.Module, num_images: int = 50, iters: int =
     """
     for name, value in (("num_images", num_images), ("iters", iters)):
         if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+            raise InputError(f"{name} must be a positive int, got {value!r}")
     if lr <= 0 or tv_weight < 0 or l2_weight < 0 or tv_beta <= 0:
-        raise ValueError("need lr > 0, tv_beta > 0 and non-negative tv_weight / l2_weight")
+        raise InputError("need lr > 0, tv_beta > 0 and non-negative tv_weight / l2_weight")
     (height, width), in_chans = _teacher_input(teacher, img_size)
     jitter = round(_REFERENCE_JITTER * min(height, width) / _REFERENCE_SIZE) if jitter is None else jitter
     warmup_iters = max(1, round(_REFERENCE_WARMUP * iters / 2000)) if warmup_iters is None else warmup_iters
     if jitter < 0 or not 0 <= warmup_iters < iters + 1:
-        raise ValueError(f"need jitter >= 0 and 0 <= warmup_iters <= iters, got {jitter}, {warmup_iters}")
+        raise InputError(f"need jitter >= 0 and 0 <= warmup_iters <= iters, got {jitter}, {warmup_iters}")
     bounds = _pixel_bounds(teacher, mean, std, in_chans)
 
     settings = dict(version=_FORMAT_VERSION, num_images=num_images, iters=iters, lr=lr, size=[height, width],

@@ -36,6 +36,8 @@ from typing import Callable
 
 import torch
 
+from dcvit_engine.errors import InputError
+
 from ..data import nonfinite_rows, refuse_nonfinite
 from ..devices import resolve_device
 from ..macs import count_macs
@@ -69,7 +71,7 @@ def block_list(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ValueError(f"--candidates takes block indices separated by commas (e.g. 1,2,3), "
+        raise InputError(f"--candidates takes block indices separated by commas (e.g. 1,2,3), "
                          f"got {text!r}") from None
 
 
