@@ -9,10 +9,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from dcvit_engine.errors import InputError
+
 from .spec import AttentionSpec, BlockSpec, ViTSpec
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(InputError):
     """The model uses a feature the dcvit_engine spec cannot represent."""
 
 

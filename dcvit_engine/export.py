@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
 
+from dcvit_engine.errors import InputError
+
 from .atomic import atomic_path
 from .kernels.token_merge import atme_unmerge_ref
 from .reference import ViTReference
@@ -43,7 +45,7 @@ OUTPUTS = {"logits": "logits", "full-features": "features"}
 DYNAMIC_CHECK_BATCHES = (1, 3)  # a dynamic-batch export is verified at two batch sizes
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
     """A refused or failed export; nothing was written."""
 
 
