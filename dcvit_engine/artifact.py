@@ -11,7 +11,8 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_bytes
 
 from dcvit_engine.errors import InputError
 
@@ -76,8 +77,10 @@ def save(model, path: str | os.PathLike, report: dict | None = None) -> Path:
     _check_replaceable(path)
     with atomic_folder(path) as staging:
         _write_text(staging / SPEC_FILENAME, spec_text)
-        save_file(tensors, str(staging / WEIGHTS_FILENAME),
-                  metadata={"format": "pt", "dcvit_spec_version": str(SPEC_VERSION)})
+        # serialized in memory and written by Python, so a full disk or a permission is an
+        # OSError naming the path (safetensors' own writer raises an opaque error)
+        (staging / WEIGHTS_FILENAME).write_bytes(
+            save_bytes(tensors, metadata={"format": "pt", "dcvit_spec_version": str(SPEC_VERSION)}))
         _fsync_file(staging / WEIGHTS_FILENAME)
         if report_text is not None:
             _write_text(staging / REPORT_FILENAME, report_text)

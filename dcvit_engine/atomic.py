@@ -1,10 +1,21 @@
 """Write a file or a folder so that readers see either the old one or the complete new one,
-never a half-written one: write to a temporary sibling, then rename it over the target."""
+never a half-written one: write to a temporary sibling, then rename it over the target.
+
+The temporary sibling is removed whatever ends the block: an exception, Ctrl-C or SIGTERM
+(the CLI raises SIGTERM as an interrupt). An OSError on the temporary path (a full disk, a
+permission) is re-raised naming the target, the path the user gave."""
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def _raise_for_target(err: BaseException, temporary, target: Path) -> None:
+    """An OSError about the temporary path, re-raised about `target` (same type and cause)."""
+    if isinstance(err, OSError) and err.errno is not None and err.filename is not None \
+            and str(err.filename).startswith(str(temporary)):
+        raise type(err)(err.errno, err.strerror, str(target)) from None
 
 
 @contextmanager
@@ -18,9 +29,10 @@ def atomic_path(path: str | os.PathLike):
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        _raise_for_target(err, tmp, path)
         raise
 
 
@@ -34,6 +46,21 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **open_kwargs):
 
 
 @contextmanager
+def removed_if_left_empty(path: str | os.PathLike):
+    """For a command that creates the output folder `path` as it goes: when the block raises
+    (or is interrupted) and `path` did not exist before and is still empty, it is removed, so
+    a failure before anything was produced leaves no empty folder behind."""
+    path = Path(path)
+    existed = path.exists() or path.is_symlink()
+    try:
+        yield
+    except BaseException:
+        if not existed and path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+            path.rmdir()
+        raise
+
+
+@contextmanager
 def atomic_folder(path: str | os.PathLike):
     """Yields an empty staging folder beside `path`; when the block succeeds it replaces
     `path` (an existing folder is moved aside first, and put back if the final rename
@@ -44,8 +71,9 @@ def atomic_folder(path: str | os.PathLike):
     try:
         yield staging
         _swap_into_place(staging, path)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
+        _raise_for_target(err, staging, path)
         raise
 
 

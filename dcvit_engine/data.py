@@ -20,7 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from dcvit_engine.errors import InputError
+from dcvit_engine.errors import InputError, ResourceLimitError
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -174,6 +174,9 @@ class ImageFolderData(Dataset):
     def _open(path: Path) -> Image.Image:
         try:
             return Image.open(path)
+        except Image.DecompressionBombError as err:  # pixels far beyond any model input
+            raise ResourceLimitError(f"{path} is refused as a decompression bomb ({err}); remove or "
+                                     "replace it") from None
         except (UnidentifiedImageError, OSError) as err:
             raise InputError(f"{path} is not a readable image ({err}); remove or replace it") from None
 

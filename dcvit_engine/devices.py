@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from dcvit_engine.errors import InputError
+from dcvit_engine.errors import NoDeviceError
 
 
 def resolve_device(device=None) -> torch.device:
@@ -14,6 +14,6 @@ def resolve_device(device=None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device} was asked for but CUDA is not available here; use the CPU "
+        raise NoDeviceError(f"device {device} was asked for but CUDA is not available here; use the CPU "
                          "(--device cpu, device='cpu')")
     return device

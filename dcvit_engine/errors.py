@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+from contextlib import contextmanager
 
 
 class UserError(Exception):
@@ -43,7 +44,7 @@ class BusyError(UserError):
     """Another process is writing the same output."""
 
 
-class NoDeviceError(UserError, RuntimeError):
+class NoDeviceError(InputError):
     """The requested device is not present on this machine."""
 
 
@@ -78,3 +79,22 @@ def describe_os_error(exc: OSError) -> str:
     paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
     where = " -> ".join(paths)
     return f"{where}: {cause}" if where else cause
+
+
+_WORKER_MARK = " in DataLoader worker process "
+
+
+@contextmanager
+def worker_errors_unwrapped():
+    """A UserError raised in a DataLoader worker reaches the main process re-made from torch's
+    text ("Caught InputError in DataLoader worker process 0. Original Traceback ..."): give
+    the user back the original message, one line, as with --num-workers 0."""
+    try:
+        yield
+    except UserError as err:
+        text, cls = str(err), type(err)
+        head = f"{cls.__module__}.{cls.__qualname__}: "
+        at = text.rfind(head)
+        if _WORKER_MARK not in text.split("\n", 1)[0] or at < 0:
+            raise
+        raise cls(text[at + len(head):].strip()) from None

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from dcvit_engine.errors import InputError
+from dcvit_engine.errors import InputError, worker_errors_unwrapped
 
 from .atomic import atomic_open
 from .data import IMAGENET_MEAN, IMAGENET_STD, load_image_folder, nonfinite_mask, refuse_nonfinite
@@ -198,7 +198,8 @@ def run_inference(model, data_dir: str | os.PathLike, out_csv: str | os.PathLike
                             sampler=ShardSampler(len(dataset), rank, world_size),
                             num_workers=num_workers, pin_memory=engine.device.type == "cuda")
         start = time.perf_counter()
-        shard = _predict_shard(engine, loader, batch_size, progress and rank == 0)
+        with worker_errors_unwrapped():  # a bad image read by a worker: its own one line
+            shard = _predict_shard(engine, loader, batch_size, progress and rank == 0)
         if world_size > 1:
             gathered = [None] * world_size if rank == 0 else None
             dist.gather_object(shard, gathered, dst=0)

@@ -167,6 +167,11 @@ def run_sweep(teacher: ViTReference, images: torch.Tensor | None, eval_images: t
         draws = [Draw(seed=None, images=images)]
     if not draws:
         raise InputError("no few-shot draws: give at least one seed")
+    if not methods:
+        raise InputError("no methods to sweep: give at least one")
+    targets = [float(t) for t in targets]
+    if not targets or len(set(targets)) != len(targets):
+        raise InputError(f"targets must be distinct and at least one, got {targets}")
     teacher = teacher.eval()
     spec = teacher.spec
     plan = [(m, t, dict(o)) for m, o in methods.items() for t in targets]

@@ -28,6 +28,7 @@ from ..atomic import atomic_open
 from ..errors import RunStateError
 from ..jsonfile import load_json_file
 from ..reference import ViTReference
+from ..runlock import LOCK_FILENAME
 
 STATE_FILENAME = "state.json"
 METRIC_SET_FILENAME = "metric_set.pt"
@@ -81,7 +82,8 @@ class RunCheckpoint:
                 raise FileExistsError(f"{self.folder} holds the checkpoint of an earlier run; resume it "
                                       "(resume=True, --resume) or remove the folder to start over")
             self._load(state_file)
-        elif self.folder.exists() and any(p.name != METRIC_SET_FILENAME for p in self.folder.iterdir()):
+        elif self.folder.exists() and any(p.name not in (METRIC_SET_FILENAME, LOCK_FILENAME)
+                                          for p in self.folder.iterdir()):
             raise FileExistsError(f"{self.folder} is a non-empty folder without {STATE_FILENAME}; "
                                   "choose an empty or new checkpoint folder")
         self.folder.mkdir(parents=True, exist_ok=True)

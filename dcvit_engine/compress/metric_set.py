@@ -16,6 +16,7 @@ when the normalization is known; the images of the lowest-loss iteration are kep
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -116,9 +117,11 @@ def _load_cached(path: Path | None, key: str) -> MetricSet | None:
 
 
 def _save_cached(path: Path, key: str, result: MetricSet) -> None:
+    buffer = io.BytesIO()  # torch's file writer can abort the process on a full disk: write with Python
+    torch.save({"key": key, "images": result.images, "target_classes": result.target_classes,
+                "loss_history": torch.tensor(result.loss_history, dtype=torch.float64)}, buffer)
     with atomic_path(path) as temp:
-        torch.save({"key": key, "images": result.images, "target_classes": result.target_classes,
-                    "loss_history": torch.tensor(result.loss_history, dtype=torch.float64)}, temp)
+        temp.write_bytes(buffer.getbuffer())
 
 
 def synthesize_metric_set(teacher: nn.Module, num_images: int = 50, iters: int = 2000, lr: float = 0.25,
