@@ -18,6 +18,7 @@ from dcvit_engine.errors import InputError
 
 from .adapter import from_timm
 from .atomic import atomic_folder
+from .jsonfile import load_json_file
 from .reference import ViTReference, state_shapes
 from .spec import SPEC_FILENAME, SPEC_VERSION, ViTSpec
 
@@ -107,10 +108,7 @@ def load_report(path: str | os.PathLike) -> dict | None:
     file = _artifact_folder(path) / REPORT_FILENAME
     if not file.is_file():
         return None
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"{file} is not valid JSON ({err}); the artifact is corrupt") from None
+    return load_json_file(file, hint="the artifact is corrupt")
 
 
 def _check_tensors(spec: ViTSpec, tensors: dict[str, torch.Tensor], file: Path) -> None:

@@ -4,17 +4,23 @@ never a half-written one: write to a temporary sibling, then rename it over the 
 The temporary sibling is removed whatever ends the block: an exception, Ctrl-C or SIGTERM
 (the CLI raises SIGTERM as an interrupt). An OSError on the temporary path (a full disk, a
 permission) is re-raised naming the target, the path the user gave."""
+import errno
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # write() raises them without a file name
+
 
 def _raise_for_target(err: BaseException, temporary, target: Path) -> None:
-    """An OSError about the temporary path, re-raised about `target` (same type and cause)."""
-    if isinstance(err, OSError) and err.errno is not None and err.filename is not None \
-            and str(err.filename).startswith(str(temporary)):
+    """An OSError about the temporary path (or a full disk while writing it), re-raised about
+    `target`, with the same type and cause."""
+    if not isinstance(err, OSError) or err.errno is None:
+        return
+    if (err.filename is None and err.errno in _WRITE_ERRNOS) or \
+            (err.filename is not None and str(err.filename).startswith(str(temporary))):
         raise type(err)(err.errno, err.strerror, str(target)) from None
 
 
@@ -24,7 +30,11 @@ def atomic_path(path: str | os.PathLike):
     safetensors); renamed to `path` if the block succeeds, removed if it raises."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
+    except OSError as err:
+        _raise_for_target(err, path.parent / f".{path.name}.tmp-", path)
+        raise
     os.close(fd)
     try:
         yield Path(tmp)
@@ -67,7 +77,11 @@ def atomic_folder(path: str | os.PathLike):
     fails, so a complete folder is always there); when the block raises it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    except OSError as err:
+        _raise_for_target(err, path.parent / f".{path.name}.tmp-", path)
+        raise
     try:
         yield staging
         _swap_into_place(staging, path)

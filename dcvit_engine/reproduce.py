@@ -20,6 +20,7 @@ from dcvit_engine.errors import InputError
 
 from .atomic import atomic_open
 from .data import IMAGENET_MEAN, IMAGENET_STD, load_image_folder
+from .jsonfile import load_json_file
 from .macs import count_macs
 from .reference import ViTReference
 
@@ -103,7 +104,7 @@ def run_reproduction(teacher: ViTReference, root, out, *, samples=SAMPLES, point
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / RESULTS
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    results = load_json_file(results_path, hint="remove it to start over") if results_path.exists() else {}
     settings = dict(seed=seed, iters=iters, batch_size=batch_size, metric_size=metric_size,
                     metric_iters=metric_iters, val_samples=val_samples, val_images=len(val))
     if results.get("settings", settings) != settings:

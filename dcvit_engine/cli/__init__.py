@@ -10,6 +10,7 @@ a bug and keeps its traceback. DCVIT_DEBUG=1 prints the traceback of a one-line 
 import argparse
 import importlib
 import os
+import re
 import signal
 import sys
 import traceback
@@ -28,12 +29,26 @@ class CommandError(UserError):
     """A user-facing error found by a command's own checks: one line, exit status 2."""
 
 
+class UsageError(UserError):
+    """Options argparse refuses (unknown, missing, or a value its type rejects)."""
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse's errors as one line, like every other user error (no usage block), and
+    returned by main() as exit status 2 instead of exiting from inside parse_args."""
+
+    def error(self, message):
+        # "argument --batch-size: must be >= 1, got '0'" -> "--batch-size must be >= 1, got '0'"
+        message = re.sub(r"^argument (\S+?)(/\S+)?: (must be)", r"\1 \3", message)
+        raise UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that every writer's cleanup (atomic.py) runs."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="dcvit",
         description="Few-shot dense compression of Vision Transformers, run with fused kernels.",
     )
@@ -74,7 +89,11 @@ def sigterm_as_interrupt():
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as err:
+        print(err, file=sys.stderr)
+        return EXIT_USER_ERROR
     try:
         with sigterm_as_interrupt():
             result = args.func(args)

@@ -40,7 +40,7 @@ def register(subparsers):
     parser.add_argument("--compile", action="store_true", help="run the engine through torch.compile")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="do not capture CUDA graphs")
     parser.add_argument("--warmup", type=nonnegative_int, default=3)
-    parser.add_argument("--repeats", type=positive_int, default=10)
+    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--teacher", default=None, metavar="NAME",
                         help="timm model the student was compressed from: time timm eager and the engine on "
                              "it beside the engine on the student, interleaved, and print the speedup and "

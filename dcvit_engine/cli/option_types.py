@@ -1,5 +1,5 @@
 """argparse types that check a value where it is parsed, so a bad one is refused naming its
-option (`--batch-size 0` -> "argument --batch-size: must be a whole number >= 1, got '0'")
+option (`--batch-size 0` -> "--batch-size must be >= 1, got '0'")
 instead of failing later inside the work with a message that names nothing."""
 import argparse
 
@@ -9,9 +9,9 @@ def _whole_number(minimum: int):
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
         if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text!r}")
         return value
 
     parse.__name__ = f"whole number >= {minimum}"

@@ -37,7 +37,7 @@ def register(subparsers):
 
 def add_fairness_arguments(parser, default_seeds: int) -> None:
     """--seeds, --budget, --no-pair: shared by `dcvit sweep` and `dcvit demo`."""
-    parser.add_argument("--seeds", type=positive_int, default=default_seeds,
+    parser.add_argument("--seeds", type=int, default=default_seeds,
                         help="few-shot draws (image subset, metric set, method seed): seeds --seed .. "
                         f"--seed + K - 1; tables show mean ± std (default {default_seeds})")
     parser.add_argument("--budget", choices=("equal", "official"), default="equal",
