@@ -20,6 +20,7 @@ import torch
 from dcvit_engine.cli import CommandError
 from dcvit_engine.cli.option_types import nonnegative_int, positive_int
 from dcvit_engine.cli.sweep import add_fairness_arguments
+from dcvit_engine.errors import InputError
 
 DEFAULT_TARGETS = "0.9,0.75,0.6"
 DEFAULT_METHODS = "dcvit,practise,uvc,cait,tome"
@@ -99,7 +100,7 @@ def run(args):
     if args.pair and "dcvit" in methods and "practise" in methods:
         try:  # before the teacher is trained: the architecture alone decides
             sweep.equal_macs_pairs(reference_from_timm(build_demo_model(config.model_kwargs())).spec, targets)
-        except ValueError as err:
+        except InputError as err:
             raise CommandError(str(err)) from None
     start = time.perf_counter()
     torch.manual_seed(args.seed)

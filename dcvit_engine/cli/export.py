@@ -7,6 +7,7 @@ import json
 from dcvit_engine.artifact import load
 from dcvit_engine.cli import CommandError
 from dcvit_engine.cli.option_types import positive_int
+from dcvit_engine.errors import InputError
 from dcvit_engine.export import DEFAULT_OPSET, DTYPES, FORMATS, OUTPUTS, check_options, export_model
 
 
@@ -37,7 +38,7 @@ def run(args):
     check_options(args.format, args.dtype, args.batch_size, args.dynamic_batch, args.opset, args.output)
     try:
         model = load(args.artifact)
-    except (OSError, ValueError) as err:
+    except (OSError, InputError) as err:
         raise CommandError(f"cannot load artifact {args.artifact}: {err}") from None
     result = export_model(model, args.out, format=args.format, dtype=args.dtype,
                           batch_size=args.batch_size, dynamic_batch=args.dynamic_batch,

@@ -9,6 +9,7 @@ from dcvit_engine.cli.data_args import add_data_arguments, images_from_args
 from dcvit_engine.cli.method_args import add_method_options
 from dcvit_engine.cli.model_args import add_model_arguments, backend_errors_as_command_errors, model_from_args
 from dcvit_engine.cli.option_types import nonnegative_int, positive_int
+from dcvit_engine.errors import InputError
 
 
 def register(subparsers):
@@ -98,7 +99,7 @@ def run(args):
     if args.pair and "dcvit" in methods and "practise" in methods:
         try:
             sweep.equal_macs_pairs(teacher.spec, targets)
-        except ValueError as err:
+        except InputError as err:
             raise CommandError(str(err)) from None
     draws = [sweep.Draw(seed, images_from_args(args, teacher.spec, seed=seed)[0]) for seed in seeds]
     images = draws[0].images
