@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from dcvit_engine.errors import InputError
-
+from .errors import InputError
 from .spec import AttentionSpec, BlockSpec, ViTSpec
 
 

@@ -14,10 +14,9 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as save_bytes
 
-from dcvit_engine.errors import InputError
-
 from .adapter import from_timm
 from .atomic import atomic_folder
+from .errors import InputError
 from .jsonfile import load_json_file
 from .reference import ViTReference, state_shapes
 from .spec import SPEC_FILENAME, SPEC_VERSION, ViTSpec

@@ -29,10 +29,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from dcvit_engine.errors import InputError
-
 from .atomic import atomic_folder
 from .digits import DIGITS_MEAN, DIGITS_NUM_CLASSES, DIGITS_STD, digits_splits
+from .errors import InputError
 
 TIMM_ARCH = "vit_tiny_patch16_224"
 _FORMAT_VERSION = 2  # bump when the training code changes what a config produces

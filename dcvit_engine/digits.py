@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dcvit_engine.errors import InputError
-
 from .atomic import atomic_folder
+from .errors import InputError
 
 DIGITS_MEAN = (0.3, 0.3, 0.3)   # pixel mean of the upsampled digits in [0, 1], rounded
 DIGITS_STD = (0.33, 0.33, 0.33)  # pixel std at 16..32 px, rounded

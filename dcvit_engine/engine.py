@@ -18,11 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dcvit_engine.errors import InputError
-
 from . import ops
 from .adapter import from_timm
 from .devices import resolve_device
+from .errors import InputError
 from .kernels.fused_linear import fold_layer_norm
 from .kernels.head_padding import pad_heads, padded_width
 from .ops.dispatch import requested_backend

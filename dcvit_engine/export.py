@@ -20,9 +20,8 @@ from pathlib import Path
 import torch
 from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
 
-from dcvit_engine.errors import InputError
-
 from .atomic import atomic_path
+from .errors import InputError
 from .kernels.token_merge import atme_unmerge_ref
 from .reference import ViTReference
 from .spec import merge_schedule

@@ -20,11 +20,10 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from dcvit_engine.errors import InputError, worker_errors_unwrapped
-
 from .atomic import atomic_open
 from .data import IMAGENET_MEAN, IMAGENET_STD, load_image_folder, nonfinite_mask, refuse_nonfinite
 from .engine import Engine, build_engine
+from .errors import InputError, worker_errors_unwrapped
 
 
 class ShardSampler(Sampler[int]):

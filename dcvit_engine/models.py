@@ -12,10 +12,9 @@ import os
 
 import torch
 
-from dcvit_engine.errors import InputError
-
 from .artifact import load, load_spec
 from .checkpoints import load_checkpoint
+from .errors import InputError
 from .reference import ViTReference, reference_from_timm
 from .spec import ViTSpec
 

@@ -13,9 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dcvit_engine.errors import InputError
-
 from .adapter import from_timm
+from .errors import InputError
 from .exportable_merge import bipartite_merge_static
 from .kernels.attention import head_norm
 from .ops.token_merge import atme_merge, tome_merge

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import torch
 
-from dcvit_engine.errors import InputError
-
 from .atomic import atomic_open
 from .data import IMAGENET_MEAN, IMAGENET_STD, load_image_folder
+from .errors import InputError
 from .jsonfile import load_json_file
 from .macs import count_macs
 from .reference import ViTReference

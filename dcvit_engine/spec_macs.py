@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from dcvit_engine.errors import InputError
-
+from .errors import InputError
 from .spec import AttentionSpec, ViTSpec, final_tokens, merge_schedule
 
 _LAYERNORM_MACS_PER_ELEMENT = 4  # thop: 2 * numel, times 2 with elementwise affine

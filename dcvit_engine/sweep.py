@@ -23,10 +23,9 @@ from pathlib import Path
 
 import torch
 
-from dcvit_engine.errors import InputError
-
 from .atomic import atomic_open, atomic_path
 from .engine import build_engine
+from .errors import InputError
 from .macs import count_macs
 from .reference import ViTReference
 from .throughput import measure_throughput

@@ -21,8 +21,7 @@ import inspect
 import os
 from dataclasses import dataclass
 
-from dcvit_engine.errors import InputError
-
+from ..errors import InputError
 from ..reference import ViTReference
 
 

@@ -31,8 +31,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from dcvit_engine.errors import InputError
-
+from ..errors import InputError
 from ..macs import count_macs
 from ..ops import atme_unmerge
 from ..reference import ViTReference

@@ -21,8 +21,7 @@ import time
 
 import torch
 
-from dcvit_engine.errors import InputError
-
+from ..errors import InputError
 from ..reference import ViTReference
 from .fewshot import (
     AUGMENTATIONS,

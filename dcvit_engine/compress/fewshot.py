@@ -9,9 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dcvit_engine.errors import InputError
-
 from ..data import check_finite
+from ..errors import InputError
 from ..reference import ViTReference, reference_from_timm
 
 

@@ -24,8 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dcvit_engine.errors import InputError
-
+from ..errors import InputError
 from .fewshot import check_images, check_labels
 
 Trainable = Callable[[str], bool] | Iterable[str] | Iterable[nn.Parameter] | None

@@ -28,9 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dcvit_engine.errors import InputError
-
 from ..atomic import atomic_path
+from ..errors import InputError
 from .checkpoint import tensor_digest
 
 _REFERENCE_SIZE = 224   # DeepInversion's resolution, for which jitter = 30 px

@@ -29,8 +29,7 @@ import time
 import torch
 import torch.nn as nn
 
-from dcvit_engine.errors import InputError
-
+from ..errors import InputError
 from ..reference import ViTReference
 from .fewshot import AUGMENTATIONS, augment_flags, check_images, check_positive, kl_to_teacher, predict_logits
 from .finetune import feature_mimic_finetune, trainable_up_to

@@ -36,10 +36,9 @@ from typing import Callable
 
 import torch
 
-from dcvit_engine.errors import InputError
-
 from ..data import nonfinite_rows, refuse_nonfinite
 from ..devices import resolve_device
+from ..errors import InputError
 from ..macs import count_macs
 from ..reference import ViTReference
 from .checkpoint import RunCheckpoint, model_digest, tensor_digest

@@ -24,8 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dcvit_engine.errors import InputError
-
+from ..errors import InputError
 from ..macs import attention_macs, block_macs, count_macs, mlp_macs
 from ..reference import ViTReference
 from ..spec import AttentionSpec, BlockSpec, ViTSpec

@@ -16,8 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from dcvit_engine.errors import InputError
-
+from ..errors import InputError
 from ..macs import block_macs, count_macs
 from ..reference import ViTReference
 from ..spec import BlockSpec, ViTSpec

@@ -17,8 +17,7 @@ import copy
 
 import torch
 
-from dcvit_engine.errors import InputError
-
+from ..errors import InputError
 from ..macs import count_macs
 from ..reference import ViTReference
 from ..spec import MergeSpec, ViTSpec

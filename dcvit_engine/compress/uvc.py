@@ -78,8 +78,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from dcvit_engine.errors import InputError
-
+from ..errors import InputError
 from ..macs import count_macs
 from ..reference import ViTReference
 from ..spec import AttentionSpec
