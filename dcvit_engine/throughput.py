@@ -87,7 +87,7 @@ def time_interleaved(runners: dict[str, Callable[[torch.Tensor], torch.Tensor]],
     benchmarks report (engine / timm, variant / uncompressed) compare like with like; the
     rotation keeps any runner from always following the same one (caches, thread wake-up)."""
     if warmup < 0 or repeats < 1:
-        raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup} and {repeats}")
+        raise InputError(f"need warmup >= 0 and repeats >= 1, got {warmup} and {repeats}")
     names = list(runners)
     cuda = images.device.type == "cuda"
     times: dict[str, list[float]] = {name: [] for name in names}

@@ -18,7 +18,6 @@ from dcvit_engine.cli.model_args import add_model_arguments, backend_errors_as_c
 from dcvit_engine.cli.option_types import nonnegative_int, positive_int
 from dcvit_engine.devices import resolve_device
 from dcvit_engine.engine import build_engine, command_dtype
-from dcvit_engine.errors import InputError
 from dcvit_engine.macs import count_macs
 from dcvit_engine.models import create_timm_model, parse_model_kwargs
 from dcvit_engine.ops import BACKENDS
@@ -110,8 +109,6 @@ def teacher_runners(args, spec, dtype, device) -> tuple[dict, dict, str | None]:
 
 
 def run(args):
-    if args.batch_size < 1:
-        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.teacher_kwargs and not args.teacher:
         raise CommandError("--teacher-kwargs needs --teacher NAME")
     device = resolve_device(args.device)
