@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from .atomic import atomic_folder
 from .digits import DIGITS_MEAN, DIGITS_NUM_CLASSES, DIGITS_STD, digits_splits
 from .errors import InputError
+from .jsonfile import load_json_file
 
 TIMM_ARCH = "vit_tiny_patch16_224"
 _FORMAT_VERSION = 2  # bump when the training code changes what a config produces
@@ -185,7 +186,7 @@ def _save(folder: Path, model: torch.nn.Module, info: dict) -> None:
 
 
 def _load(folder: Path, config: DemoTeacherConfig) -> tuple[torch.nn.Module, dict]:
-    info = json.loads((folder / "info.json").read_text())
+    info = load_json_file(folder / "info.json", hint="remove the demo cache folder to rebuild it")
     if info.get("config") != dataclasses.asdict(config):
         raise InputError(f"{folder / 'info.json'} was written for other settings")
     model = build_demo_model(info["model_kwargs"])

@@ -23,6 +23,7 @@ from PIL import Image
 
 from .atomic import atomic_folder
 from .errors import InputError
+from .jsonfile import load_json_file
 
 DIGITS_MEAN = (0.3, 0.3, 0.3)   # pixel mean of the upsampled digits in [0, 1], rounded
 DIGITS_STD = (0.33, 0.33, 0.33)  # pixel std at 16..32 px, rounded
@@ -109,7 +110,7 @@ def export_digits_folder(root: str | os.PathLike, split: str = "train", img_size
     if root.exists():
         manifest = root / _EXPORT_MANIFEST
         if not overwrite:
-            if manifest.is_file() and json.loads(manifest.read_text()) == settings:
+            if manifest.is_file() and load_json_file(manifest, expect=None) == settings:
                 return root
             if root.is_file() or any(root.iterdir()):
                 raise FileExistsError(

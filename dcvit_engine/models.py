@@ -15,6 +15,7 @@ import torch
 from .artifact import load, load_spec
 from .checkpoints import load_checkpoint
 from .errors import InputError
+from .jsonfile import parse_json
 from .reference import ViTReference, reference_from_timm
 from .spec import ViTSpec
 
@@ -23,14 +24,7 @@ def parse_model_kwargs(text: str | None) -> dict:
     """The --model-kwargs JSON object (e.g. '{"img_size": 32, "depth": 3}') as a dict."""
     if text is None or text == "":
         return {}
-    try:
-        kwargs = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise InputError(f"model kwargs must be a JSON object such as '{{\"img_size\": 32}}': "
-                         f"{err}") from None
-    if not isinstance(kwargs, dict):
-        raise InputError(f"model kwargs must be a JSON object, got {type(kwargs).__name__}")
-    return kwargs
+    return parse_json(text, "model kwargs", hint="give a JSON object such as '{\"img_size\": 32}'")
 
 
 def _check_choice(artifact, model_name) -> None:
