@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from .errors import InputError
 from .spec import AttnPoolSpec, RopeSpec
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(InputError):
     """The model uses a feature the dcvit_engine spec cannot represent."""
 
 

@@ -11,10 +11,13 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_bytes
 
 from .adapter import from_timm
 from .atomic import atomic_folder
+from .errors import InputError
+from .jsonfile import load_json_file
 from .reference import ViTReference, state_shapes
 from .spec import SPEC_FILENAME, SPEC_VERSION, ViTSpec
 
@@ -74,8 +77,10 @@ def save(model, path: str | os.PathLike, report: dict | None = None) -> Path:
     _check_replaceable(path)
     with atomic_folder(path) as staging:
         _write_text(staging / SPEC_FILENAME, spec_text)
-        save_file(tensors, str(staging / WEIGHTS_FILENAME),
-                  metadata={"format": "pt", "dcvit_spec_version": str(SPEC_VERSION)})
+        # serialized in memory and written by Python, so a full disk or a permission is an
+        # OSError naming the path (safetensors' own writer raises an opaque error)
+        (staging / WEIGHTS_FILENAME).write_bytes(
+            save_bytes(tensors, metadata={"format": "pt", "dcvit_spec_version": str(SPEC_VERSION)}))
         _fsync_file(staging / WEIGHTS_FILENAME)
         if report_text is not None:
             _write_text(staging / REPORT_FILENAME, report_text)
@@ -102,10 +107,7 @@ def load_report(path: str | os.PathLike) -> dict | None:
     file = _artifact_folder(path) / REPORT_FILENAME
     if not file.is_file():
         return None
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{file} is not valid JSON ({err}); the artifact is corrupt") from None
+    return load_json_file(file, hint="the artifact is corrupt")
 
 
 def _check_tensors(spec: ViTSpec, tensors: dict[str, torch.Tensor], file: Path) -> None:
@@ -121,7 +123,7 @@ def _check_tensors(spec: ViTSpec, tensors: dict[str, torch.Tensor], file: Path) 
         elif not tensors[name].is_floating_point():
             problems.append(f"{name} has dtype {tensors[name].dtype}, expected floating point")
     if problems:
-        raise ValueError(f"{file} does not match spec.json ({len(problems)} problem(s)): "
+        raise InputError(f"{file} does not match spec.json ({len(problems)} problem(s)): "
                          + "; ".join(problems))
 
 
@@ -135,7 +137,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> ViTRefe
     try:
         tensors = load_file(str(file), device=str(device))
     except Exception as err:  # safetensors raises its own error types for corrupt headers/data
-        raise ValueError(f"{file} is not a readable safetensors file ({err}); the artifact is "
+        raise InputError(f"{file} is not a readable safetensors file ({err}); the artifact is "
                          "corrupt, re-save the model") from None
     _check_tensors(spec, tensors, file)
     with torch.device("meta"):  # weights come from the file; skip the random init

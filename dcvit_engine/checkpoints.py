@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from dcvit_engine.errors import InputError
+
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
 WRAPPER_KEYS = ("model", "state_dict")
@@ -34,20 +36,20 @@ def _read(path: Path):
         try:
             return load_file(str(path), device="cpu")
         except Exception as err:  # safetensors has its own error types for bad headers/data
-            raise ValueError(f"checkpoint {path} is not a readable safetensors file "
+            raise InputError(f"checkpoint {path} is not a readable safetensors file "
                              f"({_first_line(err)}); is it corrupt or truncated?") from None
     if suffix not in TORCH_SUFFIXES:
-        raise ValueError(f"checkpoint {path} has an unknown suffix {path.suffix!r}; expected a state "
+        raise InputError(f"checkpoint {path} has an unknown suffix {path.suffix!r}; expected a state "
                          f"dict file ending in {', '.join(TORCH_SUFFIXES + (SAFETENSORS_SUFFIX,))}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling, zip, OS and EOF errors all mean: not a usable file
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         if refused:
-            raise ValueError(f"checkpoint {path} holds a Python object ({refused.group(1)}) besides "
+            raise InputError(f"checkpoint {path} holds a Python object ({refused.group(1)}) besides "
                              "tensors, which torch.load(weights_only=True) refuses to unpickle; "
                              "save only the state dict (torch.save(model.state_dict(), ...))") from None
-        raise ValueError(f"checkpoint {path} is not a readable PyTorch file (torch.load failed: "
+        raise InputError(f"checkpoint {path} is not a readable PyTorch file (torch.load failed: "
                          f"{type(err).__name__}); is it corrupt or truncated?") from None
 
 
@@ -75,7 +77,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(data, dict) or not data or \
             not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
-        raise ValueError(f"checkpoint {path} is not a state dict (a mapping of tensor names to tensors, "
+        raise InputError(f"checkpoint {path} is not a state dict (a mapping of tensor names to tensors, "
                          f"possibly under {' or '.join(repr(k) for k in WRAPPER_KEYS)})")
     return {_strip_prefixes(name): tensor for name, tensor in data.items()}
 
@@ -103,7 +105,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, what: str = "the 
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     problems = state_dict_problems(expected, state)
     if problems:
-        raise ValueError(f"checkpoint {path} does not fit {what}: tensors {', '.join(problems)}; "
+        raise InputError(f"checkpoint {path} does not fit {what}: tensors {', '.join(problems)}; "
                          "is it a checkpoint of another model, or of other --model-kwargs?")
     with torch.no_grad():
         model.load_state_dict(state, strict=True)

@@ -20,6 +20,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from dcvit_engine.errors import InputError, ResourceLimitError
+
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -44,10 +46,10 @@ def refuse_nonfinite(total: int, bad_images: int = 0, bad_outputs: int = 0, mode
     model whose outputs are NaN/Inf on them, are refused with a one-line ValueError naming
     how many of the `total` images are affected."""
     if bad_images:
-        raise ValueError(f"{bad_images} of {total} images hold NaN or Inf values; replace them "
+        raise InputError(f"{bad_images} of {total} images hold NaN or Inf values; replace them "
                          "(or check the normalisation mean/std)")
     if bad_outputs:
-        raise ValueError(f"{model} gives NaN or Inf outputs on {bad_outputs} of {total} images; "
+        raise InputError(f"{model} gives NaN or Inf outputs on {bad_outputs} of {total} images; "
                          "check its weights (checkpoint)")
 
 
@@ -76,7 +78,7 @@ def _size_pair(img_size: int | Sequence[int]) -> tuple[int, int]:
     else:
         size = tuple(int(s) for s in img_size)
     if len(size) != 2 or min(size) <= 0:
-        raise ValueError(f"img_size must be a positive int or an (H, W) pair, got {img_size!r}")
+        raise InputError(f"img_size must be a positive int or an (H, W) pair, got {img_size!r}")
     return size  # type: ignore[return-value]
 
 
@@ -84,9 +86,9 @@ def _channel_stats(values: float | Sequence[float], in_chans: int, what: str) ->
     """Per-channel mean or std as a (C, 1, 1) tensor; one value is broadcast to every channel."""
     stats = [float(values)] * in_chans if isinstance(values, (int, float)) else [float(v) for v in values]
     if len(stats) != in_chans:
-        raise ValueError(f"{what} has {len(stats)} values but the images have {in_chans} channels")
+        raise InputError(f"{what} has {len(stats)} values but the images have {in_chans} channels")
     if what == "std" and min(stats) <= 0:
-        raise ValueError(f"std must be positive, got {stats}")
+        raise InputError(f"std must be positive, got {stats}")
     return torch.tensor(stats, dtype=torch.float32).view(in_chans, 1, 1)
 
 
@@ -97,16 +99,16 @@ def _scan_folder(root: Path, labeled: bool | str) -> tuple[list[Path], list[int]
     class_dirs = [d for d in _class_folders(root) if _image_files(d)]
     if labeled == "auto":
         if top_images and class_dirs:
-            raise ValueError(
+            raise InputError(
                 f"{root} holds both images and class subfolders with images; pass labeled=True "
                 "(use only the subfolders) or labeled=False (use every image, no labels)")
         labeled = bool(class_dirs)
     elif not isinstance(labeled, bool):
-        raise ValueError(f"labeled must be True, False or 'auto', got {labeled!r}")
+        raise InputError(f"labeled must be True, False or 'auto', got {labeled!r}")
 
     if labeled:
         if not class_dirs:
-            raise ValueError(
+            raise InputError(
                 f"labeled=True needs one subfolder per class with images in it, but {root} has none "
                 f"(accepted extensions: {accepted})")
         classes = [d.name for d in class_dirs]
@@ -119,7 +121,7 @@ def _scan_folder(root: Path, labeled: bool | str) -> tuple[list[Path], list[int]
 
     paths = top_images + [p for d in class_dirs for p in _image_files(d)]
     if not paths:
-        raise ValueError(
+        raise InputError(
             f"no image files in {root} nor in its subfolders (accepted extensions: {accepted})")
     return paths, [UNLABELED] * len(paths), None
 
@@ -143,7 +145,7 @@ class ImageFolderData(Dataset):
         if not root.is_dir():
             raise NotADirectoryError(f"{root} is a file; pass the folder that holds the images")
         if in_chans not in (1, 3):
-            raise ValueError(f"in_chans must be 1 (grayscale) or 3 (RGB), got {in_chans}")
+            raise InputError(f"in_chans must be 1 (grayscale) or 3 (RGB), got {in_chans}")
         self.root = root
         self.size = _size_pair(img_size)
         self.in_chans = in_chans
@@ -154,9 +156,9 @@ class ImageFolderData(Dataset):
         self.labeled = self.classes is not None
         if num_samples is not None:
             if num_samples <= 0:
-                raise ValueError(f"num_samples must be positive, got {num_samples}")
+                raise InputError(f"num_samples must be positive, got {num_samples}")
             if num_samples > len(paths):
-                raise ValueError(
+                raise InputError(
                     f"asked for {num_samples} images but {root} holds only {len(paths)}; "
                     "pass a smaller num_samples or add images")
             generator = torch.Generator().manual_seed(seed)
@@ -172,8 +174,11 @@ class ImageFolderData(Dataset):
     def _open(path: Path) -> Image.Image:
         try:
             return Image.open(path)
+        except Image.DecompressionBombError as err:  # pixels far beyond any model input
+            raise ResourceLimitError(f"{path} is refused as a decompression bomb ({err}); remove or "
+                                     "replace it") from None
         except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"{path} is not a readable image ({err}); remove or replace it") from None
+            raise InputError(f"{path} is not a readable image ({err}); remove or replace it") from None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -186,7 +191,7 @@ class ImageFolderData(Dataset):
                 image = image.convert("RGB" if self.in_chans == 3 else "L")
                 image = image.resize((self.size[1], self.size[0]), Image.BILINEAR)
             except OSError as err:  # truncated files pass the header check and fail on decode
-                raise ValueError(f"{path} is not a readable image ({err}); remove or replace it") from None
+                raise InputError(f"{path} is not a readable image ({err}); remove or replace it") from None
             pixels = np.asarray(image, dtype=np.float32) / 255.0
         tensor = torch.from_numpy(pixels.copy())
         tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
@@ -209,9 +214,9 @@ def make_loader(dataset: Dataset, batch_size: int = 64, shuffle: bool = False, n
                 seed: int = 0, drop_last: bool = False) -> DataLoader:
     """A DataLoader with pinned memory when CUDA is available and a seeded shuffle."""
     if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise InputError(f"batch_size must be positive, got {batch_size}")
     if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        raise InputError(f"num_workers must be >= 0, got {num_workers}")
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
                       pin_memory=torch.cuda.is_available(), drop_last=drop_last,
                       generator=torch.Generator().manual_seed(seed),

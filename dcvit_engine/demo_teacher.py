@@ -31,6 +31,8 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_folder
 from .digits import DIGITS_MEAN, DIGITS_NUM_CLASSES, DIGITS_STD, digits_splits
+from .errors import InputError
+from .jsonfile import load_json_file
 
 TIMM_ARCH = "vit_tiny_patch16_224"
 _FORMAT_VERSION = 2  # bump when the training code changes what a config produces
@@ -140,7 +142,7 @@ def _train(config: DemoTeacherConfig, progress: bool) -> tuple[torch.nn.Module, 
     generator = torch.Generator().manual_seed(config.seed)
     steps_per_epoch = len(train_x) // config.batch_size  # drop the ragged last batch
     if steps_per_epoch == 0:
-        raise ValueError(f"batch_size {config.batch_size} exceeds the {len(train_x)} training images")
+        raise InputError(f"batch_size {config.batch_size} exceeds the {len(train_x)} training images")
     total_steps = config.epochs * steps_per_epoch
     warmup_steps = max(1, int(config.warmup_epochs * steps_per_epoch))
 
@@ -184,9 +186,9 @@ def _save(folder: Path, model: torch.nn.Module, info: dict) -> None:
 
 
 def _load(folder: Path, config: DemoTeacherConfig) -> tuple[torch.nn.Module, dict]:
-    info = json.loads((folder / "info.json").read_text())
+    info = load_json_file(folder / "info.json", hint="remove the demo cache folder to rebuild it")
     if info.get("config") != dataclasses.asdict(config):
-        raise ValueError(f"{folder / 'info.json'} was written for other settings")
+        raise InputError(f"{folder / 'info.json'} was written for other settings")
     model = build_demo_model(info["model_kwargs"])
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     return model.eval(), info

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .atomic import atomic_folder
+from .errors import InputError
+from .jsonfile import load_json_file
 
 DIGITS_MEAN = (0.3, 0.3, 0.3)   # pixel mean of the upsampled digits in [0, 1], rounded
 DIGITS_STD = (0.33, 0.33, 0.33)  # pixel std at 16..32 px, rounded
@@ -55,7 +57,7 @@ def _split_indices(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarra
 
 def _check_size(img_size: int) -> None:
     if not isinstance(img_size, int) or img_size < 8:
-        raise ValueError(f"img_size must be an int >= 8 (the digits are 8x8), got {img_size!r}")
+        raise InputError(f"img_size must be an int >= 8 (the digits are 8x8), got {img_size!r}")
 
 
 def _upsample(images: np.ndarray, img_size: int) -> torch.Tensor:
@@ -99,16 +101,16 @@ def export_digits_folder(root: str | os.PathLike, split: str = "train", img_size
     an error unless overwrite=True.
     """
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise InputError(f"split must be 'train' or 'test', got {split!r}")
     _check_size(img_size)
     if per_class is not None and per_class <= 0:
-        raise ValueError(f"per_class must be positive, got {per_class}")
+        raise InputError(f"per_class must be positive, got {per_class}")
     root = Path(root).expanduser()
     settings = {"split": split, "img_size": img_size, "seed": seed, "per_class": per_class}
     if root.exists():
         manifest = root / _EXPORT_MANIFEST
         if not overwrite:
-            if manifest.is_file() and json.loads(manifest.read_text()) == settings:
+            if manifest.is_file() and load_json_file(manifest, expect=None) == settings:
                 return root
             if root.is_file() or any(root.iterdir()):
                 raise FileExistsError(

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from . import ops
 from .adapter import from_timm
 from .devices import resolve_device
+from .errors import InputError
 from .kernels.fused_linear import fold_layer_norm
 from .kernels.head_padding import pad_heads, padded_width
 from .ops.dispatch import requested_backend
@@ -246,17 +247,17 @@ class Engine(nn.Module):
             raise TypeError(f"expected a tensor of images {expected}, got {type(images).__name__}")
         if images.dim() != 4 or images.shape[1] != spec.in_chans or \
                 tuple(images.shape[2:]) != tuple(spec.img_size):
-            raise ValueError(f"this model expects images of shape {expected} ({spec.in_chans} channels, "
+            raise InputError(f"this model expects images of shape {expected} ({spec.in_chans} channels, "
                              f"{spec.img_size[0]}x{spec.img_size[1]} pixels), got {tuple(images.shape)}; "
                              "resize/convert the images (dcvit_engine.data does this for image folders)")
         if images.shape[0] == 0:
-            raise ValueError("got an empty batch (0 images)")
+            raise InputError("got an empty batch (0 images)")
         if images.dtype != self.dtype:
             hint = " (normalise integer images to float first)" if not images.is_floating_point() else ""
-            raise ValueError(f"this engine runs in {self.dtype} but the images are {images.dtype}; "
+            raise InputError(f"this engine runs in {self.dtype} but the images are {images.dtype}; "
                              f"pass images.to({self.dtype}){hint}")
         if images.device != self.device:
-            raise ValueError(f"this engine runs on {self.device} but the images are on {images.device}; "
+            raise InputError(f"this engine runs on {self.device} but the images are on {images.device}; "
                              f"pass images.to('{self.device}')")
 
     # ---- forward ------------------------------------------------------------------
@@ -359,11 +360,11 @@ def parse_dtype(dtype) -> torch.dtype:
     """torch.dtype from a dtype or a name such as 'bf16' / 'float16'."""
     if isinstance(dtype, torch.dtype):
         if not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating-point type, got {dtype}")
+            raise InputError(f"dtype must be a floating-point type, got {dtype}")
         return dtype
     if isinstance(dtype, str) and dtype.lower() in DTYPES:
         return DTYPES[dtype.lower()]
-    raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    raise InputError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
 
 
 def _resolve_device(device) -> torch.device:
@@ -437,7 +438,7 @@ def build_engine(model_or_artifact, backend: str | None = None, dtype=None, devi
     reference_tensor = state["pos_embed"]
     device = _resolve_device(device if device is not None else reference_tensor.device)
     if device.type == "meta":
-        raise ValueError("the model's weights are on the meta device; load real weights first")
+        raise InputError("the model's weights are on the meta device; load real weights first")
     if dtype is not None:
         dtype = parse_dtype(dtype)
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import io
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -20,6 +21,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
 
 from .atomic import atomic_path
+from .errors import InputError
 from .kernels.token_merge import atme_unmerge_ref
 from .reference import ViTReference
 from .spec import merge_schedule
@@ -43,7 +45,7 @@ OUTPUTS = {"logits": "logits", "full-features": "features"}
 DYNAMIC_CHECK_BATCHES = (1, 3)  # a dynamic-batch export is verified at two batch sizes
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
     """A refused or failed export; nothing was written."""
 
 
@@ -257,9 +259,17 @@ def export_model(model: ViTReference, out: str | os.PathLike, format: str = "onn
                 if format == "onnx":
                     _write_onnx(program, example, tmp, opset or DEFAULT_OPSET, OUTPUTS[output])
                 else:
-                    torch.export.save(program, str(tmp))
-        except ExportError:
+                    # serialized in memory, written by Python: torch's file writer aborts the
+                    # process (SIGABRT) when the disk fills; a Python write raises ENOSPC
+                    buffer = io.BytesIO()
+                    torch.export.save(program, buffer)
+                    tmp.write_bytes(buffer.getbuffer())
+        except (ExportError, KeyboardInterrupt):
             raise
+        except OSError as err:
+            if err.errno is None:
+                raise ExportError(f"{format} export failed: {err}") from err
+            raise  # the disk or a permission, not the exporter: the CLI names the path and cause
         except Exception as err:  # the exporters raise many types, with long multi-line texts
             first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
             raise ExportError(f"{format} export failed: {first.strip()}") from err

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from .atomic import atomic_open
 from .data import IMAGENET_MEAN, IMAGENET_STD, load_image_folder, nonfinite_mask, refuse_nonfinite
 from .engine import Engine, build_engine
+from .errors import InputError, worker_errors_unwrapped
 
 
 class ShardSampler(Sampler[int]):
@@ -172,7 +173,7 @@ def run_inference(model, data_dir: str | os.PathLike, out_csv: str | os.PathLike
     torchrun each rank predicts its shard on its GPU (LOCAL_RANK) and rank 0 writes the CSV.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
     rank, world_size, owns_group = _distributed()
     try:
         if isinstance(model, Engine):
@@ -185,10 +186,10 @@ def run_inference(model, data_dir: str | os.PathLike, out_csv: str | os.PathLike
                                   cuda_graphs=cuda_graphs)
         spec = engine.spec
         if spec.num_classes == 0:
-            raise ValueError("the model has no classification head (num_classes = 0); inference "
+            raise InputError("the model has no classification head (num_classes = 0); inference "
                              "predicts classes, so it needs one")
         if class_names is not None and len(class_names) != spec.num_classes:
-            raise ValueError(f"{len(class_names)} class names given but the model has "
+            raise InputError(f"{len(class_names)} class names given but the model has "
                              f"{spec.num_classes} classes")
         dataset = load_image_folder(data_dir, spec.img_size, mean=mean, std=std, labeled=labeled,
                                     in_chans=spec.in_chans)
@@ -196,7 +197,8 @@ def run_inference(model, data_dir: str | os.PathLike, out_csv: str | os.PathLike
                             sampler=ShardSampler(len(dataset), rank, world_size),
                             num_workers=num_workers, pin_memory=engine.device.type == "cuda")
         start = time.perf_counter()
-        shard = _predict_shard(engine, loader, batch_size, progress and rank == 0)
+        with worker_errors_unwrapped():  # a bad image read by a worker: its own one line
+            shard = _predict_shard(engine, loader, batch_size, progress and rank == 0)
         if world_size > 1:
             gathered = [None] * world_size if rank == 0 else None
             dist.gather_object(shard, gathered, dst=0)

@@ -14,6 +14,8 @@ import torch
 
 from .artifact import load, load_spec
 from .checkpoints import load_checkpoint
+from .errors import InputError
+from .jsonfile import parse_json
 from .reference import ViTReference, reference_from_timm
 from .spec import ViTSpec
 
@@ -22,19 +24,12 @@ def parse_model_kwargs(text: str | None) -> dict:
     """The --model-kwargs JSON object (e.g. '{"img_size": 32, "depth": 3}') as a dict."""
     if text is None or text == "":
         return {}
-    try:
-        kwargs = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"model kwargs must be a JSON object such as '{{\"img_size\": 32}}': "
-                         f"{err}") from None
-    if not isinstance(kwargs, dict):
-        raise ValueError(f"model kwargs must be a JSON object, got {type(kwargs).__name__}")
-    return kwargs
+    return parse_json(text, "model kwargs", hint="give a JSON object such as '{\"img_size\": 32}'")
 
 
 def _check_choice(artifact, model_name) -> None:
     if (artifact is None) == (model_name is None):
-        raise ValueError("name exactly one model: an artifact folder, or a timm model name (--model)")
+        raise InputError("name exactly one model: an artifact folder, or a timm model name (--model)")
 
 
 def _create_timm(model_name: str, model_kwargs: dict | None, checkpoint, pretrained: bool,
@@ -45,13 +40,13 @@ def _create_timm(model_name: str, model_kwargs: dict | None, checkpoint, pretrai
         close = difflib.get_close_matches(model_name, timm.list_models(), n=5, cutoff=0.6)
         hint = f"; close matches: {', '.join(close)}" if close else \
             "; see timm.list_models('*vit*') for ViT/DeiT names"
-        raise ValueError(f"unknown timm model {model_name!r}{hint}")
+        raise InputError(f"unknown timm model {model_name!r}{hint}")
     kwargs = dict(model_kwargs or {})
     try:
         with torch.device(device):
             model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
     except TypeError as err:  # a keyword the model class does not take
-        raise ValueError(f"timm rejected the model kwargs {model_kwargs} for {model_name}: {err}") from None
+        raise InputError(f"timm rejected the model kwargs {model_kwargs} for {model_name}: {err}") from None
     if checkpoint is not None:
         # The project's one checkpoint reader: weights_only loading, "model"/"state_dict"
         # wrappers, and the mismatching tensors named.
@@ -75,7 +70,7 @@ def resolve_model(artifact: str | os.PathLike | None = None, model_name: str | N
     _check_choice(artifact, model_name)
     if artifact is not None:
         if model_kwargs or checkpoint is not None or pretrained:
-            raise ValueError("an artifact carries its own structure and weights; model kwargs, "
+            raise InputError("an artifact carries its own structure and weights; model kwargs, "
                              "checkpoint and pretrained apply only to a timm model name")
         return load(artifact)
     return reference_from_timm(_create_timm(model_name, model_kwargs, checkpoint, pretrained, "cpu"))
@@ -88,7 +83,7 @@ def resolve_spec(artifact: str | os.PathLike | None = None, model_name: str | No
     _check_choice(artifact, model_name)
     if artifact is not None:
         if model_kwargs:
-            raise ValueError("an artifact carries its own structure; model kwargs apply only to a "
+            raise InputError("an artifact carries its own structure; model kwargs apply only to a "
                              "timm model name")
         return load_spec(artifact)
     from .adapter import spec_from_timm

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .adapter import from_timm
+from .errors import InputError
 from .exportable_merge import bipartite_merge_static
 from .kernels.attention import head_norm
 from .ops.token_merge import atme_merge, tome_merge
@@ -345,7 +346,7 @@ class ViTReference(nn.Module):
         expected = (spec.in_chans, *spec.img_size)
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != expected:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"expected images of shape (B, {expected[0]}, {expected[1]}, {expected[2]}) "
+            raise InputError(f"expected images of shape (B, {expected[0]}, {expected[1]}, {expected[2]}) "
                              f"(in_chans, img_size of the spec), got {got}; resize the images")
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,8 @@ import torch
 
 from .atomic import atomic_open
 from .data import IMAGENET_MEAN, IMAGENET_STD, load_image_folder
+from .errors import InputError
+from .jsonfile import load_json_file
 from .macs import count_macs
 from .reference import ViTReference
 
@@ -35,11 +37,11 @@ def imagenet_splits(root: str | os.PathLike) -> tuple[Path, Path]:
     """root/train and root/val, each with one subfolder per class, or a ValueError."""
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise ValueError(f"ImageNet folder {root} does not exist; give the folder that holds train/ and val/")
+        raise InputError(f"ImageNet folder {root} does not exist; give the folder that holds train/ and val/")
     train, val = root / "train", root / "val"
     for split in (train, val):
         if not split.is_dir() or not any(p.is_dir() for p in split.iterdir()):
-            raise ValueError(f"{root} has no {split.name} split: expected {split}/<class>/<images> "
+            raise InputError(f"{root} has no {split.name} split: expected {split}/<class>/<images> "
                              "(the ImageNet layout, val sorted into class subfolders)")
     return train, val
 
@@ -48,10 +50,10 @@ def check_classes(train_classes: list[str], val_classes: list[str], spec) -> Non
     """The train and val class folders must be the same and as many as the model's classes."""
     if train_classes != val_classes:
         only = sorted(set(train_classes) ^ set(val_classes))[:3]
-        raise ValueError(f"train and val have different class folders (e.g. {only}); "
+        raise InputError(f"train and val have different class folders (e.g. {only}); "
                          "both need the same classes")
     if len(train_classes) != spec.num_classes:
-        raise ValueError(f"the folder has {len(train_classes)} classes but the model's head has "
+        raise InputError(f"the folder has {len(train_classes)} classes but the model's head has "
                          f"{spec.num_classes}; give the dataset the model was trained on")
 
 
@@ -101,11 +103,11 @@ def run_reproduction(teacher: ViTReference, root, out, *, samples=SAMPLES, point
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / RESULTS
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    results = load_json_file(results_path, hint="remove it to start over") if results_path.exists() else {}
     settings = dict(seed=seed, iters=iters, batch_size=batch_size, metric_size=metric_size,
                     metric_iters=metric_iters, val_samples=val_samples, val_images=len(val))
     if results.get("settings", settings) != settings:
-        raise ValueError(f"{results_path} was made with other settings ({results['settings']}); "
+        raise InputError(f"{results_path} was made with other settings ({results['settings']}); "
                          "use another --out or the same settings")
     results["settings"] = settings
     runs = results.setdefault("runs", {})

@@ -12,6 +12,8 @@ import os
 from dataclasses import MISSING, asdict, dataclass
 from pathlib import Path
 
+from .errors import InputError, SpecError
+from .jsonfile import load_json_file, parse_json
 from .kernels.merge_rules import atme_merged_grid
 
 SPEC_VERSION = 2
@@ -32,7 +34,7 @@ LATENT_POOLS = ("token", "avg", "")
 
 
 def _fail(where: str, message: str) -> None:
-    raise ValueError(f"invalid spec: {where}: {message}")
+    raise SpecError(f"invalid spec: {where}: {message}")
 
 
 def _check_int(where: str, value, minimum: int) -> None:
@@ -59,8 +61,8 @@ def _check_choice(where: str, value, choices) -> None:
         _fail(where, f"expected one of {choices}, got {value!r}")
 
 
-def _version_error(version) -> ValueError:
-    return ValueError(f"invalid spec: version: unsupported spec version {version!r}; this dcvit_engine "
+def _version_error(version) -> SpecError:
+    return SpecError(f"invalid spec: version: unsupported spec version {version!r}; this dcvit_engine "
                       f"reads versions {', '.join(map(str, READABLE_VERSIONS))} (upgrade dcvit_engine "
                       "or re-export the model)")
 
@@ -368,6 +370,7 @@ class ViTSpec:
         if self.reg_tokens and any(b.merge is not None and b.merge.kind == "tome" for b in self.blocks):
             _fail("reg_tokens", "ToMe merges with register tokens are not supported yet (the merge "
                   "protects only class and distillation tokens)")
+        _check_limits(self)  # before anything allocates: a hostile spec must not exhaust memory
         merge_schedule(self)  # raises on merges the token count cannot support
         return self
 
@@ -448,11 +451,7 @@ class ViTSpec:
 
     @classmethod
     def from_json(cls, text: str) -> "ViTSpec":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"spec is not valid JSON: {err}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(parse_json(text, "spec"))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ViTSpec":
@@ -465,19 +464,11 @@ class ViTSpec:
         if not file.is_file():
             raise FileNotFoundError(f"{path} is a folder without {SPEC_FILENAME}; "
                                     "is it a dcvit_engine artifact (written by dcvit_engine.save)?")
-        try:
-            text = file.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{file} is not a UTF-8 JSON spec: {err}") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{file} is not valid JSON ({err}); the artifact is corrupt, "
-                             "re-save the model") from None
+        data = load_json_file(file, hint="the artifact is corrupt, re-save the model")
         try:
             return cls.from_dict(data)
-        except ValueError as err:
-            raise ValueError(f"{file}: {err}") from None
+        except SpecError as err:
+            raise SpecError(f"{file}: {err}") from None
 
 
 # ---- features of version 2 -------------------------------------------------------
@@ -507,10 +498,10 @@ def v2_features(spec: ViTSpec) -> list[str]:
 
 
 def refuse_v2_features(spec: ViTSpec, reader: str) -> None:
-    """Raise ValueError naming the first version-2 feature `reader` does not run yet."""
+    """Raise InputError naming the first version-2 feature `reader` does not run yet."""
     found = v2_features(spec)
     if found:
-        raise ValueError(f"{reader} does not run {found[0]} yet; the reference module and export do "
+        raise InputError(f"{reader} does not run {found[0]} yet; the reference module and export do "
                          f"(dcvit_engine.reference / dcvit export)")
 
 
@@ -559,3 +550,53 @@ def final_tokens(spec: ViTSpec) -> int:
     """Token count leaving the last block (what the final norm and the head see)."""
     schedule = merge_schedule(spec)
     return schedule[-1][1] if schedule else spec.num_prefix_tokens + spec.num_patches
+
+
+# ---- size limits -----------------------------------------------------------------
+# Far above any ViT the engine targets (ViT-22B: width 6144, MLP 24576, 48 blocks), low
+# enough that a mistyped or hostile spec fails here, naming the field, not inside torch.
+DIMENSION_LIMITS = {"img_size": 8192, "in_chans": 64, "embed_dim": 16384, "num_classes": 1_000_000,
+                    "depth": 1024, "heads": 1024, "head_dim": 4096, "mlp_hidden": 131072}
+MAX_TOKENS = 65536
+MAX_PARAMETERS = 2**35  # 128 GiB in float32
+
+
+def _check_limits(spec: "ViTSpec") -> None:
+    for axis, size in zip(("height", "width"), spec.img_size):
+        if size > DIMENSION_LIMITS["img_size"]:
+            _fail(f"img_size ({axis})", f"{size} is above the limit {DIMENSION_LIMITS['img_size']}")
+    for name in ("in_chans", "embed_dim", "num_classes"):
+        if getattr(spec, name) > DIMENSION_LIMITS[name]:
+            _fail(name, f"{getattr(spec, name)} is above the limit {DIMENSION_LIMITS[name]}")
+    if spec.depth > DIMENSION_LIMITS["depth"]:
+        _fail("blocks", f"{spec.depth} blocks is above the limit {DIMENSION_LIMITS['depth']}")
+    tokens = spec.num_patches + spec.num_prefix_tokens
+    if tokens > MAX_TOKENS:
+        _fail("patch_size", f"img_size {tuple(spec.img_size)} / patch_size {spec.patch_size} gives "
+              f"{tokens} tokens, above the limit {MAX_TOKENS}")
+    width = spec.embed_dim
+    parameters = {"patch embedding (in_chans, patch_size, embed_dim)":
+                  spec.in_chans * spec.patch_size ** 2 * width + width,
+                  "position embedding (img_size, patch_size, embed_dim)": tokens * width,
+                  "head (num_classes)": (width + 1) * spec.num_classes * (1 + int(spec.dist_token))}
+    for i, block in enumerate(spec.blocks):
+        where = f"blocks[{i}]"
+        if block.attn is not None:
+            if block.attn.num_heads > DIMENSION_LIMITS["heads"]:
+                _fail(f"{where}.attn", f"{block.attn.num_heads} heads is above the limit "
+                      f"{DIMENSION_LIMITS['heads']}")
+            for name in ("qk_dims", "v_dims"):
+                if max(getattr(block.attn, name)) > DIMENSION_LIMITS["head_dim"]:
+                    _fail(f"{where}.attn.{name}", f"{max(getattr(block.attn, name))} is above the "
+                          f"limit {DIMENSION_LIMITS['head_dim']}")
+            parameters[f"{where}.attn"] = (width + 1) * block.attn.qkv_out + (block.attn.v_total + 1) * width
+        if block.mlp_hidden > DIMENSION_LIMITS["mlp_hidden"]:
+            _fail(f"{where}.mlp_hidden", f"{block.mlp_hidden} is above the limit "
+                  f"{DIMENSION_LIMITS['mlp_hidden']}")
+        parameters[f"{where}.mlp_hidden"] = 2 * width * block.mlp_hidden + block.mlp_hidden + width
+    total = sum(parameters.values())
+    if total > MAX_PARAMETERS:
+        largest = max(parameters, key=parameters.get)
+        _fail(largest, f"the model would hold {total:.3g} parameters ({total * 4 / 2**30:.0f} GiB in "
+              f"float32), above the limit {MAX_PARAMETERS:.3g}; the largest part is {largest} with "
+              f"{parameters[largest]:.3g}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .errors import InputError
 from .spec import AttentionSpec, ViTSpec, final_tokens, merge_schedule
 
 _LAYERNORM_MACS_PER_ELEMENT = 4  # thop: 2 * numel, times 2 with elementwise affine
@@ -134,7 +135,7 @@ def block_macs(spec: ViTSpec, index: int, tokens: int | None = None) -> BlockMac
     if tokens is None:
         tokens, mlp_tokens, _ = merge_schedule(spec)[index]
     elif spec.blocks[index].merge is not None:
-        raise ValueError(f"block {index} merges tokens, so its MLP token count follows from "
+        raise InputError(f"block {index} merges tokens, so its MLP token count follows from "
                          "the spec's schedule; call block_macs without tokens")
     else:
         mlp_tokens = tokens

@@ -25,6 +25,7 @@ import torch
 
 from .atomic import atomic_open, atomic_path
 from .engine import build_engine
+from .errors import InputError
 from .macs import count_macs
 from .reference import ViTReference
 from .throughput import measure_throughput
@@ -100,7 +101,7 @@ def equal_macs_pairs(spec, targets, practise_options: dict | None = None) -> dic
         try:
             plan_dcvit(spec, ratio, num_blocks=drop.blocks_dropped + 1, candidates=candidates)
         except ValueError as err:
-            raise ValueError(f"target {target:.2f} has no equal-MACs pair: PRACTISE drops "
+            raise InputError(f"target {target:.2f} has no equal-MACs pair: PRACTISE drops "
                              f"{drop.blocks_dropped} blocks ({100 * ratio:.1f}% of the MACs) and DC-ViT "
                              f"cannot compress {drop.blocks_dropped + 1} blocks to that ({err}); choose a "
                              "higher target or turn pairing off") from None
@@ -160,11 +161,16 @@ def run_sweep(teacher: ViTReference, images: torch.Tensor | None, eval_images: t
     from .compress import api
 
     if budget not in BUDGETS:
-        raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
+        raise InputError(f"budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
     if draws is None:
         draws = [Draw(seed=None, images=images)]
     if not draws:
-        raise ValueError("no few-shot draws: give at least one seed")
+        raise InputError("no few-shot draws: give at least one seed")
+    if not methods:
+        raise InputError("no methods to sweep: give at least one")
+    targets = [float(t) for t in targets]
+    if not targets or len(set(targets)) != len(targets):
+        raise InputError(f"targets must be distinct and at least one, got {targets}")
     teacher = teacher.eval()
     spec = teacher.spec
     plan = [(m, t, dict(o)) for m, o in methods.items() for t in targets]

@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from dcvit_engine.errors import InputError
+
 
 @dataclass(frozen=True)
 class Throughput:
@@ -34,9 +36,9 @@ class Throughput:
 
 def _check_counts(warmup: int, repeats: int) -> None:
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
+        raise InputError(f"warmup must be an integer >= 0, got {warmup!r}")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
+        raise InputError(f"repeats must be an integer >= 1, got {repeats!r}")
 
 
 def measure_throughput(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
@@ -85,7 +87,7 @@ def time_interleaved(runners: dict[str, Callable[[torch.Tensor], torch.Tensor]],
     benchmarks report (engine / timm, variant / uncompressed) compare like with like; the
     rotation keeps any runner from always following the same one (caches, thread wake-up)."""
     if warmup < 0 or repeats < 1:
-        raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup} and {repeats}")
+        raise InputError(f"need warmup >= 0 and repeats >= 1, got {warmup} and {repeats}")
     names = list(runners)
     cuda = images.device.type == "cuda"
     times: dict[str, list[float]] = {name: [] for name in names}

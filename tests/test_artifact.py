@@ -131,7 +131,7 @@ def test_failed_save_leaves_nothing_half_written(tmp_path, monkeypatch):
     def broken_writer(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(artifact, "save_file", broken_writer)
+    monkeypatch.setattr(artifact, "save_bytes", broken_writer)
     with pytest.raises(OSError, match="disk full"):
         save(pruned_reference(), tmp_path / "art")
     assert siblings(tmp_path / "art") == []
@@ -146,7 +146,7 @@ def test_replacing_an_artifact_is_safe(tmp_path, monkeypatch):
     assert siblings(folder) == ["art"]
 
     # a failing replacement keeps the previous artifact intact
-    monkeypatch.setattr(artifact, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("boom")))
+    monkeypatch.setattr(artifact, "save_bytes", lambda *a, **k: (_ for _ in ()).throw(OSError("boom")))
     with pytest.raises(OSError, match="boom"):
         save(first, folder)
     assert load_spec(folder) == replacement.spec and siblings(folder) == ["art"]

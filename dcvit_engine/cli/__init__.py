@@ -1,24 +1,54 @@
 """The `dcvit` command. Each subcommand lives in its own module with a `register(subparsers)`
 function that adds its parser and sets `func`; this file only assembles them. Commands do
 argument parsing and printing only: the work is in the library.
+
+The error contract (docs/ARCHITECTURE.md, "Errors"): what a user causes (errors.UserError and
+the standard file errors) is printed as one line with exit status 2; SIGINT exits 130 and
+SIGTERM 143, after the writers have removed their temporary files; every other exception is
+a bug and keeps its traceback. DCVIT_DEBUG=1 prints the traceback of a one-line error too.
 """
 import argparse
 import importlib
+import os
+import re
+import signal
 import sys
+import traceback
+from contextlib import contextmanager
 
-from dcvit_engine.ops.dispatch import BackendUnavailableError
+from dcvit_engine.errors import UserError, describe_os_error, is_user_os_error
 
 # Module names under dcvit_engine.cli, in the order `dcvit --help` lists them.
 COMMAND_MODULES = ["doctor", "info", "bench", "infer", "plan", "compress", "export", "eval", "sweep", "demo",
                    "reproduce"]
+DEBUG_ENV_VAR = "DCVIT_DEBUG"
+EXIT_USER_ERROR, EXIT_SIGINT, EXIT_SIGTERM = 2, 130, 143
 
 
-class CommandError(Exception):
-    """A user-facing error: printed as one line, exit status 2, no traceback."""
+class CommandError(UserError):
+    """A user-facing error found by a command's own checks: one line, exit status 2."""
+
+
+class UsageError(UserError):
+    """Options argparse refuses (unknown, missing, or a value its type rejects)."""
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse's errors as one line, like every other user error (no usage block), and
+    returned by main() as exit status 2 instead of exiting from inside parse_args."""
+
+    def error(self, message):
+        # "argument --batch-size: must be >= 1, got '0'" -> "--batch-size must be >= 1, got '0'"
+        message = re.sub(r"^argument (\S+?)(/\S+)?: (must be)", r"\1 \3", message)
+        raise UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every writer's cleanup (atomic.py) runs."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="dcvit",
         description="Few-shot dense compression of Vision Transformers, run with fused kernels.",
     )
@@ -28,18 +58,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def user_message(exc: BaseException) -> str | None:
+    """The one line for an error the user caused, None for anything else (a bug)."""
+    if isinstance(exc, UserError):
+        message = str(exc)
+    elif is_user_os_error(exc) or (isinstance(exc, OSError) and exc.errno is None and type(exc) in (
+            FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)):
+        message = describe_os_error(exc)  # errno None: a message the project wrote
+    else:
+        return None
+    # a backend refusal lists each backend's reason on its own line
+    return "; ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (timeout, docker stop, schedulers) raises Terminated in the main thread."""
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
     try:
-        result = args.func(args)
-    except (CommandError, ValueError, FileNotFoundError, NotADirectoryError, TypeError,
-            BackendUnavailableError) as exc:
-        # Library code raises these with messages written for users; show just the message,
-        # on one line (a backend refusal lists each backend's reason on its own line).
-        message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        print(f"dcvit {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        previous = signal.signal(signal.SIGTERM, raise_terminated)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as err:
+        print(err, file=sys.stderr)
+        return EXIT_USER_ERROR
+    try:
+        with sigterm_as_interrupt():
+            result = args.func(args)
+    except Terminated:
+        print(f"dcvit {args.command}: terminated", file=sys.stderr)
+        return EXIT_SIGTERM
     except KeyboardInterrupt:
         print(f"dcvit {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_SIGINT
+    except Exception as exc:
+        message = user_message(exc)
+        if message is None:
+            raise
+        if os.environ.get(DEBUG_ENV_VAR, "") not in ("", "0"):
+            traceback.print_exc()
+        print(f"dcvit {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
     return int(result or 0)

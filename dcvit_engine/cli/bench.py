@@ -15,6 +15,7 @@ import torch
 from dcvit_engine.artifact import load_report
 from dcvit_engine.cli import CommandError
 from dcvit_engine.cli.model_args import add_model_arguments, backend_errors_as_command_errors, model_from_args
+from dcvit_engine.cli.option_types import nonnegative_int, positive_int
 from dcvit_engine.devices import resolve_device
 from dcvit_engine.engine import build_engine, command_dtype
 from dcvit_engine.macs import count_macs
@@ -29,7 +30,7 @@ def register(subparsers):
     parser = subparsers.add_parser("bench", help="measure the engine's images/s and latency",
                                    description=__doc__)
     add_model_arguments(parser)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--dtype", default=None,
                         help="float32 | bf16 | fp16 (default: the --onnx file's dtype; else bf16 on CUDA "
                              "and on CPUs with native bf16 (AVX512-BF16/AMX), else float32)")
@@ -37,7 +38,7 @@ def register(subparsers):
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--compile", action="store_true", help="run the engine through torch.compile")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="do not capture CUDA graphs")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=nonnegative_int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--teacher", default=None, metavar="NAME",
                         help="timm model the student was compressed from: time timm eager and the engine on "
@@ -108,8 +109,6 @@ def teacher_runners(args, spec, dtype, device) -> tuple[dict, dict, str | None]:
 
 
 def run(args):
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.teacher_kwargs and not args.teacher:
         raise CommandError("--teacher-kwargs needs --teacher NAME")
     device = resolve_device(args.device)

@@ -23,6 +23,7 @@ from dcvit_engine.compress.api import METHODS, compress, method_options
 from dcvit_engine.compress.checkpoint import STATE_FILENAME
 from dcvit_engine.macs import count_macs
 from dcvit_engine.models import describe_source, parse_model_kwargs, resolve_model
+from dcvit_engine.runlock import exclusive_folder
 from dcvit_engine.spec import SPEC_FILENAME
 
 
@@ -88,6 +89,11 @@ def _check_paths(out: Path, partial: Path, resume: bool) -> None:
 def run(args):
     out = Path(args.out)
     partial = out.with_name(out.name + ".partial")
+    with exclusive_folder(partial):  # one writer per --out: a second one refuses, naming the first
+        return _compress(args, out, partial)
+
+
+def _compress(args, out: Path, partial: Path) -> int:
     _check_paths(out, partial, args.resume)
     options = _method_options(args)
     started = time.perf_counter()

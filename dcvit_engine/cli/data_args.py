@@ -2,6 +2,7 @@
 count, and the normalisation the model expects."""
 import argparse
 
+from dcvit_engine.cli.option_types import positive_int
 from dcvit_engine.data import IMAGENET_MEAN, IMAGENET_STD, load_image_folder
 
 
@@ -16,7 +17,7 @@ def _floats(text: str) -> tuple[float, ...]:
 def add_data_arguments(parser: argparse.ArgumentParser, *, num_samples_required: bool) -> None:
     parser.add_argument("--data", required=True, metavar="DIR",
                         help="image folder: flat (unlabeled) or one subfolder per class (labeled)")
-    parser.add_argument("--num-samples", type=int, required=num_samples_required, default=None,
+    parser.add_argument("--num-samples", type=positive_int, required=num_samples_required, default=None,
                         metavar="N", help="use N images of the folder, chosen at random by --seed"
                         + ("" if num_samples_required else " (default: all)"))
     parser.add_argument("--mean", type=_floats, default=IMAGENET_MEAN, metavar="M[,M,M]",

@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 
 from dcvit_engine.cli import CommandError
+from dcvit_engine.cli.option_types import nonnegative_int, positive_int
 from dcvit_engine.cli.sweep import add_fairness_arguments
+from dcvit_engine.errors import InputError
 
 DEFAULT_TARGETS = "0.9,0.75,0.6"
 DEFAULT_METHODS = "dcvit,practise,uvc,cait,tome"
@@ -35,9 +37,9 @@ def register(subparsers):
                         help=f"comma-separated (default {DEFAULT_METHODS})")
     parser.add_argument("--targets", default=DEFAULT_TARGETS,
                         help=f"fractions of MACs kept (default {DEFAULT_TARGETS})")
-    parser.add_argument("--num-samples", type=int, default=64,
+    parser.add_argument("--num-samples", type=positive_int, default=64,
                         help="unlabeled few-shot images (default 64, at most 64)")
-    parser.add_argument("--iters", type=int, default=DEFAULT_ITERS,
+    parser.add_argument("--iters", type=nonnegative_int, default=DEFAULT_ITERS,
                         help=f"finetuning iterations of each DC-ViT/PRACTISE student "
                         f"(default {DEFAULT_ITERS}; UVC, CAIT and ToMe keep their own defaults)")
     parser.add_argument("--lr", type=float, default=DEFAULT_LR,
@@ -46,14 +48,14 @@ def register(subparsers):
     parser.add_argument("--augment", default="shift",
                         help="DC-ViT/PRACTISE augmentation: shift (default; no flips for digits), "
                         "flip+shift, none")
-    parser.add_argument("--metric-size", type=int, default=20,
+    parser.add_argument("--metric-size", type=positive_int, default=20,
                         help="synthetic metric-set images (default 20)")
-    parser.add_argument("--metric-iters", type=int, default=200,
+    parser.add_argument("--metric-iters", type=nonnegative_int, default=200,
                         help="metric-set optimization steps (default 200)")
     parser.add_argument("--cache-dir", default=None,
                         help="where the trained teacher is cached "
                         "(default $DCVIT_CACHE or ~/.cache/dcvit_engine)")
-    parser.add_argument("--depth", type=int, default=None,
+    parser.add_argument("--depth", type=positive_int, default=None,
                         help="teacher depth (default: the demo teacher's 6; 12, as DeiT, trains a second "
                         "teacher once and takes about twice as long)")
     parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
@@ -98,7 +100,7 @@ def run(args):
     if args.pair and "dcvit" in methods and "practise" in methods:
         try:  # before the teacher is trained: the architecture alone decides
             sweep.equal_macs_pairs(reference_from_timm(build_demo_model(config.model_kwargs())).spec, targets)
-        except ValueError as err:
+        except InputError as err:
             raise CommandError(str(err)) from None
     start = time.perf_counter()
     torch.manual_seed(args.seed)

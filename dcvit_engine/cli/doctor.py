@@ -15,6 +15,7 @@ import torch
 from dcvit_engine import _native
 from dcvit_engine.devices import resolve_device
 from dcvit_engine.engine import parse_dtype
+from dcvit_engine.errors import InputError
 from dcvit_engine.ops import BACKENDS, OPS, PRIORITY
 from dcvit_engine.ops.dispatch import OTHER_DEVICE_ORDER, triton_interpreting
 from dcvit_engine.ops.tolerance import error_budget, rel_err
@@ -126,7 +127,7 @@ def check_op(op, device, dtype, seed) -> int:
 def run(args):
     try:
         device = resolve_device(args.device)
-    except ValueError as err:
+    except InputError as err:
         print(f"dcvit doctor: {err}")
         return 2
     names = args.dtype or DEFAULT_DTYPES.get(device.type, "fp32")

@@ -6,6 +6,8 @@ import json
 
 from dcvit_engine.artifact import load
 from dcvit_engine.cli import CommandError
+from dcvit_engine.cli.option_types import positive_int
+from dcvit_engine.errors import InputError
 from dcvit_engine.export import DEFAULT_OPSET, DTYPES, FORMATS, OUTPUTS, check_options, export_model
 
 
@@ -17,12 +19,12 @@ def register(subparsers):
     parser.add_argument("--format", required=True, help=f"{' | '.join(FORMATS)}")
     parser.add_argument("--out", required=True, metavar="FILE", help="the file to write (e.g. model.onnx)")
     # not an argparse exclusive group: its error takes two lines (usage + message)
-    parser.add_argument("--batch-size", type=int, default=None, metavar="N",
+    parser.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
                        help="fixed batch size of the exported model (default 1)")
     parser.add_argument("--dynamic-batch", action="store_true", help="any batch size")
     parser.add_argument("--dtype", default="fp32", help=f"{' | '.join(DTYPES)} (default fp32); "
                         "the exported model takes images of this dtype")
-    parser.add_argument("--opset", type=int, default=None, metavar="K",
+    parser.add_argument("--opset", type=positive_int, default=None, metavar="K",
                         help=f"ONNX opset (default {DEFAULT_OPSET})")
     parser.add_argument("--output", default="logits", help=f"{' | '.join(OUTPUTS)} (default logits); "
                         "full-features: the final tokens with every ATME merge undone, on the input "
@@ -36,7 +38,7 @@ def run(args):
     check_options(args.format, args.dtype, args.batch_size, args.dynamic_batch, args.opset, args.output)
     try:
         model = load(args.artifact)
-    except (OSError, ValueError) as err:
+    except (OSError, InputError) as err:
         raise CommandError(f"cannot load artifact {args.artifact}: {err}") from None
     result = export_model(model, args.out, format=args.format, dtype=args.dtype,
                           batch_size=args.batch_size, dynamic_batch=args.dynamic_batch,

@@ -7,8 +7,10 @@ from pathlib import Path
 import torch
 
 from dcvit_engine.cli.model_args import add_model_arguments, backend_errors_as_command_errors, model_from_args
+from dcvit_engine.cli.option_types import nonnegative_int, positive_int
 from dcvit_engine.devices import resolve_device
 from dcvit_engine.engine import command_dtype
+from dcvit_engine.errors import InputError
 from dcvit_engine.infer import run_inference
 from dcvit_engine.ops import BACKENDS
 
@@ -17,7 +19,7 @@ def _floats(text: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",")]
     except ValueError:
-        raise ValueError(f"expected comma-separated numbers such as 0.5,0.5,0.5, got {text!r}") from None
+        raise InputError(f"expected comma-separated numbers such as 0.5,0.5,0.5, got {text!r}") from None
 
 
 def _class_names(path: str) -> list[str]:
@@ -35,13 +37,13 @@ def register(subparsers):
     parser.add_argument("--data", required=True, metavar="DIR",
                         help="image folder (flat, or one subfolder per class for labels)")
     parser.add_argument("--out", required=True, metavar="CSV", help="predictions CSV to write")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", default=None,
                         help="float32 | bf16 | fp16 (default: bf16 on CUDA and on CPUs with native bf16 "
                              "(AVX512-BF16/AMX), else float32)")
-    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
+    parser.add_argument("--num-workers", type=nonnegative_int, default=2, help="DataLoader worker processes")
     parser.add_argument("--mean", default=None,
                         help="normalization mean, e.g. 0.5,0.5,0.5 (default ImageNet)")
     parser.add_argument("--std", default=None, help="normalization std (default ImageNet)")
@@ -52,8 +54,6 @@ def register(subparsers):
 
 
 def run(args):
-    if args.num_workers < 0:
-        raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
     model, name = model_from_args(args)
     options = {}
     if args.mean is not None:

@@ -8,6 +8,8 @@ from dcvit_engine.cli import CommandError
 from dcvit_engine.cli.data_args import add_data_arguments, images_from_args
 from dcvit_engine.cli.method_args import add_method_options
 from dcvit_engine.cli.model_args import add_model_arguments, backend_errors_as_command_errors, model_from_args
+from dcvit_engine.cli.option_types import nonnegative_int, positive_int
+from dcvit_engine.errors import InputError
 
 
 def register(subparsers):
@@ -23,10 +25,10 @@ def register(subparsers):
     add_method_options(parser, names=("iters", "batch_size"))  # default: each method's own
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backend", default=None, help="engine backend for evaluation and latency")
-    parser.add_argument("--metric-size", type=int, default=50,
+    parser.add_argument("--metric-size", type=positive_int, default=50,
                         help="synthetic metric-set images per seed, shared by DC-ViT and PRACTISE "
                         "(default 50)")
-    parser.add_argument("--metric-iters", type=int, default=2000,
+    parser.add_argument("--metric-iters", type=nonnegative_int, default=2000,
                         help="metric-set optimization steps (default 2000, the official value)")
     parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
     add_fairness_arguments(parser, default_seeds=1)
@@ -62,6 +64,12 @@ def parse_methods_targets_seeds(args) -> tuple[list[str], list[float], range]:
     from dcvit_engine.compress.api import METHODS
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise CommandError(f"--methods names no method, got {args.methods!r}; choose from "
+                           f"{', '.join(METHODS)}")
+    repeated = sorted({m for m in methods if methods.count(m) > 1})
+    if repeated:
+        raise CommandError(f"--methods names {', '.join(repeated)} more than once")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise CommandError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
@@ -76,6 +84,9 @@ def parse_targets(text: str) -> list[float]:
                            f"got {text!r}") from None
     if not targets or not all(0 < t < 1 for t in targets):
         raise CommandError(f"--targets must be fractions of MACs kept, each in (0, 1), got {text!r}")
+    repeated = sorted({t for t in targets if targets.count(t) > 1})
+    if repeated:  # a repeated target would be reported as a second seed
+        raise CommandError(f"--targets names {', '.join(map(str, repeated))} more than once, got {text!r}")
     return targets
 
 
@@ -88,7 +99,7 @@ def run(args):
     if args.pair and "dcvit" in methods and "practise" in methods:
         try:
             sweep.equal_macs_pairs(teacher.spec, targets)
-        except ValueError as err:
+        except InputError as err:
             raise CommandError(str(err)) from None
     draws = [sweep.Draw(seed, images_from_args(args, teacher.spec, seed=seed)[0]) for seed in seeds]
     images = draws[0].images
@@ -102,7 +113,6 @@ def run(args):
     eval_args = argparse.Namespace(data=args.eval_data, num_samples=None, mean=args.mean, std=args.std)
     eval_images, eval_labels, _ = images_from_args(eval_args, teacher.spec)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     options = dict(iters=args.iters, batch_size=args.batch_size, device=args.device)
     if args.recipe != "shared":
         options["recipe"] = args.recipe
@@ -119,6 +129,7 @@ def run(args):
     if len(rows) == 1:
         raise CommandError("no method reached any of the targets; see the reasons above")
     print("\n" + sweep.format_table(rows))
+    out.mkdir(parents=True, exist_ok=True)  # only now: a sweep that fails leaves no empty folder
     csv_path = sweep.write_csv(rows, out / "sweep.csv")
     png_path = sweep.plot_sweep(rows, out / "sweep.png", title=name)
     print(f"\nwrote {csv_path} and {png_path}")

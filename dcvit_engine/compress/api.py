@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass
 
 from ..adapter import spec_from_timm
+from ..errors import InputError
 from ..reference import ViTReference
 from ..spec import ViTSpec, refuse_v2_features
 
@@ -50,7 +51,7 @@ RUN_OPTIONS = ("device", "seed", "labels", "checkpoint_dir", "resume", "progress
 
 def _method(method: str) -> Method:
     if method not in METHODS:
-        raise ValueError(f"unknown compression method {method!r}; choose one of {', '.join(METHODS)}")
+        raise InputError(f"unknown compression method {method!r}; choose one of {', '.join(METHODS)}")
     return METHODS[method]
 
 
@@ -127,10 +128,10 @@ def compress(model, images=None, method: str = "dcvit", target_macs: float | Non
     accepted = method_options(method)
     unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise ValueError(f"method {method!r} has no option(s) {', '.join(unknown)}; its options are "
+        raise InputError(f"method {method!r} has no option(s) {', '.join(unknown)}; its options are "
                          f"{', '.join(o for o in accepted if o not in ('progress', 'report'))}")
     if target_macs is None and target_required(method):
-        raise ValueError(f"method {method!r} needs target_macs, the fraction of the teacher's MACs "
+        raise InputError(f"method {method!r} needs target_macs, the fraction of the teacher's MACs "
                          "to keep (e.g. 0.75)")
     if "progress" in accepted:
         options["progress"] = progress

@@ -31,6 +31,7 @@ import copy
 import torch
 import torch.nn as nn
 
+from ..errors import InputError
 from ..macs import count_macs
 from ..ops import atme_unmerge
 from ..reference import ViTReference
@@ -44,12 +45,12 @@ from .slicing import BlockMasks, WidthCosts, apply_masks, slice_model, width_cos
 def _check_teacher(spec: ViTSpec) -> None:
     for i, b in enumerate(spec.blocks):
         if b.merge is not None:
-            raise ValueError("CAIT starts from a model without token merging")
+            raise InputError("CAIT starts from a model without token merging")
         if b.attn is not None and (len(set(b.attn.qk_dims)) != 1 or b.attn.qk_dims != b.attn.v_dims):
-            raise ValueError(f"block {i}: CDCP shares one channel mask across heads and needs heads of "
+            raise InputError(f"block {i}: CDCP shares one channel mask across heads and needs heads of "
                              f"one width, got q/k {b.attn.qk_dims}, v {b.attn.v_dims}")
         if b.attn is not None and b.attn.qk_norm:
-            raise ValueError(f"block {i} normalises q/k over the full head width (qk_norm); its q/k "
+            raise InputError(f"block {i} normalises q/k over the full head width (qk_norm); its q/k "
                              "channels cannot be pruned")
 
 
@@ -63,7 +64,7 @@ def atme_spec(spec: ViTSpec, layers, first_axis: str = "w") -> ViTSpec:
         if (cols if axis == "w" else rows) < 2:
             axis = "h" if axis == "w" else "w"
         if (cols if axis == "w" else rows) < 2:
-            raise ValueError(f"ATME cannot merge at block {i}: the grid is already {rows} x {cols}")
+            raise InputError(f"ATME cannot merge at block {i}: the grid is already {rows} x {cols}")
         out.blocks[i].merge = MergeSpec(kind="atme", axis=axis)
         rows, cols = atme_merged_grid((rows, cols), axis)
         axis = "h" if axis == "w" else "w"
@@ -103,7 +104,7 @@ def plan_atme(spec: ViTSpec, target: float, token_share: float = 0.5, first_axis
     if not options:
         smallest = min(_min_channel_macs(atme_spec(spec, p, first_axis))
                        for p in candidate_plans(spec)) / teacher
-        raise ValueError(f"target {target} is out of CAIT's reach for this model: even the most "
+        raise InputError(f"target {target} is out of CAIT's reach for this model: even the most "
                          f"merging and one channel per head keep {smallest:.4f} of the MACs; choose "
                          f"a target >= {smallest:.4f}")
     _, _, layers, merged = min(options, key=lambda o: o[:2])
@@ -286,7 +287,7 @@ def full_resolution_features(model: ViTReference, images: torch.Tensor) -> torch
     token copied to every grid position it stands for (for dense prediction heads)."""
     spec = model.spec
     if any(b.merge is not None and b.merge.kind != "atme" for b in spec.blocks):
-        raise ValueError("only ATME merges keep the grid; a ToMe-merged model cannot be unmerged")
+        raise InputError("only ATME merges keep the grid; a ToMe-merged model cannot be unmerged")
     tokens = model.forward_features(images)
     for block, (_, _, grid_in) in reversed(list(zip(spec.blocks, merge_schedule(spec)))):
         if block.merge is not None:
@@ -320,10 +321,10 @@ def compress_cait(model, images: torch.Tensor, target_macs: float, *, labels: to
     report (run.py), the ATME plan and the widths in its extras."""
     if (isinstance(token_share, bool) or not isinstance(token_share, (int, float))
             or not 0 <= token_share <= 1):
-        raise ValueError(f"token_share must be a number in [0, 1] (share of the MACs reduction done by "
+        raise InputError(f"token_share must be a number in [0, 1] (share of the MACs reduction done by "
                          f"token merging), got {token_share!r}")
     if first_axis not in ATME_AXES:
-        raise ValueError(f"first_axis must be one of {ATME_AXES}, got {first_axis!r}")
+        raise InputError(f"first_axis must be one of {ATME_AXES}, got {first_axis!r}")
     check_positive(iters=iters, batch_size=batch_size)
     check_non_negative(finetune_iters=finetune_iters)
     run = MethodRun("cait", model, images, target_macs, device=device, progress=progress)

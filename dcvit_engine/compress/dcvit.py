@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from ..errors import InputError
 from ..reference import ViTReference
 from .fewshot import (
     AUGMENTATIONS,
@@ -91,7 +92,7 @@ def compress_dcvit(model, images: torch.Tensor, target_macs: float, *,
     its extras hold the plan, every candidate's score, the chosen blocks and the losses.
     """
     if neuron_selection not in NEURON_SELECTIONS:
-        raise ValueError(f"neuron_selection must be one of {NEURON_SELECTIONS}, got {neuron_selection!r}")
+        raise InputError(f"neuron_selection must be one of {NEURON_SELECTIONS}, got {neuron_selection!r}")
     select_iters = iters if select_iters is None else select_iters
     augmentation = augment_flags(augment)
     check_positive(iters=iters, select_iters=select_iters, batch_size=batch_size,

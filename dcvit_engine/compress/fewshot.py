@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import check_finite
+from ..errors import InputError
 from ..reference import ViTReference, reference_from_timm
 
 
@@ -23,7 +24,7 @@ def as_reference(model, head_required: bool = True) -> ViTReference:
     else:
         raise TypeError(f"expected a timm VisionTransformer or a ViTReference, got {type(model).__name__}")
     if head_required and reference.spec.num_classes == 0:
-        raise ValueError("the model has no classification head (num_classes = 0); block selection "
+        raise InputError("the model has no classification head (num_classes = 0); block selection "
                          "compares class distributions, so give a model with its head")
     return reference
 
@@ -37,11 +38,11 @@ def check_images(images, spec=None, what: str = "images") -> torch.Tensor:
         got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         shape = "(N, C, H, W)" if expected is None else \
             f"of shape (N, {expected[0]}, {expected[1]}, {expected[2]}) (the model's input size)"
-        raise ValueError(f"{what} must be a float tensor {shape}, got {got}")
+        raise InputError(f"{what} must be a float tensor {shape}, got {got}")
     if images.shape[0] == 0:
-        raise ValueError(f"{what} is empty: give at least one image")
+        raise InputError(f"{what} is empty: give at least one image")
     if not images.is_floating_point():
-        raise ValueError(f"{what} must be float (normalised as the model expects), got {images.dtype}")
+        raise InputError(f"{what} must be float (normalised as the model expects), got {images.dtype}")
     check_finite(images)
     return images
 
@@ -67,7 +68,7 @@ AUGMENTATIONS = {"flip+shift": (True, True), "shift": (True, False), "none": (Fa
 def augment_flags(augment: str) -> dict:
     """feature_mimic_finetune's augment/flip keywords for an AUGMENTATIONS name."""
     if augment not in AUGMENTATIONS:
-        raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
+        raise InputError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
     on, flip = AUGMENTATIONS[augment]
     return dict(augment=on, flip=flip)
 
@@ -76,21 +77,21 @@ def check_positive(**values) -> None:
     """Each keyword must be a positive integer (iteration counts, batch sizes, set sizes)."""
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise InputError(f"{name} must be a positive integer, got {value!r}")
 
 
 def check_non_negative(**values) -> None:
     """Each keyword must be a non-negative integer (e.g. finetuning iterations that may be 0)."""
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+            raise InputError(f"{name} must be a non-negative integer, got {value!r}")
 
 
 def check_labels(labels, images: torch.Tensor) -> None:
     """Optional labels: None, or a tensor of one class index per image (-1: unlabeled)."""
     if labels is not None and (not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (len(images),)):
         got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise ValueError(f"labels must have shape ({len(images)},), one class index per image; got {got}")
+        raise InputError(f"labels must have shape ({len(images)},), one class index per image; got {got}")
 
 
 def _batches(images: torch.Tensor, batch_size: int):

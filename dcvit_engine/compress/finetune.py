@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..errors import InputError
 from .fewshot import check_images, check_labels
 
 Trainable = Callable[[str], bool] | Iterable[str] | Iterable[nn.Parameter] | None
@@ -43,7 +44,7 @@ def trainable_up_to(model: nn.Module, last_block: int, final_norm: bool | None =
     if blocks is None:
         raise TypeError(f"{type(model).__name__} has no .blocks; expected a timm ViT or a ViTReference")
     if last_block < 0:
-        raise ValueError(f"last_block must be >= 0, got {last_block}")
+        raise InputError(f"last_block must be >= 0, got {last_block}")
     depth = len(blocks)
     last_block = min(last_block, depth - 1)
     with_final_norm = last_block == depth - 1 if final_norm is None else bool(final_norm)
@@ -82,13 +83,13 @@ def select_parameters(model: nn.Module, trainable: Trainable, train_head: bool) 
             by_id = {id(p): n for n, p in named.items()}
             missing = sum(id(p) not in by_id for p in items)
             if missing:
-                raise ValueError(f"{missing} of the {len(items)} trainable parameters are not parameters "
+                raise InputError(f"{missing} of the {len(items)} trainable parameters are not parameters "
                                  "of the student; pass the student's own parameters")
             chosen = [by_id[id(p)] for p in items]
         elif all(isinstance(t, str) for t in items):
             unknown = [n for n in items if n not in named]
             if unknown:
-                raise ValueError(f"trainable names {unknown[:3]} are not parameters of the student "
+                raise InputError(f"trainable names {unknown[:3]} are not parameters of the student "
                                  f"(it has e.g. {list(named)[:3]})")
             chosen = items
         else:
@@ -96,10 +97,10 @@ def select_parameters(model: nn.Module, trainable: Trainable, train_head: bool) 
                             "or nn.Parameters")
         frozen_head = [n for n in chosen if n in head]
         if frozen_head:
-            raise ValueError(f"the classifier head stays frozen during feature mimicking; "
+            raise InputError(f"the classifier head stays frozen during feature mimicking; "
                              f"remove {frozen_head[:3]} from trainable")
     if not chosen:
-        raise ValueError("no parameter is trainable: `trainable` selected nothing")
+        raise InputError("no parameter is trainable: `trainable` selected nothing")
     return [named[n] for n in dict.fromkeys(chosen)]
 
 
@@ -148,7 +149,7 @@ def _teacher_on(teacher: nn.Module, device: torch.device) -> nn.Module:
 def _check_not_shared(params: list[nn.Parameter], teacher: nn.Module) -> None:
     teacher_ids = {id(p) for p in teacher.parameters()}
     if any(id(p) in teacher_ids for p in params):
-        raise ValueError("the student shares trainable parameters with the teacher, so finetuning "
+        raise InputError("the student shares trainable parameters with the teacher, so finetuning "
                          "would change the teacher too; give the student its own copy (copy.deepcopy)")
 
 
@@ -166,7 +167,7 @@ def _optimizer(name: str, params, lr: float, weight_decay: float, iters: int):
         optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
         factor = lambda step: 0.1 ** ((step >= iters // 2) + (step >= 3 * iters // 4))  # noqa: E731
     else:
-        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+        raise InputError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -206,11 +207,11 @@ def _run(student: nn.Module, params: list[nn.Parameter], batches, iters: int, lr
 
 def _check_settings(iters: int, batch_size: int, lr: float, weight_decay: float) -> None:
     if not isinstance(iters, int) or iters <= 0:
-        raise ValueError(f"iters must be a positive int, got {iters!r}")
+        raise InputError(f"iters must be a positive int, got {iters!r}")
     if not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
     if lr <= 0 or weight_decay < 0:
-        raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={lr}, weight_decay={weight_decay}")
+        raise InputError(f"need lr > 0 and weight_decay >= 0, got lr={lr}, weight_decay={weight_decay}")
 
 
 def _setup(student: nn.Module, teacher: nn.Module, trainable: Trainable, device, train_head: bool):
@@ -253,9 +254,9 @@ def feature_mimic_finetune(student: nn.Module, teacher: nn.Module, images: torch
     _check_settings(iters, batch_size, lr, weight_decay)
     check_images(images)
     if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+        raise InputError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     if not 0 <= warmup_frac < 1:
-        raise ValueError(f"warmup_frac must be in [0, 1), got {warmup_frac}")
+        raise InputError(f"warmup_frac must be in [0, 1), got {warmup_frac}")
     for model, what in ((student, "student"), (teacher, "teacher")):
         if not hasattr(model, "forward_features"):
             raise TypeError(f"the {what} ({type(model).__name__}) has no forward_features")
@@ -266,7 +267,7 @@ def feature_mimic_finetune(student: nn.Module, teacher: nn.Module, images: torch
             target = teacher.forward_features(x)
         features = student.forward_features(x)
         if features.shape != target.shape:
-            raise ValueError(
+            raise InputError(
                 f"feature mimicking needs the student's features to have the teacher's shape, got "
                 f"{tuple(features.shape)} vs {tuple(target.shape)}: a student that merges tokens or "
                 "changes the embedding width cannot be finetuned this way (use kd_finetune)")
@@ -318,7 +319,7 @@ def kd_finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
     check_images(images)
     check_labels(labels, images)
     if not 0 <= alpha <= 1 or tau <= 0:
-        raise ValueError(f"need 0 <= alpha <= 1 and tau > 0, got alpha={alpha}, tau={tau}")
+        raise InputError(f"need 0 <= alpha <= 1 and tau > 0, got alpha={alpha}, tau={tau}")
     device, teacher, params = _setup(student, teacher, trainable, device, train_head=True)
 
     def distill(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:

@@ -16,6 +16,7 @@ when the normalization is known; the images of the lowest-loss iteration are kep
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_path
+from ..errors import InputError
 from .checkpoint import tensor_digest
 
 _REFERENCE_SIZE = 224   # DeepInversion's resolution, for which jitter = 30 px
@@ -58,10 +60,10 @@ def _teacher_input(teacher: nn.Module, img_size) -> tuple[tuple[int, int], int]:
     if img_size is not None:
         size = img_size
     if size is None:
-        raise ValueError("could not tell the teacher's input size; pass img_size")
+        raise InputError("could not tell the teacher's input size; pass img_size")
     size = (size, size) if isinstance(size, int) else tuple(size)
     if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
-        raise ValueError(f"img_size must be a positive int or an (H, W) pair of ints, got {img_size!r}")
+        raise InputError(f"img_size must be a positive int or an (H, W) pair of ints, got {img_size!r}")
     return size, in_chans
 
 
@@ -114,9 +116,11 @@ def _load_cached(path: Path | None, key: str) -> MetricSet | None:
 
 
 def _save_cached(path: Path, key: str, result: MetricSet) -> None:
+    buffer = io.BytesIO()  # torch's file writer can abort the process on a full disk: write with Python
+    torch.save({"key": key, "images": result.images, "target_classes": result.target_classes,
+                "loss_history": torch.tensor(result.loss_history, dtype=torch.float64)}, buffer)
     with atomic_path(path) as temp:
-        torch.save({"key": key, "images": result.images, "target_classes": result.target_classes,
-                    "loss_history": torch.tensor(result.loss_history, dtype=torch.float64)}, temp)
+        temp.write_bytes(buffer.getbuffer())
 
 
 def synthesize_metric_set(teacher: nn.Module, num_images: int = 50, iters: int = 2000, lr: float = 0.25,
@@ -137,14 +141,14 @@ def synthesize_metric_set(teacher: nn.Module, num_images: int = 50, iters: int =
     """
     for name, value in (("num_images", num_images), ("iters", iters)):
         if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+            raise InputError(f"{name} must be a positive int, got {value!r}")
     if lr <= 0 or tv_weight < 0 or l2_weight < 0 or tv_beta <= 0:
-        raise ValueError("need lr > 0, tv_beta > 0 and non-negative tv_weight / l2_weight")
+        raise InputError("need lr > 0, tv_beta > 0 and non-negative tv_weight / l2_weight")
     (height, width), in_chans = _teacher_input(teacher, img_size)
     jitter = round(_REFERENCE_JITTER * min(height, width) / _REFERENCE_SIZE) if jitter is None else jitter
     warmup_iters = max(1, round(_REFERENCE_WARMUP * iters / 2000)) if warmup_iters is None else warmup_iters
     if jitter < 0 or not 0 <= warmup_iters < iters + 1:
-        raise ValueError(f"need jitter >= 0 and 0 <= warmup_iters <= iters, got {jitter}, {warmup_iters}")
+        raise InputError(f"need jitter >= 0 and 0 <= warmup_iters <= iters, got {jitter}, {warmup_iters}")
     bounds = _pixel_bounds(teacher, mean, std, in_chans)
 
     settings = dict(version=_FORMAT_VERSION, num_images=num_images, iters=iters, lr=lr, size=[height, width],

@@ -29,6 +29,7 @@ import time
 import torch
 import torch.nn as nn
 
+from ..errors import InputError
 from ..reference import ViTReference
 from .fewshot import AUGMENTATIONS, augment_flags, check_images, check_positive, kl_to_teacher, predict_logits
 from .finetune import feature_mimic_finetune, trainable_up_to
@@ -98,7 +99,7 @@ def with_neighbour_adaptors(teacher: ViTReference, block: int) -> tuple[ViTRefer
     weight = next(teacher.parameters())
     before, after = student.blocks[block - 1], student.blocks[block + 1]
     if before.mlp is None or after.attn is None:
-        raise ValueError(f"block {block}: PRACTISE's official adaptors need an MLP in block {block - 1} "
+        raise InputError(f"block {block}: PRACTISE's official adaptors need an MLP in block {block - 1} "
                          f"and attention in block {block + 1}")
     dim = teacher.spec.embed_dim
     first = identity_linear(dim, weight.device, weight.dtype)
@@ -145,7 +146,7 @@ def compress_practise(model, images: torch.Tensor, target_macs: float, *,
     adaptor_iters = iters if adaptor_iters is None else adaptor_iters
     augmentation = augment_flags(augment)
     if recipe not in RECIPES:
-        raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+        raise InputError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
     if recipe == "official":  # PRACTISE's SGD rates unless the caller chose others
         adaptor_lr = OFFICIAL["adaptor_lr"] if adaptor_lr == 1e-3 else adaptor_lr
         lr = OFFICIAL["lr"] if lr == 3e-5 else lr

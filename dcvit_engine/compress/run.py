@@ -38,6 +38,7 @@ import torch
 
 from ..data import nonfinite_rows, refuse_nonfinite
 from ..devices import resolve_device
+from ..errors import InputError
 from ..macs import count_macs
 from ..reference import ViTReference
 from .checkpoint import RunCheckpoint, model_digest, tensor_digest
@@ -69,7 +70,7 @@ def block_list(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ValueError(f"--candidates takes block indices separated by commas (e.g. 1,2,3), "
+        raise InputError(f"--candidates takes block indices separated by commas (e.g. 1,2,3), "
                          f"got {text!r}") from None
 
 

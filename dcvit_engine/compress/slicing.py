@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InputError
 from ..macs import attention_macs, block_macs, count_macs, mlp_macs
 from ..reference import ViTReference
 from ..spec import AttentionSpec, BlockSpec, ViTSpec
@@ -95,11 +96,11 @@ def attention_masks(attn: AttentionSpec, qk_keep, v_keep) -> BlockMasks:
     head h's q and k channels, v_keep[h] (v_dims[h],) to its v channels / projection input.
     A head whose v_keep is all zero is removed."""
     if len(qk_keep) != attn.num_heads or len(v_keep) != attn.num_heads:
-        raise ValueError(f"need one q/k and one v keep vector per head ({attn.num_heads} heads), "
+        raise InputError(f"need one q/k and one v keep vector per head ({attn.num_heads} heads), "
                          f"got {len(qk_keep)} and {len(v_keep)}")
     for h, (q, v, dq, dv) in enumerate(zip(qk_keep, v_keep, attn.qk_dims, attn.v_dims)):
         if q.shape != (dq,) or v.shape != (dv,):
-            raise ValueError(f"head {h}: keep vectors of shape {tuple(q.shape)} / {tuple(v.shape)}, "
+            raise InputError(f"head {h}: keep vectors of shape {tuple(q.shape)} / {tuple(v.shape)}, "
                              f"expected ({dq},) / ({dv},)")
     qk = torch.cat(list(qk_keep))
     v = torch.cat(list(v_keep))
@@ -108,7 +109,7 @@ def attention_masks(attn: AttentionSpec, qk_keep, v_keep) -> BlockMasks:
 
 def _check_masks(spec: ViTSpec, masks: list[BlockMasks]) -> None:
     if len(masks) != spec.depth:
-        raise ValueError(f"need one BlockMasks per block ({spec.depth}), got {len(masks)}")
+        raise InputError(f"need one BlockMasks per block ({spec.depth}), got {len(masks)}")
     for i, (block, m) in enumerate(zip(spec.blocks, masks)):
         expected = {"qkv": block.attn.qkv_out if block.attn else None,
                     "proj_in": block.attn.v_total if block.attn else None,
@@ -118,14 +119,14 @@ def _check_masks(spec: ViTSpec, masks: list[BlockMasks]) -> None:
             if tensor is None:
                 continue
             if size is None:
-                raise ValueError(f"block {i}: a {name} mask was given but the block has no such branch")
+                raise InputError(f"block {i}: a {name} mask was given but the block has no such branch")
             if tensor.shape != (size,):
-                raise ValueError(f"block {i}: {name} mask has shape {tuple(tensor.shape)}, "
+                raise InputError(f"block {i}: {name} mask has shape {tuple(tensor.shape)}, "
                                  f"expected ({size},)")
         if block.attn is not None and block.attn.qk_norm and m.qkv is not None:
             qk = m.qkv[:2 * block.attn.qk_total]
             if not bool((qk == 1).all()):
-                raise ValueError(f"block {i}: q/k channels cannot be masked under qk_norm (the "
+                raise InputError(f"block {i}: q/k channels cannot be masked under qk_norm (the "
                                  "norm spans the full head width); mask heads or v channels only")
 
 
@@ -237,14 +238,14 @@ def _check_merge_metric_kept(i: int, attn: AttentionSpec, m: BlockMasks, new_att
     """A merging block compares tokens by its keys averaged over heads: slicing keeps that
     metric only if every head stays and the same q/k channel positions stay in each head."""
     if new_attn is None or new_attn.num_heads != attn.num_heads:
-        raise ValueError(f"block {i} merges tokens by its attention keys; none of its heads "
+        raise InputError(f"block {i} merges tokens by its attention keys; none of its heads "
                          "can be removed (prune channels there, or heads elsewhere)")
     if m.qkv is None:
         return
     kept = m.qkv[:attn.qk_total] * m.qkv[attn.qk_total:2 * attn.qk_total] != 0
     patterns = {tuple(kept[q].tolist()) for q, _, _ in head_rows(attn)}
     if len(patterns) > 1:
-        raise ValueError(f"block {i} merges tokens by its keys averaged over heads; its q/k channel "
+        raise InputError(f"block {i} merges tokens by its keys averaged over heads; its q/k channel "
                          "masks must be the same in every head (one mask shared by all heads)")
 
 

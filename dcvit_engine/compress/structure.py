@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..errors import InputError
 from ..macs import block_macs, count_macs
 from ..reference import ViTReference
 from ..spec import BlockSpec, ViTSpec
@@ -132,10 +133,10 @@ class BlockDropPlan(_Plan):
 def check_target_ratio(target) -> float:
     """The fraction of MACs to keep, as a float in (0, 1), or a ValueError saying what is wrong."""
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target):
-        raise ValueError(f"target MACs must be a number in (0, 1), the fraction of the teacher's "
+        raise InputError(f"target MACs must be a number in (0, 1), the fraction of the teacher's "
                          f"MACs to keep; got {target!r}")
     if not 0 < target < 1:
-        raise ValueError(f"target MACs {target} is out of range: give the fraction of the teacher's "
+        raise InputError(f"target MACs {target} is out of range: give the fraction of the teacher's "
                          "MACs to keep, strictly between 0 and 1 (e.g. 0.8)")
     return float(target)
 
@@ -149,23 +150,23 @@ def candidate_cost(spec: ViTSpec, candidates) -> tuple[tuple[int, ...], BlockCos
     """Check the candidates (distinct, in range, full blocks, all alike) and return their common cost."""
     candidates = tuple(int(i) for i in candidates)
     if not candidates:
-        raise ValueError(f"no candidate blocks: a model of depth {spec.depth} has no blocks besides "
+        raise InputError(f"no candidate blocks: a model of depth {spec.depth} has no blocks besides "
                          "the first and the last; pass the candidate blocks explicitly")
     if len(set(candidates)) != len(candidates):
-        raise ValueError(f"candidate blocks {list(candidates)} contain duplicates")
+        raise InputError(f"candidate blocks {list(candidates)} contain duplicates")
     costs = {}
     for i in candidates:
         if not 0 <= i < spec.depth:
-            raise ValueError(f"candidate block {i} does not exist (the model has blocks 0..{spec.depth - 1})")
+            raise InputError(f"candidate block {i} does not exist (the model has blocks 0..{spec.depth - 1})")
         block = spec.blocks[i]
         if block.attn is None or block.mlp_hidden == 0 or block.merge is not None:
-            raise ValueError(f"candidate block {i} is not a full attention + MLP block without token "
+            raise InputError(f"candidate block {i} is not a full attention + MLP block without token "
                              "merging; only such blocks can be compressed")
         macs = block_macs(spec, i)
         costs[i] = BlockCost(attn=macs.attn, mlp=macs.mlp, hidden=block.mlp_hidden)
     if len(set(costs.values())) != 1:
         detail = ", ".join(f"block {i}: A={c.attn} F={c.mlp}" for i, c in costs.items())
-        raise ValueError("the structure formula shares one hidden width across blocks and needs "
+        raise InputError("the structure formula shares one hidden width across blocks and needs "
                          f"candidate blocks of equal cost; got {detail}")
     return candidates, costs[candidates[0]]
 
@@ -196,14 +197,14 @@ def plan_dcvit(spec: ViTSpec, target: float, *, num_blocks: int | None = None,
     rho = check_target_ratio(target)
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int)
                                  or round_to < 1):
-        raise ValueError(f"round_to must be a positive integer (e.g. 8 or 64), got {round_to!r}")
+        raise InputError(f"round_to must be a positive integer (e.g. 8 or 64), got {round_to!r}")
     candidates, cost = candidate_cost(spec, default_candidates(spec) if candidates is None else candidates)
     teacher = count_macs(spec).total
     target_macs = round(rho * teacher)
     removed = teacher - target_macs  # dM
     if removed < cost.attn:
         largest = math.floor((1 - cost.attn / teacher) * 1e4) / 1e4
-        raise ValueError(f"target {rho} is infeasible: removing a single attention branch already "
+        raise InputError(f"target {rho} is infeasible: removing a single attention branch already "
                          f"removes {cost.attn / teacher:.2%} of the MACs; the largest feasible "
                          f"target is {largest:.4f}")
     per_block = cost.attn + cost.mlp
@@ -211,18 +212,18 @@ def plan_dcvit(spec: ViTSpec, target: float, *, num_blocks: int | None = None,
     max_blocks = min(removed // cost.attn, len(candidates))
     if min_blocks > len(candidates):
         smallest = math.ceil((1 - len(candidates) * per_block / teacher) * 1e4) / 1e4
-        raise ValueError(f"target {rho} is infeasible: it needs {min_blocks} compressed blocks but "
+        raise InputError(f"target {rho} is infeasible: it needs {min_blocks} compressed blocks but "
                          f"there are only {len(candidates)} candidates {list(candidates)}; the "
                          f"smallest feasible target is {smallest:.4f}")
     if min_blocks > max_blocks:
         # only when A > F (very long token sequences): N attentions remove too much already
-        raise ValueError(f"target {rho} is infeasible: {min_blocks} blocks are needed to reach it, "
+        raise InputError(f"target {rho} is infeasible: {min_blocks} blocks are needed to reach it, "
                          f"but removing their attention alone removes more than the target asks")
     if num_blocks is None:
         num_blocks = min_blocks
     elif isinstance(num_blocks, bool) or not isinstance(num_blocks, int) \
             or not min_blocks <= num_blocks <= max_blocks:
-        raise ValueError(f"cannot compress {num_blocks!r} blocks for target {rho}: the feasible "
+        raise InputError(f"cannot compress {num_blocks!r} blocks for target {rho}: the feasible "
                          f"range is {min_blocks}..{max_blocks}")
     mlp_to_remove = removed - num_blocks * cost.attn
     # floor of the exact width, like the paper's int(D * r'); integer math avoids 2.999... -> 2
@@ -250,7 +251,7 @@ def plan_block_drop(spec: ViTSpec, target: float, *, candidates=None) -> BlockDr
     count = -(-(teacher - target_macs) // per_block)
     if count > len(candidates):
         smallest = math.ceil((1 - len(candidates) * per_block / teacher) * 1e4) / 1e4
-        raise ValueError(f"target {rho} is infeasible: it needs {count} dropped blocks but there are "
+        raise InputError(f"target {rho} is infeasible: it needs {count} dropped blocks but there are "
                          f"only {len(candidates)} candidates {list(candidates)}; the smallest "
                          f"feasible target is {smallest:.4f}")
     return BlockDropPlan(target_ratio=rho, teacher_macs=teacher, target_macs=target_macs,
@@ -266,13 +267,13 @@ def replace_block(model: ViTReference, index: int, hidden: int,
     spec = model.spec
     old = spec.blocks[index]
     if hidden and (old.mlp_hidden == 0 or neurons is None):
-        raise ValueError(f"block {index}: keeping {hidden} MLP neurons needs the block's MLP and the "
+        raise InputError(f"block {index}: keeping {hidden} MLP neurons needs the block's MLP and the "
                          "indices of the neurons to keep")
     if neurons is not None and hidden:
         neurons = torch.as_tensor(neurons, dtype=torch.long).flatten()
         if neurons.numel() != hidden or neurons.unique().numel() != hidden \
                 or int(neurons.min()) < 0 or int(neurons.max()) >= old.mlp_hidden:
-            raise ValueError(f"block {index}: need {hidden} distinct neuron indices in "
+            raise InputError(f"block {index}: need {hidden} distinct neuron indices in "
                              f"[0, {old.mlp_hidden}), got {neurons.numel()}")
     new_spec = compressed_spec(spec, [index], hidden)
     state = model.state_dict()

@@ -17,6 +17,7 @@ import copy
 
 import torch
 
+from ..errors import InputError
 from ..macs import count_macs
 from ..reference import ViTReference
 from ..spec import MergeSpec, ViTSpec
@@ -28,13 +29,13 @@ SCHEDULES = ("constant", "decreasing")
 
 def _check_schedule(schedule) -> str:
     if schedule not in SCHEDULES:
-        raise ValueError(f"unknown ToMe schedule {schedule!r}; choose one of {SCHEDULES}")
+        raise InputError(f"unknown ToMe schedule {schedule!r}; choose one of {SCHEDULES}")
     return schedule
 
 
 def _check_r(r) -> int:
     if isinstance(r, bool) or not isinstance(r, int) or r < 0:
-        raise ValueError(f"ToMe r must be a non-negative integer (tokens merged per block), got {r!r}")
+        raise InputError(f"ToMe r must be a non-negative integer (tokens merged per block), got {r!r}")
     return r
 
 
@@ -52,7 +53,7 @@ def parse_r(depth: int, r: int, schedule: str = "constant") -> list[int]:
 
 def _check_base(spec: ViTSpec) -> None:
     if any(b.merge is not None for b in spec.blocks):
-        raise ValueError("the model already merges tokens; ToMe starts from a model without "
+        raise InputError("the model already merges tokens; ToMe starts from a model without "
                          "token merging")
 
 
@@ -92,7 +93,7 @@ def r_for_target(spec: ViTSpec, target_macs: float, schedule: str = "constant") 
     low, high = 0, max_useful_r(spec, schedule)
     if macs(high) > budget:
         smallest = macs(high) / teacher
-        raise ValueError(f"target {rho} is out of ToMe's reach for this model: merging as many "
+        raise InputError(f"target {rho} is out of ToMe's reach for this model: merging as many "
                          f"tokens as possible ({schedule} schedule, r = {high}) keeps "
                          f"{smallest:.4f} of the MACs; choose a target >= {smallest:.4f} or "
                          "another method")
@@ -121,7 +122,7 @@ def compress_tome(model, images=None, target_macs: float | None = None, *, r: in
     report (run.py) with r and the per-block merges in its extras."""
     _check_schedule(schedule)
     if (r is None) == (target_macs is None):
-        raise ValueError("ToMe needs exactly one of r (tokens merged per block) and target_macs "
+        raise InputError("ToMe needs exactly one of r (tokens merged per block) and target_macs "
                          f"(fraction of MACs to keep); got r={r!r}, target_macs={target_macs!r}")
     run = MethodRun("tome", model, images, target_macs, target_required=False, images_required=False,
                     head_required=False, move=False)

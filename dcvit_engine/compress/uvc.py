@@ -78,6 +78,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
+from ..errors import InputError
 from ..macs import count_macs
 from ..reference import ViTReference
 from ..spec import AttentionSpec
@@ -125,11 +126,11 @@ def _check_teacher(spec) -> tuple[int, int, int]:
               if b.attn is not None else None for b in spec.blocks}
     bad = None in shapes or any(b.merge is not None or b.mlp_hidden == 0 for b in spec.blocks)
     if bad or len(shapes) != 1:
-        raise ValueError("UVC prunes an uncompressed ViT (every block with all heads of one width, "
+        raise InputError("UVC prunes an uncompressed ViT (every block with all heads of one width, "
                          "an MLP of one width and no token merging); got a compressed spec")
     heads, qk_dims, v_dims, hidden = shapes.pop()
     if qk_dims != v_dims:
-        raise ValueError("UVC needs heads whose q/k and v widths are equal")
+        raise InputError("UVC needs heads whose q/k and v widths are equal")
     return heads, qk_dims[0], hidden
 
 
@@ -297,7 +298,7 @@ def fit_to_budget(structure: UVCStructure, scores, costs: WidthCosts, budget: fl
     while _shifted(st, 1.0, heads, head_dim, hidden).macs(costs, scores, head_dim) > budget:
         live = [i for i, skipped in enumerate(st.skip) if not skipped]
         if not live:
-            raise ValueError("the MACs budget is below what the patch embedding and the head cost")
+            raise InputError("the MACs budget is below what the patch embedding and the head cost")
         st.skip[min(live, key=lambda i: gate_margin[i])] = True
     low, high = -1.0, 1.0  # macs(shift high) <= budget; find the smallest such shift
     for _ in range(40):
@@ -502,7 +503,7 @@ def compress_uvc(model, images: torch.Tensor, target_macs: float, *, labels: tor
     check_positive(iters=iters, batch_size=batch_size)
     warmup_iters = iters // 6 if warmup_iters is None else warmup_iters
     if isinstance(warmup_iters, bool) or not isinstance(warmup_iters, int) or not 0 <= warmup_iters < iters:
-        raise ValueError(f"warmup_iters must be an integer in [0, iters), got {warmup_iters!r}")
+        raise InputError(f"warmup_iters must be an integer in [0, iters), got {warmup_iters!r}")
     check_non_negative(finetune_iters=finetune_iters)
     run = MethodRun("uvc", model, images, target_macs, device=device, progress=progress)
     rho, teacher, device, log = run.target_ratio, run.teacher, run.device, run.log
@@ -510,7 +511,7 @@ def compress_uvc(model, images: torch.Tensor, target_macs: float, *, labels: tor
     search = UVCSearch(run.spec, rho)
     budget = rho * search.teacher_macs
     if budget < search.costs.fixed:
-        raise ValueError(f"target {rho} is below what the patch embedding and the head alone cost "
+        raise InputError(f"target {rho} is below what the patch embedding and the head alone cost "
                          f"({search.costs.fixed / search.teacher_macs:.4f} of the MACs)")
     ckpt = run.checkpoint(checkpoint_dir, resume, dict(
         target=rho, iters=iters, finetune_iters=finetune_iters, batch_size=batch_size, lr=lr,

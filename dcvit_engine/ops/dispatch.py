@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import torch
 
 from dcvit_engine._native import native_unavailable
+from dcvit_engine.errors import InputError, UserError
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")
 ENV_VAR = "DCVIT_BACKEND"
@@ -50,7 +51,7 @@ PRIORITY = {
 OTHER_DEVICE_ORDER = ("torch",)
 
 
-class BackendUnavailableError(RuntimeError):
+class BackendUnavailableError(UserError, RuntimeError):
     """A requested backend cannot run the given inputs; the message lists each reason."""
 
 
@@ -71,7 +72,7 @@ def requested_backend(backend: str | None) -> str | None:
         return None
     if name not in BACKENDS:
         source = "backend=" if backend is not None else f"{ENV_VAR}="
-        raise ValueError(f"{source}{name!r} is not a backend; choose one of {BACKENDS} or 'auto'")
+        raise InputError(f"{source}{name!r} is not a backend; choose one of {BACKENDS} or 'auto'")
     return name
 
 
