@@ -93,13 +93,24 @@ def _workloads(dim):
                                 t(dim, hidden), t(dim), gamma=t(dim), launch=launch)
         return run
 
-    def attention(qk_dims, v_dims, key_bias=False, tokens=TOKENS):
+    def attention(qk_dims, v_dims, key_bias=False, tokens=TOKENS, eva=()):
+        # eva: EvaAttention parts ("qk_norm", "rope", "rope_index", "inner_norm")
         def run(t, launch):
             qk, v = sum(qk_dims), sum(v_dims)
+            parts = {}
+            if "qk_norm" in eva:
+                parts.update(q_norm_weight=t(qk_dims[0]), q_norm_bias=t(qk_dims[0]),
+                             k_norm_weight=t(qk_dims[0]), k_norm_bias=t(qk_dims[0]))
+            if "rope" in eva:
+                parts.update(rope_cos=t(tokens, qk, dtype="float32"), rope_sin=t(tokens, qk, dtype="float32"))
+            if "rope_index" in eva:
+                parts.update(rope_index=t(BATCH, tokens, dtype="int64"))
+            if "inner_norm" in eva:
+                parts.update(inner_norm_weight=t(v), inner_norm_bias=t(v))
             at.attention_block_triton(
                 t(BATCH, tokens, dim), t(dim), t(dim), t(2 * qk + v, dim), t(2 * qk + v), t(dim, v), t(dim),
                 list(qk_dims), list(v_dims), 0.125, gamma=t(dim),
-                key_bias=t(BATCH, tokens) if key_bias else None, launch=launch)
+                key_bias=t(BATCH, tokens) if key_bias else None, launch=launch, **parts)
         return run
 
     def tome(r, with_size):
@@ -127,6 +138,11 @@ def _workloads(dim):
         ("attn_ragged_x16", attention(ragged_qk, ragged_v)),  # UVC widths padded to 16
         ("attn_ragged", attention([w - 3 for w in ragged_qk], [w - 5 for w in ragged_v])),
         ("attn_tome_prop", attention([64] * heads, [64] * heads, key_bias=True, tokens=TOKENS - 16)),
+        # EvaAttention (EVA-02, DINOv3): q/k-norm and RoPE on the qkv rows, the inner norm
+        ("attn_eva", attention([64] * heads, [64] * heads,
+                               eva=("qk_norm", "rope", "rope_index", "inner_norm"))),
+        ("attn_eva_ragged", attention([w - 2 for w in ragged_qk], [w - 5 for w in ragged_v],
+                                      eva=("rope", "inner_norm"))),
         ("tome_r16", tome(16, True)),
         ("tome_r16_nosize", tome(16, False)),
         ("atme_w", atme("w")),

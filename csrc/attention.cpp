@@ -23,7 +23,8 @@ void check_attention_block_args(const at::Tensor& x, const at::Tensor& norm_weig
                                 const std::optional<at::Tensor>& proj_bias,
                                 at::IntArrayRef qk_dims, at::IntArrayRef v_dims,
                                 const std::optional<at::Tensor>& gamma,
-                                const std::optional<at::Tensor>& key_bias, const at::Tensor& out) {
+                                const std::optional<at::Tensor>& key_bias,
+                                const EvaParts& eva, const at::Tensor& out) {
   TORCH_CHECK(x.dim() == 3, "attention_block: x must be (B, N, D), got ", x.sizes());
   const int64_t batch = x.size(0), tokens = x.size(1), dim = x.size(2);
   TORCH_CHECK(!qk_dims.empty() && qk_dims.size() == v_dims.size(),
@@ -65,6 +66,55 @@ void check_attention_block_args(const at::Tensor& x, const at::Tensor& norm_weig
                 "attention_block: key_bias must be (B=", batch, ", N=", tokens, "), got ",
                 key_bias->sizes());
     check_like_x(*key_bias, "key_bias");
+  }
+  TORCH_CHECK(eva.q_norm_weight.has_value() == eva.q_norm_bias.has_value() &&
+                  eva.q_norm_weight.has_value() == eva.k_norm_weight.has_value() &&
+                  eva.k_norm_weight.has_value() == eva.k_norm_bias.has_value(),
+              "attention_block: pass all of q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias "
+              "or none");
+  if (eva.q_norm_weight.has_value()) {
+    for (int64_t d : qk_dims) {
+      TORCH_CHECK(d == qk_dims[0], "attention_block: q/k-norm needs heads of one q/k width, got ",
+                  qk_dims);
+    }
+    check_vec(*eva.q_norm_weight, qk_dims[0], "q_norm_weight");
+    check_vec(*eva.q_norm_bias, qk_dims[0], "q_norm_bias");
+    check_vec(*eva.k_norm_weight, qk_dims[0], "k_norm_weight");
+    check_vec(*eva.k_norm_bias, qk_dims[0], "k_norm_bias");
+  }
+  TORCH_CHECK(eva.inner_norm_weight.has_value() == eva.inner_norm_bias.has_value(),
+              "attention_block: pass both inner_norm_weight and inner_norm_bias or neither");
+  if (eva.inner_norm_weight.has_value()) {
+    check_vec(*eva.inner_norm_weight, v_total, "inner_norm_weight");
+    check_vec(*eva.inner_norm_bias, v_total, "inner_norm_bias");
+  }
+  TORCH_CHECK(eva.rope_cos.has_value() == eva.rope_sin.has_value(),
+              "attention_block: pass both rope_cos and rope_sin or neither");
+  TORCH_CHECK(!eva.rope_index.has_value() || eva.rope_cos.has_value(),
+              "attention_block: rope_index without rope_cos/rope_sin");
+  if (eva.rope_cos.has_value()) {
+    for (int64_t d : qk_dims) {
+      TORCH_CHECK(d % 2 == 0, "attention_block: RoPE needs even q/k widths, got ", qk_dims);
+    }
+    for (const auto* table : {&*eva.rope_cos, &*eva.rope_sin}) {
+      TORCH_CHECK(table->dim() == 2 && table->size(1) == qk_total && table->is_floating_point() &&
+                      table->device() == x.device(),
+                  "attention_block: rope_cos and rope_sin must be float tables (positions, "
+                  "sum(qk_dims)=", qk_total, ") on x's device, got ", table->sizes());
+    }
+    TORCH_CHECK(eva.rope_cos->sizes() == eva.rope_sin->sizes(),
+                "attention_block: rope_cos and rope_sin must have one shape");
+    if (eva.rope_index.has_value()) {
+      const at::Tensor& index = *eva.rope_index;
+      TORCH_CHECK(index.dim() == 2 && index.size(0) == batch && index.size(1) == tokens &&
+                      (index.scalar_type() == at::kInt || index.scalar_type() == at::kLong) &&
+                      index.device() == x.device(),
+                  "attention_block: rope_index must be an int (B=", batch, ", N=", tokens,
+                  ") tensor on x's device, got ", index.sizes(), " ", index.scalar_type());
+    } else {
+      TORCH_CHECK(eva.rope_cos->size(0) == tokens, "attention_block: without rope_index the RoPE "
+                  "tables need N=", tokens, " rows, got ", eva.rope_cos->size(0));
+    }
   }
   TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type() &&
                   out.device() == x.device() && out.is_contiguous(),
@@ -186,10 +236,87 @@ at::Tensor attention_context(const at::Tensor& qkv, at::IntArrayRef qk_dims,
   return ctx;
 }
 
+namespace {
+
+// t (B, N, H, d): LayerNorm over d (when `weight` is given), then RoPE with cos, sin
+// (B or 1, N, H, d) when given: t * cos + rotate_half(t) * sin in the tables' precision
+// (at least float32), rounded once to t's dtype.
+at::Tensor norm_rotate(at::Tensor t, const std::optional<at::Tensor>& weight,
+                       const std::optional<at::Tensor>& bias, double eps, const at::Tensor& cos,
+                       const at::Tensor& sin) {
+  const int64_t width = t.size(-1);
+  if (weight.has_value()) t = at::layer_norm(t, {width}, *weight, *bias, eps);
+  if (!cos.defined()) return t;
+  const at::Tensor wide = t.to(cos.scalar_type());
+  const int64_t half = width / 2;
+  const at::Tensor rotated =
+      at::cat({wide.narrow(-1, half, width - half).neg(), wide.narrow(-1, 0, half)}, -1);
+  return (wide * cos + rotated * sin).to(t.scalar_type());
+}
+
+}  // namespace
+
+at::Tensor apply_qk_norm_rope(const at::Tensor& qkv, at::IntArrayRef qk_dims, double eps,
+                              const EvaParts& eva) {
+  if (!eva.q_norm_weight.has_value() && !eva.rope_cos.has_value()) return qkv;
+  const int64_t batch = qkv.size(0), tokens = qkv.size(1);
+  const int64_t heads = static_cast<int64_t>(qk_dims.size());
+  const int64_t qk_total = std::accumulate(qk_dims.begin(), qk_dims.end(), int64_t{0});
+  // the rows each token uses, (B or 1, N, qk_total), in float32 (float64 for float64 inputs)
+  at::Tensor cos, sin;
+  if (eva.rope_cos.has_value()) {
+    const auto wide = qkv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    auto rows = [&](const at::Tensor& table) {
+      const at::Tensor t = table.to(wide);
+      if (!eva.rope_index.has_value()) return t.narrow(0, 0, tokens).unsqueeze(0);
+      return t.index_select(0, eva.rope_index->reshape({-1})).view({batch, tokens, qk_total});
+    };
+    cos = rows(*eva.rope_cos);
+    sin = rows(*eva.rope_sin);
+  }
+  bool uniform = true;
+  for (int64_t d : qk_dims) uniform = uniform && d == qk_dims[0];
+  at::Tensor out = qkv.clone();
+  for (int64_t part = 0; part < 2; ++part) {
+    const auto& weight = part == 0 ? eva.q_norm_weight : eva.k_norm_weight;
+    const auto& bias = part == 0 ? eva.q_norm_bias : eva.k_norm_bias;
+    // all heads at once when they share one width, else head by head
+    const int64_t steps = uniform ? 1 : heads;
+    int64_t offset = 0;
+    for (int64_t step = 0; step < steps; ++step) {
+      const int64_t width = qk_dims[step], count = uniform ? heads : 1;
+      auto split = [&](const at::Tensor& t, int64_t first) {
+        return t.narrow(2, first, count * width).unflatten(2, {count, width});
+      };
+      const at::Tensor head_cos = cos.defined() ? split(cos, offset) : at::Tensor();
+      const at::Tensor head_sin = sin.defined() ? split(sin, offset) : at::Tensor();
+      const int64_t column = part * qk_total + offset;
+      split(out, column)
+          .copy_(norm_rotate(split(qkv, column), weight, bias, eps, head_cos, head_sin));
+      offset += count * width;
+    }
+  }
+  return out;
+}
+
+at::Tensor apply_inner_norm(const at::Tensor& ctx, double eps, const EvaParts& eva) {
+  if (!eva.inner_norm_weight.has_value()) return ctx;
+  return at::layer_norm(ctx, {ctx.size(-1)}, *eva.inner_norm_weight, *eva.inner_norm_bias, eps);
+}
+
 at::Tensor attention_block_outputs(const at::Tensor& x, const at::Tensor&, const at::Tensor&,
                                    const at::Tensor&, const std::optional<at::Tensor>&,
                                    const at::Tensor&, const std::optional<at::Tensor>&,
                                    at::IntArrayRef, at::IntArrayRef, double, double,
+                                   const std::optional<at::Tensor>&,
+                                   const std::optional<at::Tensor>&,
+                                   const std::optional<at::Tensor>&,
+                                   const std::optional<at::Tensor>&,
+                                   const std::optional<at::Tensor>&,
+                                   const std::optional<at::Tensor>&,
+                                   const std::optional<at::Tensor>&,
+                                   const std::optional<at::Tensor>&,
+                                   const std::optional<at::Tensor>&,
                                    const std::optional<at::Tensor>&,
                                    const std::optional<at::Tensor>&) {
   return at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -204,15 +331,29 @@ at::Tensor& attention_block_out_cpu(const at::Tensor& x, const at::Tensor& norm_
                                     const std::optional<at::Tensor>& proj_bias,
                                     at::IntArrayRef qk_dims, at::IntArrayRef v_dims, double scale,
                                     double eps, const std::optional<at::Tensor>& gamma,
-                                    const std::optional<at::Tensor>& key_bias, at::Tensor& out) {
+                                    const std::optional<at::Tensor>& key_bias,
+                                    const std::optional<at::Tensor>& q_norm_weight,
+                                    const std::optional<at::Tensor>& q_norm_bias,
+                                    const std::optional<at::Tensor>& k_norm_weight,
+                                    const std::optional<at::Tensor>& k_norm_bias,
+                                    const std::optional<at::Tensor>& rope_cos,
+                                    const std::optional<at::Tensor>& rope_sin,
+                                    const std::optional<at::Tensor>& rope_index,
+                                    const std::optional<at::Tensor>& inner_norm_weight,
+                                    const std::optional<at::Tensor>& inner_norm_bias,
+                                    at::Tensor& out) {
+  const EvaParts eva{q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, rope_cos,
+                     rope_sin,      rope_index,  inner_norm_weight, inner_norm_bias};
   check_attention_block_args(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight,
-                             proj_bias, qk_dims, v_dims, gamma, key_bias, out);
+                             proj_bias, qk_dims, v_dims, gamma, key_bias, eva, out);
   TORCH_CHECK(x.device().is_cpu(), "attention_block (cpu): x must be a CPU tensor");
   const int64_t dim = x.size(2);
   const at::Tensor normed = at::layer_norm(x, {dim}, norm_weight, norm_bias, eps);
   if (!cpu_fused_linear_ok(x.scalar_type())) {
-    const at::Tensor qkv = at::linear(normed, qkv_weight, qkv_bias);
-    const at::Tensor ctx = attention_context(qkv, qk_dims, v_dims, scale, key_bias);
+    const at::Tensor qkv = apply_qk_norm_rope(at::linear(normed, qkv_weight, qkv_bias), qk_dims,
+                                              eps, eva);
+    const at::Tensor ctx =
+        apply_inner_norm(attention_context(qkv, qk_dims, v_dims, scale, key_bias), eps, eva);
     at::Tensor branch = at::linear(ctx, proj_weight, proj_bias);
     if (gamma.has_value()) branch.mul_(*gamma);
     at::add_out(out, x, branch);
@@ -220,11 +361,13 @@ at::Tensor& attention_block_out_cpu(const at::Tensor& x, const at::Tensor& norm_
   }
   // oneDNN linears (cpu_linear.h): qkv's bias and proj's bias + residual in the epilogues
   const int64_t batch = x.size(0), tokens = x.size(1);
-  const at::Tensor qkv = cpu_linear(normed.view({batch * tokens, dim}), qkv_weight, qkv_bias,
-                                    /*gelu=*/false)
-                             .view({batch, tokens, -1});
-  const at::Tensor ctx = attention_context(qkv, qk_dims, v_dims, scale, key_bias)
-                             .view({batch * tokens, -1});
+  const at::Tensor qkv = apply_qk_norm_rope(
+      cpu_linear(normed.view({batch * tokens, dim}), qkv_weight, qkv_bias, /*gelu=*/false)
+          .view({batch, tokens, -1}),
+      qk_dims, eps, eva);
+  const at::Tensor ctx =
+      apply_inner_norm(attention_context(qkv, qk_dims, v_dims, scale, key_bias), eps, eva)
+          .reshape({batch * tokens, -1});
   at::Tensor rows_out = out.view({batch * tokens, dim});
   const at::Tensor rows_in = x.reshape({batch * tokens, dim});
   if (gamma.has_value()) {
@@ -243,11 +386,19 @@ TORCH_LIBRARY_FRAGMENT(dcvit, m) {
   m.def(
       "attention_block(Tensor x, Tensor norm_weight, Tensor norm_bias, Tensor qkv_weight, "
       "Tensor? qkv_bias, Tensor proj_weight, Tensor? proj_bias, int[] qk_dims, int[] v_dims, "
-      "float scale, float eps, Tensor? gamma, Tensor? key_bias) -> Tensor");
+      "float scale, float eps, Tensor? gamma, Tensor? key_bias, Tensor? q_norm_weight=None, "
+      "Tensor? q_norm_bias=None, Tensor? k_norm_weight=None, Tensor? k_norm_bias=None, "
+      "Tensor? rope_cos=None, Tensor? rope_sin=None, Tensor? rope_index=None, "
+      "Tensor? inner_norm_weight=None, "
+      "Tensor? inner_norm_bias=None) -> Tensor");
   m.def(
       "attention_block.out(Tensor x, Tensor norm_weight, Tensor norm_bias, Tensor qkv_weight, "
       "Tensor? qkv_bias, Tensor proj_weight, Tensor? proj_bias, int[] qk_dims, int[] v_dims, "
-      "float scale, float eps, Tensor? gamma, Tensor? key_bias, *, Tensor(a!) out) -> Tensor(a!)");
+      "float scale, float eps, Tensor? gamma, Tensor? key_bias, Tensor? q_norm_weight=None, "
+      "Tensor? q_norm_bias=None, Tensor? k_norm_weight=None, Tensor? k_norm_bias=None, "
+      "Tensor? rope_cos=None, Tensor? rope_sin=None, Tensor? rope_index=None, "
+      "Tensor? inner_norm_weight=None, "
+      "Tensor? inner_norm_bias=None, *, Tensor(a!) out) -> Tensor(a!)");
 }
 
 TORCH_LIBRARY_IMPL(dcvit, CPU, m) {

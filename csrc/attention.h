@@ -2,12 +2,30 @@
 //   out = x + gamma * proj(MHA(LayerNorm(x)))      (gamma: LayerScale, optional)
 // Head h attends with softmax(scale * q_h k_h^T + key_bias[b]) v_h; q_h, k_h have width
 // qk_dims[h], v_h width v_dims[h]. qkv rows are packed [q_0|q_1|..|k_0|k_1|..|v_0|v_1|..].
+// timm's EvaAttention parts, all optional: q/k-norm (a LayerNorm over each head's q and k,
+// one weight for every head), rotary position embedding on q and k after it (float tables
+// (P, sum(qk_dims)) in the packed q channel layout, rope_index (B, N) the row of each token,
+// else row t for token t; channel i < d/2 of a head pairs with i + d/2), and the inner norm
+// over the concatenated context before proj. See kernels/head_norm_rope.py.
 // Shared declarations of the CPU (attention.cpp) and CUDA (cuda/attention.cu) impls.
 #pragma once
 #include <ATen/ATen.h>
 #include <optional>
 
 namespace dcvit {
+
+// The schema's optional EvaAttention arguments, bundled for the helpers below.
+struct EvaParts {
+  const std::optional<at::Tensor>& q_norm_weight;
+  const std::optional<at::Tensor>& q_norm_bias;
+  const std::optional<at::Tensor>& k_norm_weight;
+  const std::optional<at::Tensor>& k_norm_bias;
+  const std::optional<at::Tensor>& rope_cos;
+  const std::optional<at::Tensor>& rope_sin;
+  const std::optional<at::Tensor>& rope_index;
+  const std::optional<at::Tensor>& inner_norm_weight;
+  const std::optional<at::Tensor>& inner_norm_bias;
+};
 
 // Checks shapes, dtypes and devices of every argument; raises with a message that names
 // the argument.
@@ -18,7 +36,8 @@ void check_attention_block_args(const at::Tensor& x, const at::Tensor& norm_weig
                                 const std::optional<at::Tensor>& proj_bias,
                                 at::IntArrayRef qk_dims, at::IntArrayRef v_dims,
                                 const std::optional<at::Tensor>& gamma,
-                                const std::optional<at::Tensor>& key_bias, const at::Tensor& out);
+                                const std::optional<at::Tensor>& key_bias,
+                                const EvaParts& eva, const at::Tensor& out);
 
 // The output of dcvit::attention_block for these arguments: contiguous, shaped and typed
 // like x (see functional_from_out.h).
@@ -29,7 +48,16 @@ at::Tensor attention_block_outputs(const at::Tensor& x, const at::Tensor& norm_w
                                    const std::optional<at::Tensor>& proj_bias,
                                    at::IntArrayRef qk_dims, at::IntArrayRef v_dims, double scale,
                                    double eps, const std::optional<at::Tensor>& gamma,
-                                   const std::optional<at::Tensor>& key_bias);
+                                   const std::optional<at::Tensor>& key_bias,
+                                   const std::optional<at::Tensor>& q_norm_weight,
+                                   const std::optional<at::Tensor>& q_norm_bias,
+                                   const std::optional<at::Tensor>& k_norm_weight,
+                                   const std::optional<at::Tensor>& k_norm_bias,
+                                   const std::optional<at::Tensor>& rope_cos,
+                                   const std::optional<at::Tensor>& rope_sin,
+                                   const std::optional<at::Tensor>& rope_index,
+                                   const std::optional<at::Tensor>& inner_norm_weight,
+                                   const std::optional<at::Tensor>& inner_norm_bias);
 
 // The attention core on packed qkv (B, N, 2*sum(qk_dims)+sum(v_dims)) -> context
 // (B, N, sum(v_dims)), heads concatenated in order. Heads whose q/k widths round up to the
@@ -39,5 +67,13 @@ at::Tensor attention_block_outputs(const at::Tensor& x, const at::Tensor& norm_w
 at::Tensor attention_context(const at::Tensor& qkv, at::IntArrayRef qk_dims,
                              at::IntArrayRef v_dims, double scale,
                              const std::optional<at::Tensor>& key_bias);
+
+// qkv (B, N, C) with q/k-norm and RoPE applied to its q and k columns (a new tensor), or qkv
+// itself when `eva` has neither.
+at::Tensor apply_qk_norm_rope(const at::Tensor& qkv, at::IntArrayRef qk_dims, double eps,
+                              const EvaParts& eva);
+
+// ctx (B, N, sum(v_dims)) through the inner norm when `eva` has one, else ctx.
+at::Tensor apply_inner_norm(const at::Tensor& ctx, double eps, const EvaParts& eva);
 
 }  // namespace dcvit

@@ -32,29 +32,36 @@ import triton
 import triton.language as tl
 
 from .fused_linear import linear_residual, ln_linear
+from .head_norm_rope import (  # noqa: F401  (head_norm: reference.py imports it from here)
+    cached_int_table,
+    head_norm,
+    inner_norm_,
+    qk_norm_rope_,
+    rope_rows,
+    rotate_half_ref,
+)
 from .head_padding import HEAD_WIDTH_MULTIPLE, pad_head_weights
 from .launching import dot_precision, dot_upcast, launch_directly
 
 _LOG2E = 1.4426950408889634
 
 
-def head_norm(t, norm, eps):
-    """timm's q_norm / k_norm: LayerNorm over one head's width; `norm` = (weight, bias) or
-    None (identity)."""
-    if norm is None:
-        return t
-    return torch.nn.functional.layer_norm(t, (t.shape[-1],), norm[0], norm[1], eps)
-
-
 def attention_context_ref(qkv, qk_dims, v_dims, scale, key_bias=None, q_norm=None, k_norm=None,
-                          eps=1e-6):
+                          eps=1e-6, rope=None):
     """Plain-PyTorch attention core: packed qkv (B, N, 2*sum(qk)+sum(v)) -> (B, N, sum(v)),
-    one head at a time; q_norm / k_norm: see head_norm."""
+    one head at a time. q_norm / k_norm: (weight, bias) of timm's per-head LayerNorm or None;
+    rope: (cos, sin, index or None) (see head_norm_rope), applied after them, or None."""
     qk_total = sum(qk_dims)
     q, k, v = qkv.split([qk_total, qk_total, sum(v_dims)], dim=-1)
+    if rope is not None:
+        cos, sin = (rope_rows(t, rope[2], qkv.shape[1]).split(qk_dims, -1) for t in rope[:2])
     heads = []
-    for q_h, k_h, v_h in zip(q.split(qk_dims, -1), k.split(qk_dims, -1), v.split(v_dims, -1)):
+    parts = zip(q.split(qk_dims, -1), k.split(qk_dims, -1), v.split(v_dims, -1))
+    for h, (q_h, k_h, v_h) in enumerate(parts):
         q_h, k_h = head_norm(q_h, q_norm, eps), head_norm(k_h, k_norm, eps)
+        if rope is not None:
+            q_h = rotate_half_ref(q_h, cos[h], sin[h]).to(q_h.dtype)
+            k_h = rotate_half_ref(k_h, cos[h], sin[h]).to(k_h.dtype)
         logits = (q_h @ k_h.transpose(-2, -1)) * scale
         if key_bias is not None:
             logits = logits + key_bias[:, None, :]
@@ -62,15 +69,27 @@ def attention_context_ref(qkv, qk_dims, v_dims, scale, key_bias=None, q_norm=Non
     return torch.cat(heads, dim=-1)
 
 
+def _pair(weight, bias):
+    return None if weight is None else (weight, bias)
+
+
 def attention_block_ref(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias,
-                        qk_dims, v_dims, scale, eps=1e-6, gamma=None, key_bias=None, *,
-                        q_norm=None, k_norm=None):
-    """Plain-PyTorch definition of the op (timm's Block attention branch with its residual;
-    arguments in the op's schema order). q_norm / k_norm: timm's qk_norm, (weight, bias) of
-    the LayerNorm on each head's q and k, or None."""
+                        qk_dims, v_dims, scale, eps=1e-6, gamma=None, key_bias=None,
+                        q_norm_weight=None, q_norm_bias=None, k_norm_weight=None, k_norm_bias=None,
+                        rope_cos=None, rope_sin=None, rope_index=None, inner_norm_weight=None,
+                        inner_norm_bias=None):
+    """Plain-PyTorch definition of the op (timm's Block / EvaBlock attention branch with its
+    residual; arguments in the op's schema order): LayerNorm, qkv, per-head q/k-norm, RoPE,
+    attention, the inner LayerNorm over the context, proj, LayerScale, residual."""
     h = torch.nn.functional.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
     qkv = torch.nn.functional.linear(h, qkv_weight, qkv_bias)
-    ctx = attention_context_ref(qkv, qk_dims, v_dims, scale, key_bias, q_norm, k_norm, eps)
+    rope = None if rope_cos is None else (rope_cos, rope_sin, rope_index)
+    ctx = attention_context_ref(qkv, qk_dims, v_dims, scale, key_bias,
+                                _pair(q_norm_weight, q_norm_bias), _pair(k_norm_weight, k_norm_bias),
+                                eps, rope)
+    if inner_norm_weight is not None:
+        ctx = torch.nn.functional.layer_norm(ctx, (ctx.shape[-1],), inner_norm_weight,
+                                             inner_norm_bias, eps)
     y = torch.nn.functional.linear(ctx, proj_weight, proj_bias)
     return x + (y * gamma if gamma is not None else y)
 
@@ -265,27 +284,6 @@ def flash_attention_why_not(qk_dims, v_dims):
     return None
 
 
-# Head tables per (qk_dims, v_dims, device), built once: rebuilding one would copy host
-# memory to the GPU on every call, which a CUDA graph capture does not allow.
-_TABLE_CACHE: dict = {}
-
-
-def _head_table(layout, device):
-    key = (layout.table, str(device))
-    cached = _TABLE_CACHE.get(key)
-    if cached is not None:
-        return cached
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            "attention_block (triton): first call with these head widths happened during CUDA "
-            "graph capture; run the op once (warm-up) before capturing")
-    table = torch.tensor(layout.table, dtype=torch.int32, device=device)
-    # Under torch.compile's tracing the table comes out as a fake tensor; keep real ones only.
-    if type(table) is torch.Tensor:
-        _TABLE_CACHE[key] = table
-    return table
-
-
 # Enough 128-row programs to fill an H100/H200 (132 SMs) twice; below that, 64-row tiles
 # give small batches twice the programs.
 _MIN_PROGRAMS_128 = 264
@@ -342,7 +340,7 @@ def flash_attention_triton(qkv, batch, tokens, qk_dims, v_dims, scale, key_bias=
         ctx = torch.empty((batch * tokens, sum(v_dims)), device=qkv.device, dtype=qkv.dtype)
     layout = head_layout(qk_dims, v_dims)
     # A uniform layout needs no table; the kernel never reads the pointer then.
-    table = qkv if layout.uniform else _head_table(layout, qkv.device)
+    table = qkv if layout.uniform else cached_int_table(layout.table, qkv.device)
     heads = len(qk_dims)
     arch = _arch(qkv.device) if qkv.device.type == "cuda" else 90
     kw = flash_attention_constexprs(layout, qkv.dtype, qkv.device.type, key_bias is not None,
@@ -357,13 +355,17 @@ def flash_attention_triton(qkv, batch, tokens, qk_dims, v_dims, scale, key_bias=
 
 def attention_block_triton(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight,
                            proj_bias, qk_dims, v_dims, scale, eps=1e-6, gamma=None, key_bias=None,
-                           *, qkv_folded=None, out=None, launch=None):
+                           q_norm_weight=None, q_norm_bias=None, k_norm_weight=None, k_norm_bias=None,
+                           rope_cos=None, rope_sin=None, rope_index=None, inner_norm_weight=None,
+                           inner_norm_bias=None, *, qkv_folded=None, out=None, launch=None):
     """Runs the fused launches on x (B, N, D) (arguments in the op's schema order); writes
     into `out` when given (tests poison it). `launch` wraps each kernel (see launching.py).
     `qkv_folded` is fused_linear.fold_layer_norm(norm_weight, norm_bias, qkv_weight,
     qkv_bias), made once by the caller (the engine); without it the qkv weights are folded
-    per call."""
+    per call. q/k-norm and RoPE run in place on the qkv rows, the inner norm on the context
+    rows (head_norm_rope.py), both on the real channels of padded heads."""
     launch = launch or launch_directly
+    real_qk, real_v = qk_dims, v_dims
     if any(w % HEAD_WIDTH_MULTIPLE for w in (*qk_dims, *v_dims)):
         # Widths off the multiples of 16 would take the kernel's masked path (scalar loads,
         # register spills at sm_90) and an unaligned proj GEMM: pad the heads here (exact;
@@ -381,6 +383,13 @@ def attention_block_triton(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj
         key_bias = key_bias.contiguous()
     qkv = ln_linear(rows_in, norm_weight, norm_bias, qkv_weight, qkv_bias, eps, gelu=False,
                     launch=launch, folded=qkv_folded)
+    if q_norm_weight is not None or rope_cos is not None:
+        qk_norm_rope_(qkv, tokens, real_qk, qk_dims,
+                      None if q_norm_weight is None else (q_norm_weight, q_norm_bias),
+                      None if k_norm_weight is None else (k_norm_weight, k_norm_bias), eps,
+                      None if rope_cos is None else (rope_cos, rope_sin, rope_index), launch=launch)
     ctx = flash_attention_triton(qkv, batch, tokens, qk_dims, v_dims, scale, key_bias, launch=launch)
+    if inner_norm_weight is not None:
+        inner_norm_(ctx, real_v, v_dims, inner_norm_weight, inner_norm_bias, eps, launch=launch)
     linear_residual(ctx, proj_weight, proj_bias, gamma, rows_in, out.view(-1, dim), launch=launch)
     return out

@@ -58,6 +58,12 @@ def pad_head_weights(qk_dims, v_dims, qkv_weight, qkv_bias, proj_weight,
     return qk_pad, v_pad, weight, bias, proj
 
 
+def pad_head_vector(vector, dims, padded):
+    """A per-channel vector over heads of widths `dims` (e.g. the inner norm's weight) with
+    zeros after each head's channels, for heads padded to `padded`."""
+    return torch.cat(_pad_chunks(vector, list(dims), list(padded), 0))
+
+
 def pad_heads(qk_dims, v_dims, qkv_weight, qkv_bias, proj_weight,
               multiple: int = HEAD_WIDTH_MULTIPLE) -> PaddedHeads:
     """pad_head_weights, plus the real key columns (for the engine's merge metric)."""

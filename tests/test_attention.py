@@ -1,7 +1,7 @@
 """The fused attention block (pruned heads and channels) on every backend against a float64
 reference: ragged and uniform head widths, optional qkv/proj bias, key bias (proportional
-attention) and LayerScale, odd token counts; timm's q/k-norm on the torch backend and the
-other backends' refusal of it."""
+attention) and LayerScale, odd token counts; timm's EvaAttention parts (q/k-norm, RoPE with
+and without a row index, the inner norm) on every backend, and against timm's own module."""
 import pytest
 import torch
 
@@ -340,7 +340,7 @@ def test_cpp_checks_name_the_argument():
         torch.ops.dcvit.attention_block(x, *w, qk_dims, v_dims, 0.25, 1e-6, g, kb[:, :-1])
 
 
-# ---- q/k-norm (timm qk_norm=True): the torch backend computes it, the others refuse it ----
+# ---- q/k-norm (timm qk_norm=True) ----
 
 def qk_norm_inputs(dtype=torch.float64):
     heads, width = 3, 16
@@ -375,24 +375,21 @@ def test_qk_norm_on_the_torch_backend_is_timms_attention():
     assert (out - plain).abs().max() > 1e-3, "q/k-norm must change the result"
 
 
-def test_qk_norm_is_refused_by_the_other_backends_and_auto_runs_torch():
+def test_qk_norm_runs_on_every_backend_and_a_refusal_names_the_inputs():
     x, w, g, kb, dims, (q_norm, k_norm) = qk_norm_inputs(torch.float32)
     kwargs = dict(gamma=g, key_bias=kb, q_norm=q_norm, k_norm=k_norm)
     reasons = ops.attention_block_backends(x, *w, dims, dims, 0.3, **kwargs)
-    assert reasons["torch"] is None
-    for backend in ("cpu", "cuda", "triton"):
-        assert reasons[backend] is not None
-    assert "qk_norm" in reasons["cpu"] and "torch backend" in reasons["cpu"]
+    for backend in cpu_backends("torch", "cpu", "triton"):
+        assert reasons[backend] is None, backend
+    x64, w64, g64, kb64, dims, (q64, k64) = qk_norm_inputs(torch.float64)
     with pytest.raises(BackendUnavailableError) as info:
-        ops.attention_block(x, *w, dims, dims, 0.3, backend="cpu", **kwargs)
+        ops.attention_block(x64, *w64, dims, dims, 0.3, gamma=g64, key_bias=kb64, q_norm=q64,
+                            k_norm=k64, backend="cpu")
     message = str(info.value)
     # every backend's reason, then the inputs described (shape, dtype, device)
-    assert "torch: available" in message and "cpu: q/k-norm" in message
-    assert "x: (2, 11, 40) float32 on cpu" in message and "qk_dims: [16, 16, 16]" in message
-    assert "q_norm: ((16,) float32 on cpu, (16,) float32 on cpu)" in message
-    auto = ops.attention_block(x, *w, dims, dims, 0.3, **kwargs)
-    torch.testing.assert_close(auto, ops.attention_block(x, *w, dims, dims, 0.3, backend="torch", **kwargs),
-                               rtol=0, atol=0)
+    assert "torch: available" in message and "cpu: dtype torch.float64" in message
+    assert "x: (2, 11, 40) float64 on cpu" in message and "qk_dims: [16, 16, 16]" in message
+    assert "q_norm_weight: (16,) float64 on cpu" in message
 
 
 def test_bad_qk_norm_is_named():
@@ -407,3 +404,246 @@ def test_bad_qk_norm_is_named():
         ragged = ops.attention_block  # heads of different widths cannot share one LayerNorm
         xr, wr, _, _ = make_inputs(1, 5, 40, [16, 8], [16, 8], dtype=torch.float32)
         ragged(xr, *wr, [16, 8], [16, 8], 0.3, q_norm=q_norm, k_norm=k_norm)
+
+
+# ---- EvaAttention parts: q/k-norm, RoPE (with and without an index), the inner norm ------
+
+def eva_parts(batch, tokens, qk_dims, v_dims, *, qk_norm=False, rope=False, index=False,
+              inner_norm=False, prefix=1):
+    """Fresh float64 extras (RoPE tables float32) as the public op takes them: the tables'
+    first `prefix` rows are cos 1 / sin 0 (class and register tokens); with `index` the
+    tables hold more rows than tokens and each token picks one (merged tokens keep a row),
+    prefix tokens row 0."""
+    f64 = dict(dtype=torch.float64)
+    parts = {}
+    if qk_norm:
+        width = qk_dims[0]
+        parts["q_norm"] = (1 + 0.3 * torch.randn(width, **f64), 0.2 * torch.randn(width, **f64))
+        parts["k_norm"] = (1 + 0.3 * torch.randn(width, **f64), 0.2 * torch.randn(width, **f64))
+    if rope:
+        positions = tokens + 7 if index else tokens
+        angles = torch.rand(positions, sum(qk_dims)) * 6.0 - 3.0
+        angles[:prefix] = 0.0
+        parts["rope_cos"], parts["rope_sin"] = angles.cos(), angles.sin()
+        if index:
+            rows = torch.randint(prefix, positions, (batch, tokens))
+            rows[:, :prefix] = 0
+            parts["rope_index"] = rows
+    if inner_norm:
+        parts["inner_norm_weight"] = 1 + 0.3 * torch.randn(sum(v_dims), **f64)
+        parts["inner_norm_bias"] = 0.2 * torch.randn(sum(v_dims), **f64)
+    return parts
+
+
+def cast_parts(parts, dtype, device="cpu"):
+    """The extras for inputs of `dtype`: norms in it, tables float32, the index int64."""
+    def one(value):
+        if isinstance(value, tuple):
+            return tuple(one(v) for v in value)
+        if value.is_floating_point() and value.dtype == torch.float64:
+            return value.to(device=device, dtype=dtype)
+        return value.to(device)
+    return {name: one(value) for name, value in parts.items()}
+
+
+def reference_keywords(parts):
+    """The public op's keywords as attention_block_ref's schema arguments."""
+    out = {k: v for k, v in parts.items() if k not in ("q_norm", "k_norm")}
+    for name in ("q_norm", "k_norm"):
+        if name in parts:
+            out[f"{name}_weight"], out[f"{name}_bias"] = parts[name]
+    return out
+
+
+def check_eva_backend(backend, batch, tokens, dim, qk_dims, v_dims, dtype, parts_flags, device="cpu"):
+    x64, w64, g64, kb64 = make_inputs(batch, tokens, dim, qk_dims, v_dims)
+    parts64 = eva_parts(batch, tokens, qk_dims, v_dims, **parts_flags)
+    scale = 0.3
+    ref64 = attention_block_ref(x64, *w64, qk_dims, v_dims, scale, gamma=g64, key_bias=kb64,
+                                **reference_keywords(parts64))
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    x, w, g, kb = cast(x64), [cast(t) for t in w64], cast(g64), cast(kb64)
+    parts = cast_parts(parts64, dtype, device)
+    same_precision = attention_block_ref(x, *w, qk_dims, v_dims, scale, gamma=g, key_bias=kb,
+                                         **reference_keywords(parts))
+    out = ops.attention_block(x, *w, qk_dims, v_dims, scale, gamma=g, key_bias=kb, backend=backend,
+                              **parts)
+    assert out.shape == x.shape and out.dtype == dtype
+    interp_bf16 = backend == "triton" and device == "cpu" and dtype == torch.bfloat16
+    assert_branch_close(out, x, ref64, same_precision, interpreter_bf16=interp_bf16,
+                        what=f"{backend} {dtype} qk={qk_dims} v={v_dims} {parts_flags}")
+    plain = attention_block_ref(x64, *w64, qk_dims, v_dims, scale, gamma=g64, key_bias=kb64)
+    assert (ref64 - plain).abs().max() > 1e-3, "the extras must change the result"
+
+
+RAGGED_EVEN = ([16, 6, 12], [16, 3, 9])     # pruned heads of unequal widths, even for RoPE
+EVA_CASES = [
+    # (qk_dims, v_dims, extras): ragged widths off 16 (Triton pads them) and padded-free ones
+    (*RAGGED_EVEN, dict(rope=True)),
+    (*RAGGED_EVEN, dict(rope=True, index=True, prefix=2)),
+    (*RAGGED_EVEN, dict(inner_norm=True)),
+    ([10] * 3, [7] * 3, dict(qk_norm=True)),
+    ([10] * 3, [7] * 3, dict(qk_norm=True, rope=True, index=True, inner_norm=True)),
+    ([16] * 2, [16] * 2, dict(qk_norm=True, rope=True, inner_norm=True)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("qk_dims,v_dims,flags", EVA_CASES)
+@pytest.mark.parametrize("backend", ["torch", "cpu", pytest.param("triton", marks=requires_interpreter)])
+def test_eva_parts_on_every_cpu_backend(backend, qk_dims, v_dims, flags, dtype):
+    check_eva_backend(backend, 2, 21, 40, qk_dims, v_dims, dtype, flags)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("qk_dims,v_dims,flags", EVA_CASES + [
+    ([64] * 6, [64] * 6, dict(qk_norm=True, rope=True, index=True, inner_norm=True)),
+])
+def test_eva_parts_on_gpu_backends(backend, qk_dims, v_dims, flags, dtype):
+    check_eva_backend(backend, 3, 197, 96, qk_dims, v_dims, dtype, flags, device="cuda")
+
+
+def test_rope_is_timms_rotate_half():
+    """The op's RoPE on one head is timm's apply_rot_embed(half=True) on the same tables."""
+    from timm.layers.pos_embed_sincos import apply_rot_embed
+
+    from dcvit_engine.kernels.head_norm_rope import rotate_half_ref
+    t = torch.randn(2, 9, 12, dtype=torch.float64)
+    angles = torch.rand(9, 6, dtype=torch.float64)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    torch.testing.assert_close(rotate_half_ref(t, cos, sin), apply_rot_embed(t, sin, cos, half=True),
+                               rtol=0, atol=1e-15)
+
+
+def interleaved_to_half_split(width):
+    """timm's interleaved RoPE pairs channels (2i, 2i+1); the op pairs (i, i + d/2). Listing
+    each head's even channels then its odd ones maps one onto the other: this permutation of
+    the q and k rows of qkv (and of the q/k-norm weights and the table columns) leaves
+    q k^T unchanged."""
+    return torch.cat([torch.arange(0, width, 2), torch.arange(1, width, 2)])
+
+
+def test_timm_eva_attention_with_interleaved_rope_runs_on_the_op():
+    """timm's EvaAttention (q/k-norm, interleaved RoPE from cat([sin, cos]), a prefix token,
+    the inner norm) equals the op given the permuted weights and half-split tables."""
+    from functools import partial
+
+    from timm.models.eva import EvaAttention
+    dim, heads, width, tokens, prefix = 48, 3, 16, 10, 1
+    attn = EvaAttention(dim, heads, qkv_bias=True, num_prefix_tokens=prefix, qk_norm=True,
+                        scale_norm=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)).double()
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    freqs = torch.rand(tokens - prefix, width // 2, dtype=torch.float64) * 3
+    # interleaved layout [f0, f0, f1, f1, ..]; float32 values, as the op's tables hold them
+    sin, cos = (f(freqs).float().double().repeat_interleave(2, -1) for f in (torch.sin, torch.cos))
+    x = torch.randn(2, tokens, dim, dtype=torch.float64)
+
+    perm = interleaved_to_half_split(width)
+    rows = torch.cat([h * width + perm for h in range(heads)])          # within q (and k)
+    qkv_rows = torch.cat([rows, heads * width + rows, 2 * heads * width + torch.arange(heads * width)])
+    qkv_bias = torch.cat([attn.q_bias, attn.k_bias, attn.v_bias])
+    table = lambda t: torch.cat([torch.full((prefix, heads * width), float(t is cos)),  # noqa: E731
+                                 t[:, perm].repeat(1, heads)]).float()
+    ident = torch.ones(dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64)
+    out = ops.attention_block(
+        x, *ident, attn.qkv.weight[qkv_rows], qkv_bias[qkv_rows], attn.proj.weight, attn.proj.bias,
+        [width] * heads, [width] * heads, attn.scale,
+        q_norm=(attn.q_norm.weight[perm], attn.q_norm.bias[perm]),
+        k_norm=(attn.k_norm.weight[perm], attn.k_norm.bias[perm]),
+        rope_cos=table(cos), rope_sin=table(sin),
+        inner_norm_weight=attn.norm.weight, inner_norm_bias=attn.norm.bias, backend="torch")
+    # the op's block LayerNorm (weight 1, bias 0) is not timm's attention: feed timm its output
+    normed = torch.nn.functional.layer_norm(x, (dim,), *ident, 1e-6)
+    expected = x + attn(normed, rope=torch.cat([sin, cos], -1))
+    torch.testing.assert_close(out.detach(), expected.detach(), rtol=1e-10, atol=1e-10)
+
+
+def eva_inputs(dtype=torch.float32, index=True):
+    qk_dims, v_dims = RAGGED_EVEN
+    x, w, g, kb = make_inputs(2, 9, 32, qk_dims, v_dims, dtype=dtype)
+    parts = cast_parts(eva_parts(2, 9, qk_dims, v_dims, rope=True, index=index, inner_norm=True), dtype)
+    return x, w, g, kb, qk_dims, v_dims, parts
+
+
+def schema_extras(parts):
+    """The extras in the schema's order (q/k-norm absent here)."""
+    return (None, None, None, None, parts["rope_cos"], parts["rope_sin"], parts.get("rope_index"),
+            parts["inner_norm_weight"], parts["inner_norm_bias"])
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=requires_interpreter)])
+def test_eva_parts_write_every_output_element(backend):
+    x, w, g, kb, qk_dims, v_dims, parts = eva_inputs()
+    expected = attention_block_ref(x, *w, qk_dims, v_dims, 0.25, 1e-6, g, kb, *schema_extras(parts))
+    out = poisoned_like(x)
+    if backend == "cpu":
+        torch.ops.dcvit.attention_block.out(x, *w, qk_dims, v_dims, 0.25, 1e-6, g, kb,
+                                            *schema_extras(parts), out=out)
+    else:
+        attention_block_triton(x, *w, qk_dims, v_dims, 0.25, 1e-6, g, kb, *schema_extras(parts), out=out)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=requires_interpreter)])
+def test_opcheck_eva_parts(backend):
+    x, w, g, kb, qk_dims, v_dims, parts = eva_inputs()
+    op = torch.ops.dcvit.attention_block if backend == "cpu" else torch.ops.dcvit._triton_attention_block
+    torch.library.opcheck(op.default, (x, *w, qk_dims, v_dims, 0.25, 1e-6, g, kb, *schema_extras(parts)))
+
+
+def test_torch_compile_fullgraph_eva_parts_cpu_backend():
+    x, w, g, kb, qk_dims, v_dims, parts = eva_inputs()
+
+    class EvaAttentionOnly(torch.nn.Module):
+        def forward(self, inp, rope_index):
+            return ops.attention_block(inp, *w, qk_dims, v_dims, 0.25, gamma=g, key_bias=kb,
+                                       **{**parts, "rope_index": rope_index}, backend="cpu") * 2
+
+    module = EvaAttentionOnly()
+    compiled = torch.compile(module, fullgraph=True)
+    torch.testing.assert_close(compiled(x, parts["rope_index"]), module(x, parts["rope_index"]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_bad_eva_parts_are_named():
+    x, w, g, kb, qk_dims, v_dims, parts = eva_inputs()
+    call = lambda dims=qk_dims, **kw: ops.attention_block(x, *w, dims, v_dims, 0.25,  # noqa: E731
+                                                          **{**parts, **kw})
+    with pytest.raises(ValueError, match="both rope_cos and rope_sin"):
+        call(rope_sin=None)
+    with pytest.raises(ValueError, match="rope_index without"):
+        call(rope_cos=None, rope_sin=None)
+    with pytest.raises(ValueError, match="float32 table"):
+        call(rope_cos=parts["rope_cos"][:, 1:])
+    with pytest.raises(ValueError, match="rope_index must be an int32/int64"):
+        call(rope_index=parts["rope_index"].float())
+    too_far = parts["rope_index"].clone()
+    too_far[1, -1] = 16
+    with pytest.raises(ValueError, match=r"index the tables' 16 rows, got values in \[0, 16\]"):
+        call(rope_index=too_far)
+    with pytest.raises(ValueError, match="need N=9 rows, got 16; pass rope_index"):
+        call(rope_index=None)
+    with pytest.raises(ValueError, match="inner_norm weight must have shape"):
+        call(inner_norm_weight=parts["inner_norm_weight"][1:])
+    with pytest.raises(ValueError, match="inner_norm must be a \\(weight, bias\\) pair"):
+        call(inner_norm_bias=None)
+    xo, wo, _, _ = make_inputs(2, 9, 32, [16, 5, 12], v_dims, dtype=torch.float32)
+    with pytest.raises(ValueError, match="every q/k width must be even"):
+        ops.attention_block(xo, *wo, [16, 5, 12], v_dims, 0.25, rope_cos=parts["rope_cos"][:, :33],
+                            rope_sin=parts["rope_sin"][:, :33], rope_index=parts["rope_index"])
+
+
+def test_cpp_checks_name_the_eva_parts():
+    x, w, g, kb, qk_dims, v_dims, parts = eva_inputs()
+    extras = list(schema_extras(parts))
+    extras[4] = extras[4][:, 1:]
+    with pytest.raises(RuntimeError, match="rope_cos and rope_sin must be float tables"):
+        torch.ops.dcvit.attention_block(x, *w, qk_dims, v_dims, 0.25, 1e-6, g, kb, *extras)
+    extras = list(schema_extras(parts))
+    extras[8] = None
+    with pytest.raises(RuntimeError, match="inner_norm_weight and inner_norm_bias"):
+        torch.ops.dcvit.attention_block(x, *w, qk_dims, v_dims, 0.25, 1e-6, g, kb, *extras)

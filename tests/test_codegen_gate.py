@@ -43,9 +43,10 @@ def test_every_kernel_compiles_without_spills_and_uses_tensor_cores(report):
 
 def test_every_triton_kernel_is_in_the_report_for_both_archs(report):
     # derived from the kernel modules, so a new kernel that no workload launches is noticed
-    from dcvit_engine.kernels import attention, fused_linear, token_merge
+    from dcvit_engine.kernels import attention, fused_linear, head_norm_rope, token_merge
 
-    defined = {name for module in (attention, fused_linear, token_merge) for name in vars(module)
+    defined = {name for module in (attention, fused_linear, head_norm_rope, token_merge)
+               for name in vars(module)
                if name.startswith("_") and name.endswith("_kernel")}
     _, rows = report
     for arch in ARCHS:

@@ -3,11 +3,13 @@
 
 Head h of the kept heads attends with softmax(scale * q_h k_h^T + key_bias[b]) v_h, q_h and
 k_h of width qk_dims[h], v_h of width v_dims[h] (the spec's AttentionSpec; scale is the
-teacher's, kept after channel pruning). timm's q/k-norm (`qk_norm=True`: a LayerNorm on each
-head's q and k) is an option of the op that only the torch backend computes so far; the
-others refuse it with that reason. Backends: torch (kernels.attention.attention_block_ref),
-cpu and cuda (torch.ops.dcvit.attention_block from dcvit_engine._C), triton
-(kernels.attention.attention_block_triton; see ops/define.py).
+teacher's, kept after channel pruning). timm's EvaAttention parts are optional arguments,
+computed by every backend: q/k-norm (`qk_norm=True`: a LayerNorm on each head's q and k),
+rotary position embedding on q and k after it (`rope_cos`, `rope_sin`, `rope_index`; the
+contract is in kernels/head_norm_rope.py) and the inner LayerNorm over the concatenated
+context before proj (`attn.norm`: `inner_norm_weight`, `inner_norm_bias`). Backends: torch
+(kernels.attention.attention_block_ref), cpu and cuda (torch.ops.dcvit.attention_block from
+dcvit_engine._C), triton (kernels.attention.attention_block_triton; see ops/define.py).
 """
 import math
 import operator
@@ -45,11 +47,67 @@ def head_widths(qk_dims, v_dims) -> tuple[list[int], list[int]]:
     return qk, v
 
 
+def _check_pair(name, pair, shape, expected):
+    """A (weight, bias) LayerNorm pair or None; adds its tensors to `expected` for
+    check_like_x."""
+    if pair is None:
+        return
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or pair[0] is None or pair[1] is None:
+        raise ValueError(f"attention_block: {name} must be a (weight, bias) pair of LayerNorm "
+                         f"tensors, got {type(pair).__name__}")
+    for part, tensor in zip(("weight", "bias"), pair):
+        expected[f"{name} {part}"] = (tensor, shape)
+
+
+def check_rope(x, qk_dims, rope_cos, rope_sin, rope_index):
+    """RoPE's tables and index (see kernels/head_norm_rope.py); ValueError naming what to fix."""
+    if rope_cos is None and rope_sin is None:
+        if rope_index is not None:
+            raise ValueError("attention_block: rope_index without rope_cos/rope_sin; pass the tables too")
+        return
+    if rope_cos is None or rope_sin is None:
+        raise ValueError("attention_block: pass both rope_cos and rope_sin (RoPE) or neither")
+    odd = [d for d in qk_dims if d % 2]
+    if odd:
+        raise ValueError(f"attention_block: RoPE rotates channel pairs (i, i + d/2) of each head, so "
+                         f"every q/k width must be even, got qk_dims={qk_dims}")
+    batch, tokens, _ = x.shape
+    for name, table in (("rope_cos", rope_cos), ("rope_sin", rope_sin)):
+        if table.dim() != 2 or table.shape[1] != sum(qk_dims) or table.dtype != torch.float32:
+            raise ValueError(f"attention_block: {name} must be a float32 table (positions, "
+                             f"sum(qk_dims)={sum(qk_dims)}), got {tuple(table.shape)} {table.dtype}")
+        if table.device != x.device:
+            raise ValueError(f"attention_block: {name} is on {table.device} but x is on {x.device}; "
+                             "move it there")
+    if rope_cos.shape != rope_sin.shape:
+        raise ValueError(f"attention_block: rope_cos {tuple(rope_cos.shape)} and rope_sin "
+                         f"{tuple(rope_sin.shape)} must have one shape")
+    positions = rope_cos.shape[0]
+    if rope_index is None:
+        if positions != tokens:
+            raise ValueError(f"attention_block: without rope_index token t uses table row t, so the "
+                             f"tables need N={tokens} rows, got {positions}; pass rope_index (B, N)")
+        return
+    if tuple(rope_index.shape) != (batch, tokens) or rope_index.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"attention_block: rope_index must be an int32/int64 (B={batch}, N={tokens}) "
+                         f"tensor, got {tuple(rope_index.shape)} {rope_index.dtype}")
+    if rope_index.device != x.device:
+        raise ValueError(f"attention_block: rope_index is on {rope_index.device} but x is on "
+                         f"{x.device}; move it there")
+    # The values are checked where that costs no device sync (CPU tensors, eager).
+    if rope_index.device.type == "cpu" and not torch.compiler.is_compiling() and rope_index.numel():
+        low, high = int(rope_index.min()), int(rope_index.max())
+        if low < 0 or high >= positions:
+            raise ValueError(f"attention_block: rope_index must index the tables' {positions} rows, "
+                             f"got values in [{low}, {high}]")
+
+
 def check_attention_block_args(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight,
                                proj_bias, qk_dims, v_dims, scale, gamma, key_bias, q_norm=None,
-                               k_norm=None):
+                               k_norm=None, rope=(None, None, None), inner_norm=None):
     """Raises ValueError naming the argument whose shape, dtype, device or value is off;
-    returns the widths as int lists."""
+    returns the widths as int lists. q_norm, k_norm, inner_norm: (weight, bias) or None;
+    rope: (cos, sin, index)."""
     if x.dim() != 3:
         raise ValueError(f"attention_block: x must be (B, N, D), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
@@ -78,17 +136,14 @@ def check_attention_block_args(x, norm_weight, norm_bias, qkv_weight, qkv_bias, 
     }
     if (q_norm is None) != (k_norm is None):
         raise ValueError("attention_block: pass both q_norm and k_norm (timm's qk_norm=True) or neither")
-    if q_norm is not None:
-        if len(set(qk_dims)) != 1:
-            raise ValueError(f"attention_block: q_norm/k_norm need heads of one q/k width (timm's "
-                             f"per-head LayerNorm), got qk_dims={qk_dims}")
-        for norm_name, pair in (("q_norm", q_norm), ("k_norm", k_norm)):
-            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-                raise ValueError(f"attention_block: {norm_name} must be a (weight, bias) pair of "
-                                 f"LayerNorm tensors, got {type(pair).__name__}")
-            for part, tensor in zip(("weight", "bias"), pair):
-                expected[f"{norm_name} {part}"] = (tensor, (qk_dims[0],))
+    if q_norm is not None and len(set(qk_dims)) != 1:
+        raise ValueError(f"attention_block: q_norm/k_norm need heads of one q/k width (timm's "
+                         f"per-head LayerNorm), got qk_dims={qk_dims}")
+    _check_pair("q_norm", q_norm, (qk_dims[0],), expected)
+    _check_pair("k_norm", k_norm, (qk_dims[0],), expected)
+    _check_pair("inner_norm", inner_norm, (v_total,), expected)
     check_like_x("attention_block", x, expected)
+    check_rope(x, qk_dims, *rope)
     return qk_dims, v_dims
 
 
@@ -96,16 +151,9 @@ def _fake(x, *args):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-_QK_NORM_REFUSAL = "q/k-norm (timm qk_norm=True) is computed by the torch backend only so far"
-
-
-def _qk_norm_why_not(*args, q_norm=None, **options):
-    return _QK_NORM_REFUSAL if q_norm is not None else None
-
-
 def _triton_why_not(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias,
-                    qk_dims, v_dims, *rest, q_norm=None, **options):
-    return _qk_norm_why_not(q_norm=q_norm) or flash_attention_why_not(qk_dims, v_dims)
+                    qk_dims, v_dims, *rest, **options):
+    return flash_attention_why_not(qk_dims, v_dims)
 
 
 def _example(generator):
@@ -123,29 +171,65 @@ def _example(generator):
             key_bias), {}
 
 
+def _example_eva(generator):
+    """dcvit doctor's EvaAttention case: one q/k width (q/k-norm), RoPE rows picked by an index
+    (a prefix row of cos 1 / sin 0 first), the inner norm; widths off 16 (padded by Triton)."""
+    (x, norm_w, norm_b, _, _, _, proj_b, _, _, scale, eps, gamma, key_bias), _ = _example(generator)
+    batch, tokens, dim = x.shape
+    heads, width, v_width = 3, 10, 7
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64) * scale
+
+    qk, v = [width] * heads, [v_width] * heads
+    rows = 2 * sum(qk) + sum(v)
+    angles = rnd(tokens, sum(qk), scale=2.0).float()
+    angles[0] = 0.0
+    index = torch.randint(1, tokens, (batch, tokens), generator=generator)
+    index[:, 0] = 0  # the class token: the identity row
+    norms = [1 + rnd(n, scale=0.2) for n in (width, width, sum(v))]
+    return (x, norm_w, norm_b, rnd(rows, dim, scale=dim**-0.5), rnd(rows, scale=0.1),
+            rnd(dim, sum(v), scale=sum(v)**-0.5), proj_b, qk, v, scale, eps, gamma, key_bias,
+            norms[0], rnd(width, scale=0.1), norms[1], rnd(width, scale=0.1), angles.cos(), angles.sin(),
+            index, norms[2], rnd(sum(v), scale=0.1)), {}
+
+
 ATTENTION_BLOCK = define_op(OpDef(
     name="attention_block",
     schema="(Tensor x, Tensor norm_weight, Tensor norm_bias, Tensor qkv_weight, Tensor? qkv_bias, "
            "Tensor proj_weight, Tensor? proj_bias, int[] qk_dims, int[] v_dims, float scale, "
-           "float eps, Tensor? gamma, Tensor? key_bias) -> Tensor",
+           "float eps, Tensor? gamma, Tensor? key_bias, Tensor? q_norm_weight=None, "
+           "Tensor? q_norm_bias=None, Tensor? k_norm_weight=None, Tensor? k_norm_bias=None, "
+           "Tensor? rope_cos=None, Tensor? rope_sin=None, Tensor? rope_index=None, "
+           "Tensor? inner_norm_weight=None, Tensor? inner_norm_bias=None) -> Tensor",
     reference=attention_block_ref,
-    reference_options=("q_norm", "k_norm"),
     fake=_fake,
     triton=attention_block_triton,
     # fold_layer_norm's result for qkv, all three or none (see attention_block)
     triton_options={"qkv_folded": (FoldedNorm, "Tensor? qkv_folded_weight=None, "
                                                "Tensor? qkv_folded_bias=None, Tensor? qkv_weight_sums=None")},
-    why_not={"cpu": _qk_norm_why_not, "cuda": _qk_norm_why_not, "triton": _triton_why_not},
+    why_not={"triton": _triton_why_not},
     gemm=True,
     example=_example,
+    variants={"eva": _example_eva},
 ))
 OP = ATTENTION_BLOCK.name
 
 
+def _schema_extras(q_norm, k_norm, rope_cos, rope_sin, rope_index, inner_norm_weight,
+                   inner_norm_bias):
+    # the schema's trailing optional tensors, in order
+    q_pair, k_pair = q_norm or (None, None), k_norm or (None, None)
+    return (*q_pair, *k_pair, rope_cos, rope_sin, rope_index, inner_norm_weight, inner_norm_bias)
+
+
 def attention_block(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias,
                     qk_dims, v_dims, scale, *, eps=1e-6, gamma=None, key_bias=None, q_norm=None,
-                    k_norm=None, backend=None, qkv_folded: FoldedNorm | None = None):
-    """x + gamma * proj(MHA(LayerNorm(x))) for x (B, N, D) with pruned heads and channels.
+                    k_norm=None, rope_cos=None, rope_sin=None, rope_index=None,
+                    inner_norm_weight=None, inner_norm_bias=None, backend=None,
+                    qkv_folded: FoldedNorm | None = None):
+    """x + gamma * proj(InnerNorm(MHA(LayerNorm(x)))) for x (B, N, D) with pruned heads and
+    channels.
 
     qkv_weight (2*sum(qk_dims)+sum(v_dims), D) packed [q_0|q_1|..|k_0|k_1|..|v_0|v_1|..];
     qkv_bias of that length or None; head h attends with
@@ -154,29 +238,44 @@ def attention_block(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight
     (D,) or None; key_bias (B, N) additive per-key bias (ToMe's proportional attention:
     log of each token's size) or None. q_norm, k_norm: timm's qk_norm, (weight, bias) of the
     LayerNorm applied to every head's q and k (heads of one width; eps as the block's), or
-    None; only the torch backend computes them so far. `backend` in {torch, cpu, cuda,
-    triton} forces one implementation (else DCVIT_BACKEND, else the device's priority list).
+    None. rope_cos, rope_sin: float32 (P, sum(qk_dims)) RoPE tables in the packed q channel
+    layout, rope_index (B, N) int32/int64 the row of each token (None: row t for token t, P ==
+    N), applied to q and k after q/k-norm (kernels/head_norm_rope.py; even q/k widths).
+    inner_norm_weight, inner_norm_bias: timm's `attn.norm`, a LayerNorm over the concatenated
+    context (sum(v_dims),) before proj, or None. `backend` in {torch, cpu, cuda, triton}
+    forces one implementation (else DCVIT_BACKEND, else the device's priority list).
     `qkv_folded`: kernels.fused_linear.fold_layer_norm(norm_weight, norm_bias, qkv_weight,
     qkv_bias), made once (the engine does at build time) for the Triton impl; without it
     Triton folds per call. The Triton impl takes heads up to 128 wide; it is fastest when
     every width is a multiple of 16 (build_engine pads heads so once; the Triton impl pads
-    other widths per call, see kernels/head_padding.py).
+    other widths per call, see kernels/head_padding.py). With q/k-norm, RoPE or the inner
+    norm pass the real widths (their norms and channel pairs are the real channels'): the
+    Triton impl pads those per call and keeps the padding out of them.
     """
+    inner_norm = None if inner_norm_weight is None and inner_norm_bias is None else \
+        (inner_norm_weight, inner_norm_bias)
     qk_dims, v_dims = check_attention_block_args(x, norm_weight, norm_bias, qkv_weight, qkv_bias,
                                                  proj_weight, proj_bias, qk_dims, v_dims, scale,
-                                                 gamma, key_bias, q_norm, k_norm)
+                                                 gamma, key_bias, q_norm, k_norm,
+                                                 (rope_cos, rope_sin, rope_index), inner_norm)
     if qkv_folded is not None:
         check_folded(qkv_folded, qkv_weight, x, name="qkv_folded")
+    extras = _schema_extras(q_norm, k_norm, rope_cos, rope_sin, rope_index, inner_norm_weight,
+                            inner_norm_bias)
     return ATTENTION_BLOCK(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias,
-                           qk_dims, v_dims, float(scale), float(eps), gamma, key_bias, backend=backend,
-                           q_norm=q_norm, k_norm=k_norm, qkv_folded=qkv_folded)
+                           qk_dims, v_dims, float(scale), float(eps), gamma, key_bias, *extras,
+                           backend=backend, qkv_folded=qkv_folded)
 
 
 def attention_block_backends(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight,
                              proj_bias, qk_dims, v_dims, scale, *, eps=1e-6, gamma=None,
-                             key_bias=None, q_norm=None, k_norm=None) -> dict[str, str | None]:
+                             key_bias=None, q_norm=None, k_norm=None, rope_cos=None, rope_sin=None,
+                             rope_index=None, inner_norm_weight=None,
+                             inner_norm_bias=None) -> dict[str, str | None]:
     """Each backend's reason for refusing these inputs (None: available)."""
     qk_dims, v_dims = head_widths(qk_dims, v_dims)
+    extras = _schema_extras(q_norm, k_norm, rope_cos, rope_sin, rope_index, inner_norm_weight,
+                            inner_norm_bias)
     return ATTENTION_BLOCK.reasons(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight,
                                    proj_bias, qk_dims, v_dims, float(scale), float(eps), gamma,
-                                   key_bias, q_norm=q_norm, k_norm=k_norm)
+                                   key_bias, *extras)

@@ -80,6 +80,8 @@ class OpDef:
     gemm: bool = False
     # example(generator) -> (float64 schema arguments, options): dcvit doctor's inputs
     example: Callable | None = None
+    # more named examples for the op's optional variants (dcvit doctor checks each too)
+    variants: dict[str, Callable] = field(default_factory=dict)
 
 
 class Op:
