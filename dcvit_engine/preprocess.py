@@ -212,8 +212,12 @@ def pil_uint8(path: str | Path, config: PreprocessConfig | None = None) -> torch
             image = pil_preprocess(image, config) if config is not None else image.convert("RGB")
         except OSError as err:  # truncated files pass the header check and fail on decode
             raise unreadable(path, err) from None
-        pixels = np.asarray(image, dtype=np.uint8)
-    tensor = torch.from_numpy(pixels.copy())
+        return pil_pixels(image)
+
+
+def pil_pixels(image: Image.Image) -> torch.Tensor:
+    """A PIL image (RGB or L) as a uint8 (C, H, W) tensor."""
+    tensor = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
     return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
 
 
