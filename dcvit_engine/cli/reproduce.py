@@ -2,6 +2,7 @@
 points, 50/100/500/1000 images, official hyper-parameters) on your ImageNet copy, printed
 beside the paper's numbers; resumable (run the same command again after an interruption)."""
 from dcvit_engine.cli import CommandError
+from dcvit_engine.cli.data_args import add_preprocess_arguments, preprocess_from_args
 from dcvit_engine.cli.model_args import add_model_arguments, model_from_args
 
 
@@ -37,6 +38,7 @@ def register(subparsers):
     parser.add_argument("--metric-iters", type=int, default=OFFICIAL["metric_iters"])
     parser.add_argument("--val-samples", type=int, default=None,
                         help="evaluate on this many val images (default all)")
+    add_preprocess_arguments(parser)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=run)
@@ -54,6 +56,7 @@ def run(args):
         teacher, args.data, args.out, samples=samples, points=points, seed=args.seed, device=args.device,
         iters=args.iters, batch_size=args.batch_size, metric_size=args.metric_size,
         metric_iters=args.metric_iters, val_samples=args.val_samples,
+        preprocess=preprocess_from_args(args, teacher),
         on_result=lambda r: print(f"  {r['method']} with {r['samples']} images, point {r['dropped']}: "
                                   f"top-1 {r['top1']:.2f}", flush=True))
     print("\n" + results_table(results))
