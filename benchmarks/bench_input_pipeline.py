@@ -41,22 +41,29 @@ FIELDS = ["stage", "runner", "device", "threads", "model", "batch_size", "dtype"
           "max_diff_levels", "differing_fraction"]
 
 
-def write_jpegs(folder: Path, count: int, seed: int = 0) -> list[Path]:
-    """`count` synthetic photos as JPEGs (quality 90), the sizes in SIZES by turn; reused when
-    an earlier run wrote the same ones."""
+def _write_jpeg(path: Path, index: int) -> None:
+    rng = np.random.default_rng(index)
+    width, height = SIZES[index % len(SIZES)]
+    coarse = Image.fromarray(rng.integers(0, 256, (height // 32 + 2, width // 32 + 2, 3), dtype=np.uint8))
+    smooth = np.asarray(coarse.resize((width, height), Image.BICUBIC)).astype(np.int16)
+    noisy = (smooth + rng.integers(-10, 11, smooth.shape)).clip(0, 255).astype(np.uint8)
+    Image.fromarray(noisy).save(path, format="JPEG", quality=90)
+
+
+def write_jpegs(folder: Path, count: int) -> list[Path]:
+    """`count` synthetic photos as JPEGs (quality 90), the sizes in SIZES by turn, written by
+    every core; reused when an earlier run wrote the same ones."""
+    from concurrent.futures import ProcessPoolExecutor
+
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(count):
-        path = folder / f"img_{i:05d}.jpg"
-        paths.append(path)
-        if path.is_file():
-            continue
-        width, height = SIZES[i % len(SIZES)]
-        coarse = Image.fromarray(rng.integers(0, 256, (height // 32 + 2, width // 32 + 2, 3), dtype=np.uint8))
-        smooth = np.asarray(coarse.resize((width, height), Image.BICUBIC)).astype(np.int16)
-        noisy = (smooth + rng.integers(-10, 11, smooth.shape)).clip(0, 255).astype(np.uint8)
-        Image.fromarray(noisy).save(path, format="JPEG", quality=90)
+    paths = [folder / f"img_{i:05d}.jpg" for i in range(count)]
+    missing = [i for i, path in enumerate(paths) if not path.is_file()]
+    if len(missing) < 64:
+        for i in missing:
+            _write_jpeg(paths[i], i)
+    else:
+        with ProcessPoolExecutor() as pool:
+            list(pool.map(_write_jpeg, [paths[i] for i in missing], missing, chunksize=32))
     return paths
 
 
