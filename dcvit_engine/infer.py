@@ -135,7 +135,8 @@ def _device_batches(loader: DataLoader, prepare, device: torch.device):
 
     def on_side_stream(batch):
         first, labels, indices = batch
-        side.wait_stream(compute)  # the memory it reuses may still be read by earlier compute
+        # no wait on the compute stream: that would serialise the decode behind the batch just
+        # handed out; record_stream in _handed_over keeps the allocator from reusing its memory
         with torch.cuda.stream(side):
             images = prepare(first, indices)
         return images, labels, indices
