@@ -20,7 +20,7 @@ def test_small_run_writes_csv(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     runners = [r["runner"] for r in rows]
     assert runners == ["PIL (timm)", "torchvision+torch (dcvit cpu path)", "engine alone",
-                       "dcvit infer (0 workers)"]
+                       "dcvit infer --decode cpu (0 workers)"]
     for r in rows:
         assert math.isfinite(float(r["images_per_s"])) and float(r["images_per_s"]) > 0
     project = rows[1]
