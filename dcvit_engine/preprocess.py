@@ -204,12 +204,11 @@ def pil_preprocess(image: Image.Image, config: PreprocessConfig) -> Image.Image:
     return image.crop((left, top, left + crop_w, top + crop_h))
 
 
-def pil_uint8(path: str | Path, config: PreprocessConfig | None = None) -> torch.Tensor:
-    """The file decoded by PIL as a uint8 (C, H, W) tensor: preprocessed (resized, cropped)
-    when a config is given, else only converted to the config-less RGB."""
+def pil_uint8(path: str | Path, config: PreprocessConfig) -> torch.Tensor:
+    """The file decoded by PIL, converted, resized and cropped: a uint8 (C, H, W) tensor."""
     with open_image(path) as image:
         try:
-            image = pil_preprocess(image, config) if config is not None else image.convert("RGB")
+            image = pil_preprocess(image, config)
         except OSError as err:  # truncated files pass the header check and fail on decode
             raise unreadable(path, err) from None
         return pil_pixels(image)
