@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from .adapter import from_timm
 from .atomic import atomic_folder
-from .preprocess import PreprocessConfig, config_from_timm, imagenet_default
+from .preprocess import PreprocessConfig, config_from_timm, default_with_notice, imagenet_default
 from .reference import ViTReference, state_shapes
 from .spec import SPEC_FILENAME, SPEC_VERSION, ViTSpec
 
@@ -146,9 +145,7 @@ def load_preprocess(path: str | os.PathLike, spec: ViTSpec | None = None,
     file = folder / PREPROCESS_FILENAME
     if not file.is_file():
         if notice:
-            print(f"note: {folder} has no {PREPROCESS_FILENAME} (saved before artifacts carried their "
-                  "preprocessing); using the ImageNet default (bicubic, crop_pct 0.875, ImageNet mean/std)",
-                  file=sys.stderr)
+            return default_with_notice(spec.img_size, spec.in_chans, f"{folder} (no {PREPROCESS_FILENAME})")
         return imagenet_default(spec.img_size, spec.in_chans)
     try:
         values = json.loads(file.read_text(encoding="utf-8"))
@@ -183,7 +180,8 @@ def _check_tensors(spec: ViTSpec, tensors: dict[str, torch.Tensor], file: Path) 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> ViTReference:
     """The ViTReference stored in the artifact folder at `path`, in eval mode on `device`;
-    its preprocessing config is model.preprocess (see load_preprocess)."""
+    model.preprocess is its preprocessing config, None for an artifact saved before they
+    carried one (the commands then use the ImageNet default and say so, when they read images)."""
     folder = _artifact_folder(path)
     spec = load_spec(folder)
     file = folder / WEIGHTS_FILENAME
@@ -198,5 +196,5 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> ViTRefe
     with torch.device("meta"):  # weights come from the file; skip the random init
         model = ViTReference(spec)
     model.load_state_dict(tensors, strict=True, assign=True)
-    model.preprocess = load_preprocess(folder, spec)
+    model.preprocess = load_preprocess(folder, spec) if (folder / PREPROCESS_FILENAME).is_file() else None
     return model.eval()

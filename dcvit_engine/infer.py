@@ -34,7 +34,7 @@ from .preprocess import (
     PreprocessConfig,
     config_from_timm,
     decode_uint8,
-    imagenet_default,
+    default_with_notice,
     normalize,
     read_bytes,
 )
@@ -200,7 +200,7 @@ def model_preprocess(model, spec) -> PreprocessConfig:
     config = getattr(model, "preprocess", None)
     if config is None and hasattr(model, "pretrained_cfg"):
         config = config_from_timm(model)
-    return config if config is not None else imagenet_default(spec.img_size, spec.in_chans)
+    return config if config is not None else default_with_notice(spec.img_size, spec.in_chans, "the model")
 
 
 def _loader_and_prepare(dataset, decode: str, device: torch.device, dtype: torch.dtype, batch_size: int,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +159,14 @@ def imagenet_default(img_size: int | Sequence[int], in_chans: int = 3) -> Prepro
     if in_chans == 1:
         mean, std = (sum(mean) / 3,), (sum(std) / 3,)
     return PreprocessConfig((in_chans, *size), mean=mean, std=std)
+
+
+def default_with_notice(img_size: int | Sequence[int], in_chans: int, what: str) -> PreprocessConfig:
+    """imagenet_default for a model that carries no config (an artifact saved before artifacts
+    carried their preprocessing), said in one line on stderr when it is about to be used."""
+    print(f"note: {what} carries no preprocessing config (saved before artifacts carried it); using "
+          "the ImageNet default (bicubic, crop_pct 0.875, ImageNet mean/std)", file=sys.stderr)
+    return imagenet_default(img_size, in_chans)
 
 
 def config_from_timm(model) -> PreprocessConfig:

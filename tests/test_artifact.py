@@ -181,7 +181,9 @@ def test_preprocessing_is_stored_and_loaded(tmp_path, capsys):
 def test_artifact_without_preprocessing_loads_with_notice(tmp_path, capsys):
     folder = save(pruned_reference(), tmp_path / "old")
     assert not (folder / artifact.PREPROCESS_FILENAME).exists()
-    assert load(folder).preprocess == imagenet_default((24, 16), 3)
+    assert load(folder).preprocess is None  # loading alone (bench, export) says nothing
+    assert capsys.readouterr().err == ""
+    assert artifact.load_preprocess(folder) == imagenet_default((24, 16), 3)  # used for images: said
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no preprocess.json" in err and "ImageNet default" in err
 

@@ -4,7 +4,7 @@ the model's own PreprocessConfig (timm's, or the one its artifact carries)."""
 import argparse
 
 from dcvit_engine.data import load_image_folder
-from dcvit_engine.preprocess import PIL_INTERPOLATIONS, PreprocessConfig, imagenet_default
+from dcvit_engine.preprocess import PIL_INTERPOLATIONS, PreprocessConfig, default_with_notice
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -49,7 +49,7 @@ def preprocess_from_args(args, model) -> PreprocessConfig:
     without one) with the fields the user gave replaced; a bad value names its field."""
     config = getattr(model, "preprocess", None)
     if config is None:
-        config = imagenet_default(model.spec.img_size, model.spec.in_chans)
+        config = default_with_notice(model.spec.img_size, model.spec.in_chans, "the model")
     return config.replace(mean=args.mean, std=args.std, crop_pct=args.crop_pct,
                           interpolation=args.interpolation)
 
