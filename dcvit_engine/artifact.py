@@ -1,4 +1,7 @@
-"""Artifact folders: spec.json + model.safetensors (+ report.json).
+"""Artifact folders: spec.json + model.safetensors (+ preprocess.json, report.json).
+
+preprocess.json is the teacher's PreprocessConfig (how images are fed to the model);
+artifacts written before it existed load with a one-line notice and timm's ImageNet default.
 
 save() writes into a temporary sibling folder and renames it into place, so a
 reader never sees a half-written artifact and a failed save leaves the old one.
@@ -18,11 +21,13 @@ from .adapter import from_timm
 from .atomic import atomic_folder
 from .errors import InputError
 from .jsonfile import load_json_file
+from .preprocess import PreprocessConfig, config_from_timm, default_with_notice, imagenet_default
 from .reference import ViTReference, state_shapes
 from .spec import SPEC_FILENAME, SPEC_VERSION, ViTSpec
 
 WEIGHTS_FILENAME = "model.safetensors"
 REPORT_FILENAME = "report.json"
+PREPROCESS_FILENAME = "preprocess.json"
 
 
 def _spec_and_state(model) -> tuple[ViTSpec, dict[str, torch.Tensor]]:
@@ -59,11 +64,32 @@ def _check_replaceable(path: Path) -> None:
                               "replace it (choose another path or remove it yourself)")
 
 
-def save(model, path: str | os.PathLike, report: dict | None = None) -> Path:
-    """Write `model` (timm ViT or ViTReference) as an artifact folder at `path`."""
+def _preprocess_of(model, given: PreprocessConfig | None, spec: ViTSpec) -> PreprocessConfig | None:
+    """The config to store: the one given, a timm model's own, or the one a loaded model
+    carries (model.preprocess); it must describe the spec's input."""
+    config = given
+    if config is None:
+        config = getattr(model, "preprocess", None)
+    if config is None and not isinstance(model, ViTReference):
+        config = config_from_timm(model)
+    if config is not None and config.input_size != (spec.in_chans, *_pair(spec.img_size)):
+        raise InputError(f"the preprocessing config's input_size {config.input_size} is not the model's "
+                         f"input {(spec.in_chans, *_pair(spec.img_size))}")
+    return config
+
+
+def _pair(size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def save(model, path: str | os.PathLike, report: dict | None = None,
+         preprocess: PreprocessConfig | None = None) -> Path:
+    """Write `model` (timm ViT or ViTReference) as an artifact folder at `path`, with the
+    preprocessing config `preprocess` (default: a timm model's own, or model.preprocess)."""
     spec, state = _spec_and_state(model)
     spec.validate()
     spec_text = spec.to_json()
+    config = _preprocess_of(model, preprocess, spec)
     report_text = None
     if report is not None:
         try:
@@ -84,6 +110,8 @@ def save(model, path: str | os.PathLike, report: dict | None = None) -> Path:
         _fsync_file(staging / WEIGHTS_FILENAME)
         if report_text is not None:
             _write_text(staging / REPORT_FILENAME, report_text)
+        if config is not None:
+            _write_text(staging / PREPROCESS_FILENAME, json.dumps(config.to_dict(), indent=2))
     return path
 
 
@@ -110,6 +138,31 @@ def load_report(path: str | os.PathLike) -> dict | None:
     return load_json_file(file, hint="the artifact is corrupt")
 
 
+def load_preprocess(path: str | os.PathLike, spec: ViTSpec | None = None,
+                    notice: bool = True) -> PreprocessConfig:
+    """The preprocessing config stored with the artifact; for an artifact saved without one,
+    timm's ImageNet default at the model's input size (with a one-line notice on stderr)."""
+    folder = _artifact_folder(path)
+    spec = load_spec(folder) if spec is None else spec
+    file = folder / PREPROCESS_FILENAME
+    if not file.is_file():
+        if notice:
+            return default_with_notice(spec.img_size, spec.in_chans, f"{folder} (no {PREPROCESS_FILENAME})")
+        return imagenet_default(spec.img_size, spec.in_chans)
+    try:
+        values = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{file} is not valid JSON ({err}); the artifact is corrupt") from None
+    try:
+        config = PreprocessConfig.from_dict(values, where=str(file))
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{file}: {err}; fix or remove it") from None
+    if config.input_size != (spec.in_chans, *_pair(spec.img_size)):
+        raise InputError(f"{file} describes input {config.input_size} but the spec's input is "
+                         f"{(spec.in_chans, *_pair(spec.img_size))}; the artifact is corrupt")
+    return config
+
+
 def _check_tensors(spec: ViTSpec, tensors: dict[str, torch.Tensor], file: Path) -> None:
     expected = state_shapes(spec)
     problems = []
@@ -128,7 +181,9 @@ def _check_tensors(spec: ViTSpec, tensors: dict[str, torch.Tensor], file: Path) 
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> ViTReference:
-    """The ViTReference stored in the artifact folder at `path`, in eval mode on `device`."""
+    """The ViTReference stored in the artifact folder at `path`, in eval mode on `device`;
+    model.preprocess is its preprocessing config, None for an artifact saved before they
+    carried one (the commands then use the ImageNet default and say so, when they read images)."""
     folder = _artifact_folder(path)
     spec = load_spec(folder)
     file = folder / WEIGHTS_FILENAME
@@ -143,4 +198,5 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> ViTRefe
     with torch.device("meta"):  # weights come from the file; skip the random init
         model = ViTReference(spec)
     model.load_state_dict(tensors, strict=True, assign=True)
+    model.preprocess = load_preprocess(folder, spec) if (folder / PREPROCESS_FILENAME).is_file() else None
     return model.eval()

@@ -3,10 +3,10 @@
 A folder is either flat (``root/*.png``: unlabeled) or holds one subfolder per
 class (``root/<class>/*.png``: labeled, class index = position of the subfolder
 in sorted order, as torchvision's ImageFolder does).  Images are read with PIL,
-converted to RGB (or grayscale for one input channel), resized to the model's
-input size and normalized with the model's mean/std.
+converted to RGB (or grayscale for one input channel) and preprocessed with the
+model's PreprocessConfig (preprocess.py: timm's evaluation transform).
 
-Layer 1: imports nothing from the package.
+Layer 1: imports only preprocess.py (layer 1 too).
 """
 
 from __future__ import annotations
@@ -15,16 +15,23 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from dcvit_engine.errors import InputError, ResourceLimitError
+from dcvit_engine.errors import InputError
+
+from .preprocess import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PreprocessConfig,
+    normalize,
+    open_image,
+    pil_pixels,
+    pil_preprocess,
+)
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 UNLABELED = -1
 
 
@@ -82,14 +89,19 @@ def _size_pair(img_size: int | Sequence[int]) -> tuple[int, int]:
     return size  # type: ignore[return-value]
 
 
-def _channel_stats(values: float | Sequence[float], in_chans: int, what: str) -> torch.Tensor:
-    """Per-channel mean or std as a (C, 1, 1) tensor; one value is broadcast to every channel."""
-    stats = [float(values)] * in_chans if isinstance(values, (int, float)) else [float(v) for v in values]
-    if len(stats) != in_chans:
-        raise InputError(f"{what} has {len(stats)} values but the images have {in_chans} channels")
-    if what == "std" and min(stats) <= 0:
-        raise InputError(f"std must be positive, got {stats}")
-    return torch.tensor(stats, dtype=torch.float32).view(in_chans, 1, 1)
+def _folder_config(img_size, mean, std, in_chans) -> PreprocessConfig:
+    """The PreprocessConfig given, or the plain squash for a bare size (see ImageFolderData)."""
+    if isinstance(img_size, PreprocessConfig):
+        if mean is not None or std is not None or in_chans not in (None, img_size.channels):
+            raise InputError("a PreprocessConfig carries its own mean, std and channels; change them "
+                             "with config.replace(mean=..., std=...)")
+        return img_size
+    in_chans = 3 if in_chans is None else in_chans
+    if in_chans not in (1, 3):
+        raise InputError(f"in_chans must be 1 (grayscale) or 3 (RGB), got {in_chans}")
+    return PreprocessConfig((in_chans, *_size_pair(img_size)), interpolation="bilinear", crop_pct=1.0,
+                            crop_mode="squash", mean=IMAGENET_MEAN if mean is None else mean,
+                            std=IMAGENET_STD if std is None else std)
 
 
 def _scan_folder(root: Path, labeled: bool | str) -> tuple[list[Path], list[int], list[str] | None]:
@@ -127,30 +139,30 @@ def _scan_folder(root: Path, labeled: bool | str) -> tuple[list[Path], list[int]
 
 
 class ImageFolderData(Dataset):
-    """Images of a folder, resized and normalized; items are (image (C, H, W), label or -1).
+    """Images of a folder, preprocessed; items are (image (C, H, W), label or -1).
+
+    img_size is the model's PreprocessConfig (timm's evaluation transform: resize, center
+    crop, normalise; mean/std are then part of it) or, for a bare input size, the plain
+    squash: a bilinear resize to that size, normalised with mean/std (ImageNet's by default).
 
     num_samples picks a random subset (reproducible by seed) of that many images;
     asking for more images than the folder holds is an error rather than a silent
     shortfall, because few-shot results depend on the exact count.
     """
 
-    def __init__(self, root: str | os.PathLike, img_size: int | Sequence[int],
-                 mean: float | Sequence[float] = IMAGENET_MEAN,
-                 std: float | Sequence[float] = IMAGENET_STD,
+    def __init__(self, root: str | os.PathLike, img_size: PreprocessConfig | int | Sequence[int],
+                 mean: float | Sequence[float] | None = None,
+                 std: float | Sequence[float] | None = None,
                  num_samples: int | None = None, seed: int = 0,
-                 labeled: bool | str = "auto", in_chans: int = 3):
+                 labeled: bool | str = "auto", in_chans: int | None = None):
         root = Path(root).expanduser()
         if not root.exists():
             raise FileNotFoundError(f"image folder {root} does not exist")
         if not root.is_dir():
             raise NotADirectoryError(f"{root} is a file; pass the folder that holds the images")
-        if in_chans not in (1, 3):
-            raise InputError(f"in_chans must be 1 (grayscale) or 3 (RGB), got {in_chans}")
         self.root = root
-        self.size = _size_pair(img_size)
-        self.in_chans = in_chans
-        self.mean = _channel_stats(mean, in_chans, "mean")
-        self.std = _channel_stats(std, in_chans, "std")
+        self.config = _folder_config(img_size, mean, std, in_chans)
+        self.size, self.in_chans = self.config.size, self.config.channels
 
         paths, labels, self.classes = _scan_folder(root, labeled)
         self.labeled = self.classes is not None
@@ -172,13 +184,7 @@ class ImageFolderData(Dataset):
 
     @staticmethod
     def _open(path: Path) -> Image.Image:
-        try:
-            return Image.open(path)
-        except Image.DecompressionBombError as err:  # pixels far beyond any model input
-            raise ResourceLimitError(f"{path} is refused as a decompression bomb ({err}); remove or "
-                                     "replace it") from None
-        except (UnidentifiedImageError, OSError) as err:
-            raise InputError(f"{path} is not a readable image ({err}); remove or replace it") from None
+        return open_image(path)  # the one place that names a broken file or a decompression bomb
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -188,14 +194,10 @@ class ImageFolderData(Dataset):
         path = self.paths[index]
         with self._open(path) as image:
             try:
-                image = image.convert("RGB" if self.in_chans == 3 else "L")
-                image = image.resize((self.size[1], self.size[0]), Image.BILINEAR)
+                pixels = pil_preprocess(image, self.config)
             except OSError as err:  # truncated files pass the header check and fail on decode
                 raise InputError(f"{path} is not a readable image ({err}); remove or replace it") from None
-            pixels = np.asarray(image, dtype=np.float32) / 255.0
-        tensor = torch.from_numpy(pixels.copy())
-        tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
-        return (tensor - self.mean) / self.std
+            return normalize(pil_pixels(pixels), self.config)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.load(index), self.labels[index]
@@ -223,19 +225,19 @@ def make_loader(dataset: Dataset, batch_size: int = 64, shuffle: bool = False, n
                       persistent_workers=num_workers > 0)
 
 
-def load_image_folder(root: str | os.PathLike, img_size: int | Sequence[int],
-                      mean: float | Sequence[float] = IMAGENET_MEAN,
-                      std: float | Sequence[float] = IMAGENET_STD,
+def load_image_folder(root: str | os.PathLike, img_size: PreprocessConfig | int | Sequence[int],
+                      mean: float | Sequence[float] | None = None,
+                      std: float | Sequence[float] | None = None,
                       num_samples: int | None = None, seed: int = 0,
-                      labeled: bool | str = "auto", in_chans: int = 3) -> ImageFolderData:
+                      labeled: bool | str = "auto", in_chans: int | None = None) -> ImageFolderData:
     """The images of root as an ImageFolderData (see its docstring)."""
     return ImageFolderData(root, img_size, mean, std, num_samples, seed, labeled, in_chans)
 
 
-def sample_images(root: str | os.PathLike, n: int, img_size: int | Sequence[int] = 224,
-                  mean: float | Sequence[float] = IMAGENET_MEAN,
-                  std: float | Sequence[float] = IMAGENET_STD,
-                  seed: int = 0, labeled: bool | str = "auto", in_chans: int = 3) -> torch.Tensor:
+def sample_images(root: str | os.PathLike, n: int, img_size: PreprocessConfig | int | Sequence[int] = 224,
+                  mean: float | Sequence[float] | None = None,
+                  std: float | Sequence[float] | None = None,
+                  seed: int = 0, labeled: bool | str = "auto", in_chans: int | None = None) -> torch.Tensor:
     """n few-shot images of root, chosen at random (seeded), as one (n, C, H, W) tensor."""
     data = ImageFolderData(root, img_size, mean, std, n, seed, labeled, in_chans)
     return data.tensors()[0]

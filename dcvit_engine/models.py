@@ -12,10 +12,11 @@ import os
 
 import torch
 
-from .artifact import load, load_spec
+from .artifact import load, load_preprocess, load_spec
 from .checkpoints import load_checkpoint
 from .errors import InputError
 from .jsonfile import parse_json
+from .preprocess import PreprocessConfig, config_from_timm
 from .reference import ViTReference, reference_from_timm
 from .spec import ViTSpec
 
@@ -73,7 +74,10 @@ def resolve_model(artifact: str | os.PathLike | None = None, model_name: str | N
             raise InputError("an artifact carries its own structure and weights; model kwargs, "
                              "checkpoint and pretrained apply only to a timm model name")
         return load(artifact)
-    return reference_from_timm(_create_timm(model_name, model_kwargs, checkpoint, pretrained, "cpu"))
+    timm_model = _create_timm(model_name, model_kwargs, checkpoint, pretrained, "cpu")
+    model = reference_from_timm(timm_model)
+    model.preprocess = config_from_timm(timm_model)
+    return model
 
 
 def resolve_spec(artifact: str | os.PathLike | None = None, model_name: str | None = None,
@@ -89,6 +93,16 @@ def resolve_spec(artifact: str | os.PathLike | None = None, model_name: str | No
     from .adapter import spec_from_timm
 
     return spec_from_timm(_create_timm(model_name, model_kwargs, None, False, "meta"))
+
+
+def resolve_preprocess(artifact: str | os.PathLike | None = None, model_name: str | None = None,
+                       model_kwargs: dict | None = None) -> PreprocessConfig:
+    """Only the preprocessing config: preprocess.json (or the default, with a notice), or
+    timm's resolution for the timm model built on the meta device."""
+    _check_choice(artifact, model_name)
+    if artifact is not None:
+        return load_preprocess(artifact)
+    return config_from_timm(_create_timm(model_name, model_kwargs, None, False, "meta"))
 
 
 def describe_source(artifact=None, model_name=None, model_kwargs=None) -> str:

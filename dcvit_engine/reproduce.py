@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_open
-from .data import IMAGENET_MEAN, IMAGENET_STD, load_image_folder
+from .data import load_image_folder
 from .errors import InputError
 from .jsonfile import load_json_file
 from .macs import count_macs
+from .preprocess import imagenet_default
 from .reference import ViTReference
 
 SAMPLES = (50, 100, 500, 1000)
@@ -80,21 +81,21 @@ def top1(model: ViTReference, data, batch_size: int, device) -> float:
 def run_reproduction(teacher: ViTReference, root, out, *, samples=SAMPLES, points=POINTS, seed: int = 0,
                      device="cpu", iters: int = OFFICIAL["iters"], batch_size: int = OFFICIAL["batch_size"],
                      metric_size: int = OFFICIAL["metric_size"], metric_iters: int = OFFICIAL["metric_iters"],
-                     val_samples: int | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                     val_samples: int | None = None, preprocess=None,
                      progress: bool = True, on_result=None) -> dict:
     """Run (or resume) every (samples, point, method) of the comparison; returns the results
-    dict also kept in out/results.json. on_result(entry) is called for each finished run."""
+    dict also kept in out/results.json. on_result(entry) is called for each finished run.
+    preprocess: the PreprocessConfig of every image read (default: the teacher's own)."""
     from .compress import api
     from .compress.metric_set import synthesize_metric_set
     from .compress.structure import plan_dcvit
 
     spec = teacher.spec
     train_dir, val_dir = imagenet_splits(root)
-    size, chans = spec.img_size, spec.in_chans
-    val = load_image_folder(val_dir, size, mean, std, num_samples=val_samples, seed=seed, labeled=True,
-                            in_chans=chans)
-    train_classes = load_image_folder(train_dir, size, mean, std, num_samples=1, labeled=True,
-                                      in_chans=chans).classes
+    config = preprocess or getattr(teacher, "preprocess", None) \
+        or imagenet_default(spec.img_size, spec.in_chans)
+    val = load_image_folder(val_dir, config, num_samples=val_samples, seed=seed, labeled=True)
+    train_classes = load_image_folder(train_dir, config, num_samples=1, labeled=True).classes
     check_classes(train_classes, val.classes, spec)
     targets = {k: macs_point(spec, k) for k in points}
     for k, ratio in targets.items():  # refuse a point without a DC-ViT pair before any work
@@ -129,13 +130,13 @@ def run_reproduction(teacher: ViTReference, root, out, *, samples=SAMPLES, point
                 if key in runs:
                     continue
                 if images is None:
-                    images = load_image_folder(train_dir, size, mean, std, num_samples=n, seed=seed,
-                                               labeled=True, in_chans=chans).tensors()[0]
+                    images = load_image_folder(train_dir, config, num_samples=n, seed=seed,
+                                               labeled=True).tensors()[0]
                 if method == "dcvit":
                     if metric_set is None:  # one synthetic metric set for every DC-ViT run, cached
                         metric_set = synthesize_metric_set(
                             teacher, num_images=metric_size, iters=metric_iters, seed=seed,
-                            mean=mean, std=std, device=device, cache_path=out / "metric_set.pt",
+                            mean=config.mean, std=config.std, device=device, cache_path=out / "metric_set.pt",
                             progress=progress).images
                     options = dict(target_macs=ratio, num_blocks=k + 1, metric_set=metric_set)
                 else:  # PRACTISE's own recipe; its target sits just above the point to drop exactly k

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 import dcvit_engine.artifact as artifact
 from dcvit_engine.artifact import load, load_report, load_spec, save
 from dcvit_engine.macs import count_macs
+from dcvit_engine.preprocess import PreprocessConfig, config_from_timm, imagenet_default
 from dcvit_engine.reference import ViTReference
 from dcvit_engine.spec import AttentionSpec, BlockSpec, ViTSpec
 
@@ -49,7 +50,7 @@ def siblings(path):
 def test_round_trip_timm_model(tmp_path):
     model = tiny_timm(init_values=0.1, qk_norm=True)
     folder = save(model, tmp_path / "art", report={"method": "none", "macs": 1})
-    assert sorted(os.listdir(folder)) == ["model.safetensors", "report.json", "spec.json"]
+    assert sorted(os.listdir(folder)) == ["model.safetensors", "preprocess.json", "report.json", "spec.json"]
     loaded = load(folder)
     assert isinstance(loaded, ViTReference) and not loaded.training
     assert torch.allclose(outputs(loaded, (3, 32, 32)), outputs(model, (3, 32, 32)), rtol=1e-5, atol=1e-6)
@@ -161,3 +162,42 @@ def test_refuses_to_replace_something_else(tmp_path):
     with pytest.raises(FileExistsError, match="not an artifact folder"):
         save(pruned_reference(), tmp_path / "plain")
     assert (tmp_path / "data" / "important.txt").read_text() == "keep me"
+
+
+def test_preprocessing_is_stored_and_loaded(tmp_path, capsys):
+    model = tiny_timm()
+    expected = config_from_timm(model)
+    assert expected.input_size == (3, 32, 32) and expected.interpolation == "bicubic"
+    assert load(save(model, tmp_path / "timm")).preprocess == expected
+    given = PreprocessConfig((3, 24, 16), crop_pct=1.0, mean=(0.5,) * 3, std=(0.5,) * 3)
+    student = load(save(pruned_reference(), tmp_path / "given", preprocess=given))
+    assert student.preprocess == given
+    assert load(save(student, tmp_path / "carried")).preprocess == given  # model.preprocess travels
+    assert capsys.readouterr().err == ""
+    with pytest.raises(ValueError, match=r"input_size \(3, 32, 32\) is not the model's input \(3, 24, 16\)"):
+        save(pruned_reference(), tmp_path / "wrong", preprocess=expected)
+
+
+def test_artifact_without_preprocessing_loads_with_notice(tmp_path, capsys):
+    folder = save(pruned_reference(), tmp_path / "old")
+    assert not (folder / artifact.PREPROCESS_FILENAME).exists()
+    assert load(folder).preprocess is None  # loading alone (bench, export) says nothing
+    assert capsys.readouterr().err == ""
+    assert artifact.load_preprocess(folder) == imagenet_default((24, 16), 3)  # used for images: said
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no preprocess.json" in err and "ImageNet default" in err
+
+
+def test_bad_preprocess_json_names_the_file_and_field(tmp_path):
+    folder = save(tiny_timm(), tmp_path / "art")
+    file = folder / artifact.PREPROCESS_FILENAME
+    values = json.loads(file.read_text())
+    file.write_text(json.dumps(dict(values, crop_pct=0)))
+    with pytest.raises(ValueError, match="preprocess.json: preprocessing crop_pct must be in"):
+        load(folder)
+    file.write_text(json.dumps(dict(values, input_size=[3, 64, 64])))
+    with pytest.raises(ValueError, match="describes input"):
+        load(folder)
+    file.write_text("{")
+    with pytest.raises(ValueError, match="preprocess.json is not valid JSON"):
+        load(folder)

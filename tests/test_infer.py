@@ -67,9 +67,10 @@ def test_predictions_match_the_engine(digits_folder, model_artifact, tmp_path):
     assert os.listdir(tmp_path) == ["preds.csv"], "no temporary file may be left behind"
 
     engine = build_engine(model_artifact)
-    images, labels = load_image_folder(digits_folder, 32).tensors()
+    folder = load_image_folder(digits_folder, artifact.load_preprocess(model_artifact))  # PNGs: PIL's path
+    images, labels = folder.tensors()
     probs = engine(images).softmax(dim=-1)
-    for row, p, label, path in zip(rows, probs, labels, load_image_folder(digits_folder, 32).paths):
+    for row, p, label, path in zip(rows, probs, labels, folder.paths):
         assert row["path"] == path.relative_to(digits_folder).as_posix()
         assert int(row["predicted"]) == int(p.argmax())
         assert row["predicted_name"] == f"c{int(p.argmax())}"
@@ -160,11 +161,11 @@ def test_cli_infer_errors_are_one_line(digits_folder, model_artifact, tmp_path, 
 def test_nonfinite_images_and_outputs_are_refused_and_nothing_written(digits_folder, model_artifact,
                                                                        tmp_path, capsys):
     out = tmp_path / "nan.csv"
-    # a NaN mean makes every image NaN: refused, naming how many, no CSV
+    # a NaN mean is refused with the preprocessing config, before any image is read; no CSV
     code = cli_main(["infer", str(model_artifact), "--data", str(digits_folder), "--out", str(out),
                      "--mean", "nan,0.5,0.5", "--batch-size", "5", "--num-workers", "0", "--no-progress"])
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and f"{NUM_IMAGES} of {NUM_IMAGES} images hold NaN" in err
+    assert code == 2 and err.count("\n") == 1 and "preprocessing mean must be finite" in err
     assert not out.exists()
     # finite images, but a model whose forward is NaN
     model = artifact.load(model_artifact)
@@ -173,3 +174,64 @@ def test_nonfinite_images_and_outputs_are_refused_and_nothing_written(digits_fol
     with pytest.raises(ValueError, match=f"NaN or Inf outputs on {NUM_IMAGES} of {NUM_IMAGES} images"):
         run_inference(model, digits_folder, out, backend="torch", batch_size=5, num_workers=0, progress=False)
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory):
+    """JPEGs of several sizes (RGB, grey, CMYK: nvJPEG's and PIL's paths) and PNGs, in classes."""
+    root = tmp_path_factory.mktemp("mixed")
+    rng = np.random.default_rng(0)
+    images = [(50, 37, "RGB", "jpg"), (37, 50, "L", "jpg"), (45, 30, "CMYK", "jpg"), (40, 64, "RGB", "png"),
+              (33, 33, "RGB", "jpg"), (80, 45, "RGB", "jpg"), (29, 41, "P", "png")]
+    for i, (w, h, mode, ext) in enumerate(images):
+        coarse = Image.fromarray(rng.integers(0, 256, (h // 8 + 2, w // 8 + 2, 3), dtype=np.uint8))
+        image = coarse.resize((w, h), Image.BICUBIC)
+        image = image.quantize(16) if mode == "P" else image.convert(mode)
+        folder = root / f"class_{i % 3}"
+        folder.mkdir(exist_ok=True)
+        image.save(folder / f"img_{i}.{ext}", **({"quality": 90} if ext == "jpg" else {}))
+    return root
+
+
+def test_device_decode_path_equals_worker_path_on_cpu(mixed_folder, model_artifact, tmp_path):
+    """The GPU code path (batched decode in the main process) run with device cpu gives the CSV
+    the CPU worker path gives; both within the tensor path's bound of PIL's probabilities."""
+    out = {}
+    for decode in ("device", "cpu"):
+        out[decode] = tmp_path / f"{decode}.csv"
+        run_inference(model_artifact, mixed_folder, out[decode], batch_size=3, num_workers=0, progress=False,
+                      decode=decode, backend="torch")
+    assert read_csv(out["device"]) == read_csv(out["cpu"])
+    exact = load_image_folder(mixed_folder, artifact.load_preprocess(model_artifact))
+    probs = build_engine(model_artifact, backend="torch")(exact.tensors()[0]).softmax(-1)
+    for row, p in zip(read_csv(out["cpu"]), probs):
+        assert float(row["probability"]) == pytest.approx(float(p.max()), abs=2e-2)
+
+
+def test_cli_preprocessing_overrides(mixed_folder, model_artifact, tmp_path, capsys):
+    out = tmp_path / "p.csv"
+    code = cli_main(["infer", str(model_artifact), "--data", str(mixed_folder), "--out", str(out),
+                     "--crop-pct", "1.0", "--interpolation", "bilinear", "--mean", "0.5", "--std", "0.25",
+                     "--num-workers", "0", "--no-progress", "--decode", "device"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "bilinear, crop_pct 1 (center), mean (0.5, 0.5, 0.5), std (0.25, 0.25, 0.25)" in printed
+    for bad, message in ((["--crop-pct", "0"], "crop_pct must be in (0, 1]"),
+                         (["--crop-pct", "1.2"], "crop_pct must be in (0, 1]"),
+                         (["--std", "0.5,0,0.5"], "std must be positive")):
+        code = cli_main(["infer", str(model_artifact), "--data", str(mixed_folder), "--out", str(out), *bad])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_corrupt_jpeg_fails_in_one_line_naming_it(mixed_folder, tmp_path, model_artifact, capsys):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    good = next(mixed_folder.rglob("*.jpg")).read_bytes()
+    (folder / "a.jpg").write_bytes(good)
+    (folder / "b.jpg").write_bytes(good[:300])  # the header is intact, the scan is cut
+    for decode in ("device", "cpu"):
+        code = cli_main(["infer", str(model_artifact), "--data", str(folder), "--out",
+                         str(tmp_path / "p.csv"), "--num-workers", "0", "--no-progress", "--decode", decode])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and "b.jpg is not a readable image" in err, err

@@ -15,7 +15,7 @@ from pathlib import Path
 from dcvit_engine.artifact import save
 from dcvit_engine.checkpoints import load_checkpoint
 from dcvit_engine.cli import CommandError
-from dcvit_engine.cli.data_args import add_data_arguments, images_from_args
+from dcvit_engine.cli.data_args import add_data_arguments, images_from_args, preprocess_from_args
 from dcvit_engine.cli.method_args import add_method_argument, add_method_options, given_options
 from dcvit_engine.cli.model_args import add_model_arguments
 from dcvit_engine.cli.plan import add_target_argument
@@ -99,7 +99,8 @@ def _compress(args, out: Path, partial: Path) -> int:
     started = time.perf_counter()
     model, name = model_from_source(args.artifact, args.model, args.model_kwargs, args.checkpoint,
                                     args.pretrained)
-    images, labels, _classes = images_from_args(args, model.spec, seed=args.seed)
+    config = preprocess_from_args(args, model)  # stored in the artifact: eval and infer reuse it
+    images, labels, _classes = images_from_args(args, config, seed=args.seed)
     accepted = method_options(args.method)
     if "checkpoint_dir" in accepted:  # methods with per-step checkpoints resume from OUT.partial
         options.update(checkpoint_dir=partial, resume=args.resume)
@@ -108,12 +109,13 @@ def _compress(args, out: Path, partial: Path) -> int:
     loaded_s = time.perf_counter() - started
     print(f"{name}: {images.shape[0]} images from {args.data}, {args.method} to "
           f"{args.target_macs} of the MACs")
+    print(f"preprocessing: {config.describe()}")
     report = {}
     student = compress(model, images, method=args.method, target_macs=args.target_macs,
                        progress=True, report=report, **options)
     report.update(model=name, data=str(args.data), num_samples=int(images.shape[0]),
                   load_s=loaded_s, wall_s=time.perf_counter() - started)
-    save(student, out, report=report)
+    save(student, out, report=report, preprocess=config)
     shutil.rmtree(partial, ignore_errors=True)  # the run is complete: its checkpoints are spent
     macs, teacher_macs = count_macs(student.spec).total, count_macs(model.spec).total
     blocks = report["extras"].get("chosen_blocks")

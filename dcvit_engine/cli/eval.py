@@ -14,7 +14,7 @@ import torch
 
 from dcvit_engine.artifact import load
 from dcvit_engine.cli.compress import model_from_source
-from dcvit_engine.cli.data_args import add_data_arguments, images_from_args
+from dcvit_engine.cli.data_args import add_data_arguments, images_from_args, preprocess_from_args
 from dcvit_engine.cli.infer import _class_names
 from dcvit_engine.cli.option_types import positive_int
 from dcvit_engine.compress.fewshot import predict_logits
@@ -92,7 +92,8 @@ def run(args):
             (student.spec.img_size, student.spec.in_chans, student.spec.num_classes):
         raise InputError(f"the teacher ({teacher_name}) and {args.artifact} differ in input size, "
                          "channels or classes; they cannot be compared")
-    images, labels, classes = images_from_args(args, student.spec, seed=args.seed)
+    config = preprocess_from_args(args, student)  # the artifact's own (the teacher's) preprocessing
+    images, labels, classes = images_from_args(args, config, seed=args.seed)
     labels = labels_for_model(labels, classes, student.spec.num_classes, args.class_names, args.data)
     check_finite(images)
     logits = predict_logits(student, images, args.batch_size, device)
@@ -100,7 +101,7 @@ def run(args):
     preds = logits.argmax(-1)
     result = dict(artifact=str(args.artifact), images=int(images.shape[0]),
                   macs=count_macs(student).total, top1=None, teacher=teacher_name,
-                  teacher_macs=None, teacher_top1=None, agreement=None)
+                  teacher_macs=None, teacher_top1=None, agreement=None, preprocess=config.to_dict())
     if labels is not None:
         result["top1"] = (preds == labels).float().mean().item()
     if teacher is not None:
@@ -115,6 +116,7 @@ def run(args):
         print(json.dumps(result, indent=2))
         return 0
     print(f"{args.artifact}: {result['images']} images, {result['macs'] / 1e9:.4f} GMACs")
+    print(f"  preprocessing: {config.describe()}")
     print(f"  top-1 {result['top1']:.2%}" if labels is not None else
           "  top-1: the folder has no class subfolders (unlabeled)")
     if teacher is not None:

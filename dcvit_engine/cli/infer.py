@@ -6,20 +6,13 @@ from pathlib import Path
 
 import torch
 
+from dcvit_engine.cli.data_args import add_preprocess_arguments, preprocess_from_args
 from dcvit_engine.cli.model_args import add_model_arguments, backend_errors_as_command_errors, model_from_args
 from dcvit_engine.cli.option_types import nonnegative_int, positive_int
 from dcvit_engine.devices import resolve_device
 from dcvit_engine.engine import command_dtype
-from dcvit_engine.errors import InputError
-from dcvit_engine.infer import run_inference
+from dcvit_engine.infer import DECODE_CHOICES, run_inference
 from dcvit_engine.ops import BACKENDS
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise InputError(f"expected comma-separated numbers such as 0.5,0.5,0.5, got {text!r}") from None
 
 
 def _class_names(path: str) -> list[str]:
@@ -44,9 +37,10 @@ def register(subparsers):
                         help="float32 | bf16 | fp16 (default: bf16 on CUDA and on CPUs with native bf16 "
                              "(AVX512-BF16/AMX), else float32)")
     parser.add_argument("--num-workers", type=nonnegative_int, default=2, help="DataLoader worker processes")
-    parser.add_argument("--mean", default=None,
-                        help="normalization mean, e.g. 0.5,0.5,0.5 (default ImageNet)")
-    parser.add_argument("--std", default=None, help="normalization std (default ImageNet)")
+    add_preprocess_arguments(parser)
+    parser.add_argument("--decode", choices=DECODE_CHOICES, default="auto",
+                        help="where JPEGs are decoded and preprocessed: device (batched nvJPEG on the GPU), "
+                        "cpu (in the DataLoader workers); auto (default): device on CUDA, else cpu")
     parser.add_argument("--class-names", default=None, metavar="FILE",
                         help="text file with one class name per line, in the model's class order")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -55,11 +49,7 @@ def register(subparsers):
 
 def run(args):
     model, name = model_from_args(args)
-    options = {}
-    if args.mean is not None:
-        options["mean"] = _floats(args.mean)
-    if args.std is not None:
-        options["std"] = _floats(args.std)
+    config = preprocess_from_args(args, model)
     device = torch.device(args.device) if args.device else None
     target = resolve_device(args.device)
     dtype, note = command_dtype(args.dtype, target)
@@ -69,13 +59,14 @@ def run(args):
         result = run_inference(
             model, args.data, args.out, batch_size=args.batch_size, backend=args.backend,
             dtype=dtype, device=device,
-            num_workers=args.num_workers, progress=not args.no_progress,
-            class_names=_class_names(args.class_names) if args.class_names else None, **options)
+            num_workers=args.num_workers, progress=not args.no_progress, preprocess=config,
+            decode=args.decode, class_names=_class_names(args.class_names) if args.class_names else None)
     if result.out_path is None:  # a rank other than 0: rank 0 reports
         return 0
     processes = f" on {result.world_size} processes" if result.world_size > 1 else ""
     print(f"{name}: predicted {result.num_images} images in {result.seconds:.2f} s "
           f"({result.images_per_s:.1f} images/s{processes}); wrote {result.out_path}")
+    print(f"preprocessing: {config.describe()}")
     if result.accuracy is not None:
         print(f"top-1 agreement with the folder's class indices: {result.accuracy:.2%}")
     return 0

@@ -4,7 +4,13 @@ import argparse
 import contextlib
 
 from dcvit_engine.cli import CommandError
-from dcvit_engine.models import describe_source, parse_model_kwargs, resolve_model, resolve_spec
+from dcvit_engine.models import (
+    describe_source,
+    parse_model_kwargs,
+    resolve_model,
+    resolve_preprocess,
+    resolve_spec,
+)
 from dcvit_engine.ops import BackendUnavailableError
 
 
@@ -40,6 +46,11 @@ def spec_from_args(args):
     """Only the spec named by the arguments (no weights), and a printable name."""
     source = _source(args)
     return resolve_spec(**source), describe_source(**source)
+
+
+def preprocess_from_source(args):
+    """Only the preprocessing config of the model the arguments name (no weights)."""
+    return resolve_preprocess(**_source(args))
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ import torch
 
 from dcvit_engine.atomic import removed_if_left_empty
 from dcvit_engine.cli import CommandError
+from dcvit_engine.cli.data_args import add_preprocess_arguments, preprocess_from_args
 from dcvit_engine.cli.model_args import add_model_arguments, model_from_args
 from dcvit_engine.cli.option_types import nonnegative_int, positive_int
 from dcvit_engine.devices import resolve_device
@@ -55,6 +56,7 @@ def register(subparsers):
     parser.add_argument("--metric-iters", type=nonnegative_int, default=OFFICIAL["metric_iters"])
     parser.add_argument("--val-samples", type=positive_int, default=None,
                         help="evaluate on this many val images (default all)")
+    add_preprocess_arguments(parser)
     parser.add_argument("--device", default=None,
                         help="cuda (default, when present) or cpu (slow: hours per result)")
     parser.add_argument("--seed", type=int, default=0)
@@ -75,6 +77,7 @@ def run(args):
             teacher, args.data, args.out, samples=samples, points=points, seed=args.seed, device=device,
             iters=args.iters, batch_size=args.batch_size, metric_size=args.metric_size,
             metric_iters=args.metric_iters, val_samples=args.val_samples,
+            preprocess=preprocess_from_args(args, teacher),
             on_result=lambda r: print(f"  {r['method']} with {r['samples']} images, point {r['dropped']}: "
                                       f"top-1 {r['top1']:.2f}", flush=True))
     print("\n" + results_table(results))

@@ -1,11 +1,10 @@
 """`dcvit sweep`: compress one model to a dense family of MACs targets with one or more
 methods; print a table and write sweep.csv, sweep.png (accuracy against MACs and against
 measured latency) and every student's artifact."""
-import argparse
 from pathlib import Path
 
 from dcvit_engine.cli import CommandError
-from dcvit_engine.cli.data_args import add_data_arguments, images_from_args
+from dcvit_engine.cli.data_args import add_data_arguments, images_from_args, preprocess_from_args
 from dcvit_engine.cli.method_args import add_method_options
 from dcvit_engine.cli.model_args import add_model_arguments, backend_errors_as_command_errors, model_from_args
 from dcvit_engine.cli.option_types import nonnegative_int, positive_int
@@ -101,7 +100,8 @@ def run(args):
             sweep.equal_macs_pairs(teacher.spec, targets)
         except InputError as err:
             raise CommandError(str(err)) from None
-    draws = [sweep.Draw(seed, images_from_args(args, teacher.spec, seed=seed)[0]) for seed in seeds]
+    config = preprocess_from_args(args, teacher)
+    draws = [sweep.Draw(seed, images_from_args(args, config, seed=seed)[0]) for seed in seeds]
     images = draws[0].images
     if any("metric_set" in method_options(m) for m in methods):
         from dcvit_engine.compress.metric_set import synthesize_metric_set
@@ -109,9 +109,8 @@ def run(args):
         for draw in draws:  # one metric set per draw, the same for both methods (scored alike)
             draw.options["metric_set"] = synthesize_metric_set(
                 teacher, num_images=args.metric_size, iters=args.metric_iters, seed=draw.seed,
-                mean=args.mean, std=args.std, device=args.device, progress=True).images
-    eval_args = argparse.Namespace(data=args.eval_data, num_samples=None, mean=args.mean, std=args.std)
-    eval_images, eval_labels, _ = images_from_args(eval_args, teacher.spec)
+                mean=config.mean, std=config.std, device=args.device, progress=True).images
+    eval_images, eval_labels, _ = images_from_args(args, config, data=args.eval_data)
     out = Path(args.out)
     options = dict(iters=args.iters, batch_size=args.batch_size, device=args.device)
     if args.recipe != "shared":
