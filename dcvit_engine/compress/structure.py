@@ -91,7 +91,8 @@ class DCViTPlan(_Plan):
     def summary(self) -> str:
         lines = [
             f"teacher {self.teacher_macs / 1e9:.4f} GMACs; target {self.target_ratio:.4f} "
-            f"-> {self.target_macs / 1e9:.4f} GMACs",
+            f"-> {self.target_macs / 1e9:.4f} GMACs"
+            + (" (official count: QK^T and A.V left out)" if self.macs_convention == "official" else ""),
             f"per block: attention {self.attn_macs / 1e9:.4f} GMACs, MLP {self.mlp_macs / 1e9:.4f} "
             f"GMACs (hidden {self.teacher_hidden})",
             f"compress {self.blocks_compressed} of the candidate blocks {list(self.candidates)} "
