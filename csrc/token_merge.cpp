@@ -333,9 +333,10 @@ void atme_merge_cpu_kernel(const at::Tensor& x, const at::Tensor& metric, const 
         sq_src += c * c;
       }
       const acc_t cos = dot / std::max(std::sqrt(sq_dst) * std::sqrt(sq_src), acc_t(kCosineEps));
-      // the destination absorbs the share max(cos, 0) of the source, and only that share's size
-      // (a NaN similarity counts as dissimilar: written so that NaN gives 0)
-      const acc_t absorbed = (cos > acc_t(0) ? cos : acc_t(0)) * size_of(src);
+      // the destination absorbs the share w = (1 + max(cos, 0)) / 2 of the source (at least half:
+      // no token is dropped), and only that share's size (a NaN similarity counts as
+      // dissimilar: written so that NaN gives w = 1/2)
+      const acc_t absorbed = (acc_t(1) + (cos > acc_t(0) ? cos : acc_t(0))) * acc_t(0.5) * size_of(src);
       const acc_t new_size = size_of(dst) + absorbed;
       const acc_t alpha = absorbed / new_size;
       const scalar_t* x_src = xs + (b * tokens + src) * channels;

@@ -147,7 +147,7 @@ def atme_merge_ref(x, metric, grid, axis, num_prefix_tokens=1, size=None):
     cos = (m_dst * m_src).sum(-1, keepdim=True) / (
         m_dst.norm(dim=-1, keepdim=True) * m_src.norm(dim=-1, keepdim=True)).clamp_min(COSINE_EPS)
     cos = cos.masked_fill(cos.isnan(), 0.0)  # a NaN similarity counts as dissimilar
-    absorbed = cos.clamp_min(0) * s_src  # w * size_src, in the score dtype
+    absorbed = (1 + cos.clamp_min(0)) / 2 * s_src  # w * size_src, w = (1 + max(s, 0)) / 2 >= 1/2
     new_size = s_dst + absorbed
     alpha = (absorbed / new_size).to(x.dtype)
     merged = (1 - alpha) * x_dst + alpha * x_src
@@ -422,7 +422,7 @@ def _atme_merge_kernel(
     else:
         s_dst = tl.full((BLOCK_T,), 1.0, dtype=tl.float32)
         s_src = tl.where(pair, 1.0, 0.0)
-    absorbed = tl.where(pair, tl.maximum(cos, 0.0), 0.0) * s_src  # w * size_src
+    absorbed = tl.where(pair, (1.0 + tl.maximum(cos, 0.0)) * 0.5, 0.0) * s_src  # w * size_src
     new_size = s_dst + absorbed
     alpha = absorbed / new_size
     tl.store(size_out_ptr + batch * N_OUT + o, new_size.to(size_out_ptr.dtype.element_ty), mask=ok)

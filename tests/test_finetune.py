@@ -7,6 +7,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from dcvit_engine.compress.fewshot import official_augment
 from dcvit_engine.compress.finetune import (
     feature_mimic_finetune,
     kd_finetune,
@@ -178,7 +179,7 @@ def test_kd_finetune_lowers_the_loss(pair, images):
 
 
 def test_sgd_step_decay_learning_rates(pair, images):
-    """PRACTISE's recipe: SGD, learning rate divided by 10 at half and three quarters."""
+    """PRACTISE's recipe as DC-ViT's code: SGD, StepLR(int(0.4 * iters), 0.1): x0.1 every 3 of 8."""
     from dcvit_engine.compress.finetune import _optimizer
 
     params = [torch.nn.Parameter(torch.zeros(3))]
@@ -188,7 +189,7 @@ def test_sgd_step_decay_learning_rates(pair, images):
         rates.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         schedule.step()
-    assert rates == pytest.approx([0.02] * 4 + [0.002] * 2 + [0.0002] * 2)
+    assert rates == pytest.approx([0.02] * 3 + [0.002] * 3 + [0.0002] * 2)
     student, teacher = pair
     student = copy.deepcopy(student)
     mse_before = feature_mse(student, teacher, images)
@@ -197,3 +198,36 @@ def test_sgd_step_decay_learning_rates(pair, images):
     assert feature_mse(student, teacher, images) < mse_before
     with pytest.raises(ValueError, match="optimizer must be one of"):
         feature_mimic_finetune(student, teacher, images, iters=2, optimizer="lamb", progress=False)
+
+
+def test_gradient_clipping_bounds_the_step(pair, images):
+    """max_grad_norm clips the gradients' total norm (DC-ViT's 1.0): one plain SGD step of lr 1
+    then moves the parameters by at most max_grad_norm; without clipping it moves them more."""
+    moved = {}
+    for clip in (None, 1e-3):
+        student, teacher = copy.deepcopy(pair[0]), pair[1]
+        before = snapshot(student)
+        feature_mimic_finetune(student, teacher, images, iters=1, batch_size=8, lr=1.0, weight_decay=0.0,
+                               warmup_frac=0.0, optimizer="sgd", max_grad_norm=clip, progress=False)
+        after = snapshot(student)
+        moved[clip] = torch.stack([(after[n] - before[n]).norm() for n in before]).norm().item()
+    assert 0 < moved[1e-3] <= 1e-3 * (1 + 1e-4) < moved[None]
+    with pytest.raises(ValueError, match="max_grad_norm must be positive"):
+        feature_mimic_finetune(*pair, images, iters=1, max_grad_norm=0.0, progress=False)
+
+
+def test_official_augment_is_seeded_and_keeps_shape():
+    """The DC-ViT scripts' transform (RandomResizedCrop, flip, RandAugment m9) on normalised
+    tensors: same shape and dtype, seeded by the generator, images actually changed, pixels
+    within the normalised [0, 1] range."""
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    pixels = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    images = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    first = official_augment(images, torch.Generator().manual_seed(0))
+    again = official_augment(images, torch.Generator().manual_seed(0))
+    other = official_augment(images, torch.Generator().manual_seed(1))
+    assert first.shape == images.shape and first.dtype == images.dtype
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert not torch.allclose(first, images)
+    back = first * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+    assert back.min() >= -1e-5 and back.max() <= 1 + 1e-5

@@ -7,7 +7,7 @@ import torch
 
 from dcvit_engine.compress import practise as practise_module
 from dcvit_engine.compress.checkpoint import STATE_FILENAME
-from dcvit_engine.compress.practise import compress_practise, with_adaptor, with_neighbour_adaptors
+from dcvit_engine.compress.practise import compress_practise, with_adaptor, with_official_adaptors
 from dcvit_engine.compress.structure import plan_block_drop, replace_block
 from dcvit_engine.macs import count_macs
 from dcvit_engine.reference import reference_from_timm
@@ -37,10 +37,15 @@ def test_untrained_adaptor_is_the_dropped_block(teacher, images):
 
 
 def test_official_recipe_adaptors_sgd_and_label(teacher, images):
-    adapted, params = with_neighbour_adaptors(teacher, 3)
+    adapted, params = with_official_adaptors(teacher, 3)
     with torch.no_grad():  # identity adaptors: exactly the dropped block before training
         assert torch.allclose(adapted(images), replace_block(teacher, 3, 0)(images), atol=1e-5)
-    assert len(params) == 4 and params[0].shape == (48, 48)
+    # as the DC-ViT code's port: after the fc2 of every earlier block (0, 1, 2), before the qkv of
+    # every later block (4, 5); weight and bias each
+    assert len(params) == 2 * (3 + 2) and params[0].shape == (48, 48)
+    assert all(isinstance(adapted.blocks[i].mlp.fc2, torch.nn.Sequential) for i in range(3))
+    assert all(isinstance(adapted.blocks[i].attn.qkv, torch.nn.Sequential) for i in (4, 5))
+    assert not isinstance(adapted.blocks[4].mlp.fc2, torch.nn.Sequential)
     shared, official = {}, {}
     compress_practise(teacher, images, 0.7, report=shared, **dict(FAST, iters=3))
     student = compress_practise(teacher, images, 0.7, recipe="official", report=official,
@@ -54,6 +59,20 @@ def test_official_recipe_adaptors_sgd_and_label(teacher, images):
     assert torch.equal(student.head.weight, teacher.head.weight)
     with pytest.raises(ValueError, match="recipe must be one of"):
         compress_practise(teacher, images, 0.7, recipe="paper", **FAST)
+
+
+def test_recipe_rates_are_defaults_and_explicit_rates_are_kept(teacher, images):
+    """The recipe decides the rates only where none was given: an explicit lr 3e-5 / adaptor_lr
+    1e-3 (the shared recipe's defaults) stays in the official recipe."""
+    fast = {k: v for k, v in FAST.items() if k not in ("lr", "adaptor_lr")}
+    given, default = {}, {}
+    compress_practise(teacher, images, 0.85, recipe="official", lr=3e-5, adaptor_lr=1e-3, report=given,
+                      **dict(fast, iters=2, adaptor_iters=2))
+    compress_practise(teacher, images, 0.85, recipe="official", report=default,
+                      **dict(fast, iters=2, adaptor_iters=2))
+    assert (given["settings"]["lr"], given["settings"]["adaptor_lr"]) == (3e-5, 1e-3)
+    assert (default["settings"]["lr"], default["settings"]["adaptor_lr"]) == (0.02, 0.02)
+
 
 
 def test_score_cache_scores_each_candidate_once_across_targets(teacher, images):

@@ -137,7 +137,7 @@ def test_atme_merge_follows_the_grid():
         x, metric = model.blocks[0].attention_residual(x, None, return_keys=True)
         merged, size = model._merge(0, x, None, metric)
     assert merged.shape[1] == 1 + 8 * 4  # 8 x 7 grid -> 8 x 4
-    # a pair adds the share max(cos, 0) of its source's size; the odd column stays at 1
+    # a pair adds the share (1 + max(cos, 0)) / 2 of its source's size; the odd column stays at 1
     pair_sizes = size[0, 1:, 0].reshape(8, 4)
     assert pair_sizes[:, :3].ge(1).all() and pair_sizes[:, :3].le(2).all() and pair_sizes[:, 3].eq(1).all()
     # the odd last column passes through unchanged

@@ -85,7 +85,7 @@ def loop_atme(x, metric, grid, axis, prefix, size):
                 out_sizes.append(s[b, dst])
                 continue
             cos = torch.dot(metric[b, dst], metric[b, src]) / (metric[b, dst].norm() * metric[b, src].norm())
-            absorbed = max(float(cos), 0.0) * s[b, src]  # a dissimilar source adds nothing
+            absorbed = (1 + max(float(cos), 0.0)) / 2 * s[b, src]  # a dissimilar source: half
             alpha = absorbed / (s[b, dst] + absorbed)
             out_rows.append((1 - alpha) * x[b, dst] + alpha * x[b, src])
             out_sizes.append(s[b, dst] + absorbed)
@@ -231,12 +231,14 @@ def test_atme_reference_matches_loop(prefix, grid, axis, with_size):
 
 def test_atme_is_asymmetric():
     """Equal sizes: identical metrics give the plain average; the destination dominates
-    otherwise (it absorbs the share max(s, 0) of the source, and that share's size), and an
-    anti-correlated pair keeps the destination and its size unchanged."""
+    otherwise (it absorbs the share (1 + max(s, 0)) / 2 of the source, and that share's size),
+    so an anti-correlated or orthogonal source still contributes half its content."""
     x = torch.randn(1, 1 + 2, 4, dtype=torch.float64)
     w = 2**-0.5
-    for metric_src, alpha, merged_size in [([1.0, 0.0], 0.5, 2.0), ([1.0, 1.0], w / (1 + w), 1 + w),
-                                           ([-1.0, 0.0], 0.0, 1.0), ([0.0, 1.0], 0.0, 1.0)]:
+    share = (1 + w) / 2
+    cases = [([1.0, 0.0], 0.5, 2.0), ([1.0, 1.0], share / (1 + share), 1 + share),
+             ([-1.0, 0.0], 1 / 3, 1.5), ([0.0, 1.0], 1 / 3, 1.5)]
+    for metric_src, alpha, merged_size in cases:
         metric = torch.tensor([[[0.3, 0.2], [1.0, 0.0], metric_src]], dtype=torch.float64)
         out, size, grid = atme_merge_ref(x, metric, (1, 2), "w", 1)
         torch.testing.assert_close(out[0, 1], (1 - alpha) * x[0, 1] + alpha * x[0, 2])
@@ -245,17 +247,19 @@ def test_atme_is_asymmetric():
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu", pytest.param("triton", marks=requires_interpreter)])
-def test_atme_dissimilar_source_adds_no_size_on_every_backend(backend):
-    """A source whose metric opposes the destination's (s < 0) is dropped: x_dst and size_dst
-    pass exactly; a source at s = 0.5 adds half its size."""
+def test_atme_dissimilar_source_still_contributes_on_every_backend(backend):
+    """A source whose metric opposes the destination's (s < 0) is not dropped: it adds half its
+    size and content (weight (1 + max(s, 0)) / 2); a source at s = 0.5 adds three quarters."""
     x = torch.randn(1, 1 + 4, 8)
     size = torch.tensor([[[1.0], [3.0], [2.0], [1.0], [4.0]]])
     half = [0.5, 0.75 ** 0.5]  # cos = 0.5 against [1, 0]
     metric = torch.tensor([[[0.2, 0.1], [1.0, 0.0], [-1.0, 0.3], [1.0, 0.0], half]])
     out, out_size, _ = ops.atme_merge(x, metric, (1, 4), "w", 1, size, backend=backend)
-    assert torch.equal(out[0, 1], x[0, 1]) and out_size[0, 1, 0].item() == 3.0
-    torch.testing.assert_close(out_size[0, 2, 0], torch.tensor(1.0 + 0.5 * 4.0))
-    alpha = 0.5 * 4.0 / 3.0
+    torch.testing.assert_close(out_size[0, 1, 0], torch.tensor(3.0 + 0.5 * 2.0))
+    alpha = 0.5 * 2.0 / 4.0
+    torch.testing.assert_close(out[0, 1], (1 - alpha) * x[0, 1] + alpha * x[0, 2])
+    torch.testing.assert_close(out_size[0, 2, 0], torch.tensor(1.0 + 0.75 * 4.0))
+    alpha = 0.75 * 4.0 / 4.0
     torch.testing.assert_close(out[0, 2], (1 - alpha) * x[0, 3] + alpha * x[0, 4])
 
 
@@ -406,8 +410,9 @@ def test_atme_nan_inf_and_zero_metrics_count_as_dissimilar(backend):
     assert torch.isfinite(out).all() and torch.isfinite(out_size).all()
     ref, ref_size, _ = atme_merge_ref(x, metric, grid, "w", prefix, size)
     torch.testing.assert_close((out, out_size), (ref, ref_size))
-    for b, pair_out, dst in ((0, 1, 1), (0, 2, 3), (1, 3, 5)):  # x_dst and size_dst pass unchanged
-        assert torch.equal(out[b, pair_out], x[b, dst]) and out_size[b, pair_out, 0] == 2.0
+    for b, pair_out, dst in ((0, 1, 1), (0, 2, 3), (1, 3, 5)):  # the source at the floor weight 1/2
+        assert out_size[b, pair_out, 0] == 3.0
+        torch.testing.assert_close(out[b, pair_out], (2 * x[b, dst] + x[b, dst + 1]) / 3)
 
 
 @requires_cuda

@@ -229,6 +229,36 @@ def test_target_between_block_sizes_is_not_cut_a_block_below(target):
     assert report["extras"]["final"]["skip"] == report["extras"]["searched"]["skip"]
 
 
+def test_official_gates_step_on_the_50_step_mean_of_their_gradient(monkeypatch):
+    """gates="official": the gates move only every 50 search steps after the warm-up (on the
+    mean gradient), R is the soft Gumbel sample's, and the duals / proximal step take UVC's
+    rates unless given; the budget is still met (by the projection)."""
+    from dcvit_engine.compress import uvc
+
+    steps = []
+    original = torch.optim.SGD.step
+
+    def counting_step(self, *args, **kwargs):
+        if any(p.dim() == 2 and p.shape[-1] == 2 for p in self.param_groups[0]["params"]):
+            steps.append(1)  # the gates' optimizer: (depth, 2) logits
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", counting_step)
+    torch.manual_seed(0)
+    model = tiny_vit()
+    report = {}
+    student = compress_uvc(model, torch.randn(16, 3, 32, 32), 0.6, iters=110, warmup_iters=5,
+                           finetune_iters=0, batch_size=8, gates="official", device="cpu", report=report)
+    assert len(steps) == (110 - 5) // uvc.OFFICIAL_GATING_INTERVAL == 2
+    assert report["extras"]["gates"] == "official"
+    assert report["settings"]["dual_lr"] == 1e-4 and report["settings"]["prox_lr"] == 1e-4
+    history = report["extras"]["search_history"]
+    assert all(h["resource"] == pytest.approx(h["soft_resource"], abs=1e-6) for h in history[5:])
+    assert count_macs(student.spec).total <= 0.6 * TOLERANCE * count_macs(model).total
+    with pytest.raises(ValueError, match="gates must be one of"):
+        compress_uvc(model, torch.randn(4, 3, 32, 32), 0.6, gates="paper", device="cpu")
+
+
 def test_bad_inputs_are_rejected():
     model = tiny_vit()
     images = torch.randn(4, 3, 32, 32)

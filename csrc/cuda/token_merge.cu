@@ -528,9 +528,10 @@ __global__ void atme_merge_kernel(const scalar_t* __restrict__ x, const scalar_t
   sq_dst = block_sum(sq_dst, scratch);
   sq_src = block_sum(sq_src, scratch);
   const float cos = dot / fmaxf(sqrtf(sq_dst) * sqrtf(sq_src), static_cast<float>(kCosineEps));
-  // the destination absorbs the share max(cos, 0) of the source, and only that share's size
-  // (fmaxf returns its number operand: a NaN similarity counts as dissimilar, as elsewhere)
-  const float absorbed = fmaxf(cos, 0.f) * load_size<float>(sb, src);
+  // the destination absorbs the share w = (1 + max(cos, 0)) / 2 of the source (at least half:
+  // no token is dropped), and only that share's size (fmaxf returns its number operand: a
+  // NaN similarity counts as dissimilar, as elsewhere)
+  const float absorbed = (1.f + fmaxf(cos, 0.f)) * 0.5f * load_size<float>(sb, src);
   const float new_size = load_size<float>(sb, dst) + absorbed;
   const acc_t alpha = absorbed / new_size;
   const scalar_t* x_src = x + (b * tokens + src) * channels;

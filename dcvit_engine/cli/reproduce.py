@@ -1,6 +1,7 @@
 """`dcvit reproduce`: the DC-ViT paper's DeiT-B table (DC-ViT vs PRACTISE at the paper's MACs
-points, 50/100/500/1000 images, official hyper-parameters) on your ImageNet copy, printed
-beside the paper's numbers; resumable (run the same command again after an interruption)."""
+points, 50/100/500/1000 images, the official recipe, --seeds draws per cell) on your ImageNet
+copy, one line per cell (images x FLOPs cut) with the paper's number where a named source
+gives that cell; resumable (run the same command again after an interruption)."""
 import torch
 
 from dcvit_engine.atomic import removed_if_left_empty
@@ -34,7 +35,20 @@ def reproduction_device(device: str | None) -> str:
     return "cuda"
 
 
+# The DC-ViT code evaluates with Resize(256) + CenterCrop(224): crop_pct 0.875, where timm's
+# pretrained_cfg of DeiT-B says 0.9. The reproduction follows the official code unless
+# --crop-pct is given.
+OFFICIAL_CROP_PCT = 0.875
+
+
+def official_eval_preprocess(args, teacher):
+    """The teacher's preprocessing with the official evaluation's crop (unless --crop-pct)."""
+    config = preprocess_from_args(args, teacher)
+    return config if args.crop_pct is not None else config.replace(crop_pct=OFFICIAL_CROP_PCT)
+
+
 def register(subparsers):
+    from dcvit_engine.compress.structure import MACS_CONVENTIONS
     from dcvit_engine.reproduce import OFFICIAL, POINTS, SAMPLES
 
     parser = subparsers.add_parser(
@@ -57,29 +71,42 @@ def register(subparsers):
     parser.add_argument("--val-samples", type=positive_int, default=None,
                         help="evaluate on this many val images (default all)")
     add_preprocess_arguments(parser)
+    parser.add_argument("--macs-convention", choices=MACS_CONVENTIONS, default=OFFICIAL["macs_convention"],
+                        help="how DC-ViT's structure formula counts MACs: official (default; the DC-ViT "
+                        "code's count without QK^T and A.V: DeiT-B widths 2304/1536/1152) or full")
     parser.add_argument("--device", default=None,
                         help="cuda (default, when present) or cpu (slow: hours per result)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="few-shot draws per cell, seeds --seed.. (default 1 on ImageNet; the table "
+                        "states the count)")
     parser.set_defaults(func=run)
 
 
 def run(args):
-    from dcvit_engine.reproduce import PAPER_DEIT_B, results_table, run_reproduction
+    from dcvit_engine.reproduce import cells_without_paper, results_table, run_reproduction
 
     samples, points = _ints(args.samples, "--samples"), _ints(args.points, "--points")
+    if args.seeds < 1:
+        raise CommandError(f"--seeds must be a positive whole number, got {args.seeds}")
     device = reproduction_device(args.device)
     teacher, name = model_from_args(args)
     print(f"reproducing the DC-ViT paper's DeiT-B comparison with {name}: samples {samples}, PRACTISE "
-          f"dropping {points} blocks (DC-ViT one more), {args.iters} iterations; paper numbers: DeiT-B at "
-          f"-{PAPER_DEIT_B[2]['flops_cut']}% FLOPs")
+          f"dropping {points} blocks (DC-ViT one more), {args.iters} iterations, {args.seeds} seed(s)")
+    missing = cells_without_paper(samples, points)
+    if missing:
+        print("the paper has no sourced number for the cells (images, blocks PRACTISE drops) "
+              f"{', '.join(f'({n}, {k})' for n, k in missing)}: their rows show '-' (the sourced "
+              "numbers are DeiT-B at -16.6% FLOPs with the image count not stated)")
     with removed_if_left_empty(args.out):
         results = run_reproduction(
-            teacher, args.data, args.out, samples=samples, points=points, seed=args.seed, device=device,
+            teacher, args.data, args.out, samples=samples, points=points,
+            seeds=tuple(range(args.seed, args.seed + args.seeds)), device=device,
             iters=args.iters, batch_size=args.batch_size, metric_size=args.metric_size,
-            metric_iters=args.metric_iters, val_samples=args.val_samples,
-            preprocess=preprocess_from_args(args, teacher),
-            on_result=lambda r: print(f"  {r['method']} with {r['samples']} images, point {r['dropped']}: "
-                                      f"top-1 {r['top1']:.2f}", flush=True))
+            metric_iters=args.metric_iters, macs_convention=args.macs_convention,
+            val_samples=args.val_samples, preprocess=official_eval_preprocess(args, teacher),
+            on_result=lambda r: print(f"  {r['method']} with {r['samples']} images, point {r['dropped']}, "
+                                      f"seed {r['seed']}: top-1 {r['top1']:.2f}", flush=True))
     print("\n" + results_table(results))
     print(f"\nresults in {args.out}/results.json")
     return 0

@@ -1,10 +1,11 @@
 """CAIT (Wang et al., 2023; arXiv 2309.15755): asymmetric token merging that keeps the 2-D
-token grid (ATME) plus consistent dynamic channel pruning of the attention (CDCP).
+token grid (ATME) plus consistent "dynamic" channel pruning (CDCP).
 
 The paper's code is not public; this is the project's definition (see docs/METHODS.md):
   - ATME: at chosen blocks, after the attention residual, the grid's column pairs (axis
     "w") or row pairs (axis "h") merge into their first token (dcvit_engine.ops.atme_merge);
-    axes alternate, starting with `first_axis`. The grid stays rectangular, so
+    axes alternate, starting with `first_axis`; every source token contributes (weight
+    (1 + max(cos, 0)) / 2 >= 1/2: merging, not pruning). The grid stays rectangular, so
     `full_resolution_features` unmerges the last tokens back to the input grid.
   - Where the steps go is set by the budget: token merging is asked for `token_share` of
     the MACs to remove. The candidate plans put k steps evenly from block `start` to the
@@ -22,7 +23,8 @@ The paper's code is not public; this is the project's definition (see docs/METHO
     lambda * (R - B), lambda rising by dual ascent while the MACs fraction R is over the
     budget B. Then the masks are frozen, fitted to the budget by logit order (at least one
     channel of each kind and one neuron per block), sliced, and the student is finetuned
-    with distillation (finetune.kd_finetune).
+    with distillation (finetune.kd_finetune). Learned once on the frozen weights, then
+    fixed: this project's reading of the abstract's "dynamic" (nothing changes per input).
 """
 from __future__ import annotations
 

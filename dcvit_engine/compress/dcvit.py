@@ -35,7 +35,7 @@ from .fewshot import (
 from .finetune import feature_mimic_finetune, trainable_up_to
 from .metric_set import synthesize_metric_set
 from .run import CliOption, MethodRun, block_list
-from .structure import plan_dcvit, replace_block
+from .structure import MACS_CONVENTIONS, plan_dcvit, replace_block
 
 NEURON_SELECTIONS = ("random", "activation")
 
@@ -57,7 +57,12 @@ CLI_OPTIONS = {
                                   choices=NEURON_SELECTIONS),
     "metric_size": CliOption("synthetic metric-set images"),
     "metric_iters": CliOption("optimisation steps synthesising the metric set"),
-    "augment": CliOption("few-shot augmentation (shift for digits: no flips)", choices=tuple(AUGMENTATIONS)),
+    "augment": CliOption("few-shot augmentation (shift for digits: no flips; official: the DC-ViT "
+                         "scripts' RandomResizedCrop + RandAugment rand-m9 + colour jitter 0.3)",
+                         choices=tuple(AUGMENTATIONS)),
+    "macs_convention": CliOption("how the structure formula counts MACs: full (every matmul) or official "
+                                 "(the DC-ViT code's count, without QK^T and A.V)", choices=MACS_CONVENTIONS),
+    "max_grad_norm": CliOption("clip the finetuning gradients to this norm (the official 1.0)", type=float),
 }
 
 
@@ -77,8 +82,8 @@ def compress_dcvit(model, images: torch.Tensor, target_macs: float, *,
                    candidates=None, round_to: int | None = None, neuron_selection: str = "random",
                    iters: int = 2000, select_iters: int | None = None, batch_size: int = 64,
                    lr: float = 3e-5, weight_decay: float = 1e-4, metric_size: int = 50,
-                   metric_iters: int = 2000, augment: str = "flip+shift", device=None, seed: int = 0,
-                   checkpoint_dir=None,
+                   metric_iters: int = 2000, augment: str = "flip+shift", macs_convention: str = "full",
+                   max_grad_norm: float | None = 1.0, device=None, seed: int = 0, checkpoint_dir=None,
                    resume: bool = False, progress: bool = False, report: dict | None = None) -> ViTReference:
     """DC-ViT-compress `model` (timm ViT or ViTReference) to `target_macs`, the fraction of
     its MACs to keep. Returns the student (a new ViTReference, eval mode).
@@ -87,7 +92,11 @@ def compress_dcvit(model, images: torch.Tensor, target_macs: float, *,
     metric-set images (default: synthesized from the teacher, cached in checkpoint_dir).
     iters: finetuning iterations per progressive step. select_iters: finetuning iterations
     per candidate during block selection (default iters, as the official code). augment:
-    a fewshot.AUGMENTATIONS name ("shift" for digits: no flips). checkpoint_dir / resume:
+    a fewshot.AUGMENTATIONS name ("shift" for digits: no flips). macs_convention: how the
+    structure formula counts MACs ("full": every matmul; "official": the DC-ViT code's count
+    without QK^T and A.V, which gives its widths; target_macs is then in that count too).
+    max_grad_norm: the finetuning gradients' norm is clipped to it (official 1.0; None: no
+    clipping). checkpoint_dir / resume:
     see checkpoint.RunCheckpoint. report, when given, receives the common report (run.py);
     its extras hold the plan, every candidate's score, the chosen blocks and the losses.
     """
@@ -101,14 +110,16 @@ def compress_dcvit(model, images: torch.Tensor, target_macs: float, *,
     spec, teacher, device, log = run.spec, run.teacher, run.device, run.log
     if metric_set is not None:
         check_images(metric_set, spec, "metric_set")
-    plan = plan_dcvit(spec, target_macs, num_blocks=num_blocks, candidates=candidates, round_to=round_to)
+    plan = plan_dcvit(spec, target_macs, num_blocks=num_blocks, candidates=candidates, round_to=round_to,
+                      macs_convention=macs_convention)
     log(plan.summary().replace("\n", "; "))
 
     ckpt = run.checkpoint(checkpoint_dir, resume, dict(
         target=plan.target_ratio, blocks=plan.blocks_compressed, hidden=plan.hidden_width,
         candidates=list(plan.candidates), neuron_selection=neuron_selection, iters=iters,
         select_iters=select_iters, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-        augment=augment, seed=seed, metric_size=metric_size if metric_set is None else None,
+        augment=augment, macs_convention=macs_convention, max_grad_norm=max_grad_norm, seed=seed,
+        metric_size=metric_size if metric_set is None else None,
         metric_iters=metric_iters if metric_set is None else None), metric_set=metric_set)
     state = ckpt.state
     timings = state.setdefault("timings", {"metric_set_s": 0.0, "selection_s": 0.0, "progressive_s": 0.0})
@@ -117,7 +128,8 @@ def compress_dcvit(model, images: torch.Tensor, target_macs: float, *,
             f"{len(state.get('steps', []))} progressive steps done")
 
     depth = spec.depth
-    finetune = dict(batch_size=batch_size, lr=lr, weight_decay=weight_decay, device=device, **augmentation)
+    finetune = dict(batch_size=batch_size, lr=lr, weight_decay=weight_decay, device=device,
+                    max_grad_norm=max_grad_norm, **augmentation)
 
     activations = None
     if neuron_selection == "activation":

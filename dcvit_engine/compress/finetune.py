@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import InputError
-from .fewshot import check_images, check_labels
+from .fewshot import check_images, check_labels, official_augment
 
 Trainable = Callable[[str], bool] | Iterable[str] | Iterable[nn.Parameter] | None
 _EMBEDDING_PREFIXES = ("patch_embed.", "cls_token", "dist_token", "reg_token", "pos_embed", "norm_pre.")
@@ -120,10 +120,11 @@ def light_augment(images: torch.Tensor, generator: torch.Generator, flip: bool =
 
 
 def few_shot_batches(images: torch.Tensor, labels: torch.Tensor | None, batch_size: int, iters: int,
-                     seed: int, augment: bool, device: torch.device, flip: bool = True
+                     seed: int, augment: bool | str, device: torch.device, flip: bool = True
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """iters batches of min(batch_size, N) images drawn from back-to-back random permutations,
-    so every image is seen equally often (with N = 50 and batch 64, each batch is all 50)."""
+    so every image is seen equally often (with N = 50 and batch 64, each batch is all 50).
+    augment: True = light_augment, "official" = fewshot.official_augment, False = none."""
     generator = torch.Generator().manual_seed(seed)
     size = min(batch_size, len(images))
     stream = torch.empty(0, dtype=torch.long)
@@ -132,7 +133,9 @@ def few_shot_batches(images: torch.Tensor, labels: torch.Tensor | None, batch_si
             stream = torch.cat([stream, torch.randperm(len(images), generator=generator)])
         index, stream = stream[:size], stream[size:]
         x = images[index.to(images.device)].to(device, non_blocking=True)
-        if augment:
+        if augment == "official":
+            x = official_augment(x, generator)
+        elif augment:
             x = light_augment(x, generator, flip)
         y = None if labels is None else labels[index.to(labels.device)].to(device)
         yield x, y
@@ -158,14 +161,15 @@ OPTIMIZERS = ("adamw", "sgd")
 
 def _optimizer(name: str, params, lr: float, weight_decay: float, iters: int):
     """AdamW with a cosine schedule (DC-ViT), or SGD with momentum 0.9 and the learning rate
-    divided by 10 at half and at three quarters of the iterations (PRACTISE's recipe: SGD
-    with step decay; the two step points are this project's choice)."""
+    divided by 10 every 40% of the iterations (PRACTISE in the DC-ViT code:
+    StepLR(step_size=int(0.4 * iters), gamma=0.1), so at 40% and 80%)."""
     if name == "adamw":
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         factor = lambda step: 0.5 * (1.0 + math.cos(math.pi * step / iters))  # noqa: E731
     elif name == "sgd":
         optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-        factor = lambda step: 0.1 ** ((step >= iters // 2) + (step >= 3 * iters // 4))  # noqa: E731
+        step_size = max(1, int(0.4 * iters))
+        factor = lambda step: 0.1 ** (step // step_size)  # noqa: E731
     else:
         raise InputError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -173,9 +177,10 @@ def _optimizer(name: str, params, lr: float, weight_decay: float, iters: int):
 
 def _run(student: nn.Module, params: list[nn.Parameter], batches, iters: int, lr: float,
          weight_decay: float, loss_fn, warmup_steps: float, progress: bool, desc: str,
-         optimizer: str = "adamw") -> list[float]:
-    """_optimizer's optimizer and schedule over the batches; only params get gradients.  The
-    student's requires_grad flags and train/eval mode are restored afterwards."""
+         optimizer: str = "adamw", max_grad_norm: float | None = None) -> list[float]:
+    """_optimizer's optimizer and schedule over the batches; only params get gradients, their
+    norm clipped to max_grad_norm when given.  The student's requires_grad flags and
+    train/eval mode are restored afterwards."""
     flags = {p: p.requires_grad for p in student.parameters()}
     was_training = student.training
     chosen = {id(p) for p in params}
@@ -191,6 +196,8 @@ def _run(student: nn.Module, params: list[nn.Parameter], batches, iters: int, lr
             weight = min(step / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
             optimizer.zero_grad(set_to_none=True)
             (loss * weight).backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
             schedule.step()
             history.append(loss.item())
@@ -240,10 +247,12 @@ def feature_mimic_finetune(student: nn.Module, teacher: nn.Module, images: torch
                            batch_size: int = 64, lr: float = 3e-5, weight_decay: float = 1e-4,
                            trainable: Trainable = None, warmup_frac: float = 0.01, device=None,
                            seed: int = 0, progress: bool = True, augment: bool = True,
-                           flip: bool = True, optimizer: str = "adamw") -> list[float]:
+                           flip: bool = True, optimizer: str = "adamw",
+                           max_grad_norm: float | None = None) -> list[float]:
     """Finetune student in place so its forward_features match the teacher's; returns the
     per-iteration (unweighted) MSE.  augment / flip: light_augment on every batch, with or
     without horizontal flips.  optimizer: "adamw" (cosine) or "sgd" (step decay), see _optimizer.
+    max_grad_norm: clip the gradients' total norm to it (DC-ViT's code: 1.0); None: no clipping.
 
     trainable: None (everything but the head), a predicate on parameter names (see
     trainable_up_to), parameter names, or the student's nn.Parameters.  warmup_frac:
@@ -253,6 +262,8 @@ def feature_mimic_finetune(student: nn.Module, teacher: nn.Module, images: torch
     """
     _check_settings(iters, batch_size, lr, weight_decay)
     check_images(images)
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be positive (or None: no clipping), got {max_grad_norm!r}")
     if optimizer not in OPTIMIZERS:
         raise InputError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     if not 0 <= warmup_frac < 1:
@@ -276,7 +287,7 @@ def feature_mimic_finetune(student: nn.Module, teacher: nn.Module, images: torch
     batches = few_shot_batches(images, None, batch_size, iters, seed, augment, device, flip)
     with _teacher_in_eval(teacher):
         return _run(student, params, batches, iters, lr, weight_decay, mse, warmup_frac * iters,
-                    progress, "feature mimicking", optimizer)
+                    progress, "feature mimicking", optimizer, max_grad_norm)
 
 
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -16,11 +16,14 @@
    head frozen, blocks up to the one after the last dropped block and the final norm
    trainable), so that the two methods differ only in what they remove.
 
-recipe="official" follows PRACTISE's own code instead (labelled in the report):
-identity-initialised Linear adaptors on the layers next to the dropped block (after the
-previous block's fc2, before the next block's qkv), trained by SGD lr 0.02; score =
-feature MSE on the few-shot images / % of MACs saved; then SGD lr 0.02 with step decay,
-every layer but the classifier trainable. Adaptors are not kept in the student.
+recipe="official" follows PRACTISE as the DC-ViT code ports it to ViTs (the paper's
+baseline; labelled in the report): identity-initialised Linear adaptors after the fc2 of
+every earlier block and before the qkv of every later block, trained by SGD (lr 0.02,
+momentum 0.9, weight decay 1e-4, StepLR(int(0.4 * iters), 0.1), no loss warm-up); score =
+feature MSE on the few-shot images / % of MACs saved; then the same SGD schedule for the
+student, every layer but the classifier trainable. Adaptors are not kept in the student.
+The learning rates default per recipe (RECIPE_DEFAULTS); a rate passed explicitly is used
+as given in either recipe.
 """
 from __future__ import annotations
 
@@ -67,13 +70,16 @@ def with_adaptor(teacher: ViTReference, block: int) -> tuple[ViTReference, Linea
 
 
 RECIPES = ("shared", "official")
-OFFICIAL = dict(adaptor_lr=0.02, lr=0.02)  # PRACTISE's SGD learning rates
+# what adaptor_lr / lr = None mean per recipe: shared = DC-ViT's AdamW finetuning, official =
+# PRACTISE's SGD rates (DC-ViT code's port)
+RECIPE_DEFAULTS = {"shared": dict(adaptor_lr=1e-3, lr=3e-5), "official": dict(adaptor_lr=0.02, lr=0.02)}
 
 # the options `dcvit compress` offers (defaults: compress_practise's signature)
 CLI_OPTIONS = {
     "iters": CliOption("finetuning iterations of the student"),
     "batch_size": CliOption("few-shot batch size"),
-    "lr": CliOption("learning rate of the finetuning (recipe official: 0.02 when left at the default)"),
+    "lr": CliOption("learning rate of the finetuning (default per recipe: shared 3e-5, official 0.02)",
+                    type=float),
     "candidates": CliOption("blocks that may be dropped (all but the first and the last)",
                             type=block_list, metavar="I,J,..."),
     "adaptor_iters": CliOption("adaptor training iterations per candidate block (None: iters)", type=int),
@@ -91,22 +97,29 @@ def identity_linear(dim: int, device, dtype) -> nn.Linear:
     return linear
 
 
-def with_neighbour_adaptors(teacher: ViTReference, block: int) -> tuple[ViTReference, list[nn.Parameter]]:
-    """A copy of the teacher with `block` dropped and PRACTISE's adaptors on the neighbouring
-    layers: after the previous block's fc2 and before the next block's qkv (identity at start,
-    so the untrained student is exactly the dropped block)."""
+def with_official_adaptors(teacher: ViTReference, block: int) -> tuple[ViTReference, list[nn.Parameter]]:
+    """A copy of the teacher with `block` dropped and PRACTISE's adaptors as the DC-ViT code
+    places them in a ViT: after the fc2 of every earlier block and before the qkv of every
+    later block (identity at start, so the untrained student is exactly the dropped block;
+    blocks without an MLP or attention get none there)."""
     student = replace_block(teacher, block, 0)
     weight = next(teacher.parameters())
-    before, after = student.blocks[block - 1], student.blocks[block + 1]
-    if before.mlp is None or after.attn is None:
-        raise InputError(f"block {block}: PRACTISE's official adaptors need an MLP in block {block - 1} "
-                         f"and attention in block {block + 1}")
     dim = teacher.spec.embed_dim
-    first = identity_linear(dim, weight.device, weight.dtype)
-    second = identity_linear(dim, weight.device, weight.dtype)
-    before.mlp.fc2 = nn.Sequential(before.mlp.fc2, first)
-    after.attn.qkv = nn.Sequential(second, after.attn.qkv)
-    return student, [*first.parameters(), *second.parameters()]
+    params: list[nn.Parameter] = []
+    for index, other in enumerate(student.blocks):
+        if index < block and other.mlp is not None:
+            adaptor = identity_linear(dim, weight.device, weight.dtype)
+            other.mlp.fc2 = nn.Sequential(other.mlp.fc2, adaptor)
+        elif index > block and other.attn is not None:
+            adaptor = identity_linear(dim, weight.device, weight.dtype)
+            other.attn.qkv = nn.Sequential(adaptor, other.attn.qkv)
+        else:
+            continue
+        params += list(adaptor.parameters())
+    if not params:
+        raise ValueError(f"block {block}: PRACTISE's official adaptors need an MLP before it or "
+                         "attention after it")
+    return student, params
 
 
 @torch.no_grad()
@@ -125,8 +138,8 @@ def feature_mse(student: ViTReference, teacher: ViTReference, images: torch.Tens
 
 def compress_practise(model, images: torch.Tensor, target_macs: float, *,
                       metric_set: torch.Tensor | None = None, candidates=None, iters: int = 2000,
-                      adaptor_iters: int | None = None, adaptor_lr: float = 1e-3,
-                      batch_size: int = 64, lr: float = 3e-5, weight_decay: float = 1e-4,
+                      adaptor_iters: int | None = None, adaptor_lr: float | None = None,
+                      batch_size: int = 64, lr: float | None = None, weight_decay: float = 1e-4,
                       augment: str = "flip+shift", recipe: str = "shared",
                       score_cache: dict | None = None, device=None,
                       seed: int = 0, checkpoint_dir=None, resume: bool = False,
@@ -139,18 +152,23 @@ def compress_practise(model, images: torch.Tensor, target_macs: float, *,
     name. report, when given, receives achieved_macs (what the dropped blocks give,
     generally below the target), every candidate's score, losses and timings.
     recipe: "shared" (DC-ViT's finetuning, see the module docstring) or "official"
-    (PRACTISE's adaptors and SGD; adaptor_lr and lr then default to 0.02 when left at the
-    shared defaults). score_cache: a dict kept by the caller between calls; a candidate's score does not
+    (PRACTISE's adaptors and SGD, as the DC-ViT code ports it). adaptor_lr / lr: None takes
+    the recipe's rate (RECIPE_DEFAULTS: shared 1e-3 / 3e-5, official 0.02 / 0.02); a given
+    rate is always used. score_cache: a dict kept by the caller between calls; a candidate's score does not
     depend on the target, so a sweep over targets scores each block once per setting.
     """
     adaptor_iters = iters if adaptor_iters is None else adaptor_iters
     augmentation = augment_flags(augment)
     if recipe not in RECIPES:
         raise InputError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
-    if recipe == "official":  # PRACTISE's SGD rates unless the caller chose others
-        adaptor_lr = OFFICIAL["adaptor_lr"] if adaptor_lr == 1e-3 else adaptor_lr
-        lr = OFFICIAL["lr"] if lr == 3e-5 else lr
-    optimizer = "sgd" if recipe == "official" else "adamw"
+    official = recipe == "official"
+    adaptor_lr = RECIPE_DEFAULTS[recipe]["adaptor_lr"] if adaptor_lr is None else adaptor_lr
+    lr = RECIPE_DEFAULTS[recipe]["lr"] if lr is None else lr
+    # official: SGD + StepLR, adaptors with the weight decay, no loss warm-up, no clipping (the
+    # port's training loop); shared: DC-ViT's finetuning (AdamW, warm-up, clipping at 1.0)
+    optimizer = "sgd" if official else "adamw"
+    recipe_settings = dict(optimizer=optimizer, warmup_frac=0.0 if official else 0.01,
+                           max_grad_norm=None if official else 1.0)
     check_positive(iters=iters, adaptor_iters=adaptor_iters, batch_size=batch_size)
     run = MethodRun("practise", model, images, target_macs, device=device, progress=progress)
     spec, teacher, device, log = run.spec, run.teacher, run.device, run.log
@@ -187,15 +205,16 @@ def compress_practise(model, images: torch.Tensor, target_macs: float, *,
         if str(block) in scores:
             continue
         start = time.perf_counter()
-        if recipe == "official":
-            student, adaptor_params = with_neighbour_adaptors(teacher, block)
+        if official:
+            student, adaptor_params = with_official_adaptors(teacher, block)
         else:
             student, adaptor = with_adaptor(teacher, block)
             adaptor_params = list(adaptor.parameters())
         losses = feature_mimic_finetune(student, teacher, images, iters=adaptor_iters,
-                                        batch_size=batch_size, lr=adaptor_lr, weight_decay=0.0,
-                                        trainable=adaptor_params, device=device, optimizer=optimizer,
-                                        seed=seed + 1 + block, progress=False, **augmentation)
+                                        batch_size=batch_size, lr=adaptor_lr,
+                                        weight_decay=weight_decay if official else 0.0,
+                                        trainable=adaptor_params, device=device, seed=seed + 1 + block,
+                                        progress=False, **recipe_settings, **augmentation)
         if recipe == "official":  # PRACTISE's recoverability: feature error on the training images
             recoverability = feature_mse(student, teacher, images, batch_size, device)
         else:
@@ -223,7 +242,7 @@ def compress_practise(model, images: torch.Tensor, target_macs: float, *,
                                         batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                                         trainable=trainable_up_to(student, last_trainable, final_norm=True),
                                         device=device, seed=seed + 10_000, progress=progress,
-                                        optimizer=optimizer, **augmentation)
+                                        **recipe_settings, **augmentation)
         seconds = time.perf_counter() - start
         state["finetune"] = dict(trainable_up_to=last_trainable, losses=[float(v) for v in losses],
                                  seconds=seconds)

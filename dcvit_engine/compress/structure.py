@@ -7,6 +7,9 @@ not the thop count of the DC-ViT code; the formulas are the paper's:
   A / F = attention-branch / full-MLP MACs of one candidate block,
   N = ceil(dM / (A + F)) blocks lose their attention, and the MLP MACs still to remove,
   dM - N A, are shared equally by those N blocks -> one new hidden width.
+plan_dcvit(macs_convention="official") counts M and A as the DC-ViT code's thop does for the
+linear layers: without QK^T and A.V (LayerNorm left out in both conventions), which gives the
+official widths (DeiT-B: 2304 / 1536 / 1152 for 2 / 3 / 4 blocks at 1 / 2 / 3 blocks' MACs).
 """
 from __future__ import annotations
 
@@ -74,6 +77,7 @@ class DCViTPlan(_Plan):
     round_to: int | None
     macs: int                # MACs of the planned model (with rounding)
     unrounded_macs: int      # MACs with exact_hidden_width
+    macs_convention: str = "full"  # MACS_CONVENTIONS: how teacher/target/planned MACs are counted
 
     @property
     def rounding_macs(self) -> int:
@@ -88,7 +92,8 @@ class DCViTPlan(_Plan):
     def summary(self) -> str:
         lines = [
             f"teacher {self.teacher_macs / 1e9:.4f} GMACs; target {self.target_ratio:.4f} "
-            f"-> {self.target_macs / 1e9:.4f} GMACs",
+            f"-> {self.target_macs / 1e9:.4f} GMACs"
+            + (" (official count: QK^T and A.V left out)" if self.macs_convention == "official" else ""),
             f"per block: attention {self.attn_macs / 1e9:.4f} GMACs, MLP {self.mlp_macs / 1e9:.4f} "
             f"GMACs (hidden {self.teacher_hidden})",
             f"compress {self.blocks_compressed} of the candidate blocks {list(self.candidates)} "
@@ -181,6 +186,23 @@ def compressed_spec(spec: ViTSpec, blocks, hidden: int) -> ViTSpec:
     return spec.validate()
 
 
+MACS_CONVENTIONS = ("full", "official")
+
+
+def _convention_costs(spec: ViTSpec, candidate: int, cost: BlockCost, convention: str
+                      ) -> tuple[int, BlockCost]:
+    """(teacher MACs, candidate cost) under the MACs convention: "full" (every matmul) or
+    "official" (the DC-ViT code's count: QK^T and A.V left out of M and of A)."""
+    if convention not in MACS_CONVENTIONS:
+        raise ValueError(f"macs_convention must be one of {', '.join(MACS_CONVENTIONS)}, got {convention!r}")
+    report = count_macs(spec)
+    if convention == "full":
+        return report.total, cost
+    block = report.blocks[candidate]
+    return report.total - report.attention_matmuls, BlockCost(attn=block.qkv + block.proj, mlp=cost.mlp,
+                                                              hidden=cost.hidden)
+
+
 def _round_width(width: int, multiple: int, ceiling: int) -> int:
     """Nearest multiple (ties upwards) that does not exceed the teacher's width."""
     rounded = (width + multiple // 2) // multiple * multiple
@@ -188,18 +210,20 @@ def _round_width(width: int, multiple: int, ceiling: int) -> int:
 
 
 def plan_dcvit(spec: ViTSpec, target: float, *, num_blocks: int | None = None,
-               candidates=None, round_to: int | None = None) -> DCViTPlan:
+               candidates=None, round_to: int | None = None, macs_convention: str = "full") -> DCViTPlan:
     """The DC-ViT structure that keeps `target` of the teacher's MACs (see the module docstring).
 
     num_blocks overrides N (it must lie in [ceil(dM/(A+F)), min(floor(dM/A), candidates)]);
     round_to rounds the hidden width to the nearest multiple (8 or 64 suit GEMM tiles).
+    macs_convention: "full" (this project's count) or "official" (the DC-ViT code's: no QK^T,
+    A.V); target, M, A and the plan's MACs are all in that convention.
     """
     rho = check_target_ratio(target)
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int)
                                  or round_to < 1):
         raise InputError(f"round_to must be a positive integer (e.g. 8 or 64), got {round_to!r}")
     candidates, cost = candidate_cost(spec, default_candidates(spec) if candidates is None else candidates)
-    teacher = count_macs(spec).total
+    teacher, cost = _convention_costs(spec, candidates[0], cost, macs_convention)
     target_macs = round(rho * teacher)
     removed = teacher - target_macs  # dM
     if removed < cost.attn:
@@ -231,13 +255,17 @@ def plan_dcvit(spec: ViTSpec, target: float, *, num_blocks: int | None = None,
     exact = max(exact, 0)
     hidden = exact if round_to is None else _round_width(exact, round_to, cost.hidden)
     chosen = candidates[:num_blocks]  # every candidate costs the same, so any N give these MACs
+
+    def planned_macs(width: int) -> int:
+        report = count_macs(compressed_spec(spec, chosen, width))
+        return report.total - (report.attention_matmuls if macs_convention == "official" else 0)
+
     return DCViTPlan(
         target_ratio=rho, teacher_macs=teacher, target_macs=target_macs,
         attn_macs=cost.attn, mlp_macs=cost.mlp, teacher_hidden=cost.hidden,
         candidates=candidates, blocks_compressed=num_blocks, min_blocks=min_blocks,
         max_blocks=max_blocks, exact_hidden_width=exact, hidden_width=hidden, round_to=round_to,
-        macs=count_macs(compressed_spec(spec, chosen, hidden)).total,
-        unrounded_macs=count_macs(compressed_spec(spec, chosen, exact)).total,
+        macs=planned_macs(hidden), unrounded_macs=planned_macs(exact), macs_convention=macs_convention,
     )
 
 

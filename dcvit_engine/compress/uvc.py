@@ -12,7 +12,14 @@ neuron stay (UVC's s_ub - 1), so only the block gates remove whole blocks.
 Block gates g (init [-1, 1]): keep probability p = gumbel_softmax(g, tau 0.5)[1],
 x <- p * Block(x) + (1 - p) * x; a block is skipped when g1 <= g0.
 
-Each iteration (uvc_optimizer.py order):
+Two gate dynamics (`gates`): "guarded" (the default, this project's rules below) and
+"official" (UVC's own: R of the soft Gumbel sample, the gates' gradient = distillation
+gradient + 5e-4 * z * dR/dg at every step, one SGD step per 50 iterations on their mean;
+every block mixed half and half during the warm-up; proximal step at the weights' lr,
+duals at 1e-4; the weights' gradient clipped to norm 1.0; no settle step). docs/METHODS.md
+measures both on the demo teacher and says why the default is kept.
+
+Each iteration (uvc_optimizer.py order; gates="guarded"):
   1. proximal shrink of the currently least groups: columns / (1 + 2 * prox_lr * dual);
   2. AdamW step of the weights on the distillation loss (finetune.kd_loss: UVC's weighting,
      KL * T^2 / (batch * classes), alpha 0.1);
@@ -20,12 +27,14 @@ Each iteration (uvc_optimizer.py order):
      y * (norm of the next group), gradient clipped to 1 in max-norm as UVC; SGD (lr 0.1,
      momentum 0.9, weight decay 1e-4, as UVC) on the gates with the distillation gradient
      plus z * dR/dg while the hard structure is over the budget;
-  4. dual ascent: y, p on the norms of the least groups, z on R - B; all kept >= 0;
-  5. gates settle: a gate this step closed reopens if the budget holds with it open (least
-     sure closure first), or if the blocks left open could not carry the budget even at
-     full width (the gates never cut more than the whole cut); a gate this step opened
-     closes again if the budget does not hold with it open; once the hard structure meets
-     the budget, the gates' momentum and z are reset to 0.
+  4. the counts are clamped to their range, then the gates settle (R at those counts): a
+     gate this step closed reopens if the budget holds with it open (least sure closure
+     first), or if the blocks left open could not carry the budget even at full width (the
+     gates never cut more than the whole cut); a gate this step opened closes again if the
+     budget does not hold with it open; once the hard structure meets the budget, the
+     gates' momentum and z are reset to 0;
+  5. dual ascent: y, p on the norms of the least groups, z on R - B; all kept >= 0 (z is the
+     dual of R <= B: it grows while over the budget and shrinks to 0 while under it).
 During the first warmup_iters steps (UVC: 5 of 30 epochs) only 1 and 2 run: counts, gates
 and duals stay where they are, so z does not pile up before the structure can respond.
 R is the MACs fraction from the spec's own formula (slicing.WidthCosts, read off
@@ -34,8 +43,8 @@ g1 > g0, each with a straight-through gradient (the keep decision's from the Gum
 keep probability). So z rises until the structure the search will hand over -- not its
 average over soft gates -- meets the budget, and a gate closes when z * (its block's MACs)
 outweighs what the block does for the distillation loss.
-Deviations from the official code (each needed in a few-shot run of a few hundred steps;
-with UVC's own rule, hard R and gates pushed at every step, z kept growing while the counts
+Deviations of gates="guarded" from the official code (each needed in a few-shot run of a
+few hundred steps; with UVC's own rule, hard R and gates pushed at every step, z kept growing while the counts
 caught up, then momentum carried every gate past zero in the same step and all blocks
 closed -- 0.069 of the MACs at target 0.5 -- and nothing reopened them):
   - R uses the hard decisions (UVC: the soft Gumbel sample): the soft average is far from
@@ -43,9 +52,10 @@ closed -- 0.069 of the MACs at target 0.5 -- and nothing reopened them):
   - the gates get the resource gradient only while the hard structure is over the budget,
     and unweighted (UVC: every step, times --gating_weight);
   - the gates step every iteration, not on UVC's 50-step average of the resource gradient;
-  - step 5 (reopen a needlessly closed gate; reset momentum and z once the budget is met)
-    is this project's own: it bounds z and stops momentum closing every block together;
-  - in step 5, a gate may close only while the blocks still open could meet the budget at
+  - the settle of step 4 (reopen a needlessly closed gate; reset momentum and z once the
+    budget is met) is this project's own: it bounds z and stops momentum closing every
+    block together;
+  - in step 4, a gate may close only while the blocks still open could meet the budget at
     full width, so skipped blocks never remove more than the cut asked for and the widths
     carry the rest (this project's own). Without it a gate closed whenever the hard
     structure was over the budget, even by little, and at a target between block sizes the
@@ -59,7 +69,10 @@ closed -- 0.069 of the MACs at target 0.5 -- and nothing reopened them):
     margins stayed at 2.0, no block skipped at any target, not even at 0.5 on the 4-block
     model); closing a gate only where that lands nearer the budget than leaving it open
     (the same 0.900 at 0.9, but it can still skip a block the unpruned widths cannot refill);
-  - z's step size is constant (UVC raises it every few epochs).
+  - the proximal step and the duals y, p step at 0.05 (UVC: 1e-4, the weights' lr for the
+    proximal step), and the weights' gradient is not clipped (UVC: norm 1.0);
+  - (both gate modes) z's step size is constant (UVC raises it every few epochs), and UVC's
+    clamp of R - B to +-z_grad_clip is not applied.
 Few-shot adaptation: counts are learned as fractions of their range (an SGD step moves
 at most count_lr of the range), and group norms in the dual terms are relative to their
 block's mean, so one set of rates fits every model size.
@@ -99,6 +112,16 @@ class SearchRates:
     dual_lr: float       # dual ascent of y (heads, neurons) and p (channels)
     prox_lr: float       # proximal shrink step
     tau: float           # Gumbel-softmax temperature of the gates
+    gates: str = "guarded"  # GATES: this project's gate rules or the official dynamics
+
+
+GATES = ("guarded", "official")
+# gates="official" (uvc_optimizer.py and the run scripts): the gates' resource gradient is
+# z * dR/dg times --gating_weight 5e-4, the gates step once per 50 iterations on the mean
+# gradient, and the weights' gradient is clipped to norm 1.0 (--max_grad_norm)
+OFFICIAL_GATING_WEIGHT = 5e-4
+OFFICIAL_GATING_INTERVAL = 50
+OFFICIAL_MAX_GRAD_NORM = 1.0
 
 
 def _ste_ceil(x: torch.Tensor) -> torch.Tensor:
@@ -349,6 +372,7 @@ class _SearchStep:
     def __init__(self, student: ViTReference, search: UVCSearch, rates: SearchRates, warmup_iters: int):
         self.student, self.search, self.rates = student, search, rates
         self.warmup_iters, self.iteration = warmup_iters, 0
+        self.gate_grads: list[torch.Tensor] = []  # gates="official": the 50-step average
         self.weights = torch.optim.AdamW(student.parameters(), lr=rates.lr,
                                          weight_decay=rates.weight_decay)
         self.counts = torch.optim.SGD([search.head_frac, search.neuron_frac, search.channel_frac],
@@ -432,17 +456,28 @@ class _SearchStep:
 
     def __call__(self, images, teacher_logits, labels, generator) -> dict:
         search, rates = self.search, self.rates
+        official = rates.gates == "official"
+        warming_up = self.iteration < self.warmup_iters
         self.shrink()
         scores = self.scores()
-        keep = _gumbel_keep(search.gates, rates.tau, generator)
+        if official and warming_up:  # UVC's warm-up mixes every block half and half
+            keep = torch.full((len(search.gates),), 0.5)
+        else:
+            keep = _gumbel_keep(search.gates, rates.tau, generator)
         loss = kd_loss(gated_logits(self.student, images, keep.to(images.device)), teacher_logits, labels)
         heads_term, neurons_term, channels_term, kept = self.dual_terms(scores)
-        # the budget sees the structure that would be cut out now: the hard keep decision,
-        # with the Gumbel-softmax keep probability's gradient (straight through)
-        hard = (search.gates[:, 1] > search.gates[:, 0]).to(keep.dtype).detach()
-        with torch.no_grad():
-            over = float(search.resource(hard, kept)) > search.target  # gates pushed only while over
-        resource = search.resource(hard + over * (keep - keep.detach()), kept)
+        if official:
+            # UVC: R of the soft Gumbel sample; the gates see z * dR/dg times the gating weight
+            # (same value, scaled gradient), at every step
+            over = True
+            resource = search.resource(keep.detach() + OFFICIAL_GATING_WEIGHT * (keep - keep.detach()), kept)
+        else:
+            # the budget sees the structure that would be cut out now: the hard keep decision,
+            # with the Gumbel-softmax keep probability's gradient (straight through)
+            hard = (search.gates[:, 1] > search.gates[:, 0]).to(keep.dtype).detach()
+            with torch.no_grad():
+                over = float(search.resource(hard, kept)) > search.target  # gates pushed only while over
+            resource = search.resource(hard + over * (keep - keep.detach()), kept)
         with torch.no_grad():
             soft_resource = search.resource(keep.detach(), kept)
         objective = (loss + search.z * (resource - search.target) + (search.y_heads * heads_term).sum()
@@ -452,27 +487,44 @@ class _SearchStep:
         objective.backward()
         for frac in (search.head_frac, search.neuron_frac, search.channel_frac):
             frac.grad.clamp_(-1.0, 1.0)  # UVC: clip_grad_norm_(s, 1.0, inf)
+        if official:
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), OFFICIAL_MAX_GRAD_NORM)
         self.weights.step()
-        warming_up = self.iteration < self.warmup_iters
         self.iteration += 1
+        stats = {"loss": float(loss.detach()), "resource": float(resource.detach()),
+                 "soft_resource": float(soft_resource), "z": float(search.z)}
         if warming_up:  # UVC: while warming up only the weights learn (and the proximal shrink)
-            return {"loss": float(loss.detach()), "resource": float(resource.detach()),
-                    "soft_resource": float(soft_resource), "z": float(search.z)}
+            return stats
         self.counts.step()
-        before = search.gates.detach().clone()
-        self.gates.step()
-        self._settle_gates(before, kept, over)
         with torch.no_grad():
             for frac in (search.head_frac, search.neuron_frac, search.channel_frac):
                 frac.clamp_(0.0, 1.0)
-            # z of either sign: the budget is met as an equality, so a structure that has gone
-            # under it (a block skipped on momentum) is pulled back rather than left there
+        if official:
+            self._official_gate_step()
+        else:
+            before = search.gates.detach().clone()
+            self.gates.step()
+            self._settle_gates(before, kept, over)
+        with torch.no_grad():
+            # z >= 0 (the dual of R <= B): it grows while the structure is over the budget and
+            # shrinks, down to 0, while it is under
             search.z.add_(rates.budget_lr * (resource.detach() - search.target)).clamp_(min=0)
             search.y_heads.add_(rates.dual_lr * heads_term.detach()).clamp_(min=0)
             search.y_neurons.add_(rates.dual_lr * neurons_term.detach()).clamp_(min=0)
             search.p_channels.add_(rates.dual_lr * channels_term.detach()).clamp_(min=0)
-        return {"loss": float(loss.detach()), "resource": float(resource.detach()),
-                "soft_resource": float(soft_resource), "z": float(search.z)}
+        return stats
+
+    def _official_gate_step(self) -> None:
+        """UVC's gate update: the gates' gradients are collected and, every 50 iterations,
+        their mean is one SGD step (the official code weights each by its step's index
+        modulo 50, which looks unintended: a plain mean here)."""
+        gates = self.search.gates
+        self.gate_grads.append(gates.grad.detach().clone())
+        if len(self.gate_grads) == OFFICIAL_GATING_INTERVAL:
+            gates.grad = torch.stack(self.gate_grads).mean(0)
+            self.gates.step()
+            self.gate_grads = []
+        gates.grad = None
 
 
 # the options `dcvit compress` offers (defaults: compress_uvc's signature)
@@ -481,26 +533,37 @@ CLI_OPTIONS = {
     "finetune_iters": CliOption("distillation steps once the structure is fixed"),
     "batch_size": CliOption("few-shot batch size"),
     "lr": CliOption("AdamW learning rate of the weights (search and distillation)"),
+    "gates": CliOption("block gate dynamics: guarded (this project's rules) or official (UVC's)",
+                       choices=GATES),
 }
 
 
 def compress_uvc(model, images: torch.Tensor, target_macs: float, *, labels: torch.Tensor | None = None,
                  iters: int = 200, finetune_iters: int = 200, batch_size: int = 32, lr: float = 1e-4,
                  weight_decay: float = 0.05, count_lr: float = 0.02, gate_lr: float = 0.1,
-                 budget_lr: float = 1.0, dual_lr: float = 0.05, prox_lr: float = 0.05, tau: float = 0.5,
-                 warmup_iters: int | None = None, device=None, seed: int = 0, checkpoint_dir=None,
-                 resume: bool = False, progress: bool = False, report: dict | None = None) -> ViTReference:
+                 budget_lr: float = 1.0, dual_lr: float | None = None, prox_lr: float | None = None,
+                 tau: float = 0.5, gates: str = "guarded", warmup_iters: int | None = None, device=None,
+                 seed: int = 0, checkpoint_dir=None, resume: bool = False, progress: bool = False,
+                 report: dict | None = None) -> ViTReference:
     """UVC-compress `model` (timm ViT or ViTReference) to at most `target_macs`, the fraction
     of its MACs to keep, with the few-shot `images` (labels optional: without them the loss
     is pure distillation from the model itself). iters: primal-dual search steps;
     finetune_iters: distillation steps once the structure is fixed; warmup_iters: search
     steps with the block gates fixed (default iters // 6, as UVC's 5 of 30 epochs).
+    gates: "guarded" (this project's gate rules, see the module docstring) or "official"
+    (UVC's own gate dynamics). dual_lr / prox_lr: None takes the gate mode's rate (guarded
+    0.05 each; official 1e-4 for the duals, the weights' lr for the proximal step, as UVC).
     checkpoint_dir / resume: the search and the finetuning are checkpointed steps
     (checkpoint.RunCheckpoint). Returns the student (eval mode); `report`, when given,
     receives the common report (run.py) with, in its extras, the searched and final
     structure, the searched structure's MACs, the final gate margins g1 - g0 and the
     reallocated share."""
     check_positive(iters=iters, batch_size=batch_size)
+    if gates not in GATES:
+        raise ValueError(f"gates must be one of {', '.join(GATES)}, got {gates!r}")
+    official = gates == "official"
+    dual_lr = (1e-4 if official else 0.05) if dual_lr is None else dual_lr
+    prox_lr = (lr if official else 0.05) if prox_lr is None else prox_lr
     warmup_iters = iters // 6 if warmup_iters is None else warmup_iters
     if isinstance(warmup_iters, bool) or not isinstance(warmup_iters, int) or not 0 <= warmup_iters < iters:
         raise InputError(f"warmup_iters must be an integer in [0, iters), got {warmup_iters!r}")
@@ -516,13 +579,13 @@ def compress_uvc(model, images: torch.Tensor, target_macs: float, *, labels: tor
     ckpt = run.checkpoint(checkpoint_dir, resume, dict(
         target=rho, iters=iters, finetune_iters=finetune_iters, batch_size=batch_size, lr=lr,
         weight_decay=weight_decay, count_lr=count_lr, gate_lr=gate_lr, budget_lr=budget_lr, dual_lr=dual_lr,
-        prox_lr=prox_lr, tau=tau, warmup_iters=warmup_iters, seed=seed), labels=labels)
+        prox_lr=prox_lr, tau=tau, gates=gates, warmup_iters=warmup_iters, seed=seed), labels=labels)
 
     def primal_dual_search():
         teacher_logits = predict_logits(teacher, images, batch_size, device)
         student = copy.deepcopy(teacher).train()
         rates = SearchRates(lr=lr, weight_decay=weight_decay, count_lr=count_lr, gate_lr=gate_lr,
-                            budget_lr=budget_lr, dual_lr=dual_lr, prox_lr=prox_lr, tau=tau)
+                            budget_lr=budget_lr, dual_lr=dual_lr, prox_lr=prox_lr, tau=tau, gates=gates)
         step = _SearchStep(student, search, rates, warmup_iters)
         generator = torch.Generator().manual_seed(seed)
         history = []
@@ -535,10 +598,10 @@ def compress_uvc(model, images: torch.Tensor, target_macs: float, *, labels: tor
                     f"MACs fraction {history[-1]['resource']:.4f} (target {rho}), z {history[-1]['z']:.3f}")
         scores = step.scores()
         s_heads, r, s_neurons = (c.detach().long().tolist() for c in search.counts())
-        gates = search.gates.detach()
-        searched = UVCStructure(skip=[bool(g[1] <= g[0]) for g in gates], heads_removed=s_heads,
+        logits = search.gates.detach()
+        searched = UVCStructure(skip=[bool(g[1] <= g[0]) for g in logits], heads_removed=s_heads,
                                 channels_removed=r, neurons_removed=s_neurons)
-        margins = (gates[:, 1] - gates[:, 0]).tolist()
+        margins = (logits[:, 1] - logits[:, 0]).tolist()
         final = fit_to_budget(searched, scores, search.costs, budget, margins, search.head_dim)
         searched_macs = searched.macs(search.costs, scores, search.head_dim)
         moved = reallocated_share(searched, final, search.costs, scores, search.head_dim,
@@ -554,4 +617,4 @@ def compress_uvc(model, images: torch.Tensor, target_macs: float, *, labels: tor
     student, searched = run.step(ckpt, "search", primal_dual_search)
     return run.distill_and_finish(ckpt, student, report, labels, iters=finetune_iters, selection=iters,
                                   batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed + 1,
-                                  extras=dict(searched, warmup_iters=warmup_iters))
+                                  extras=dict(searched, warmup_iters=warmup_iters, gates=gates))

@@ -201,10 +201,10 @@ def atme_merge(x, metric, grid, axis, num_prefix_tokens=1, size=None, *, backend
     x (B, P + H*W, C): P prefix tokens, then the (H, W) = grid tokens row-major. axis "w"
     merges columns (2j, 2j+1) of every row (grid -> H x ceil(W/2)), axis "h" rows (2i, 2i+1)
     (-> ceil(H/2) x W). The pair's first token dominates: with s the cosine similarity of
-    the pair's metric vectors and w = max(s, 0), size = size_dst + w * size_src,
-    alpha = w * size_src / size and merged = (1 - alpha) * x_dst + alpha * x_src; a
-    dissimilar source (s <= 0) is dropped without adding its size. Prefix tokens and an odd
-    last column/row pass through.
+    the pair's metric vectors and w = (1 + max(s, 0)) / 2, size = size_dst + w * size_src,
+    alpha = w * size_src / size and merged = (1 - alpha) * x_dst + alpha * x_src; every
+    source contributes (a dissimilar one, s <= 0, with half its size). Prefix tokens and an
+    odd last column/row pass through.
     """
     grid = check_atme_layout("atme_merge", x, grid, axis, num_prefix_tokens, merged=False)
     _check_metric_and_size("atme_merge", x, metric, size)
