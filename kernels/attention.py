@@ -379,7 +379,7 @@ def attention_block_triton(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if key_bias is not None and key_bias.stride(-1) != 1:
         key_bias = key_bias.contiguous()
-    qkv = ln_linear(rows_in, norm_weight, norm_bias, qkv_weight, qkv_bias, eps, gelu=False,
+    qkv = ln_linear(rows_in, norm_weight, norm_bias, qkv_weight, qkv_bias, eps,
                     launch=launch, folded=qkv_folded)
     ctx = flash_attention_triton(qkv, batch, tokens, qk_dims, v_dims, scale, key_bias, launch=launch)
     linear_residual(ctx, proj_weight, proj_bias, gamma, rows_in, out.view(-1, dim), launch=launch)

@@ -2,7 +2,8 @@
 and a numeric check of every op on every backend available here against the float64
 reference, with the op tests' tolerance rule (dcvit_engine.ops.tolerance).
 
-Each op's inputs are its own small example (ops.define.OpDef.example), drawn with a fixed
+Each op's inputs are its own small example (ops.define.OpDef.example), and one more per
+optional variant (OpDef.variants, e.g. attention_block's EvaAttention parts), drawn with a fixed
 seed; the reference runs in float64 on the inputs as rounded to the checked dtype, so a
 backend is judged on its arithmetic, not on the rounding of its inputs. Exit status 1 when
 a backend that says it can run the inputs is wrong or fails.
@@ -78,9 +79,10 @@ def print_priority(device: torch.device) -> None:
     print(f"  other devices: {' > '.join(OTHER_DEVICE_ORDER)}")
 
 
-def check_op(op, device, dtype, seed) -> int:
-    """Prints one op's table for one dtype; returns the number of wrong or failing backends."""
-    args64, options = op.spec.example(torch.Generator().manual_seed(seed))
+def check_op(op, device, dtype, seed, example=None, variant="") -> int:
+    """Prints one op's table for one dtype on its example (or the named variant's); returns
+    the number of wrong or failing backends."""
+    args64, options = (example or op.spec.example)(torch.Generator().manual_seed(seed))
     args = _cast(args64, dtype, device)
     options = dict(zip(options, _cast(options.values(), dtype, device)))
     ref_args = _cast(args, torch.float64, torch.device("cpu"))
@@ -91,7 +93,8 @@ def check_op(op, device, dtype, seed) -> int:
     order = PRIORITY[op.name].get(device.type, OTHER_DEVICE_ORDER)
     chosen = next((b for b in order if reasons.get(b) is None), None)
     shape = tuple(args[0].shape)
-    print(f"\n{op.name} on {device}, {str(dtype).replace('torch.', '')}, x {shape} "
+    label = f"{op.name} ({variant})" if variant else op.name
+    print(f"\n{label} on {device}, {str(dtype).replace('torch.', '')}, x {shape} "
           f"(auto picks {chosen or 'none'}: the first of the order above that takes these inputs; "
           "ms is one call with first-use costs, not a ranking):")
     print(f"  {'backend':8} {'status':8} {'rel. error':>11} {'budget':>10} {'ms':>9}")
@@ -136,7 +139,10 @@ def run(args):
     print(f"TRITON_INTERPRET={'1' if triton_interpreting() else os.environ.get('TRITON_INTERPRET', '0')}, "
           f"DCVIT_BACKEND={os.environ.get('DCVIT_BACKEND', 'auto')}")
     print_priority(device)
-    wrong = sum(check_op(op, device, dtype, args.seed) for op in OPS.values() for dtype in dtypes)
+    wrong = sum(check_op(op, device, dtype, args.seed, example, variant)
+                for op in OPS.values()
+                for variant, example in [("", None), *op.spec.variants.items()]
+                for dtype in dtypes)
     verdict = f"{wrong} wrong or failing" if wrong else "every available backend matches the reference"
     print(f"\n{verdict}")
     return 1 if wrong else 0
