@@ -263,7 +263,7 @@ def test_mismatched_folded_weights_are_refused():
     with pytest.raises(ValueError, match="fc1_folded.sums"):
         ops.mlp_block(x, *w, fc1_folded=folded._replace(sums=folded.sums.double()))
     with pytest.raises(ValueError, match="fc2_folded .*needs inner_norm_weight"):
-        ops.mlp_block(x, *w, fc2_folded=fold_layer_norm(w[5], w[5], w[4], w[5]))
+        ops.mlp_block(x, *w, fc2_folded=fold_layer_norm(torch.ones(37), torch.zeros(37), w[4], w[5]))
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
