@@ -55,7 +55,8 @@ def test_a_wrong_backend_makes_doctor_fail(capsys, monkeypatch):
     _replace_cpu_impl(monkeypatch, op, off_by_a_little)
     status, out = _doctor(capsys)
     assert status == 1
-    assert "  cpu      WRONG" in out and "1 wrong or failing" in out
+    # wrong on the op's example and on each of its variants
+    assert "  cpu      WRONG" in out and f"{1 + len(op.spec.variants)} wrong or failing" in out
 
 
 def test_a_failing_backend_makes_doctor_fail(capsys, monkeypatch):
@@ -93,7 +94,8 @@ def test_doctor_without_the_interpreter_says_why_triton_is_off(capsys, monkeypat
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     status, out = _doctor(capsys)
     assert status == 0
-    assert out.count("triton   off      CPU tensors need TRITON_INTERPRET=1") == len(OPS)
+    tables = len(OPS) + sum(len(op.spec.variants) for op in OPS.values())  # examples and variants
+    assert out.count("triton   off      CPU tensors need TRITON_INTERPRET=1") == tables
 
 
 def test_doctor_checks_the_dtypes_asked_for(capsys):
