@@ -87,10 +87,13 @@ def _workloads(dim):
 
     heads = dim // 64
 
-    def mlp(hidden):
+    def mlp(hidden, act="gelu", gated=False, inner_norm=False):
         def run(t, launch):
-            mb.mlp_block_triton(t(BATCH, TOKENS, dim), t(dim), t(dim), t(hidden, dim), t(hidden),
-                                t(dim, hidden), t(dim), gamma=t(dim), launch=launch)
+            width = 2 * hidden if gated else hidden
+            inner = dict(inner_norm_weight=t(hidden), inner_norm_bias=t(hidden)) if inner_norm else {}
+            mb.mlp_block_triton(t(BATCH, TOKENS, dim), t(dim), t(dim), t(width, dim), t(width),
+                                t(dim, hidden), t(dim), gamma=t(dim), act=act, gated=gated,
+                                launch=launch, **inner)
         return run
 
     def attention(qk_dims, v_dims, key_bias=False, tokens=TOKENS, eva=()):
@@ -132,6 +135,13 @@ def _workloads(dim):
         ("mlp", mlp(4 * dim)),
         ("mlp_half", mlp(2 * dim)),
         ("mlp_ragged", mlp(int(4 * dim * 0.37))),  # a DC-ViT resized MLP: no multiple of 16
+        ("mlp_gelu_tanh", mlp(4 * dim, "gelu_tanh")),
+        ("mlp_quick_gelu", mlp(4 * dim, "quick_gelu")),  # CLIP
+        # SwiGLU (EVA-02, PE): hidden 8D/3 per half, fc1 both halves in one GEMM
+        ("mlp_swiglu", mlp(8 * dim // 3, "silu", gated=True)),
+        ("mlp_swiglu_norm", mlp(8 * dim // 3, "silu", gated=True, inner_norm=True)),
+        ("mlp_swiglu_ragged", mlp(int(8 * dim // 3 * 0.37), "silu", gated=True)),
+        ("mlp_gelu_norm", mlp(4 * dim, "gelu", inner_norm=True)),
         ("attn_dense", attention([64] * heads, [64] * heads)),
         ("attn_half_width", attention([32] * heads, [32] * heads)),
         ("attn_half_heads", attention([64] * (heads // 2), [64] * (heads // 2))),

@@ -207,8 +207,9 @@ def gemms(args, device, dtype, shape, rows):
             folded = fused_linear.fold_layer_norm(ones, zeros, w, bias)
             kernel = fused_linear._norm_linear_kernel
 
-            def run(a=a, w=w, bias=bias, folded=folded, ones=ones, zeros=zeros, gelu=name.startswith("fc1")):
-                return fused_linear.ln_linear(a, ones, zeros, w, bias, 1e-6, gelu=gelu,
+            def run(a=a, w=w, bias=bias, folded=folded, ones=ones, zeros=zeros,
+                    act="gelu" if name.startswith("fc1") else "none"):
+                return fused_linear.ln_linear(a, ones, zeros, w, bias, 1e-6, act=act,
                                               launch=launch_directly, folded=folded)
         else:
             residual, out = torch.randn(m, n, device=device, dtype=dtype), torch.empty(m, n, device=device,

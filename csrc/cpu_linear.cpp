@@ -45,22 +45,42 @@ bool cpu_fused_linear_ok(at::ScalarType dtype) {
 }
 
 at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
-                      bool gelu) {
+                      LinearEpilogue epilogue) {
   // _linear_pointwise(Tensor X, Tensor W, Tensor? B, str attr, Scalar?[] scalars, str? algorithm)
-  torch::jit::Stack stack{contiguous(x), contiguous(w), b, std::string(gelu ? "gelu" : "none"),
-                          c10::List<std::optional<at::Scalar>>(),
-                          gelu ? c10::IValue(std::string("none")) : c10::IValue()};
+  const char* attr = "none";
+  c10::IValue algorithm;  // GELU's approximation: "none" (erf) or "tanh"
+  switch (epilogue) {
+    case LinearEpilogue::kNone: break;
+    case LinearEpilogue::kGelu: attr = "gelu"; algorithm = std::string("none"); break;
+    case LinearEpilogue::kGeluTanh: attr = "gelu"; algorithm = std::string("tanh"); break;
+    case LinearEpilogue::kSilu: attr = "swish"; break;
+  }
+  torch::jit::Stack stack{contiguous(x), contiguous(w), b, std::string(attr),
+                          c10::List<std::optional<at::Scalar>>(), algorithm};
   pointwise_op()->callBoxed(&stack);
   return stack.back().toTensor();
 }
 
-at::Tensor cpu_linear_add(const at::Tensor& x, const at::Tensor& w,
-                          const std::optional<at::Tensor>& b, const at::Tensor& residual) {
-  // _linear_pointwise.binary(Tensor X, Tensor other, Tensor W, Tensor? B, str attr)
-  torch::jit::Stack stack{contiguous(x), contiguous(residual), contiguous(w), b,
-                          std::string("add")};
+namespace {
+
+// _linear_pointwise.binary(Tensor X, Tensor other, Tensor W, Tensor? B, str attr)
+at::Tensor linear_binary(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                         const at::Tensor& other, const char* attr) {
+  torch::jit::Stack stack{contiguous(x), contiguous(other), contiguous(w), b, std::string(attr)};
   binary_op()->callBoxed(&stack);
   return stack.back().toTensor();
+}
+
+}  // namespace
+
+at::Tensor cpu_linear_add(const at::Tensor& x, const at::Tensor& w,
+                          const std::optional<at::Tensor>& b, const at::Tensor& residual) {
+  return linear_binary(x, w, b, residual, "add");
+}
+
+at::Tensor cpu_linear_mul(const at::Tensor& x, const at::Tensor& w,
+                          const std::optional<at::Tensor>& b, const at::Tensor& other) {
+  return linear_binary(x, w, b, other, "mul");
 }
 
 }  // namespace dcvit

@@ -381,7 +381,7 @@ def attention_block_triton(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if key_bias is not None and key_bias.stride(-1) != 1:
         key_bias = key_bias.contiguous()
-    qkv = ln_linear(rows_in, norm_weight, norm_bias, qkv_weight, qkv_bias, eps, gelu=False,
+    qkv = ln_linear(rows_in, norm_weight, norm_bias, qkv_weight, qkv_bias, eps,
                     launch=launch, folded=qkv_folded)
     if q_norm_weight is not None or rope_cos is not None:
         qk_norm_rope_(qkv, tokens, real_qk, qk_dims,

@@ -7,9 +7,18 @@
                              `_row_stats_kernel` makes each row's mean and rstd in one small
                              pass; `_norm_linear_kernel` applies them in the epilogue, so both
                              GEMM operands stay in shared memory (no per-K-step normalization).
-                             act is identity or exact (erf) GELU.
+                             act is identity, exact (erf) GELU, tanh GELU, QuickGELU or SiLU
+                             (ACTIVATIONS). Gated (GLU / SwiGLU): W is (2H, D), rows [0, H)
+                             the activated half and [H, 2H) the linear half, and
+                             y = act(a) * b (M, H) from the same GEMM: each tile's column 2i
+                             loads W's row p (pair p of the tile), column 2i+1 row H + p, so
+                             both halves of a pair meet in one thread's accumulator registers
+                             and the gate product is an epilogue (no second pass, no packing).
   `linear_residual`:         out = x + gamma * (h @ W^T + b): bias, LayerScale and the
-                             residual add in the epilogue; b and gamma are optional.
+                             residual add in the epilogue; b and gamma are optional. With
+                             `norm` (a LayerNorm over h's K channels folded into W like
+                             ln_linear's: the MLP's inner norm) the row statistics of h are
+                             applied in the epilogue too.
 Both run on tensor cores with fp32 accumulation and grouped program ordering for L2 reuse.
 Tiles: a fixed choice on the CPU interpreter and, without autotuning, on the GPU
 (`gemm_tile_config`); on a GPU `triton.autotune` picks among `gemm_configs()` per shape.
@@ -34,6 +43,21 @@ class FoldedNorm(NamedTuple):
     weight: torch.Tensor  # (N, D) W diag(norm_weight), in W's dtype
     bias: torch.Tensor    # (N,) fp32: W norm_bias + b
     sums: torch.Tensor    # (N,) fp32: row sums of the rounded `weight` (the mean term)
+
+
+# The activations of `ln_linear` (and the MLP block op): timm's nn.GELU, GELU(approximate=
+# "tanh"), QuickGELU x * sigmoid(1.702 x) (OpenAI CLIP) and nn.SiLU.
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "silu")
+
+
+class NormStats(NamedTuple):
+    """What `linear_residual`'s epilogue needs to apply a LayerNorm over h's K channels that
+    is folded into its weight: h's row statistics (fp32) and the folded weight's row sums
+    (None when h was centred by `row_stats`: no mean term)."""
+
+    mean: torch.Tensor
+    rstd: torch.Tensor
+    sums: torch.Tensor | None
 
 
 def fold_layer_norm(norm_weight, norm_bias, weight, bias) -> FoldedNorm:
@@ -86,15 +110,26 @@ def _gemm_tile(a_ptr, w_ptr, rows, cols, row_ok, col_ok, K, stride_am, stride_wn
 @triton.jit
 def _program_gemm_tile(a_ptr, w_ptr, M, N, K, stride_am, stride_wn,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+                       GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+                       GATED: tl.constexpr):
     # This program's tile of A @ W^T (both GEMM kernels): the fp32 accumulator, its rows,
-    # which of them exist, and its first column.
+    # which of them exist, and its first column. GATED (W's N rows are two halves of N / 2):
+    # tile column 2i is row p = first pair + i of the first half, column 2i + 1 row N / 2 + p,
+    # so a pair sits in adjacent accumulator columns (one thread's registers in the MMA
+    # layouts) and the tile's first column is 2 * its first pair.
     pid = tl.program_id(0).to(tl.int64)
     pid_m, pid_n = _grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if GATED:
+        lane = tl.arange(0, BLOCK_N)
+        pairs = pid_n * (BLOCK_N // 2) + lane // 2
+        cols = pairs + (lane % 2) * (N // 2)
+        col_ok = pairs < N // 2
+    else:
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
     row_ok = rows < M
-    acc = _gemm_tile(a_ptr, w_ptr, rows, cols, row_ok, cols < N, K, stride_am, stride_wn,
+    acc = _gemm_tile(a_ptr, w_ptr, rows, cols, row_ok, col_ok, K, stride_am, stride_wn,
                      BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, DOT_UPCAST)
     return acc, rows, row_ok, pid_n * BLOCK_N
 
@@ -137,14 +172,15 @@ def _norm_linear_kernel(
     x_ptr, w_ptr, b_ptr, sums_ptr, mean_ptr, rstd_ptr, y_ptr,
     M, K, N,
     stride_xm, stride_wn, stride_ym,
-    SUBTRACT_MEAN: tl.constexpr, APPLY_GELU: tl.constexpr,
+    SUBTRACT_MEAN: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     # y = act(rstd * (x W'^T - mean * s) + b'): LayerNorm + Linear with the affine folded in.
+    # GATED: N = 2H GEMM columns, y (M, H) = act(first half) * second half.
     acc, rows, row_ok, first_col = _program_gemm_tile(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn,
                                                       BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-                                                      DOT_PRECISION, DOT_UPCAST)
+                                                      DOT_PRECISION, DOT_UPCAST, GATED)
     if SUBTRACT_MEAN:
         mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
     else:
@@ -152,9 +188,14 @@ def _norm_linear_kernel(
     rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
     PART: tl.constexpr = _epilogue_width(BLOCK_N)
     for part in tl.static_range(BLOCK_N // PART):
-        _norm_epilogue(_column_part(acc, part, BLOCK_M, BLOCK_N, PART), rows,
-                       first_col + part * PART, PART, row_ok, mean, rstd, N, b_ptr, sums_ptr,
-                       y_ptr, stride_ym, SUBTRACT_MEAN, APPLY_GELU)
+        tile = _column_part(acc, part, BLOCK_M, BLOCK_N, PART)
+        if GATED:
+            _gated_epilogue(tile, rows, (first_col + part * PART) // 2, PART // 2, row_ok, mean,
+                            rstd, N // 2, b_ptr, sums_ptr, y_ptr, stride_ym, SUBTRACT_MEAN,
+                            ACTIVATION)
+        else:
+            _norm_epilogue(tile, rows, first_col + part * PART, PART, row_ok, mean, rstd, N,
+                           b_ptr, sums_ptr, y_ptr, stride_ym, SUBTRACT_MEAN, ACTIVATION)
 
 
 @triton.constexpr_function
@@ -182,47 +223,100 @@ def _column_part(acc, PART_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: 
 
 
 @triton.jit
-def _norm_epilogue(acc, rows, first_col, WIDTH: tl.constexpr, row_ok, mean, rstd, N, b_ptr, sums_ptr,
-                   y_ptr, stride_ym, SUBTRACT_MEAN: tl.constexpr, APPLY_GELU: tl.constexpr):
-    cols = first_col + tl.arange(0, WIDTH)
-    col_ok = cols < N
+def _activation(v, ACTIVATION: tl.constexpr):
+    # fp32 in, fp32 out; ACTIVATION is one of ACTIVATIONS or "none"
+    if ACTIVATION == "gelu":
+        v = 0.5 * v * (1.0 + tl.erf(v * 0.7071067811865476))
+    elif ACTIVATION == "gelu_tanh":
+        # 0.5 v (1 + tanh(u)) = v * sigmoid(2u), u = sqrt(2/pi) (v + 0.044715 v^3)
+        v = v * tl.sigmoid(1.5957691216057308 * (v + 0.044715 * v * v * v))
+    elif ACTIVATION == "quick_gelu":
+        v = v * tl.sigmoid(1.702 * v)
+    elif ACTIVATION == "silu":
+        v = v * tl.sigmoid(v)
+    return v
+
+
+@triton.jit
+def _unfold_norm(acc, cols, col_ok, mean, rstd, b_ptr, sums_ptr, SUBTRACT_MEAN: tl.constexpr):
+    # rstd * (acc - mean * s) + b' for the tile's columns `cols` of the folded weight
     if SUBTRACT_MEAN:
         # the products are exact and accumulate in fp32, so the cancellation against the
         # mean term loses ~|mean|/std fp32 ulps: far below a bf16/fp16 output's rounding
         sums = tl.load(sums_ptr + cols, mask=col_ok, other=0.0)
         acc = acc - mean[:, None] * sums[None, :]
-    acc = acc * rstd[:, None] + tl.load(b_ptr + cols, mask=col_ok, other=0.0)[None, :]
-    if APPLY_GELU:
-        acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+    return acc * rstd[:, None] + tl.load(b_ptr + cols, mask=col_ok, other=0.0)[None, :]
+
+
+@triton.jit
+def _norm_epilogue(acc, rows, first_col, WIDTH: tl.constexpr, row_ok, mean, rstd, N, b_ptr, sums_ptr,
+                   y_ptr, stride_ym, SUBTRACT_MEAN: tl.constexpr, ACTIVATION: tl.constexpr):
+    cols = first_col + tl.arange(0, WIDTH)
+    col_ok = cols < N
+    acc = _activation(_unfold_norm(acc, cols, col_ok, mean, rstd, b_ptr, sums_ptr, SUBTRACT_MEAN),
+                      ACTIVATION)
     y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
+def _gated_epilogue(acc, rows, first_pair, PAIRS: tl.constexpr, row_ok, mean, rstd, H, b_ptr, sums_ptr,
+                    y_ptr, stride_ym, SUBTRACT_MEAN: tl.constexpr, ACTIVATION: tl.constexpr):
+    # acc (BLOCK_M, 2 * PAIRS) in _program_gemm_tile's GATED column order: the split of the
+    # last axis (size 2) takes each thread's own register pairs apart.
+    gate, value = tl.split(tl.reshape(acc, (acc.shape[0], PAIRS, 2)))
+    pairs = first_pair + tl.arange(0, PAIRS)
+    ok = pairs < H
+    gate = _unfold_norm(gate, pairs, ok, mean, rstd, b_ptr, sums_ptr, SUBTRACT_MEAN)
+    value = _unfold_norm(value, pairs + H, ok, mean, rstd, b_ptr, sums_ptr, SUBTRACT_MEAN)
+    y = _activation(gate, ACTIVATION) * value
+    tl.store(y_ptr + rows[:, None] * stride_ym + pairs[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & ok[None, :])
+
+
+@triton.jit
 def _linear_residual_kernel(
-    h_ptr, w_ptr, b_ptr, gamma_ptr, x_ptr, out_ptr,
+    h_ptr, w_ptr, b_ptr, gamma_ptr, x_ptr, out_ptr, sums_ptr, mean_ptr, rstd_ptr,
     M, K, N,
     stride_hm, stride_wn, stride_xm, stride_om,
-    HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_NORM: tl.constexpr,
+    SUBTRACT_MEAN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
+    # HAS_NORM: a LayerNorm over h's K channels folded into W (rstd, and the mean term
+    # unless h is centred, applied as in _norm_linear_kernel)
     acc, rows, row_ok, first_col = _program_gemm_tile(h_ptr, w_ptr, M, N, K, stride_hm, stride_wn,
                                                       BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-                                                      DOT_PRECISION, DOT_UPCAST)
+                                                      DOT_PRECISION, DOT_UPCAST, False)
+    if HAS_NORM:
+        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+        if SUBTRACT_MEAN:
+            mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
+        else:
+            mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    else:
+        rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        mean = rstd
     PART: tl.constexpr = _epilogue_width(BLOCK_N)  # in halves for 256-wide tiles
     for part in tl.static_range(BLOCK_N // PART):
         _residual_epilogue(_column_part(acc, part, BLOCK_M, BLOCK_N, PART), rows,
                            first_col + part * PART, PART, row_ok, N, b_ptr, gamma_ptr, x_ptr,
-                           out_ptr, stride_xm, stride_om, HAS_BIAS, HAS_GAMMA)
+                           out_ptr, sums_ptr, mean, rstd, stride_xm, stride_om, HAS_BIAS, HAS_GAMMA,
+                           HAS_NORM, SUBTRACT_MEAN)
 
 
 @triton.jit
 def _residual_epilogue(acc, rows, first_col, WIDTH: tl.constexpr, row_ok, N, b_ptr, gamma_ptr, x_ptr, out_ptr,
-                       stride_xm, stride_om, HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr):
+                       sums_ptr, mean, rstd, stride_xm, stride_om, HAS_BIAS: tl.constexpr,
+                       HAS_GAMMA: tl.constexpr, HAS_NORM: tl.constexpr, SUBTRACT_MEAN: tl.constexpr):
     cols = first_col + tl.arange(0, WIDTH)
     col_ok = cols < N
     ok = row_ok[:, None] & col_ok[None, :]
+    if HAS_NORM:
+        if SUBTRACT_MEAN:
+            acc = acc - mean[:, None] * tl.load(sums_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        acc = acc * rstd[:, None]
     if HAS_BIAS:
         acc = acc + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_GAMMA:
@@ -329,9 +423,11 @@ def row_stats(rows_in, eps, *, launch, centred=None):
     return mean, rstd
 
 
-def ln_linear(rows_in, norm_weight, norm_bias, weight, bias, eps, *, gelu, launch, folded=None,
-              tile_config=None):
+def ln_linear(rows_in, norm_weight, norm_bias, weight, bias, eps, *, launch, act="none", gated=False,
+              folded=None, tile_config=None):
     """act(LayerNorm(rows_in) @ weight^T + bias) for contiguous rows_in (M, D); bias may be None.
+    `act`: "none" or one of ACTIVATIONS. `gated`: weight is (2H, D) and the result (M, H) is
+    act(first half) * second half (see the module docstring).
 
     `folded` is `fold_layer_norm(norm_weight, norm_bias, weight, bias)`, made once by the
     caller (the engine at build time); without it the weights are folded here, per call.
@@ -345,10 +441,10 @@ def ln_linear(rows_in, norm_weight, norm_bias, weight, bias, eps, *, gelu, launc
     centred = torch.empty_like(rows_in) if rows_in.dtype == torch.float32 else None
     mean, rstd = row_stats(rows_in, eps, launch=launch, centred=centred)
     a = centred if centred is not None else rows_in
-    y = torch.empty((m, width), device=rows_in.device, dtype=rows_in.dtype)
+    y = torch.empty((m, width // 2 if gated else width), device=rows_in.device, dtype=rows_in.dtype)
     args = (a, folded.weight, folded.bias, folded.sums, mean, rstd, y, m, dim, width,
             a.stride(0), folded.weight.stride(0), y.stride(0))
-    constexprs = dict(SUBTRACT_MEAN=centred is None, APPLY_GELU=gelu,
+    constexprs = dict(SUBTRACT_MEAN=centred is None, ACTIVATION=act, GATED=gated,
                       DOT_PRECISION=dot_precision(rows_in.dtype),
                       DOT_UPCAST=dot_upcast(rows_in.device.type, rows_in.dtype))
     _launch_gemm(_norm_linear_kernel, launch, rows_in.device.type, m, width, args, constexprs,
@@ -356,20 +452,25 @@ def ln_linear(rows_in, norm_weight, norm_bias, weight, bias, eps, *, gelu, launc
     return y
 
 
-def linear_residual(h, weight, bias, gamma, residual, out, *, launch, tile_config=None):
+def linear_residual(h, weight, bias, gamma, residual, out, *, launch, norm: NormStats | None = None,
+                    tile_config=None):
     """out = residual + gamma * (h @ weight^T + bias) for row-major h (M, K), residual and
-    out (M, N) with unit column stride; bias and gamma may be None. `tile_config` as in
-    ln_linear."""
+    out (M, N) with unit column stride; bias and gamma may be None. `norm`: weight and bias
+    have a LayerNorm over h's K channels folded in (fold_layer_norm) and these are h's
+    statistics (`row_stats`). `tile_config` as in ln_linear."""
     m, k_dim = h.shape
     width = weight.shape[0]
     weight = weight.contiguous()
     # An unused pointer argument still needs a tensor; the constexpr flag keeps it unread.
     placeholder = residual
+    stats = (norm.sums if norm is not None and norm.sums is not None else placeholder,
+             *((norm.mean, norm.rstd) if norm is not None else (placeholder, placeholder)))
     args = (h, weight, bias if bias is not None else placeholder,
-            gamma if gamma is not None else placeholder, residual, out,
+            gamma if gamma is not None else placeholder, residual, out, *stats,
             m, k_dim, width,
             h.stride(0), weight.stride(0), residual.stride(0), out.stride(0))
-    constexprs = dict(HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None,
+    constexprs = dict(HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None, HAS_NORM=norm is not None,
+                      SUBTRACT_MEAN=norm is not None and norm.sums is not None,
                       DOT_PRECISION=dot_precision(h.dtype), DOT_UPCAST=dot_upcast(h.device.type, h.dtype))
     _launch_gemm(_linear_residual_kernel, launch, h.device.type, m, width, args, constexprs,
                  tile_config, (width, k_dim, h.stride(0), weight.stride(0), residual.stride(0),

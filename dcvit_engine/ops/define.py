@@ -111,10 +111,13 @@ class Op:
         spec, count = self.spec, len(self.arguments)
         schema = _append_arguments(spec.schema, ", ".join(a for _, a in spec.triton_options.values()))
         names = schema_arguments(schema)
+        parsed = torch._C.parse_schema("dcvit::_parse" + schema)
+        defaults = {arg.name: arg.default_value for arg in parsed.arguments}
 
         def positional(args, kwargs):
-            # the op's arguments in schema order, however the dispatcher passed them
-            return (*args, *(kwargs.get(n) for n in names[len(args):]))
+            # the op's arguments in schema order, however the dispatcher passed them (it
+            # leaves out trailing arguments that equal their schema default)
+            return (*args, *(kwargs.get(n, defaults[n]) for n in names[len(args):]))
 
         def body(*args, **kwargs):
             args = positional(args, kwargs)
