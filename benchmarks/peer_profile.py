@@ -32,6 +32,7 @@ from timing import matmul_peak_tflops  # noqa: E402
 BUCKETS = ("qkv", "proj", "fc1", "fc2", "attention core", "LayerNorm", "GELU", "other")
 GEMM_OPS = ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul", "aten::bmm",
             "mkldnn::_linear_pointwise")
+WARMUP = 3  # oneDNN primitive creation and OpenVINO's first-inference work stay out of the profile
 BLOCK_GEMMS = {"dcvit::attention_block": ("qkv", "proj"), "dcvit::mlp_block": ("fc1", "fc2")}
 
 
@@ -46,12 +47,13 @@ def _ancestors(event):
 
 
 def engine_buckets(engine, images) -> tuple[dict[str, float], dict[str, float]]:
-    """ms per bucket, and ms per op name (self time), over one profiled forward after one
-    warm-up forward."""
+    """ms per bucket, and ms per op name (self time), over one profiled forward after
+    WARMUP warm-up forwards."""
     from torch.profiler import ProfilerActivity, profile
 
     with torch.no_grad():
-        engine(images)
+        for _ in range(WARMUP):
+            engine(images)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             engine(images)
     events = list(prof.events())
@@ -98,9 +100,9 @@ def spec_gemms(spec) -> list[str]:
 
 def openvino_buckets(runner, images, spec) -> tuple[dict[str, float], dict[str, float]]:
     """ms per bucket, and ms per OpenVINO layer type (with its kernel), from the performance
-    counters of one inference after one warm-up."""
-    runner(images)
-    runner(images)
+    counters of the last of WARMUP + 1 inferences (the counters are per inference)."""
+    for _ in range(WARMUP + 1):
+        runner(images)
     infos = [p for p in runner.request(tuple(images.shape)).get_profiling_info()
              if p.status.name == "EXECUTED"]
     expected = spec_gemms(spec)
