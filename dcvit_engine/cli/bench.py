@@ -7,8 +7,12 @@ timm's own eager forward and the engine are timed on the teacher beside the engi
 student, interleaved in one run (each round calls every runner once, so all of them see the
 same load), and the speedup is printed with the realized speedup = speedup / MACs
 reduction. With --onnx FILE (an export of the same model, CPU only) onnxruntime joins the
-same interleaved run on the same images."""
+same interleaved run on the same images. With --peers (CPU) the model is exported to a
+temporary folder and onnxruntime and OpenVINO run that export in the same interleaved run
+(dcvit_engine.peers); a peer that is not installed or cannot load it is a line with the
+reason."""
 import json
+import tempfile
 
 import torch
 
@@ -48,6 +52,10 @@ def register(subparsers):
                         help="timm create_model keyword arguments of --teacher")
     parser.add_argument("--onnx", default=None, metavar="FILE",
                         help="also time this ONNX export of the model in onnxruntime (CPU), interleaved")
+    parser.add_argument("--peers", action="store_true",
+                        help="also time onnxruntime and OpenVINO (the `peers` extra) on the model's ONNX "
+                             "export (CPU only; written to a temporary folder first), interleaved; "
+                             "a peer that cannot run is listed with the reason")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
@@ -108,10 +116,30 @@ def teacher_runners(args, spec, dtype, device) -> tuple[dict, dict, str | None]:
     return {TIMM_TEACHER: teacher, ENGINE_TEACHER: engine}, {TIMM_TEACHER: macs, ENGINE_TEACHER: macs}, note
 
 
+def add_peers(runners, macs, model, folder, dtype, have_onnx: bool) -> dict[str, str]:
+    """onnxruntime and OpenVINO on the model's export into `folder` join `runners` under
+    their own names (the --onnx file's onnxruntime stays as it is); returns the reasons of
+    those that cannot run."""
+    from dcvit_engine.peers import Unavailable, export_when_needed, open_peers, runtime_versions
+
+    versions = runtime_versions()
+    unavailable = {}
+    export = export_when_needed(model, folder)
+    for peer, runner in open_peers(*export, dtype, torch.get_num_threads()).items():
+        name = f"{peer} {versions[peer]}".split("-")[0]
+        if isinstance(runner, Unavailable):
+            unavailable[peer] = runner.reason
+        elif not (peer == "onnxruntime" and have_onnx):
+            runners[name], macs[name] = runner, macs[ENGINE]
+    return unavailable
+
+
 def run(args):
     if args.teacher_kwargs and not args.teacher:
         raise CommandError("--teacher-kwargs needs --teacher NAME")
     device = resolve_device(args.device)
+    if args.peers and device.type != "cpu":
+        raise CommandError("--peers runs onnxruntime and OpenVINO on the CPU; add --device cpu")
     session = open_onnx(args.onnx, device) if args.onnx else None
     if session is not None and args.dtype is None:
         # Compare like with like: without --dtype the engine runs in the file's dtype.
@@ -133,11 +161,17 @@ def run(args):
     if session is not None:
         runners["onnxruntime"] = onnx_runner(session, args.onnx, images)
         macs["onnxruntime"] = macs[ENGINE]
-    with backend_errors_as_command_errors():
-        if len(runners) == 1:
-            timings = {ENGINE: measure_throughput(engine, images, warmup=args.warmup, repeats=args.repeats)}
-        else:
-            timings = time_interleaved(runners, images, warmup=args.warmup, repeats=args.repeats)
+    with tempfile.TemporaryDirectory(prefix="dcvit-bench-peers-") as folder:
+        unavailable = {}
+        if args.peers:
+            unavailable = add_peers(runners, macs, model, folder, dtype, "onnxruntime" in runners)
+        notes += [f"{peer}: unavailable: {why}" for peer, why in unavailable.items()]
+        with backend_errors_as_command_errors():
+            if len(runners) == 1:
+                timings = {ENGINE: measure_throughput(engine, images, warmup=args.warmup,
+                                                      repeats=args.repeats)}
+            else:
+                timings = time_interleaved(runners, images, warmup=args.warmup, repeats=args.repeats)
     result = _result(args, name, device, dtype, engine, macs, timings, notes)
     if args.json:
         print(json.dumps(result, indent=2))
