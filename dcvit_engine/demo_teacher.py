@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from .atomic import atomic_folder
 from .digits import DIGITS_MEAN, DIGITS_NUM_CLASSES, DIGITS_STD, digits_splits
 from .errors import InputError
 from .jsonfile import load_json_file
+from .progress import progress_bar
 
 TIMM_ARCH = "vit_tiny_patch16_224"
 _FORMAT_VERSION = 2  # bump when the training code changes what a config produces
@@ -155,7 +155,7 @@ def _train(config: DemoTeacherConfig, progress: bool) -> tuple[torch.nn.Module, 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     start = time.perf_counter()
     model.train()
-    bar = tqdm(range(config.epochs), desc="training demo teacher", disable=not progress, leave=False)
+    bar = progress_bar(range(config.epochs), desc="training demo teacher", disable=not progress)
     for _ in bar:
         order = torch.randperm(len(train_x), generator=generator)
         for step in range(steps_per_epoch):

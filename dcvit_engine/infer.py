@@ -25,7 +25,6 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm import tqdm
 
 from .atomic import atomic_open
 from .data import load_image_folder, nonfinite_mask, refuse_nonfinite
@@ -39,6 +38,7 @@ from .preprocess import (
     normalize,
     read_bytes,
 )
+from .progress import progress_bar
 
 DECODE_CHOICES = ("auto", "cpu", "device")
 
@@ -164,8 +164,8 @@ def _predict_shard(engine: Engine, loader: DataLoader, prepare, batch_size: int,
     pad = device.type == "cuda"  # one batch size -> one CUDA graph; pad the last batch
     indices, classes, probs = [], [], []
     nonfinite = torch.zeros(2, dtype=torch.long, device=device)
-    with torch.no_grad(), tqdm(total=len(loader.sampler), unit="img", disable=not progress,
-                               desc="infer") as bar:
+    with torch.no_grad(), progress_bar(total=len(loader.sampler), unit="img", disable=not progress,
+                                       desc="infer") as bar:
         for images, _, batch_indices in _device_batches(loader, prepare, device):
             count = images.shape[0]
             if pad and count < batch_size:

@@ -22,9 +22,9 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..errors import InputError
+from ..progress import progress_bar
 from .fewshot import check_images, check_labels, official_augment
 
 Trainable = Callable[[str], bool] | Iterable[str] | Iterable[nn.Parameter] | None
@@ -188,7 +188,7 @@ def _run(student: nn.Module, params: list[nn.Parameter], batches, iters: int, lr
         p.requires_grad_(id(p) in chosen)
     optimizer, schedule = _optimizer(optimizer, params, lr, weight_decay, iters)
     history: list[float] = []
-    bar = tqdm(total=iters, desc=desc, disable=not progress, leave=False)
+    bar = progress_bar(total=iters, desc=desc, disable=not progress)
     try:
         student.train()
         for step, (x, y) in enumerate(batches, start=1):

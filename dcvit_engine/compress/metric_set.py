@@ -26,10 +26,10 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..atomic import atomic_path
 from ..errors import InputError
+from ..progress import progress_bar
 from .checkpoint import tensor_digest
 
 _REFERENCE_SIZE = 224   # DeepInversion's resolution, for which jitter = 30 px
@@ -181,7 +181,7 @@ def synthesize_metric_set(teacher: nn.Module, num_images: int = 50, iters: int =
         optimizer = torch.optim.Adam([images], lr=lr, betas=(0.5, 0.9), eps=1e-8)
         targets_on_device = targets.to(device)
         best_loss, best_images, history = math.inf, images.detach().clone(), []
-        for step in tqdm(range(iters), desc="metric set (DeepInversion)", disable=not progress, leave=False):
+        for step in progress_bar(range(iters), desc="metric set (DeepInversion)", disable=not progress):
             if step < warmup_iters:
                 step_lr = lr * (step + 1) / warmup_iters
             else:
