@@ -26,7 +26,8 @@ from .kernels.fused_linear import fold_layer_norm
 from .kernels.head_padding import pad_heads, padded_width
 from .ops.dispatch import requested_backend
 from .reference import ViTReference, classify, merge_metric, merge_tokens
-from .spec import MergeSpec, ViTSpec, merge_schedule, refuse_v2_features
+from .rope import half_rotation_order, rope_tables
+from .spec import MergeSpec, ViTSpec, merge_schedule
 
 GRAPH_WARMUP_RUNS = 3  # eager runs on a side stream before capture (cuBLAS/Triton autotune, lazy init)
 
@@ -44,12 +45,14 @@ class EngineBlock(nn.Module):
         self.has_attn = block.attn is not None
         self.has_mlp = block.mlp_hidden > 0
         self.mlp_hidden = block.mlp_hidden
-        self.qk_norm = False
+        self.mlp_act, self.mlp_gated = block.mlp_act, block.mlp_gated
+        self.qk_norm = self.rope = False
         if self.has_attn:
             attn = block.attn
             self.qk_dims, self.v_dims = list(attn.qk_dims), list(attn.v_dims)
             self.scale = float(attn.scale)
             self.qk_norm = attn.qk_norm
+            self.rope = spec.rope is not None
             self.register_buffer("norm1_weight", prepare(state[name + "norm1.weight"]))
             self.register_buffer("norm1_bias", prepare(state[name + "norm1.bias"]))
             self.register_buffer("qkv_weight", prepare(state[name + "attn.qkv.weight"]))
@@ -61,6 +64,11 @@ class EngineBlock(nn.Module):
                 for part in ("weight", "bias"):
                     self.register_buffer(f"{norm}_{part}",
                                          _optional(state, f"{name}attn.{norm}.{part}", prepare))
+            for part in ("weight", "bias"):  # attn.norm: the inner norm before proj
+                self.register_buffer(f"inner_norm_{part}",
+                                     _optional(state, f"{name}attn.norm.{part}", prepare))
+            if self.rope:
+                self._rotate_half_layout(spec, state.get(name + "attn.rope_freqs"))
             self._pad_heads()
         if self.has_mlp:
             for key, buffer in (("norm2.weight", "norm2_weight"), ("norm2.bias", "norm2_bias"),
@@ -68,6 +76,35 @@ class EngineBlock(nn.Module):
                                 ("mlp.fc2.weight", "fc2_weight"), ("mlp.fc2.bias", "fc2_bias")):
                 self.register_buffer(buffer, prepare(state[name + key]))
             self.register_buffer("ls2", _optional(state, name + "ls2.gamma", prepare))
+            self.register_buffer("mlp_norm_weight", _optional(state, name + "mlp.norm.weight", prepare))
+            self.register_buffer("mlp_norm_bias", _optional(state, name + "mlp.norm.bias", prepare))
+
+    def _rotate_half_layout(self, spec: ViTSpec, freqs) -> None:
+        """RoPE for the attention op (its contract: the half layout, tables per q channel).
+        Each head's q and k rows (and q/k-norm weights) are reordered into the half layout
+        (rope.half_rotation_order: exact, q.k is unchanged by a permutation of both), and the
+        tables get one row per token: the prefix tokens' rows rotate by nothing (cos 1, sin 0).
+        Float32 tables (the op's contract), as timm takes its angles in float32."""
+        order = half_rotation_order(spec).to(self.qkv_weight.device)
+        heads, width = len(self.qk_dims), self.qk_dims[0]  # RoPE keeps every q/k head whole
+        rows = torch.cat([h * width + order for h in range(heads)])
+        rows = torch.cat([rows, heads * width + rows, 2 * heads * width +
+                          torch.arange(sum(self.v_dims), device=rows.device)])
+        self.qkv_weight = self.qkv_weight[rows].contiguous()
+        if self.qkv_bias is not None:
+            self.qkv_bias = self.qkv_bias[rows].contiguous()
+        if self.qk_norm:
+            for norm in ("q_norm_weight", "q_norm_bias", "k_norm_weight", "k_norm_bias"):
+                setattr(self, norm, getattr(self, norm)[order].contiguous())
+        sin, cos = rope_tables(spec, layout="half", dtype=torch.float32, device=self.qkv_weight.device,
+                               freqs=freqs)
+        if sin.dim() == 2:  # one table for every head
+            sin, cos = sin.repeat(1, heads), cos.repeat(1, heads)
+        else:  # mixed: each head its own table, side by side in the packed q channels
+            sin, cos = sin.permute(1, 0, 2).flatten(1), cos.permute(1, 0, 2).flatten(1)
+        prefix = spec.num_prefix_tokens
+        self.register_buffer("rope_sin", F.pad(sin, (0, 0, prefix, 0), value=0.0).contiguous())
+        self.register_buffer("rope_cos", F.pad(cos, (0, 0, prefix, 0), value=1.0).contiguous())
 
     def _pad_heads(self) -> None:
         """The widths the attention op runs (`kernel_qk_dims`, `kernel_v_dims`): every head
@@ -77,8 +114,8 @@ class EngineBlock(nn.Module):
         qk_dims/v_dims stay the real widths."""
         self.kernel_qk_dims, self.kernel_v_dims = self.qk_dims, self.v_dims
         self.register_buffer("key_columns", None, persistent=False)
-        if self.qk_norm:
-            return
+        if self.qk_norm or self.rope or self.inner_norm_weight is not None:
+            return  # norms over a head's (or all heads') real width, and RoPE's pairs, need them unpadded
         padded = pad_heads(self.qk_dims, self.v_dims, self.qkv_weight, self.qkv_bias, self.proj_weight)
         if padded.qk_dims == self.qk_dims and padded.v_dims == self.v_dims:
             return
@@ -98,6 +135,14 @@ class EngineBlock(nn.Module):
         if self.has_mlp:
             parts.append(f"mlp {self.mlp_hidden}")  # the spec's width, not the padded one
         return "; ".join(parts) or "identity"
+
+
+def _mlp_hints(block: EngineBlock) -> dict:
+    """The Triton MLP's folded weights (fold_block_norms), passed only where they exist."""
+    hints = dict(fc1_folded=block.fc1_folded)
+    if block.fc2_folded is not None:
+        hints["fc2_folded"] = block.fc2_folded
+    return hints
 
 
 def _optional(state: dict, key: str, prepare):
@@ -124,7 +169,11 @@ def attention_residual(block: EngineBlock, x: torch.Tensor, key_bias: torch.Tens
                               block.qkv_bias, block.proj_weight, block.proj_bias,
                               block.kernel_qk_dims, block.kernel_v_dims, block.scale,
                               eps=block.eps, gamma=block.ls1, key_bias=key_bias, q_norm=q_norm,
-                              k_norm=k_norm, backend=backend, qkv_folded=block.qkv_folded)
+                              k_norm=k_norm, rope_cos=block.rope_cos if block.rope else None,
+                              rope_sin=block.rope_sin if block.rope else None,
+                              inner_norm_weight=block.inner_norm_weight,
+                              inner_norm_bias=block.inner_norm_bias, backend=backend,
+                              qkv_folded=block.qkv_folded)
     if not want_metric:
         return out, None
     qk_total = sum(block.kernel_qk_dims)  # the padded widths (see EngineBlock._pad_heads)
@@ -148,7 +197,9 @@ def pad_mlp_hidden(engine: "Engine") -> None:
     bias entries of zero give GELU(0) = 0 activations, which meet zero fc2 columns, so the
     result is exact. MACs and `dcvit info` read the spec, which keeps the real width."""
     for block in engine.blocks:
-        hidden = block.fc1_weight.shape[0] if block.has_mlp else 0
+        if not block.has_mlp or block.mlp_gated or block.mlp_norm_weight is not None:
+            continue  # a gated fc1 pairs its two halves; an inner norm averages over the real width
+        hidden = block.fc1_weight.shape[0]
         extra = padded_width(hidden) - hidden  # idempotent
         if extra:
             block.fc1_weight = F.pad(block.fc1_weight, (0, 0, 0, extra))
@@ -168,6 +219,9 @@ def fold_block_norms(engine: "Engine") -> None:
                                            block.fc1_bias) if fold and block.has_mlp else None
         block.qkv_folded = fold_layer_norm(block.norm1_weight, block.norm1_bias, block.qkv_weight,
                                            block.qkv_bias) if fold and block.has_attn else None
+        inner = fold and block.has_mlp and block.mlp_norm_weight is not None
+        block.fc2_folded = fold_layer_norm(block.mlp_norm_weight, block.mlp_norm_bias, block.fc2_weight,
+                                           block.fc2_bias) if inner else None
 
 
 class Engine(nn.Module):
@@ -196,15 +250,23 @@ class Engine(nn.Module):
 
         self.register_buffer("patch_weight", prepare(state["patch_embed.proj.weight"]))
         self.register_buffer("patch_bias", _optional(state, "patch_embed.proj.bias", prepare))
-        pos = prepare(state["pos_embed"])
-        prefix = [prepare(state[k]) for k in ("cls_token", "dist_token") if k in state]
+        pos = _optional(state, "pos_embed", prepare)  # None: no absolute position embedding
+        # class, distillation, register tokens: the prefix, in timm's order
+        prefix = [prepare(state[k]) for k in ("cls_token", "dist_token", "reg_token") if k in state]
+        prefix = torch.cat(prefix, dim=1) if prefix else None
         num_prefix = spec.num_prefix_tokens
-        if not spec.no_embed_class and num_prefix:
+        if pos is not None and not spec.no_embed_class and num_prefix:
             # the prefix tokens' position embedding is constant: add it once, here
-            prefix = [t + pos[:, i:i + 1] for i, t in enumerate(prefix)]
-            pos = pos[:, num_prefix:].contiguous()
-        self.register_buffer("prefix_tokens", torch.cat(prefix, dim=1).contiguous() if prefix else None)
-        self.register_buffer("pos_embed", pos)
+            prefix = prefix + pos[:, :num_prefix]
+            pos = pos[:, num_prefix:]
+        self.register_buffer("prefix_tokens", None if prefix is None else prefix.contiguous())
+        self.register_buffer("pos_embed", None if pos is None else pos.contiguous())
+        # the attention-pool head (global_pool 'map'): timm's AttentionPoolLatent, computed by the
+        # reference's attention_pool on the final tokens (plain torch; one latent query per image)
+        self.attn_pool = nn.Module()
+        for key in sorted(k for k in state if k.startswith("attn_pool.")):
+            buffer = key.removeprefix("attn_pool.").replace(".", "__")  # buffer names take no dots
+            self.attn_pool.register_buffer(buffer, prepare(state[key]))
         for norm in ("norm_pre", "norm", "fc_norm"):
             self.register_buffer(f"{norm}_weight", _optional(state, f"{norm}.weight", prepare))
             self.register_buffer(f"{norm}_bias", _optional(state, f"{norm}.bias", prepare))
@@ -226,7 +288,7 @@ class Engine(nn.Module):
         # engine.to(...) / .half() / .cuda(): keep the expected device and dtype in step with
         # the buffers; graphs captured for the old ones are dropped
         super()._apply(fn, recurse)
-        self.device, self.dtype = self.pos_embed.device, self.pos_embed.dtype
+        self.device, self.dtype = self.patch_weight.device, self.patch_weight.dtype
         self.cuda_graphs = self._graphs_requested and self.device.type == "cuda"
         self._graphs.clear()
         if runs_triton(self):
@@ -275,7 +337,9 @@ class Engine(nn.Module):
         """Tokens after the final norm, (B, N, D) with N after all merges (no input checks)."""
         spec, backend = self.spec, self.backend
         x = F.conv2d(images, self.patch_weight, self.patch_bias, stride=spec.patch_size)
-        x = x.flatten(2).transpose(1, 2) + self.pos_embed
+        x = x.flatten(2).transpose(1, 2)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
         if self.prefix_tokens is not None:
             x = torch.cat([self.prefix_tokens.expand(x.shape[0], -1, -1), x], dim=1)
         if self.norm_pre_weight is not None:
@@ -291,8 +355,10 @@ class Engine(nn.Module):
             if block.has_mlp:
                 x = ops.mlp_block(x, block.norm2_weight, block.norm2_bias, block.fc1_weight,
                                   block.fc1_bias, block.fc2_weight, block.fc2_bias,
-                                  eps=spec.norm_eps, gamma=block.ls2, backend=backend,
-                                  fc1_folded=block.fc1_folded)
+                                  eps=spec.norm_eps, gamma=block.ls2, act=block.mlp_act,
+                                  gated=block.mlp_gated, inner_norm_weight=block.mlp_norm_weight,
+                                  inner_norm_bias=block.mlp_norm_bias, backend=backend,
+                                  **_mlp_hints(block))
         if self.norm_weight is not None:
             x = F.layer_norm(x, (spec.embed_dim,), self.norm_weight, self.norm_bias, spec.norm_eps)
         return x
@@ -305,8 +371,9 @@ class Engine(nn.Module):
             weight = getattr(self, f"{name}_weight")
             return None if weight is None else (weight, getattr(self, f"{name}_bias"))
 
+        attn_pool = {name.replace("__", "."): t for name, t in self.attn_pool.named_buffers()}
         return classify(self.spec, feats, head=pair("head"), head_dist=pair("head_dist"),
-                        fc_norm=pair("fc_norm"))
+                        fc_norm=pair("fc_norm"), attn_pool=attn_pool or None)
 
     # ---- CUDA graphs ----------------------------------------------------------------
     def _replay(self, images: torch.Tensor) -> torch.Tensor:
@@ -433,9 +500,8 @@ def build_engine(model_or_artifact, backend: str | None = None, dtype=None, devi
     through torch.compile(fullgraph=True) (inside the CUDA graph when both are on).
     """
     spec, state = _source_spec_state(model_or_artifact)
-    refuse_v2_features(spec, "the engine")  # until its ops run them (issue 19, item 5)
     requested_backend(backend)  # rejects unknown backend names with the list of choices
-    reference_tensor = state["pos_embed"]
+    reference_tensor = state["patch_embed.proj.weight"]
     device = _resolve_device(device if device is not None else reference_tensor.device)
     if device.type == "meta":
         raise InputError("the model's weights are on the meta device; load real weights first")
