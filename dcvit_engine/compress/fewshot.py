@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..data import IMAGENET_MEAN, IMAGENET_STD, check_finite
 from ..errors import InputError
-from ..reference import ViTReference, reference_from_timm
+from ..reference import ViTReference, activation, reference_from_timm
 
 
 def as_reference(model, head_required: bool = True) -> ViTReference:
@@ -162,13 +162,22 @@ def mean_mlp_activations(model: ViTReference, images: torch.Tensor, blocks, batc
     counts: dict[int, int] = {}
 
     def hook_for(index):
+        mlp = model.blocks[index].mlp
+
         def hook(_module, _inputs, output):
-            total = output.double().sum(dim=(0, 1)).cpu()
+            # fc1's output through the block's activation (gated: act(gate) * value): the hidden
+            # neurons as fc2 (or the inner norm) receives them
+            if mlp.gated:
+                gate, value = output.chunk(2, dim=-1)
+                hidden = activation(mlp.act, gate) * value
+            else:
+                hidden = activation(mlp.act, output)
+            total = hidden.double().sum(dim=(0, 1)).cpu()
             sums[index] = total if index not in sums else sums[index] + total
-            counts[index] = counts.get(index, 0) + output.shape[0] * output.shape[1]
+            counts[index] = counts.get(index, 0) + hidden.shape[0] * hidden.shape[1]
         return hook
 
-    handles = [model.blocks[i].mlp.act.register_forward_hook(hook_for(i)) for i in blocks]
+    handles = [model.blocks[i].mlp.fc1.register_forward_hook(hook_for(i)) for i in blocks]
     was_training = model.training
     model.eval()
     try:
