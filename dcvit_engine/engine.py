@@ -155,16 +155,15 @@ def attention_residual(block: EngineBlock, x: torch.Tensor, key_bias: torch.Tens
     """x + gamma * proj(MHA(LN(x))) through the attention op, and the merge metric (see
     reference.merge_metric) when want_metric, else None.
 
-    q/k-norm blocks let the op choose ("auto": the first backend that computes q/k-norm,
-    the torch backend today) whatever the engine's backend, so a model with q/k-norm runs
-    on every backend. The op does not return its keys, so a merging block recomputes them:
-    LayerNorm plus the k rows of qkv, N x D x qk_total MACs, a small fraction of the block.
+    Every backend of the op computes q/k-norm, RoPE and the inner norm. The op does not
+    return its keys, so a merging block recomputes them: LayerNorm plus the k rows of qkv,
+    N x D x qk_total MACs, a small fraction of the block (merges and RoPE do not meet: the
+    spec refuses them together).
     """
     q_norm = k_norm = None
     if block.qk_norm:
         q_norm = (block.q_norm_weight, block.q_norm_bias)
         k_norm = (block.k_norm_weight, block.k_norm_bias)
-        backend = "auto"
     out = ops.attention_block(x, block.norm1_weight, block.norm1_bias, block.qkv_weight,
                               block.qkv_bias, block.proj_weight, block.proj_bias,
                               block.kernel_qk_dims, block.kernel_v_dims, block.scale,

@@ -128,8 +128,8 @@ def test_token_merging(kind, backend):
 
 @pytest.mark.parametrize("kind", ["tome", "atme"])
 def test_token_merging_distilled_with_qk_norm(kind):
-    # qk_norm runs on the attention op's torch backend (the engine asks for "auto" there), and
-    # the merge metric comes from the normalised keys
+    # qk_norm runs on the engine's backend (the cpu op computes it), and the merge metric comes
+    # from the normalised keys
     check_engine(randomize(ViTReference(merging_spec(kind, dist_token=True, qk_norm=True))), "cpu",
                  torch.float32)
 
@@ -147,7 +147,7 @@ def test_triton_interpreter_tiny_model(kind):
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_fullgraph_compile_on_cpu(backend):
-    # merges, proportional attention, qk_norm (the op's torch backend), ragged heads, removed branches
+    # merges, proportional attention, qk_norm (on the engine's backend), ragged heads, removed branches
     reference = randomize(ViTReference(merging_spec("tome", qk_norm=True)))
     engine = build_engine(reference, backend=backend)
     images = images_for(reference.spec, 2).float()
