@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from dcvit_engine.atomic import atomic_path
+from dcvit_engine.atomic import save_figure
 from dcvit_engine.compress.structure import compressed_spec, default_candidates, plan_dcvit
 from dcvit_engine.engine import build_engine, parse_dtype
 from dcvit_engine.macs import block_macs, count_macs
@@ -156,11 +156,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
         right.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def format_table(rows: list[dict]) -> str:

@@ -32,7 +32,7 @@ import time
 import timm
 import torch
 
-from dcvit_engine.atomic import atomic_path
+from dcvit_engine.atomic import save_figure
 from dcvit_engine.engine import build_engine, parse_dtype
 from dcvit_engine.macs import count_macs
 from dcvit_engine.peers import (
@@ -182,11 +182,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def parse_args(argv=None):

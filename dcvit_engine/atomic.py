@@ -46,6 +46,17 @@ def atomic_path(path: str | os.PathLike):
         raise
 
 
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> None:
+    """Write a matplotlib figure as a PNG atomically (never a half-written plot), then close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
+
+
 @contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", **open_kwargs):
     """open() for writing, made atomic as above; the data is flushed to disk before the rename."""

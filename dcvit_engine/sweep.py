@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_open, atomic_path
+from .atomic import atomic_open, save_figure
 from .engine import build_engine
 from .errors import InputError
 from .macs import count_macs
@@ -328,9 +328,5 @@ def plot_sweep(rows: list[SweepRow], path: str | os.PathLike, title: str = "") -
         fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=120)
     return path
