@@ -5,6 +5,7 @@
 #include "cpu_attention.h"
 #include "cpu_linear.h"
 #include "functional_from_out.h"
+#include "op_schema.h"
 
 #include <torch/library.h>
 
@@ -383,7 +384,8 @@ at::Tensor& attention_block_out_cpu(const at::Tensor& x, const at::Tensor& norm_
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(dcvit, m) {
-  m.def(
+  define_with_out(
+      m,
       "attention_block(Tensor x, Tensor norm_weight, Tensor norm_bias, Tensor qkv_weight, "
       "Tensor? qkv_bias, Tensor proj_weight, Tensor? proj_bias, int[] qk_dims, int[] v_dims, "
       "float scale, float eps, Tensor? gamma, Tensor? key_bias, Tensor? q_norm_weight=None, "
@@ -391,14 +393,6 @@ TORCH_LIBRARY_FRAGMENT(dcvit, m) {
       "Tensor? rope_cos=None, Tensor? rope_sin=None, Tensor? rope_index=None, "
       "Tensor? inner_norm_weight=None, "
       "Tensor? inner_norm_bias=None) -> Tensor");
-  m.def(
-      "attention_block.out(Tensor x, Tensor norm_weight, Tensor norm_bias, Tensor qkv_weight, "
-      "Tensor? qkv_bias, Tensor proj_weight, Tensor? proj_bias, int[] qk_dims, int[] v_dims, "
-      "float scale, float eps, Tensor? gamma, Tensor? key_bias, Tensor? q_norm_weight=None, "
-      "Tensor? q_norm_bias=None, Tensor? k_norm_weight=None, Tensor? k_norm_bias=None, "
-      "Tensor? rope_cos=None, Tensor? rope_sin=None, Tensor? rope_index=None, "
-      "Tensor? inner_norm_weight=None, "
-      "Tensor? inner_norm_bias=None, *, Tensor(a!) out) -> Tensor(a!)");
 }
 
 TORCH_LIBRARY_IMPL(dcvit, CPU, m) {

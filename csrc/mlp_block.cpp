@@ -3,6 +3,7 @@
 
 #include "cpu_linear.h"
 #include "functional_from_out.h"
+#include "op_schema.h"
 
 #include <torch/library.h>
 
@@ -192,16 +193,12 @@ at::Tensor& mlp_block_out_cpu(const at::Tensor& x, const at::Tensor& norm_weight
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(dcvit, m) {
-  m.def(
+  define_with_out(
+      m,
       "mlp_block(Tensor x, Tensor norm_weight, Tensor norm_bias, Tensor fc1_weight, "
       "Tensor fc1_bias, Tensor fc2_weight, Tensor fc2_bias, float eps, Tensor? gamma, "
       "str act=\"gelu\", bool gated=False, Tensor? inner_norm_weight=None, "
       "Tensor? inner_norm_bias=None) -> Tensor");
-  m.def(
-      "mlp_block.out(Tensor x, Tensor norm_weight, Tensor norm_bias, Tensor fc1_weight, "
-      "Tensor fc1_bias, Tensor fc2_weight, Tensor fc2_bias, float eps, Tensor? gamma, "
-      "str act=\"gelu\", bool gated=False, Tensor? inner_norm_weight=None, "
-      "Tensor? inner_norm_bias=None, *, Tensor(a!) out) -> Tensor(a!)");
 }
 
 TORCH_LIBRARY_IMPL(dcvit, CPU, m) {

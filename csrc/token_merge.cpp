@@ -2,6 +2,7 @@
 #include "token_merge.h"
 
 #include "functional_from_out.h"
+#include "op_schema.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -393,23 +394,17 @@ at::Tensor& atme_unmerge_out_cpu(const at::Tensor& x, int64_t grid_h, int64_t gr
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(dcvit, m) {
-  m.def(
+  define_with_out(
+      m,
       "tome_merge(Tensor x, Tensor metric, int r, Tensor? size, bool class_token, "
-      "bool distill_token) -> (Tensor, Tensor)");
-  m.def(
-      "tome_merge.out(Tensor x, Tensor metric, int r, Tensor? size, bool class_token, "
-      "bool distill_token, *, Tensor(a!) out, Tensor(b!) size_out) -> (Tensor(a!), Tensor(b!))");
-  m.def(
+      "bool distill_token) -> (Tensor, Tensor)",
+      {"out", "size_out"});
+  define_with_out(
+      m,
       "atme_merge(Tensor x, Tensor metric, int grid_h, int grid_w, str axis, "
-      "int num_prefix_tokens, Tensor? size) -> (Tensor, Tensor)");
-  m.def(
-      "atme_merge.out(Tensor x, Tensor metric, int grid_h, int grid_w, str axis, "
-      "int num_prefix_tokens, Tensor? size, *, Tensor(a!) out, Tensor(b!) size_out) -> "
-      "(Tensor(a!), Tensor(b!))");
-  m.def("atme_unmerge(Tensor x, int grid_h, int grid_w, str axis, int num_prefix_tokens) -> Tensor");
-  m.def(
-      "atme_unmerge.out(Tensor x, int grid_h, int grid_w, str axis, int num_prefix_tokens, *, "
-      "Tensor(a!) out) -> Tensor(a!)");
+      "int num_prefix_tokens, Tensor? size) -> (Tensor, Tensor)",
+      {"out", "size_out"});
+  define_with_out(m, "atme_unmerge(Tensor x, int grid_h, int grid_w, str axis, int num_prefix_tokens) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dcvit, CPU, m) {

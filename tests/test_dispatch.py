@@ -6,7 +6,7 @@ import torch
 
 from dcvit_engine import _native, ops
 from dcvit_engine.ops.define import schema_arguments
-from dcvit_engine.ops.dispatch import ENV_VAR, PRIORITY, Impl, OpDispatcher
+from dcvit_engine.ops.dispatch import ENV_VAR, Impl, OpDispatcher
 
 TOY_PRIORITY = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
@@ -83,24 +83,58 @@ def test_a_refusal_describes_the_inputs():
     assert "fc1_weight: (7, 16) float64 on cpu" in message and "eps: 1e-06" in message
 
 
+def _out_schema(name, schema):
+    """The `.out` schema csrc/op_schema.h's define_with_out derives from an op's schema."""
+    head, _, returns = schema.partition(") -> ")
+    count = returns.count("Tensor")
+    aliases = "abcdefgh"[:count]
+    names = ["out", "size_out"][:count]
+    outs = ", ".join(f"Tensor({a}!) {n}" for a, n in zip(aliases, names))
+    results = ", ".join(f"Tensor({a}!)" for a in aliases)
+    return f"dcvit::{name}.out{head}, *, {outs}) -> " + (f"({results})" if count > 1 else results)
+
+
 @pytest.mark.skipif(_native.LOAD_ERROR is not None, reason="dcvit_engine._C is not loaded")
 def test_each_op_has_one_schema_the_same_in_cpp_and_python():
     for name, op in ops.OPS.items():
-        native = getattr(torch.ops.dcvit, name).default._schema
-        assert [a.name for a in native.arguments] == op.arguments, name
-        assert str(native) == f"dcvit::{name}{op.spec.schema}", name
-        triton = getattr(torch.ops.dcvit, f"_triton_{name}").default._schema
-        # the Triton op: the public schema plus its optional hints, nothing else
-        assert [a.name for a in triton.arguments][:len(op.arguments)] == op.arguments, name
-        assert all(a.default_value is None for a in triton.arguments[len(op.arguments):])
+        schema = op.definition.schema
+        if {"cpu", "cuda"} & set(op.backends):
+            native = getattr(torch.ops.dcvit, name)
+            assert [a.name for a in native.default._schema.arguments] == op.arguments, name
+            assert str(native.default._schema) == f"dcvit::{name}{schema}", name
+            # define_with_out made `.out` from the same string, and impl_with_out implements it
+            assert str(native.out._schema) == _out_schema(name, schema), name
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dcvit::{name}.out", "CPU"), name
+        else:
+            assert not hasattr(torch.ops.dcvit, name), f"{name} declares no compiled backend"
+        if "triton" in op.backends:
+            triton = getattr(torch.ops.dcvit, f"_triton_{name}").default._schema
+            # the Triton op: the public schema plus its optional hints, nothing else
+            assert [a.name for a in triton.arguments][:len(op.arguments)] == op.arguments, name
+            assert all(a.default_value is None for a in triton.arguments[len(op.arguments):])
         assert not hasattr(torch.ops.dcvit, f"{name}_triton"), "no second public op"
-    assert set(ops.OPS) == set(PRIORITY)
+
+
+def test_each_op_offers_only_the_backends_it_declares():
+    for name, op in ops.OPS.items():
+        assert "torch" in op.backends and set(op.backends) <= set(ops.BACKENDS), name
+        assert set(op.dispatcher.impls) == set(op.backends), name
+        args, options = op.definition.example(torch.Generator().manual_seed(0))
+        assert set(op.reasons(*args, **options)) == set(op.backends), name
 
 
 def test_ops_take_backend_by_keyword_only():
     import inspect
-    for fn in (ops.mlp_block, ops.attention_block, ops.tome_merge, ops.atme_merge, ops.atme_unmerge):
-        assert inspect.signature(fn).parameters["backend"].kind is inspect.Parameter.KEYWORD_ONLY
+    for name, op in ops.OPS.items():
+        for fn in (op.function, getattr(ops, name, op.function)):
+            assert inspect.signature(fn).parameters["backend"].kind is inspect.Parameter.KEYWORD_ONLY, name
+        assert "backend" not in inspect.signature(op.backends_function).parameters, name
+        assert op.function.__name__ == name and op.backends_function.__name__ == f"{name}_backends"
+
+
+def test_op_spec_is_the_old_name_of_its_definition():
+    op = next(iter(ops.OPS.values()))
+    assert op.spec is op.definition
 
 
 def test_schema_arguments():

@@ -17,7 +17,7 @@ from dcvit_engine import _native
 from dcvit_engine.devices import resolve_device
 from dcvit_engine.engine import parse_dtype
 from dcvit_engine.errors import InputError
-from dcvit_engine.ops import BACKENDS, OPS, PRIORITY
+from dcvit_engine.ops import OPS
 from dcvit_engine.ops.dispatch import OTHER_DEVICE_ORDER, triton_interpreting
 from dcvit_engine.ops.tolerance import error_budget, rel_err
 
@@ -72,9 +72,9 @@ def _compiled_ops() -> str:
 
 def print_priority(device: torch.device) -> None:
     print(f"\nbackend order (dcvit_engine/ops/dispatch.py PRIORITY; '*': this device, {device.type}):")
-    devices = sorted({d for row in PRIORITY.values() for d in row})
-    for name in OPS:
-        row = PRIORITY[name]
+    devices = sorted({d for op in OPS.values() for d in op.dispatcher.priority})
+    for name, op in OPS.items():
+        row = op.dispatcher.priority
         cells = [f"{'*' if d == device.type else ' '}{d}: {' > '.join(row[d])}" for d in devices]
         print(f"  {name:16} " + "   ".join(f"{c:34}" for c in cells).rstrip())
     print(f"  other devices: {' > '.join(OTHER_DEVICE_ORDER)}")
@@ -83,7 +83,7 @@ def print_priority(device: torch.device) -> None:
 def check_op(op, device, dtype, seed, example=None, variant="") -> int:
     """Prints one op's table for one dtype on its example (or the named variant's); returns
     the number of wrong or failing backends."""
-    args64, options = (example or op.spec.example)(torch.Generator().manual_seed(seed))
+    args64, options = (example or op.definition.example)(torch.Generator().manual_seed(seed))
     args = _cast(args64, dtype, device)
     options = dict(zip(options, _cast(options.values(), dtype, device)))
     ref_args = _cast(args, torch.float64, torch.device("cpu"))
@@ -91,7 +91,7 @@ def check_op(op, device, dtype, seed, example=None, variant="") -> int:
     ref = _flat(op.run_backend("torch", *ref_args, **ref_options))
     same_precision = _flat(op.run_backend("torch", *args, **options))
     reasons = op.reasons(*args, **options)
-    order = PRIORITY[op.name].get(device.type, OTHER_DEVICE_ORDER)
+    order = op.dispatcher.order(device.type)
     chosen = next((b for b in order if reasons.get(b) is None), None)
     shape = tuple(args[0].shape)
     label = f"{op.name} ({variant})" if variant else op.name
@@ -100,10 +100,7 @@ def check_op(op, device, dtype, seed, example=None, variant="") -> int:
           "ms is one call with first-use costs, not a ranking):")
     print(f"  {'backend':8} {'status':8} {'rel. error':>11} {'budget':>10} {'ms':>9}")
     wrong = 0
-    for backend in BACKENDS:
-        if backend not in reasons:
-            print(f"  {backend:8} {'-':8} no {backend} implementation")
-            continue
+    for backend in op.backends:  # only those the op declares (OpDef.backends)
         if reasons[backend] is not None:
             print(f"  {backend:8} {'off':8} {reasons[backend]}")
             continue
@@ -142,7 +139,7 @@ def run(args):
     print_priority(device)
     wrong = sum(check_op(op, device, dtype, args.seed, example, variant)
                 for op in OPS.values()
-                for variant, example in [("", None), *op.spec.variants.items()]
+                for variant, example in [("", None), *op.definition.variants.items()]
                 for dtype in dtypes)
     verdict = f"{wrong} wrong or failing" if wrong else "every available backend matches the reference"
     print(f"\n{verdict}")

@@ -22,9 +22,8 @@ from dcvit_engine.kernels.attention import (
     flash_attention_why_not,
 )
 from dcvit_engine.kernels.fused_linear import FoldedNorm
-from dcvit_engine.ops.checks import check_like_x
+from dcvit_engine.ops.checks import check_folded, check_like_x
 from dcvit_engine.ops.define import OpDef, define_op
-from dcvit_engine.ops.mlp_block import check_folded
 
 
 def head_widths(qk_dims, v_dims) -> tuple[list[int], list[int]]:
@@ -47,15 +46,22 @@ def head_widths(qk_dims, v_dims) -> tuple[list[int], list[int]]:
     return qk, v
 
 
+def pair_tensors(name, pair) -> tuple:
+    """(weight, bias) of a LayerNorm pair, (None, None) for None; ValueError for anything else."""
+    if pair is None:
+        return None, None
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or pair[0] is None or pair[1] is None:
+        raise ValueError(f"attention_block: {name} must be a (weight, bias) pair of LayerNorm "
+                         f"tensors, got {type(pair).__name__}")
+    return tuple(pair)
+
+
 def _check_pair(name, pair, shape, expected):
     """A (weight, bias) LayerNorm pair or None; adds its tensors to `expected` for
     check_like_x."""
     if pair is None:
         return
-    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or pair[0] is None or pair[1] is None:
-        raise ValueError(f"attention_block: {name} must be a (weight, bias) pair of LayerNorm "
-                         f"tensors, got {type(pair).__name__}")
-    for part, tensor in zip(("weight", "bias"), pair):
+    for part, tensor in zip(("weight", "bias"), pair_tensors(name, pair)):
         expected[f"{name} {part}"] = (tensor, shape)
 
 
@@ -194,40 +200,10 @@ def _example_eva(generator):
             index, norms[2], rnd(sum(v), scale=0.1)), {}
 
 
-ATTENTION_BLOCK = define_op(OpDef(
-    name="attention_block",
-    schema="(Tensor x, Tensor norm_weight, Tensor norm_bias, Tensor qkv_weight, Tensor? qkv_bias, "
-           "Tensor proj_weight, Tensor? proj_bias, int[] qk_dims, int[] v_dims, float scale, "
-           "float eps, Tensor? gamma, Tensor? key_bias, Tensor? q_norm_weight=None, "
-           "Tensor? q_norm_bias=None, Tensor? k_norm_weight=None, Tensor? k_norm_bias=None, "
-           "Tensor? rope_cos=None, Tensor? rope_sin=None, Tensor? rope_index=None, "
-           "Tensor? inner_norm_weight=None, Tensor? inner_norm_bias=None) -> Tensor",
-    reference=attention_block_ref,
-    fake=_fake,
-    triton=attention_block_triton,
-    # fold_layer_norm's result for qkv, all three or none (see attention_block)
-    triton_options={"qkv_folded": (FoldedNorm, "Tensor? qkv_folded_weight=None, "
-                                               "Tensor? qkv_folded_bias=None, Tensor? qkv_weight_sums=None")},
-    why_not={"triton": _triton_why_not},
-    gemm=True,
-    example=_example,
-    variants={"eva": _example_eva},
-))
-OP = ATTENTION_BLOCK.name
-
-
-def _schema_extras(q_norm, k_norm, rope_cos, rope_sin, rope_index, inner_norm_weight,
-                   inner_norm_bias):
-    # the schema's trailing optional tensors, in order
-    q_pair, k_pair = q_norm or (None, None), k_norm or (None, None)
-    return (*q_pair, *k_pair, rope_cos, rope_sin, rope_index, inner_norm_weight, inner_norm_bias)
-
-
-def attention_block(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias,
-                    qk_dims, v_dims, scale, *, eps=1e-6, gamma=None, key_bias=None, q_norm=None,
-                    k_norm=None, rope_cos=None, rope_sin=None, rope_index=None,
-                    inner_norm_weight=None, inner_norm_bias=None, backend=None,
-                    qkv_folded: FoldedNorm | None = None):
+def _public(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias,
+            qk_dims, v_dims, scale, *, eps=1e-6, gamma=None, key_bias=None, q_norm=None,
+            k_norm=None, rope_cos=None, rope_sin=None, rope_index=None, inner_norm_weight=None,
+            inner_norm_bias=None):
     """x + gamma * proj(InnerNorm(MHA(LayerNorm(x)))) for x (B, N, D) with pruned heads and
     channels.
 
@@ -252,30 +228,53 @@ def attention_block(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight
     norm pass the real widths (their norms and channel pairs are the real channels'): the
     Triton impl pads those per call and keeps the padding out of them.
     """
-    inner_norm = None if inner_norm_weight is None and inner_norm_bias is None else \
-        (inner_norm_weight, inner_norm_bias)
-    qk_dims, v_dims = check_attention_block_args(x, norm_weight, norm_bias, qkv_weight, qkv_bias,
-                                                 proj_weight, proj_bias, qk_dims, v_dims, scale,
-                                                 gamma, key_bias, q_norm, k_norm,
-                                                 (rope_cos, rope_sin, rope_index), inner_norm)
+    q_pair, k_pair = pair_tensors("q_norm", q_norm), pair_tensors("k_norm", k_norm)
+    qk_dims, v_dims = head_widths(qk_dims, v_dims)
+    # a scale that is not a number reaches the check as it is, which names it
+    scale = float(scale) if isinstance(scale, (int, float)) else scale
+    return (x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias, qk_dims, v_dims,
+            scale, float(eps), gamma, key_bias, *q_pair, *k_pair, rope_cos, rope_sin,
+            rope_index, inner_norm_weight, inner_norm_bias)
+
+
+def _pair(weight, bias):
+    return None if weight is None and bias is None else (weight, bias)
+
+
+def _check(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias, qk_dims, v_dims,
+           scale, eps, gamma, key_bias, q_norm_weight=None, q_norm_bias=None, k_norm_weight=None,
+           k_norm_bias=None, rope_cos=None, rope_sin=None, rope_index=None, inner_norm_weight=None,
+           inner_norm_bias=None, qkv_folded=None):
+    check_attention_block_args(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias,
+                               qk_dims, v_dims, scale, gamma, key_bias, _pair(q_norm_weight, q_norm_bias),
+                               _pair(k_norm_weight, k_norm_bias), (rope_cos, rope_sin, rope_index),
+                               _pair(inner_norm_weight, inner_norm_bias))
     if qkv_folded is not None:
         check_folded(qkv_folded, qkv_weight, x, name="qkv_folded")
-    extras = _schema_extras(q_norm, k_norm, rope_cos, rope_sin, rope_index, inner_norm_weight,
-                            inner_norm_bias)
-    return ATTENTION_BLOCK(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias,
-                           qk_dims, v_dims, float(scale), float(eps), gamma, key_bias, *extras,
-                           backend=backend, qkv_folded=qkv_folded)
 
 
-def attention_block_backends(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight,
-                             proj_bias, qk_dims, v_dims, scale, *, eps=1e-6, gamma=None,
-                             key_bias=None, q_norm=None, k_norm=None, rope_cos=None, rope_sin=None,
-                             rope_index=None, inner_norm_weight=None,
-                             inner_norm_bias=None) -> dict[str, str | None]:
-    """Each backend's reason for refusing these inputs (None: available)."""
-    qk_dims, v_dims = head_widths(qk_dims, v_dims)
-    extras = _schema_extras(q_norm, k_norm, rope_cos, rope_sin, rope_index, inner_norm_weight,
-                            inner_norm_bias)
-    return ATTENTION_BLOCK.reasons(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight,
-                                   proj_bias, qk_dims, v_dims, float(scale), float(eps), gamma,
-                                   key_bias, *extras)
+ATTENTION_BLOCK = define_op(OpDef(
+    name="attention_block",
+    schema="(Tensor x, Tensor norm_weight, Tensor norm_bias, Tensor qkv_weight, Tensor? qkv_bias, "
+           "Tensor proj_weight, Tensor? proj_bias, int[] qk_dims, int[] v_dims, float scale, "
+           "float eps, Tensor? gamma, Tensor? key_bias, Tensor? q_norm_weight=None, "
+           "Tensor? q_norm_bias=None, Tensor? k_norm_weight=None, Tensor? k_norm_bias=None, "
+           "Tensor? rope_cos=None, Tensor? rope_sin=None, Tensor? rope_index=None, "
+           "Tensor? inner_norm_weight=None, Tensor? inner_norm_bias=None) -> Tensor",
+    backends=("torch", "cpu", "cuda", "triton"),
+    reference=attention_block_ref,
+    fake=_fake,
+    triton=attention_block_triton,
+    check=_check,
+    public=_public,
+    # fold_layer_norm's result for qkv, all three or none (see attention_block)
+    triton_options={"qkv_folded": (FoldedNorm, "Tensor? qkv_folded_weight=None, "
+                                               "Tensor? qkv_folded_bias=None, Tensor? qkv_weight_sums=None")},
+    why_not={"triton": _triton_why_not},
+    gemm=True,
+    example=_example,
+    variants={"eva": _example_eva},
+))
+OP = ATTENTION_BLOCK.name
+attention_block = ATTENTION_BLOCK.function
+attention_block_backends = ATTENTION_BLOCK.backends_function

@@ -39,6 +39,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #   and SDPA. fp32 on CUDA is refused by Triton and goes to the cuda impl.
 # - token merges: the compiled CUDA kernels first; not yet measured against Triton.
 # A GPU measurement replaces these rows (bench_mlp_block / bench_attention / bench_token_merge).
+# An op without a row here gets default_priority over the backends it declares.
 _CPU_ORDER = ("cpu", "torch")
 PRIORITY = {
     "mlp_block": {"cuda": ("triton", "cuda", "torch"), "cpu": _CPU_ORDER},
@@ -49,6 +50,15 @@ PRIORITY = {
 }
 # Devices other than these run the torch reference only.
 OTHER_DEVICE_ORDER = ("torch",)
+# The order of an op that has no measured row: compiled kernels, then Triton, then torch.
+_DEFAULT_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": _CPU_ORDER}
+
+
+def default_priority(op: str, backends: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """The op's PRIORITY row, else the default order over the backends it declares."""
+    if op in PRIORITY:
+        return PRIORITY[op]
+    return {device: tuple(b for b in order if b in backends) for device, order in _DEFAULT_ORDER.items()}
 
 
 class BackendUnavailableError(UserError, RuntimeError):
@@ -92,10 +102,10 @@ class OpDispatcher:
 
     def __init__(self, op: str, impls: Sequence[Impl], priority: dict | None = None,
                  arg_names: Sequence[str] = ()):
-        # `priority` overrides the PRIORITY table (tests); every op takes its row from it
+        # `priority` overrides the PRIORITY table (tests, ops without a row there)
         self.op = op
         self.impls = {impl.backend: impl for impl in impls}
-        self.priority = priority if priority is not None else PRIORITY[op]
+        self.priority = priority if priority is not None else default_priority(op, list(self.impls))
         self.arg_names = list(arg_names)
 
     def order(self, device_type: str) -> tuple[str, ...]:

@@ -14,7 +14,7 @@ import torch
 
 from dcvit_engine.kernels.fused_linear import ACTIVATIONS, FoldedNorm
 from dcvit_engine.kernels.mlp_block import mlp_block_ref, mlp_block_triton
-from dcvit_engine.ops.checks import check_like_x
+from dcvit_engine.ops.checks import check_folded, check_like_x
 from dcvit_engine.ops.define import OpDef, define_op
 
 
@@ -50,21 +50,6 @@ def check_mlp_block_args(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_we
         raise ValueError(f"mlp_block: x must be a floating-point tensor, got {x.dtype}")
 
 
-def check_folded(folded: FoldedNorm, weight, x, name="fc1_folded"):
-    """Raises ValueError unless `folded` matches `weight` (N, D) and x's device."""
-    width = weight.shape[0]
-    if tuple(folded.weight.shape) != tuple(weight.shape) or folded.weight.dtype != x.dtype:
-        raise ValueError(f"{name}.weight must be {x.dtype} of shape {tuple(weight.shape)}; "
-                         "make it with fold_layer_norm from this block's weights")
-    for part in ("bias", "sums"):
-        t = getattr(folded, part)
-        if tuple(t.shape) != (width,) or t.dtype != torch.float32:
-            raise ValueError(f"{name}.{part} must be float32 of shape ({width},); "
-                             "make it with fold_layer_norm")
-    if any(t.device != x.device for t in folded):
-        raise ValueError(f"{name} is not on {x.device}, where x is")
-
-
 def _fake(x, *args):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
@@ -89,32 +74,9 @@ def _example(generator, act="gelu", gated=False, inner_norm=False):
     return (rnd(2, tokens, dim), *weights, 1e-6, rnd(dim).abs() + 0.1, act, gated, *inner), {}
 
 
-MLP_BLOCK = define_op(OpDef(
-    name="mlp_block",
-    schema="(Tensor x, Tensor norm_weight, Tensor norm_bias, Tensor fc1_weight, Tensor fc1_bias, "
-           "Tensor fc2_weight, Tensor fc2_bias, float eps, Tensor? gamma, str act=\"gelu\", "
-           "bool gated=False, Tensor? inner_norm_weight=None, Tensor? inner_norm_bias=None) -> Tensor",
-    reference=mlp_block_ref,
-    fake=_fake,
-    triton=mlp_block_triton,
-    # fold_layer_norm's results, all three fields or none (see mlp_block): fc1's with the
-    # block norm, fc2's with the inner norm
-    triton_options={"fc1_folded": (FoldedNorm, "Tensor? fc1_folded_weight=None, "
-                                               "Tensor? fc1_folded_bias=None, Tensor? fc1_weight_sums=None"),
-                    "fc2_folded": (FoldedNorm, "Tensor? fc2_folded_weight=None, "
-                                               "Tensor? fc2_folded_bias=None, Tensor? fc2_weight_sums=None")},
-    gemm=True,
-    example=_example,
-    variants={name: partial(_example, act=act, gated=gated, inner_norm=inner)
-              for name, (act, gated, inner) in VARIANTS.items()},
-))
-OP = MLP_BLOCK.name
-
-
-def mlp_block(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *,
-              eps=1e-6, gamma=None, act="gelu", gated=False, inner_norm_weight=None,
-              inner_norm_bias=None, backend=None, fc1_folded: FoldedNorm | None = None,
-              fc2_folded: FoldedNorm | None = None):
+def _public(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *,
+            eps=1e-6, gamma=None, act="gelu", gated=False, inner_norm_weight=None,
+            inner_norm_bias=None):
     """x + gamma * fc2(inner_norm(act(fc1(LayerNorm(x))))) for x (..., D), fc1 (H, D), fc2 (D, H).
 
     gamma is LayerScale (D,) or None. `act` in ACTIVATIONS ("gelu" exact, "gelu_tanh",
@@ -128,6 +90,12 @@ def mlp_block(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_b
     made once (the engine does at build time) for the Triton impl; without them Triton folds
     per call.
     """
+    return (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, float(eps), gamma,
+            act, bool(gated), inner_norm_weight, inner_norm_bias)
+
+
+def _check(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, gamma, act,
+           gated, inner_norm_weight, inner_norm_bias, fc1_folded=None, fc2_folded=None):
     check_mlp_block_args(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma,
                          act, gated, inner_norm_weight, inner_norm_bias)
     if fc1_folded is not None:
@@ -136,13 +104,30 @@ def mlp_block(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_b
         if inner_norm_weight is None:
             raise ValueError("mlp_block: fc2_folded (the inner norm folded into fc2) needs inner_norm_weight")
         check_folded(fc2_folded, fc2_weight, x, name="fc2_folded")
-    return MLP_BLOCK(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, float(eps),
-                     gamma, act, bool(gated), inner_norm_weight, inner_norm_bias, backend=backend,
-                     fc1_folded=fc1_folded, fc2_folded=fc2_folded)
 
 
-def mlp_block_backends(x, *weights, gamma=None, eps=1e-6, act="gelu", gated=False,
-                       inner_norm_weight=None, inner_norm_bias=None) -> dict[str, str | None]:
-    """Each backend's reason for refusing these inputs (None: available)."""
-    return MLP_BLOCK.reasons(x, *weights, float(eps), gamma, act, bool(gated), inner_norm_weight,
-                             inner_norm_bias)
+MLP_BLOCK = define_op(OpDef(
+    name="mlp_block",
+    schema="(Tensor x, Tensor norm_weight, Tensor norm_bias, Tensor fc1_weight, Tensor fc1_bias, "
+           "Tensor fc2_weight, Tensor fc2_bias, float eps, Tensor? gamma, str act=\"gelu\", "
+           "bool gated=False, Tensor? inner_norm_weight=None, Tensor? inner_norm_bias=None) -> Tensor",
+    backends=("torch", "cpu", "cuda", "triton"),
+    reference=mlp_block_ref,
+    fake=_fake,
+    triton=mlp_block_triton,
+    check=_check,
+    public=_public,
+    # fold_layer_norm's results, all three fields or none (see mlp_block): fc1's with the
+    # block norm, fc2's with the inner norm
+    triton_options={"fc1_folded": (FoldedNorm, "Tensor? fc1_folded_weight=None, "
+                                               "Tensor? fc1_folded_bias=None, Tensor? fc1_weight_sums=None"),
+                    "fc2_folded": (FoldedNorm, "Tensor? fc2_folded_weight=None, "
+                                               "Tensor? fc2_folded_bias=None, Tensor? fc2_weight_sums=None")},
+    gemm=True,
+    example=_example,
+    variants={name: partial(_example, act=act, gated=gated, inner_norm=inner)
+              for name, (act, gated, inner) in VARIANTS.items()},
+))
+OP = MLP_BLOCK.name
+mlp_block = MLP_BLOCK.function
+mlp_block_backends = MLP_BLOCK.backends_function

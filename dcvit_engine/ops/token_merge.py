@@ -18,7 +18,7 @@ from dcvit_engine.kernels.token_merge import (
     tome_merge_ref,
     tome_merge_triton,
 )
-from dcvit_engine.ops.checks import check_like_x
+from dcvit_engine.ops.checks import check_int, check_like_x
 from dcvit_engine.ops.define import OpDef, define_op
 
 ATME_AXES = ("w", "h")
@@ -32,11 +32,6 @@ def _check_tokens(op, name, t):
         raise ValueError(f"{op}: {name} must be a (B, N, C) tensor, got {got}")
     if not t.is_floating_point():
         raise ValueError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
-
-
-def _check_int(op, name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{op}: {name} must be an int >= {minimum}, got {value!r}")
 
 
 def _check_metric_and_size(op, x, metric, size):
@@ -57,7 +52,7 @@ def check_tome_merge_args(x, metric, r, size, class_token, distill_token):
     """Raises ValueError naming the argument that is off."""
     op = "tome_merge"
     _check_metric_and_size(op, x, metric, size)
-    _check_int(op, "r", r, 0)
+    check_int(op, "r", r, 0)
     for name, flag in (("class_token", class_token), ("distill_token", distill_token)):
         if not isinstance(flag, bool):
             raise ValueError(f"{op}: {name} must be a bool, got {flag!r}")
@@ -81,7 +76,7 @@ def check_atme_layout(op, x, grid, axis, num_prefix_tokens, merged):
     if axis not in ATME_AXES:
         raise ValueError(f"{op}: axis must be 'w' (pairs in each row) or 'h' (pairs of rows), "
                          f"got {axis!r}")
-    _check_int(op, "num_prefix_tokens", num_prefix_tokens, 0)
+    check_int(op, "num_prefix_tokens", num_prefix_tokens, 0)
     if grid[1 if axis == "w" else 0] < 2:
         raise ValueError(f"{op}: cannot halve axis {axis!r} of grid {grid}: it has length 1")
     layout = atme_merged_grid(grid, axis) if merged else grid
@@ -156,29 +151,9 @@ def _unmerge_example(generator):
     return (x, *_EXAMPLE_GRID, "h", 2), {}
 
 
-TOME_MERGE = define_op(OpDef(
-    name="tome_merge",
-    schema="(Tensor x, Tensor metric, int r, Tensor? size, bool class_token, bool distill_token) "
-           "-> (Tensor, Tensor)",
-    reference=tome_merge_ref, fake=_tome_fake, triton=tome_merge_triton, example=_tome_example,
-))
-ATME_MERGE = define_op(OpDef(
-    name="atme_merge",
-    schema="(Tensor x, Tensor metric, int grid_h, int grid_w, str axis, int num_prefix_tokens, "
-           "Tensor? size) -> (Tensor, Tensor)",
-    reference=_atme_ref, fake=_atme_fake, triton=_atme_triton, example=_atme_example,
-))
-ATME_UNMERGE = define_op(OpDef(
-    name="atme_unmerge",
-    schema="(Tensor x, int grid_h, int grid_w, str axis, int num_prefix_tokens) -> Tensor",
-    reference=_unmerge_ref, fake=_unmerge_fake, triton=_unmerge_triton, example=_unmerge_example,
-))
-TOME_OP, ATME_OP, UNMERGE_OP = TOME_MERGE.name, ATME_MERGE.name, ATME_UNMERGE.name
+# ---- public functions: their signatures and docs; define_op makes the ops from them ----
 
-
-# ---- public functions ---------------------------------------------------------------------
-
-def tome_merge(x, metric, r, size=None, class_token=True, distill_token=False, *, backend=None):
+def _tome_public(x, metric, r, size=None, class_token=True, distill_token=False):
     """ToMe's bipartite soft matching + size-weighted merge; returns (x, size).
 
     x (B, N, C) tokens, metric (B, N, Cm) similarity features of x's dtype (ToMe: the keys
@@ -191,11 +166,10 @@ def tome_merge(x, metric, r, size=None, class_token=True, distill_token=False, *
     distillation token first). `backend` in {torch, cpu, cuda,
     triton} forces an implementation (else DCVIT_BACKEND, else the device's priority list).
     """
-    check_tome_merge_args(x, metric, r, size, class_token, distill_token)
-    return TOME_MERGE(x, metric, r, size, class_token, distill_token, backend=backend)
+    return x, metric, r, size, class_token, distill_token
 
 
-def atme_merge(x, metric, grid, axis, num_prefix_tokens=1, size=None, *, backend=None):
+def _atme_public(x, metric, grid, axis, num_prefix_tokens=1, size=None):
     """CAIT's asymmetric token merge; returns (x, size, new_grid).
 
     x (B, P + H*W, C): P prefix tokens, then the (H, W) = grid tokens row-major. axis "w"
@@ -206,18 +180,53 @@ def atme_merge(x, metric, grid, axis, num_prefix_tokens=1, size=None, *, backend
     source contributes (a dissimilar one, s <= 0, with half its size). Prefix tokens and an
     odd last column/row pass through.
     """
-    grid = check_atme_layout("atme_merge", x, grid, axis, num_prefix_tokens, merged=False)
+    grid = _grid_tuple("atme_merge", grid, "grid")
+    return x, metric, grid[0], grid[1], axis, num_prefix_tokens, size
+
+
+def _atme_check(x, metric, grid_h, grid_w, axis, num_prefix_tokens, size):
+    check_atme_layout("atme_merge", x, (grid_h, grid_w), axis, num_prefix_tokens, merged=False)
     _check_metric_and_size("atme_merge", x, metric, size)
-    out, size_out = ATME_MERGE(x, metric, grid[0], grid[1], axis, num_prefix_tokens, size,
-                               backend=backend)
-    return out, size_out, atme_merged_grid(grid, axis)
 
 
-def atme_unmerge(x, grid_before, axis, num_prefix_tokens=1, *, backend=None):
+def _atme_result(out, x, metric, grid_h, grid_w, axis, num_prefix_tokens, size):
+    return (*out, atme_merged_grid((grid_h, grid_w), axis))
+
+
+def _unmerge_public(x, grid_before, axis, num_prefix_tokens=1):
     """Undoes the layout of atme_merge for dense tasks: (B, P + H*W, C) for grid_before =
     (H, W), each merged token copied to both positions it came from."""
-    grid = check_atme_layout("atme_unmerge", x, grid_before, axis, num_prefix_tokens, merged=True)
-    return ATME_UNMERGE(x, grid[0], grid[1], axis, num_prefix_tokens, backend=backend)
+    grid = _grid_tuple("atme_unmerge", grid_before, "grid_before")
+    return x, grid[0], grid[1], axis, num_prefix_tokens
+
+
+def _unmerge_check(x, grid_h, grid_w, axis, num_prefix_tokens):
+    check_atme_layout("atme_unmerge", x, (grid_h, grid_w), axis, num_prefix_tokens, merged=True)
+
+
+TOME_MERGE = define_op(OpDef(
+    name="tome_merge",
+    schema="(Tensor x, Tensor metric, int r, Tensor? size, bool class_token, bool distill_token) "
+           "-> (Tensor, Tensor)",
+    backends=("torch", "cpu", "cuda", "triton"), reference=tome_merge_ref, fake=_tome_fake,
+    triton=tome_merge_triton, check=check_tome_merge_args, public=_tome_public, example=_tome_example,
+))
+ATME_MERGE = define_op(OpDef(
+    name="atme_merge",
+    schema="(Tensor x, Tensor metric, int grid_h, int grid_w, str axis, int num_prefix_tokens, "
+           "Tensor? size) -> (Tensor, Tensor)",
+    backends=("torch", "cpu", "cuda", "triton"), reference=_atme_ref, fake=_atme_fake,
+    triton=_atme_triton, check=_atme_check, public=_atme_public, result=_atme_result,
+    example=_atme_example,
+))
+ATME_UNMERGE = define_op(OpDef(
+    name="atme_unmerge",
+    schema="(Tensor x, int grid_h, int grid_w, str axis, int num_prefix_tokens) -> Tensor",
+    backends=("torch", "cpu", "cuda", "triton"), reference=_unmerge_ref, fake=_unmerge_fake,
+    triton=_unmerge_triton, check=_unmerge_check, public=_unmerge_public, example=_unmerge_example,
+))
+TOME_OP, ATME_OP, UNMERGE_OP = TOME_MERGE.name, ATME_MERGE.name, ATME_UNMERGE.name
+tome_merge, atme_merge, atme_unmerge = TOME_MERGE.function, ATME_MERGE.function, ATME_UNMERGE.function
 
 
 def token_merge_backends(x) -> dict[str, dict[str, str | None]]:
