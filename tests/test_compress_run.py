@@ -8,17 +8,11 @@ import timm
 import torch
 
 from dcvit_engine.compress import api
-from dcvit_engine.compress.run import COMMON_KEYS, REPORT_FORMAT, block_structure, upgrade_report
+from dcvit_engine.compress.report import COMMON_KEYS, REPORT_FORMAT, block_structure, upgrade_report
 from dcvit_engine.macs import count_macs
 
-# each method at its cheapest: the schema, not the quality, is under test
-CHEAP = {
-    "dcvit": dict(iters=1, select_iters=1, metric_size=2, metric_iters=1, batch_size=4),
-    "practise": dict(iters=1, adaptor_iters=1, batch_size=4),
-    "uvc": dict(iters=2, finetune_iters=1, batch_size=4),
-    "cait": dict(iters=2, finetune_iters=1, batch_size=4),
-    "tome": dict(),
-}
+# each method at its cheapest (its registry entry's `quick`): the schema, not the quality, is under test
+CHEAP = {name: method.quick for name, method in api.METHODS.items()}
 
 
 def tiny_vit():
@@ -27,11 +21,19 @@ def tiny_vit():
         img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3, num_classes=10).eval()
 
 
-def test_registry_covers_every_method_and_the_cheap_settings():
-    assert set(CHEAP) == set(api.METHODS)
-    for method in api.METHODS:
-        assert api.method_function(method).__name__ == f"compress_{method}"
+def test_registry_entries_agree_with_the_methods():
+    import inspect
+    for method, entry in api.METHODS.items():
+        function = api.method_function(method)
+        assert function.__name__ == f"compress_{method}"
         assert set(api.method_cli_options(method)) <= set(api.method_options(method))
+        assert set(entry.quick) <= set(api.method_options(method))
+        params = inspect.signature(function).parameters
+        # a method that needs no target or no images lets the caller leave them out
+        assert (params["target_macs"].default is not None) == entry.needs_target, method
+        assert entry.uses_images or params["images"].default is None, method
+        assert (entry.plan is None) == (api.method_plan(method) is None)
+        assert set(api.plan_options(method)) <= set(api.method_cli_options(method))  # offered by dcvit plan
 
 
 @pytest.mark.parametrize("method", list(CHEAP))
@@ -68,7 +70,7 @@ def test_format_1_reports_read_into_the_schema():
     assert upgrade_report(new) is new  # format 2 as it is
 
 
-@pytest.mark.parametrize("method", ["practise", "uvc", "cait", "tome"])
+@pytest.mark.parametrize("method", list(api.METHODS))
 def test_direct_calls_get_the_shared_checks(method):
     function = api.method_function(method)
     images = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(2))

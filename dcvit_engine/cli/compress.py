@@ -33,7 +33,8 @@ def register(subparsers):
                                    description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser, weights=True)
-    add_data_arguments(parser, num_samples_required=True)
+    # --data and --num-samples: required by the methods that use images (METHODS' uses_images)
+    add_data_arguments(parser, num_samples_required=False, data_required=False)
     add_method_argument(parser)
     add_target_argument(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="artifact folder to write")
@@ -93,34 +94,49 @@ def run(args):
         return _compress(args, out, partial)
 
 
+def _check_data(args) -> None:
+    """--data and --num-samples for a method that uses images; a training-free one needs neither."""
+    if METHODS[args.method].uses_images:
+        missing = [flag for flag, value in (("--data", args.data), ("--num-samples", args.num_samples))
+                   if value is None]
+        if missing:
+            raise CommandError(f"--method {args.method} needs {' and '.join(missing)} (the few-shot images)")
+
+
 def _compress(args, out: Path, partial: Path) -> int:
+    _check_data(args)
     _check_paths(out, partial, args.resume)
     options = _method_options(args)
     started = time.perf_counter()
     model, name = model_from_source(args.artifact, args.model, args.model_kwargs, args.checkpoint,
                                     args.pretrained)
     config = preprocess_from_args(args, model)  # stored in the artifact: eval and infer reuse it
-    images, labels, _classes = images_from_args(args, config, seed=args.seed)
+    images, labels = None, None
+    if args.data is not None:  # a training-free method still checks images it is given
+        images, labels, _classes = images_from_args(args, config, seed=args.seed)
+    num_images = 0 if images is None else int(images.shape[0])
     accepted = method_options(args.method)
     if "checkpoint_dir" in accepted:  # methods with per-step checkpoints resume from OUT.partial
         options.update(checkpoint_dir=partial, resume=args.resume)
     if "labels" in accepted and labels is not None:
         options["labels"] = labels
     loaded_s = time.perf_counter() - started
-    print(f"{name}: {images.shape[0]} images from {args.data}, {args.method} to "
+    print(f"{name}: {num_images} images from {args.data}, {args.method} to "
           f"{args.target_macs} of the MACs")
     print(f"preprocessing: {config.describe()}")
     report = {}
     student = compress(model, images, method=args.method, target_macs=args.target_macs,
                        progress=True, report=report, **options)
-    report.update(model=name, data=str(args.data), num_samples=int(images.shape[0]),
+    report.update(model=name, data=None if args.data is None else str(args.data), num_samples=num_images,
                   load_s=loaded_s, wall_s=time.perf_counter() - started)
     save(student, out, report=report, preprocess=config)
     shutil.rmtree(partial, ignore_errors=True)  # the run is complete: its checkpoints are spent
     macs, teacher_macs = count_macs(student.spec).total, count_macs(model.spec).total
-    blocks = report["extras"].get("chosen_blocks")
-    chosen = f"chosen blocks {blocks} (in order); " if blocks is not None else ""
-    print(f"{chosen}MACs {macs / 1e9:.4f} G = {macs / teacher_macs:.4f} of the teacher's "
+    structure = report["structure"]  # the common report only: the CLI knows no method's extras
+    print(f"{len(structure)} blocks, {sum(b['heads'] > 0 for b in structure)} with attention, "
+          f"{sum(b['mlp_hidden'] > 0 for b in structure)} with an MLP, "
+          f"{sum(b['merge'] is not None for b in structure)} merging tokens")
+    print(f"MACs {macs / 1e9:.4f} G = {macs / teacher_macs:.4f} of the teacher's "
           f"{teacher_macs / 1e9:.4f} G (target {args.target_macs})")
     print(f"wrote {out} ({report['wall_s']:.1f} s)")
     return 0

@@ -36,9 +36,11 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
                         help="resize interpolation (default: the model's own, e.g. bicubic)")
 
 
-def add_data_arguments(parser: argparse.ArgumentParser, *, num_samples_required: bool) -> None:
-    parser.add_argument("--data", required=True, metavar="DIR",
-                        help="image folder: flat (unlabeled) or one subfolder per class (labeled)")
+def add_data_arguments(parser: argparse.ArgumentParser, *, num_samples_required: bool,
+                       data_required: bool = True) -> None:
+    parser.add_argument("--data", required=data_required, metavar="DIR",
+                        help="image folder: flat (unlabeled) or one subfolder per class (labeled)"
+                        + ("" if data_required else "; not needed by a training-free method"))
     parser.add_argument("--num-samples", type=positive_int, required=num_samples_required, default=None,
                         metavar="N", help="use N images of the folder, chosen at random by --seed"
                         + ("" if num_samples_required else " (default: all)"))

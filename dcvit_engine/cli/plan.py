@@ -6,12 +6,11 @@ practise: how many whole blocks are dropped (whole blocks only, so the MACs are 
 Which blocks are compressed is decided by `dcvit compress` from data; every candidate
 block costs the same, so the MACs printed here are the compressed model's.
 """
-import inspect
 import json
 
 from dcvit_engine.cli.method_args import add_method_argument, add_method_options, given_options
 from dcvit_engine.cli.model_args import add_model_arguments, spec_from_args
-from dcvit_engine.compress.api import METHODS, method_plan
+from dcvit_engine.compress.api import METHODS, method_plan, plan_defaults, plan_options
 
 
 def add_target_argument(parser) -> None:
@@ -23,15 +22,10 @@ def planned_methods() -> list[str]:
     return [m for m, entry in METHODS.items() if entry.plan is not None]
 
 
-def plan_options(method: str) -> list[str]:
-    """The keyword options of `method`'s plan function (e.g. num_blocks, candidates)."""
-    params = inspect.signature(method_plan(method)).parameters
-    return [n for n, p in params.items() if p.default is not inspect.Parameter.empty]
-
-
 def make_plan(spec, args):
     """The plan object (e.g. DCViTPlan, BlockDropPlan) the arguments ask for."""
-    options = given_options(args, args.method, args.plan_option_names)
+    # checked against the plan function's options, not the compress function's
+    options = given_options(args, args.method, args.plan_option_names, accepted=plan_options(args.method))
     return method_plan(args.method)(spec, args.target_macs, **options)
 
 
@@ -43,7 +37,8 @@ def register(subparsers):
     add_method_argument(parser, methods)
     add_target_argument(parser)
     names = sorted({n for m in methods for n in plan_options(m)})
-    parser.set_defaults(plan_option_names=add_method_options(parser, methods, names))
+    parser.set_defaults(plan_option_names=add_method_options(parser, methods, names,
+                                                             defaults_of=plan_defaults))
     parser.add_argument("--json", action="store_true",
                         help="print a JSON object (blocks_compressed, hidden_width, macs, teacher_macs, ...)")
     parser.set_defaults(func=run)

@@ -12,7 +12,8 @@ receives the common report (compress/run.py).
 A method `name` is one module, dcvit_engine.compress.<name>, with one entry point
 `compress_<name>(model, images, target_macs, *, ..., report=None)` built on run.MethodRun,
 and CLI_OPTIONS (the options `dcvit compress` offers); its line in METHODS below is all
-that `dcvit compress`, `dcvit sweep`, `dcvit plan` and this function know of it.
+that `dcvit compress`, `dcvit sweep`, `dcvit plan` and this function know of it: what it
+needs (images, a MACs target) and which function plans it.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import functools
 import importlib
 import inspect
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..adapter import spec_from_timm
 from ..errors import InputError
@@ -32,18 +33,28 @@ from ..spec import ViTSpec, refuse_v2_features
 class Method:
     """A registered method `name`: module dcvit_engine.compress.<name>, entry point
     compress_<name>. summary: one line for help texts; plan: the name of a function in the
-    module that plans the structure from the target alone (`dcvit plan`; None when the
-    structure depends on data)."""
+    module that plans the structure from the target alone (`dcvit plan`, which offers its
+    keyword options; None when the structure depends on data); uses_images: False for a
+    training-free method that never looks at images (`dcvit compress` then needs no --data);
+    needs_target: False when target_macs may be None (ToMe: r instead). quick: the cheapest
+    options that run the method end to end (the registry's tests run every method so)."""
     summary: str
     plan: str | None = None
+    uses_images: bool = True
+    needs_target: bool = True
+    quick: dict = field(default_factory=dict, hash=False)
 
 
 METHODS = {
-    "dcvit": Method("drop attention, shrink MLPs (default)", plan="plan_dcvit"),
-    "practise": Method("drop whole blocks", plan="plan_block_drop"),
-    "uvc": Method("prune heads, head channels, MLP neurons and skip blocks"),
-    "cait": Method("grid-keeping token merging plus channel pruning shared by all heads"),
-    "tome": Method("training-free token merging"),
+    "dcvit": Method("drop attention, shrink MLPs (default)", plan="plan_dcvit",
+                    quick=dict(iters=1, select_iters=1, metric_size=2, metric_iters=1, batch_size=4)),
+    "practise": Method("drop whole blocks", plan="plan_block_drop",
+                       quick=dict(iters=1, adaptor_iters=1, batch_size=4)),
+    "uvc": Method("prune heads, head channels, MLP neurons and skip blocks",
+                  quick=dict(iters=2, finetune_iters=1, batch_size=4)),
+    "cait": Method("grid-keeping token merging plus channel pruning shared by all heads",
+                   quick=dict(iters=2, finetune_iters=1, batch_size=4)),
+    "tome": Method("training-free token merging", uses_images=False, needs_target=False),
 }
 # options every method's run scaffold handles (not method settings): the CLI sets them itself
 RUN_OPTIONS = ("device", "seed", "labels", "checkpoint_dir", "resume", "progress", "report")
@@ -100,8 +111,23 @@ def method_cli_options(method: str) -> dict:
 
 def target_required(method: str) -> bool:
     """False for a method whose target_macs may be None (ToMe: r instead)."""
-    target = inspect.signature(method_function(method)).parameters["target_macs"]
-    return target.default is not None
+    return _method(method).needs_target
+
+
+def plan_options(method: str) -> list[str]:
+    """The keyword options of `method`'s plan function ([] without one): what `dcvit plan`
+    offers and accepts for it."""
+    plan = method_plan(method)
+    if plan is None:
+        return []
+    params = inspect.signature(plan).parameters
+    return [n for n, p in params.items() if p.default is not inspect.Parameter.empty]
+
+
+def plan_defaults(method: str) -> dict:
+    """The default of every keyword option of `method`'s plan function."""
+    params = inspect.signature(method_plan(method)).parameters
+    return {n: params[n].default for n in plan_options(method)}
 
 
 def _spec_of(model) -> ViTSpec:

@@ -40,6 +40,7 @@ from ..reference import ViTReference
 from ..spec import ATME_AXES, MergeSpec, ViTSpec, atme_merged_grid, merge_schedule
 from .fewshot import check_labels, check_non_negative, check_positive, predict_logits
 from .finetune import kd_loss
+from .importance import channel_scores, neuron_scores
 from .run import CliOption, MethodRun
 from .slicing import BlockMasks, WidthCosts, apply_masks, slice_model, width_costs
 
@@ -111,29 +112,6 @@ def plan_atme(spec: ViTSpec, target: float, token_share: float = 0.5, first_axis
                          f"a target >= {smallest:.4f}")
     _, _, layers, merged = min(options, key=lambda o: o[:2])
     return layers, merged
-
-
-def neuron_scores(model: ViTReference):
-    """Per block with an MLP: |fc1 row| |fc2 column| of every hidden neuron (None without)."""
-    return [block.mlp.fc1.weight.detach().norm(dim=1) * block.mlp.fc2.weight.detach().norm(dim=0)
-            if spec.mlp_hidden else None for block, spec in zip(model.blocks, model.spec.blocks)]
-
-
-def channel_scores(model: ViTReference):
-    """Per block with attention: (q/k scores (d,), v scores (d,)), each summed over heads:
-    |q row| |k row| for a q/k channel, |v row| |proj column| for a v channel."""
-    out = []
-    for block, spec in zip(model.blocks, model.spec.blocks):
-        if spec.attn is None:
-            out.append(None)
-            continue
-        heads, d, total = spec.attn.num_heads, spec.attn.qk_dims[0], spec.attn.qk_total
-        rows = block.attn.qkv.weight.detach().norm(dim=1)
-        q, k, v = (rows[:total].view(heads, d), rows[total:2 * total].view(heads, d),
-                   rows[2 * total:].view(heads, d))
-        proj = block.attn.proj.weight.detach().norm(dim=0).view(heads, d)
-        out.append(((q * k).sum(0), (v * proj).sum(0)))
-    return out
 
 
 def _init_logits(scores: torch.Tensor) -> torch.Tensor:

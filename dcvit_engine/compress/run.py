@@ -13,80 +13,27 @@ NaN/Inf, NaN/Inf teacher outputs on them: one-line ValueErrors), the same device
 (devices.resolve_device), progress lines, the per-step run checkpoint (checkpoint.RunCheckpoint,
 keyed by the settings and the teacher's and images' digests) and the report below.
 
-The report (REPORT_FORMAT 2), the same keys for every method:
-  method, report_format;
-  target_macs: {"ratio", "macs"} asked for (None when the method was given no target, e.g.
-      ToMe with r); teacher_macs, achieved_macs, achieved_ratio (dcvit_engine.macs counts);
-  structure: per block of the student, its attention heads and q/k and v widths (None when
-      removed), MLP hidden width and token merge;
-  finetune_iters: {"student", "per_step", "steps", "selection"}: iterations that trained the
-      student, and those spent choosing its structure (block scoring, search, gate learning);
-  timings: seconds per phase and total_s; settings: the run's options; num_images; device;
-      resumed;
-  extras: everything method-specific (plans, scores, chosen blocks, losses, search state).
-`dcvit compress` adds CLI_KEYS (the model, the data, load and wall time) to the saved report.
-Reports of format 1 (before this scaffold) are read with `upgrade_report`.
+The report's schema is compress/report.py's; the options a method offers `dcvit compress`
+are compress/options.py's CliOption.
 """
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from ..data import nonfinite_rows, refuse_nonfinite
 from ..devices import resolve_device
-from ..errors import InputError
 from ..macs import count_macs
 from ..reference import ViTReference
 from .checkpoint import RunCheckpoint, model_digest, tensor_digest
 from .fewshot import ProgressLog, as_reference, check_images, on_device
 from .finetune import kd_finetune
+from .options import CliOption, block_list  # noqa: F401  (the method modules' import of them)
+from .report import REPORT_FORMAT, block_structure
 from .structure import check_target_ratio
-
-REPORT_FORMAT = 2
-COMMON_KEYS = ("method", "report_format", "target_macs", "teacher_macs", "achieved_macs", "achieved_ratio",
-               "structure", "finetune_iters", "timings", "settings", "num_images", "device", "resumed",
-               "extras")
-CLI_KEYS = ("model", "data", "num_samples", "load_s", "wall_s")  # what `dcvit compress` adds
-
-
-@dataclass(frozen=True)
-class CliOption:
-    """How `dcvit compress` (and `dcvit plan`) offer one keyword option of a method: a method
-    module's CLI_OPTIONS maps option names to these. The CLI adds each method's default, read
-    off its signature; type defaults to the type of that default."""
-    help: str
-    type: Callable | None = None
-    choices: tuple | None = None
-    flag: str | None = None      # default: --option-name
-    metavar: str | None = None
-
-
-def block_list(text: str) -> list[int]:
-    """'1,2,5' -> [1, 2, 5]: block indices as the command line gives them (--candidates)."""
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise InputError(f"--candidates takes block indices separated by commas (e.g. 1,2,3), "
-                         f"got {text!r}") from None
-
-
-def block_structure(spec) -> list[dict]:
-    """The report's `structure`: what each block of `spec` keeps."""
-    out = []
-    for block in spec.blocks:
-        attn = block.attn
-        merge = block.merge
-        out.append(dict(
-            heads=0 if attn is None else attn.num_heads,
-            qk=None if attn is None else list(attn.qk_dims), v=None if attn is None else list(attn.v_dims),
-            mlp_hidden=block.mlp_hidden,
-            merge=None if merge is None else (dict(kind="tome", r=merge.r) if merge.kind == "tome"
-                                              else dict(kind=merge.kind, axis=merge.axis))))
-    return out
 
 
 @torch.no_grad()
@@ -106,14 +53,16 @@ class MethodRun:
     """One compression run (see the module docstring).
 
     images_required: False for training-free methods (images may be None; given ones are
-    still checked). head_required: the method compares class distributions, so the teacher
+    still checked). settings: the run's options, for the report (a method with checkpoints
+    gives them to `checkpoint` instead; `finish(settings=...)` takes those known only later).
+    head_required: the method compares class distributions, so the teacher
     needs its classifier. move: False keeps the teacher where it is (a method that computes
     nothing on it), else it is copied to the chosen device.
     """
 
     def __init__(self, method: str, model, images, target_macs, *, device=None, progress: bool = False,
                  target_required: bool = True, images_required: bool = True, head_required: bool = True,
-                 move: bool = True):
+                 move: bool = True, settings: dict | None = None):
         self.method = method
         self.started = time.perf_counter()
         self.target_ratio = (None if target_macs is None and not target_required
@@ -130,7 +79,7 @@ class MethodRun:
             check_teacher_outputs(self.teacher, images, self.device)
         self.teacher_macs = count_macs(self.spec).total
         self.log = ProgressLog(progress, method)
-        self.settings: dict = {}
+        self.settings: dict = dict(settings or {})
         self.resumed = False
 
     def checkpoint(self, folder, resume: bool, settings: dict, **digests) -> RunCheckpoint:
@@ -187,9 +136,12 @@ class MethodRun:
                            extras=dict(extras, finetune_losses=losses))
 
     def finish(self, student: ViTReference, report: dict | None, *, finetune_iters: dict | None = None,
-               timings: dict | None = None, extras: dict | None = None) -> ViTReference:
-        """The student in eval mode; `report` (when given) receives the common report."""
+               timings: dict | None = None, extras: dict | None = None,
+               settings: dict | None = None) -> ViTReference:
+        """The student in eval mode; `report` (when given) receives the common report, with
+        `settings` added to the run's."""
         student.eval()
+        self.settings.update(settings or {})
         if report is not None:
             achieved = count_macs(student.spec).total
             timings = dict(timings or {})
@@ -207,36 +159,3 @@ class MethodRun:
                 num_images=0 if self.images is None else int(self.images.shape[0]),
                 device=str(self.device), resumed=self.resumed, extras=extras or {})
         return student
-
-
-# format-1 keys that were common in spirit but named per method
-_OLD_TARGET_RATIO = ("target_ratio",)
-_OLD_ACHIEVED_RATIO = ("kept_ratio",)
-
-
-def upgrade_report(report: dict) -> dict:
-    """A report as REPORT_FORMAT describes it: format-2 reports are returned as they are; a
-    format-1 report (saved before the common schema) gets the common keys it can be given
-    (target_macs, achieved_ratio, finetune_iters, timings, extras) and its other keys under
-    extras. The saved file is never changed."""
-    if report.get("report_format") == REPORT_FORMAT:
-        return report
-    old = dict(report)
-    teacher, achieved = old.get("teacher_macs"), old.get("achieved_macs")
-    target = old.get("target_macs")
-    if not isinstance(target, dict):
-        ratio = next((old[k] for k in _OLD_TARGET_RATIO if old.get(k) is not None), None)
-        target = None if ratio is None or teacher is None else dict(ratio=ratio, macs=round(ratio * teacher))
-    achieved_ratio = old.get("achieved_ratio", next((old[k] for k in _OLD_ACHIEVED_RATIO if k in old), None))
-    if achieved_ratio is None and teacher and achieved is not None:
-        achieved_ratio = achieved / teacher
-    common = dict(method=old.get("method"), report_format=REPORT_FORMAT, target_macs=target,
-                  teacher_macs=teacher, achieved_macs=achieved, achieved_ratio=achieved_ratio,
-                  structure=None, finetune_iters=old.get("finetune_iters") or {},
-                  timings=old.get("timings") or {}, settings=old.get("settings") or {},
-                  num_images=old.get("num_images"), device=old.get("device"),
-                  resumed=old.get("resumed", False))
-    moved = _OLD_TARGET_RATIO + _OLD_ACHIEVED_RATIO
-    common.update({k: old[k] for k in CLI_KEYS if k in old})
-    common["extras"] = {k: v for k, v in old.items() if k not in common and k not in moved}
-    return common

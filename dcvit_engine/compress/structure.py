@@ -38,9 +38,11 @@ class BlockCost:
         return self.mlp // self.hidden
 
 
-class _Plan:
-    """What every plan offers: the error against the target and JSON data (`dcvit plan
-    --json`, the report's extras), which each plan extends with its own keys."""
+class Plan:
+    """The base of every plan (a plan function's result, `dcvit plan`): a frozen dataclass
+    with at least target_ratio, teacher_macs, target_macs and macs (the planned model's), and
+    `summary()`, lines for a person. It offers the error against the target and JSON data
+    (`dcvit plan --json`, the report's extras), which each plan extends with its own keys."""
     method = ""
 
     @property
@@ -49,18 +51,20 @@ class _Plan:
         return self.macs / self.target_macs - 1.0
 
     def to_dict(self) -> dict:
-        data = asdict(self)
-        data["candidates"] = list(self.candidates)
+        data = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
         data.update(method=self.method, relative_error=self.relative_error,
                     kept_ratio=self.macs / self.teacher_macs, **self._extra_keys())
         return data
+
+    def summary(self) -> str:
+        raise NotImplementedError(f"{type(self).__name__} must say what it plans in summary()")
 
     def _extra_keys(self) -> dict:
         return {}
 
 
 @dataclass(frozen=True)
-class DCViTPlan(_Plan):
+class DCViTPlan(Plan):
     """How many blocks lose their attention and the hidden width their MLPs keep."""
     target_ratio: float
     teacher_macs: int
@@ -110,7 +114,7 @@ class DCViTPlan(_Plan):
 
 
 @dataclass(frozen=True)
-class BlockDropPlan(_Plan):
+class BlockDropPlan(Plan):
     """PRACTISE: how many whole blocks to drop; its achievable MACs are discrete."""
     target_ratio: float
     teacher_macs: int

@@ -134,6 +134,6 @@ def compress_tome(model, images=None, target_macs: float | None = None, *, r: in
     with torch.device("meta"):  # same tensor names and shapes: only merges change
         student = ViTReference(new_spec)
     student.load_state_dict(state, strict=True, assign=True)
-    run.settings = dict(r=r, schedule=schedule)
     r_per_block = [b.merge.r if b.merge is not None else 0 for b in new_spec.blocks]
-    return run.finish(student, report, extras=dict(r=r, schedule=schedule, r_per_block=r_per_block))
+    return run.finish(student, report, settings=dict(r=r, schedule=schedule),
+                      extras=dict(r=r, schedule=schedule, r_per_block=r_per_block))

@@ -97,6 +97,7 @@ from ..reference import ViTReference
 from ..spec import AttentionSpec
 from .fewshot import check_labels, check_non_negative, check_positive, predict_logits
 from .finetune import kd_loss
+from .importance import group_scores
 from .run import CliOption, MethodRun
 from .slicing import BlockMasks, WidthCosts, attention_masks, slice_model, width_costs
 
@@ -202,15 +203,6 @@ class UVCSearch(nn.Module):
                    for c_qk, c_v, c_n, live in zip(costs.qk, costs.v, costs.neuron, open_blocks)
                    if live)
         return (costs.fixed + kept) / self.teacher_macs
-
-
-def group_scores(model: ViTReference, heads: int, head_dim: int):
-    """Per block: head scores (H,), channel scores (H, d), neuron scores (hidden,)."""
-    out = []
-    for block in model.blocks:
-        cols = block.attn.proj.weight.detach().pow(2).sum(0).view(heads, head_dim)
-        out.append((cols.sum(1), cols, block.mlp.fc2.weight.detach().pow(2).sum(0)))
-    return out
 
 
 @dataclass

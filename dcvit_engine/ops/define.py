@@ -217,7 +217,9 @@ class Op:
         public = self.definition.public
         if public is not None:
             return tuple(public(*args, **kwargs))
-        return tuple(self._schema_signature().bind(*args, **kwargs).args)
+        bound = self._schema_signature().bind(*args, **kwargs)
+        bound.apply_defaults()
+        return tuple(bound.args)
 
     def _schema_signature(self) -> inspect.Signature:
         parsed = torch._C.parse_schema("dcvit::_parse" + self.definition.schema)
