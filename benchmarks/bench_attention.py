@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dcvit_engine import ops  # noqa: E402
+from dcvit_engine.dtypes import SHORT_DTYPES, device_default  # noqa: E402
 from dcvit_engine.kernels.attention import flash_attention_triton  # noqa: E402
 from dcvit_engine.kernels.fused_linear import fold_layer_norm  # noqa: E402
 from dcvit_engine.kernels.head_padding import pad_heads  # noqa: E402
@@ -46,7 +47,6 @@ from dcvit_engine.ops.attention import attention_block_backends  # noqa: E402
 from dcvit_engine.spec import AttentionSpec  # noqa: E402
 from timing import device_name, matmul_peak_tflops, median_ms, report_table  # noqa: E402
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODELS = {"deit_s": (384, 6), "deit_b": (768, 12)}  # embed dim, heads (head_dim 64)
 HEAD_DIM = 64
 RAGGED_CYCLE = [(64, 64), (17, 5), (40, 33), (25, 26)]
@@ -199,7 +199,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, choices=list(DTYPES),
+    parser.add_argument("--dtype", default=None, choices=list(SHORT_DTYPES),
                         help="default bf16 on GPU, fp32 on CPU")
     parser.add_argument("--batch", type=int, default=None, help="default 256 on GPU, 2 on CPU")
     parser.add_argument("--tokens", type=int, default=None, help="default 197 on GPU, 65 on CPU")
@@ -212,7 +212,7 @@ def main():
         parser.error("--cases must include dense: every ratio is taken against it")
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
+    dtype = SHORT_DTYPES[args.dtype or device_default("cuda" if gpu else "cpu")]
     args.batch = args.batch or (256 if gpu else 2)
     args.tokens = args.tokens or (197 if gpu else 65)
 

@@ -17,6 +17,7 @@ import time
 import torch
 
 from dcvit_engine import ops
+from dcvit_engine.dtypes import SHORT_DTYPES
 from dcvit_engine.kernels.head_padding import pad_heads
 from dcvit_engine.macs import attention_macs
 from dcvit_engine.spec import AttentionSpec
@@ -70,7 +71,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=21)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    dtype = SHORT_DTYPES[args.dtype]
     print(f"cpu backend, {args.threads} thread(s), {dtype}, batch {args.batch}, {args.tokens} tokens, "
           f"median of {args.repeats}")
     run(args.batch, args.tokens, dtype, args.repeats)

@@ -22,11 +22,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dcvit_engine import ops  # noqa: E402
+from dcvit_engine.dtypes import SHORT_DTYPES, device_default  # noqa: E402
 from dcvit_engine.kernels.fused_linear import fold_layer_norm  # noqa: E402
 from dcvit_engine.ops.mlp_block import mlp_block_backends  # noqa: E402
 from timing import copy_bandwidth_gbs, device_name, matmul_peak_tflops, median_ms, report_table  # noqa: E402
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def unfused(x, nw, nb, w1, b1, w2, b2, gamma):
@@ -47,7 +46,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, choices=list(DTYPES),
+    parser.add_argument("--dtype", default=None, choices=list(SHORT_DTYPES),
                         help="default bf16 on GPU, fp32 on CPU")
     parser.add_argument("--rows", type=int, default=None, help="B*N (default 256*197 on GPU, 8*197 on CPU)")
     parser.add_argument("--dim", type=int, default=None, help="D (default 768 on GPU, 384 on CPU)")
@@ -56,7 +55,7 @@ def main():
     args = parser.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
+    dtype = SHORT_DTYPES[args.dtype or device_default("cuda" if gpu else "cpu")]
     rows = args.rows or (256 * 197 if gpu else 8 * 197)
     dim = args.dim or (768 if gpu else 384)
     hiddens = args.hidden or [dim, 2 * dim, 4 * dim]

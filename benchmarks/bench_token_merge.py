@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dcvit_engine import ops  # noqa: E402
+from dcvit_engine.dtypes import SHORT_DTYPES, device_default  # noqa: E402
 from dcvit_engine.ops.token_merge import token_merge_backends  # noqa: E402
 from timing import copy_bandwidth_gbs, device_name, median_ms, report_table  # noqa: E402
 
@@ -53,7 +54,6 @@ def graph_ms(fn, device) -> float:
         fn()
     return median_ms(graph.replay, device)
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODELS = {"deit_s": 384, "deit_b": 768}  # embed dim; the metric is one head's key width
 METRIC_DIM = 64
 CASES = ("tome_r13", "tome_r98", "atme_w", "atme_h", "unmerge_w")
@@ -118,7 +118,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, choices=list(DTYPES),
+    parser.add_argument("--dtype", default=None, choices=list(SHORT_DTYPES),
                         help="default bf16 on GPU, fp32 on CPU")
     parser.add_argument("--batch", type=int, default=None, help="default 256 on GPU, 2 on CPU")
     parser.add_argument("--grid", type=int, default=None,
@@ -129,7 +129,7 @@ def main():
     args = parser.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
+    dtype = SHORT_DTYPES[args.dtype or device_default("cuda" if gpu else "cpu")]
     args.batch = args.batch or (256 if gpu else 2)
     args.grid = args.grid or (14 if gpu else 8)
     if args.batch < 1 or args.grid < 2:

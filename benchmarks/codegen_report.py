@@ -168,6 +168,8 @@ def collect_launches(dtypes=("bf16", "fp16"), archs=(90, 80), only=None, every_s
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from dcvit_engine.dtypes import SHORT_DTYPES
+
     # launchers ask whether a CUDA graph is being captured and which arch runs: no GPU answers
     torch.cuda.is_current_stream_capturing = lambda: False
     launches = collections.OrderedDict()
@@ -175,7 +177,7 @@ def collect_launches(dtypes=("bf16", "fp16"), archs=(90, 80), only=None, every_s
         torch.cuda.get_device_capability = lambda device=None, arch=arch: divmod(arch, 10)
         if _DRIVER is not None:  # launchers may ask triton's driver for the target instead
             _DRIVER.arch = arch
-        model_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[short]
+        model_dtype = SHORT_DTYPES[short]
         for model, dim in MODELS.items():
             for name, run in _workloads(dim):
                 label = f"{model}/{name}"
@@ -192,8 +194,7 @@ def collect_launches(dtypes=("bf16", "fp16"), archs=(90, 80), only=None, every_s
                     # a kernel's dtype is its data's: index-only or fp32 kernels are the same
                     # binary for every model dtype and are compiled once
                     kinds = {a for a in args if isinstance(a, torch.dtype)}
-                    dtype = next((n for t, n in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"),
-                                                 (torch.float32, "fp32")) if t in kinds), "int")
+                    dtype = next((n for n in ("bf16", "fp16", "fp32") if SHORT_DTYPES[n] in kinds), "int")
                     spec = (_spec_key(args) if every_shape
                             else tuple(str(a) for a in args if not isinstance(a, (int, float))))
                     key = (arch, kernel.__name__, spec, tuple(sorted(kwargs.items())))

@@ -195,8 +195,6 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> ViTRefe
         raise InputError(f"{file} is not a readable safetensors file ({err}); the artifact is "
                          "corrupt, re-save the model") from None
     _check_tensors(spec, tensors, file)
-    with torch.device("meta"):  # weights come from the file; skip the random init
-        model = ViTReference(spec)
-    model.load_state_dict(tensors, strict=True, assign=True)
+    model = ViTReference.from_state(spec, tensors)
     model.preprocess = load_preprocess(folder, spec) if (folder / PREPROCESS_FILENAME).is_file() else None
     return model.eval()

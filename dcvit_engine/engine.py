@@ -21,6 +21,13 @@ import torch.nn.functional as F
 from . import ops
 from .adapter import from_timm
 from .devices import resolve_device
+from .dtypes import (  # noqa: F401  (the dtype policy is dtypes.py's; importable here for one release)
+    DTYPES,
+    command_dtype,
+    cpu_has_native_bf16,
+    default_dtype,
+    parse_dtype,
+)
 from .errors import InputError
 from .kernels.fused_linear import fold_layer_norm
 from .kernels.head_padding import pad_heads, padded_width
@@ -417,22 +424,6 @@ class _CapturedGraph:
     static_output: torch.Tensor
 
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-          "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float64": torch.float64}
-
-
-def parse_dtype(dtype) -> torch.dtype:
-    """torch.dtype from a dtype or a name such as 'bf16' / 'float16'."""
-    if isinstance(dtype, torch.dtype):
-        if not dtype.is_floating_point:
-            raise InputError(f"dtype must be a floating-point type, got {dtype}")
-        return dtype
-    if isinstance(dtype, str) and dtype.lower() in DTYPES:
-        return DTYPES[dtype.lower()]
-    raise InputError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-
-
 def _resolve_device(device) -> torch.device:
     """devices.resolve_device, with CUDA's index made explicit (CUDA graphs are per device)."""
     device = resolve_device(device)
@@ -452,39 +443,6 @@ def _source_spec_state(source) -> tuple[ViTSpec, dict[str, torch.Tensor]]:
         return from_timm(source)  # raises UnsupportedModelError for anything else
     raise TypeError(f"build_engine takes a timm VisionTransformer, a ViTReference or an artifact "
                     f"folder path, got {type(source).__name__}")
-
-
-def default_dtype(model_dtype: torch.dtype, device: torch.device) -> tuple[torch.dtype, str | None]:
-    """The run dtype when none is given, and the note saying so (None: the model's dtype).
-    On CUDA: bf16, since fp32 keeps the Triton GEMMs (refused) and tensor cores out."""
-    if device.type == "cuda" and model_dtype == torch.float32:
-        return torch.bfloat16, ("build_engine: running in bfloat16, the default on CUDA; pass "
-                                "dtype=torch.float32 (CLI: --dtype fp32) for fp32")
-    return model_dtype, None
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16, Linux
-    /proc/cpuinfo flags), where oneDNN runs bf16 linears about twice as fast as fp32."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def command_dtype(requested: str | None, device: torch.device) -> tuple[torch.dtype, str | None]:
-    """The CLI's run dtype (`dcvit bench` / `dcvit infer`) and the note saying why when it
-    was not requested: bf16 on CUDA and on CPUs with native bf16, else fp32."""
-    if requested is not None:
-        return parse_dtype(requested), None
-    if device.type == "cuda":
-        return torch.bfloat16, None
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return torch.bfloat16, ("running in bfloat16, the default on this CPU (it has native bf16 "
-                                "instructions); pass --dtype fp32 for fp32")
-    return torch.float32, None
 
 
 def build_engine(model_or_artifact, backend: str | None = None, dtype=None, device=None, *,

@@ -49,6 +49,13 @@ class NoDeviceError(InputError):
 
 
 # Standard OSErrors whose cause the user can fix; every other OSError keeps its traceback.
+def is_int(value) -> bool:
+    """Whether a user's value is an integer: an int that is not a bool (bool subclasses int,
+    and a True width or count is always a mistake). The one such check, wherever counts,
+    widths and sizes are checked."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 USER_OS_ERRNOS = {
     errno.ENOENT: "no such file or folder",
     errno.ENOTDIR: "a path component is not a folder",

@@ -21,13 +21,14 @@ import torch
 from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
 
 from .atomic import atomic_path
+from .dtypes import SHORT_DTYPES
 from .errors import InputError
 from .kernels.token_merge import atme_unmerge_ref
 from .reference import ViTReference
 from .spec import merge_schedule
 
 FORMATS = ("onnx", "pt2")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = SHORT_DTYPES  # the names an export takes (dtypes.py)
 # onnxruntime's CPU provider, which runs the verification, has no bf16 kernels for most ops
 FORMAT_DTYPES = {"onnx": ("fp32", "fp16"), "pt2": ("fp32", "fp16", "bf16")}
 # Verification bound on max |exported - reference| / max |reference| over the outputs. fp32:

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .atomic import atomic_open
 from .data import load_image_folder, nonfinite_mask, refuse_nonfinite
 from .engine import Engine, build_engine
-from .errors import InputError, worker_errors_unwrapped
+from .errors import InputError, is_int, worker_errors_unwrapped
 from .preprocess import (
     PreprocessConfig,
     config_from_timm,
@@ -243,7 +243,7 @@ def run_inference(model, data_dir: str | os.PathLike, out_csv: str | os.PathLike
     on CUDA), "cpu" in the DataLoader workers; "auto" picks device on CUDA. Under torchrun
     each rank predicts its shard on its GPU (LOCAL_RANK) and rank 0 writes the CSV.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
     if decode not in DECODE_CHOICES:
         raise InputError(f"decode must be one of {', '.join(DECODE_CHOICES)}, got {decode!r}")

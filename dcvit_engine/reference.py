@@ -341,6 +341,16 @@ class ViTReference(nn.Module):
         self.head = nn.Linear(dim, spec.num_classes) if has_head else None
         self.head_dist = nn.Linear(dim, spec.num_classes) if has_head and spec.dist_token else None
 
+    @classmethod
+    def from_state(cls, spec: ViTSpec, state: dict[str, torch.Tensor]) -> "ViTReference":
+        """The model of `spec` holding the tensors of `state` themselves (not copies; every
+        name of state_shapes(spec), no other). Built on the meta device: no random init that
+        the weights would overwrite."""
+        with torch.device("meta"):
+            model = cls(spec)
+        model.load_state_dict(state, strict=True, assign=True)
+        return model
+
     def _check_input(self, x: torch.Tensor) -> None:
         spec = self.spec
         expected = (spec.in_chans, *spec.img_size)
@@ -401,7 +411,4 @@ def state_shapes(spec: ViTSpec) -> dict[str, tuple[int, ...]]:
 def reference_from_timm(model: nn.Module) -> ViTReference:
     """The reference module of a timm ViT, with its weights, on its device and dtype, in eval mode."""
     spec, state = from_timm(model)
-    with torch.device("meta"):  # skip a random init that the timm weights overwrite anyway
-        reference = ViTReference(spec)
-    reference.load_state_dict(state, strict=True, assign=True)
-    return reference.eval()
+    return ViTReference.from_state(spec, state).eval()

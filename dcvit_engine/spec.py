@@ -12,9 +12,9 @@ import os
 from dataclasses import MISSING, asdict, dataclass
 from pathlib import Path
 
-from .errors import InputError, SpecError
+from .errors import InputError, SpecError, is_int
 from .jsonfile import load_json_file, parse_json
-from .kernels.merge_rules import atme_merged_grid
+from .kernels.merge_rules import ATME_AXES, atme_merged_grid, tome_mergeable
 
 SPEC_VERSION = 2
 # versions this dcvit_engine reads; a version-1 spec is a version-2 spec without the v2 fields
@@ -23,7 +23,6 @@ SPEC_FILENAME = "spec.json"  # name of the spec inside an artifact folder
 
 GLOBAL_POOLS = ("token", "avg", "map", "")
 MERGE_KINDS = ("tome", "atme")
-ATME_AXES = ("w", "h")
 # MLP activations: exact GELU, GELU's tanh approximation, QuickGELU x*sigmoid(1.702x), SiLU
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "silu")
 # timm RotaryEmbeddingCat (in_pixels=False), RotaryEmbeddingDinoV3, RotaryEmbeddingMixed
@@ -39,7 +38,7 @@ def _fail(where: str, message: str) -> None:
 
 def _check_int(where: str, value, minimum: int) -> None:
     # bool is an int subclass; a True width is always a bug in the producer
-    if not isinstance(value, int) or isinstance(value, bool):
+    if not is_int(value):
         _fail(where, f"expected an integer, got {value!r} ({type(value).__name__})")
     if value < minimum:
         _fail(where, f"must be >= {minimum}, got {value}")
@@ -522,7 +521,7 @@ def merge_schedule(spec: ViTSpec) -> list[tuple[int, int, tuple[int, int] | None
         entering, grid_in = tokens, grid
         merge = block.merge
         if merge is not None and merge.kind == "tome":
-            mergeable = (tokens - prefix) // 2
+            mergeable = tome_mergeable(tokens, prefix)
             if merge.r > mergeable:
                 _fail(f"blocks[{i}].merge.r", f"ToMe can remove at most {mergeable} of the "
                       f"{tokens} tokens entering this block, got r = {merge.r}")

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from dcvit_engine.errors import InputError
+from dcvit_engine.errors import InputError, is_int
 
 
 @dataclass(frozen=True)
@@ -35,9 +35,9 @@ class Throughput:
 
 
 def _check_counts(warmup: int, repeats: int) -> None:
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+    if not is_int(warmup) or warmup < 0:
         raise InputError(f"warmup must be an integer >= 0, got {warmup!r}")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+    if not is_int(repeats) or repeats < 1:
         raise InputError(f"repeats must be an integer >= 1, got {repeats!r}")
 
 

@@ -2,6 +2,9 @@
 schedule, CAIT's plan, the merge ops and their kernels all use these (the C++ kernels have
 their own `atme_layout`, the same rule)."""
 
+# ATME's axes: "w" merges the column pairs of every row, "h" the row pairs
+ATME_AXES = ("w", "h")
+
 
 def atme_merged_grid(grid, axis):
     """The patch grid after ATME halves `axis` ("w": columns, "h": rows); an odd last column
@@ -15,6 +18,12 @@ def tome_protected(class_token, distill_token):
     return int(class_token) + int(distill_token)
 
 
+def tome_mergeable(tokens, protected):
+    """ToMe's clamp: at most half of the `tokens - protected` unprotected tokens can be merged
+    away in one merge."""
+    return (tokens - protected) // 2
+
+
 def tome_effective_r(tokens, r, class_token, distill_token):
-    """ToMe's clamp: at most half of the unprotected tokens can be merged away."""
-    return max(0, min(r, (tokens - tome_protected(class_token, distill_token)) // 2))
+    """The r a ToMe merge of `tokens` tokens removes: r clamped by tome_mergeable."""
+    return max(0, min(r, tome_mergeable(tokens, tome_protected(class_token, distill_token))))

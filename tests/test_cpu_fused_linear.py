@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dcvit_engine import ops
-from dcvit_engine.engine import command_dtype
+from dcvit_engine.dtypes import command_dtype
 from dcvit_engine.kernels.mlp_block import mlp_block_ref
 from numerics import assert_close_to_reference
 from test_mlp_block import make_inputs
@@ -65,16 +65,16 @@ def test_mlp_block_several_row_chunks(dtype, layer_scale):
 
 
 def test_command_dtype_default(monkeypatch):
-    import dcvit_engine.engine as engine_module
+    import dcvit_engine.dtypes as dtypes_module
 
     cpu = torch.device("cpu")
     assert command_dtype("fp32", cpu) == (torch.float32, None)
     assert command_dtype("bf16", cpu) == (torch.bfloat16, None)
     assert command_dtype(None, torch.device("cuda")) == (torch.bfloat16, None)
-    monkeypatch.setattr(engine_module, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(dtypes_module, "cpu_has_native_bf16", lambda: True)
     dtype, note = command_dtype(None, cpu)
     assert dtype == torch.bfloat16 and "bfloat16" in note and "--dtype fp32" in note
-    monkeypatch.setattr(engine_module, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(dtypes_module, "cpu_has_native_bf16", lambda: False)
     assert command_dtype(None, cpu) == (torch.float32, None)
     with pytest.raises(ValueError, match="unknown dtype"):
         command_dtype("float8", cpu)

@@ -6,7 +6,8 @@ import warnings
 import torch
 
 from conftest import requires_interpreter
-from dcvit_engine.engine import build_engine, default_dtype
+from dcvit_engine.dtypes import default_dtype
+from dcvit_engine.engine import build_engine
 from dcvit_engine.kernels.fused_linear import fold_layer_norm
 from dcvit_engine.kernels.head_padding import HEAD_WIDTH_MULTIPLE as HIDDEN_MULTIPLE
 from dcvit_engine.ops.dispatch import PRIORITY, OpDispatcher, triton_gemm_why_not

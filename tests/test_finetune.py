@@ -7,7 +7,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from dcvit_engine.compress.fewshot import official_augment
+from dcvit_engine.compress.augment import official_augment
 from dcvit_engine.compress.finetune import (
     feature_mimic_finetune,
     kd_finetune,

@@ -21,7 +21,8 @@ from dcvit_engine.cli import CommandError
 from dcvit_engine.cli.model_args import add_model_arguments, backend_errors_as_command_errors, model_from_args
 from dcvit_engine.cli.option_types import nonnegative_int, positive_int
 from dcvit_engine.devices import resolve_device
-from dcvit_engine.engine import build_engine, command_dtype
+from dcvit_engine.dtypes import command_dtype
+from dcvit_engine.engine import build_engine
 from dcvit_engine.macs import count_macs
 from dcvit_engine.models import create_timm_model, parse_model_kwargs
 from dcvit_engine.ops import BACKENDS

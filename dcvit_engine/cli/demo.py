@@ -75,7 +75,7 @@ def demo_options(method: str, args) -> dict:
 def run(args):
     from dcvit_engine import sweep
     from dcvit_engine.cli.sweep import _options_for, parse_methods_targets_seeds
-    from dcvit_engine.compress.fewshot import AUGMENTATIONS
+    from dcvit_engine.compress.augment import AUGMENTATIONS
     from dcvit_engine.compress.metric_set import synthesize_metric_set
     from dcvit_engine.demo_teacher import (
         DIGITS_SPLIT_SEED,

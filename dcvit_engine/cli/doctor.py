@@ -15,15 +15,11 @@ import torch
 
 from dcvit_engine import _native
 from dcvit_engine.devices import resolve_device
-from dcvit_engine.engine import parse_dtype
+from dcvit_engine.dtypes import device_default, parse_dtype
 from dcvit_engine.errors import InputError
 from dcvit_engine.ops import OPS
 from dcvit_engine.ops.dispatch import OTHER_DEVICE_ORDER, triton_interpreting
 from dcvit_engine.ops.tolerance import error_budget, rel_err
-
-# One dtype by default, the engine's usual run dtype there: on CUDA every Triton kernel is
-# compiled (and its GEMMs autotuned) on first use, which a second dtype doubles.
-DEFAULT_DTYPES = {"cuda": "bf16", "cpu": "fp32"}
 
 
 def register(subparsers):
@@ -130,7 +126,9 @@ def run(args):
     except InputError as err:
         print(f"dcvit doctor: {err}")
         return 2
-    names = args.dtype or DEFAULT_DTYPES.get(device.type, "fp32")
+    # one dtype by default, the device's usual run dtype: on CUDA every Triton kernel is
+    # compiled (and its GEMMs autotuned) on first use, which a second dtype doubles
+    names = args.dtype or device_default(device.type)
     dtypes = [parse_dtype(name.strip()) for name in names.split(",") if name.strip()]
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), device {device}")
     print(f"compiled ops (dcvit_engine._C): {_compiled_ops()}")

@@ -10,7 +10,7 @@ from dcvit_engine.cli.data_args import add_preprocess_arguments, preprocess_from
 from dcvit_engine.cli.model_args import add_model_arguments, backend_errors_as_command_errors, model_from_args
 from dcvit_engine.cli.option_types import nonnegative_int, positive_int
 from dcvit_engine.devices import resolve_device
-from dcvit_engine.engine import command_dtype
+from dcvit_engine.dtypes import command_dtype
 from dcvit_engine.infer import DECODE_CHOICES, run_inference
 from dcvit_engine.ops import BACKENDS
 

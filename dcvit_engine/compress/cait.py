@@ -320,10 +320,9 @@ def compress_cait(model, images: torch.Tensor, target_macs: float, *, labels: to
         gate_lr=gate_lr, budget_lr=budget_lr, seed=seed), labels=labels)
 
     def search():
-        with torch.device("meta"):  # same tensors as the teacher: only merges differ
-            student = ViTReference(merged)
-        student.load_state_dict({k: v.detach().clone() for k, v in teacher.state_dict().items()},
-                                strict=True, assign=True)
+        # same tensors as the teacher: only merges differ
+        student = ViTReference.from_state(merged, {k: v.detach().clone()
+                                                   for k, v in teacher.state_dict().items()})
         teacher_logits = predict_logits(teacher, images, batch_size, device)
         gates = ChannelGates(student, rho, run.teacher_macs)
         history = learn_channel_gates(student, gates, images, teacher_logits, labels, iters=iters,

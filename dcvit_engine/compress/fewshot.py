@@ -1,5 +1,8 @@
-"""Pieces the compression methods share: input checks, the device choice, the teacher's
-outputs, the KL divergence of a student from them, mean MLP activations, progress lines."""
+"""What every method does with its few-shot inputs: checks of the model, the images, the
+labels and the counts a method is given; the teacher on a device and its predictions on the
+images, a student's KL divergence from them, mean MLP activations; progress lines. (The
+device choice is dcvit_engine/devices.py's; the few-shot augmentations, once here, are
+compress/augment.py's and stay importable from here for one release.)"""
 from __future__ import annotations
 
 import sys
@@ -9,9 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data import IMAGENET_MEAN, IMAGENET_STD, check_finite
-from ..errors import InputError
+from ..data import check_finite
+from ..errors import InputError, is_int
 from ..reference import ViTReference, activation, reference_from_timm
+from .augment import AUGMENTATIONS, augment_flags, official_augment  # noqa: F401  (old import path)
 
 
 def as_reference(model, head_required: bool = True) -> ViTReference:
@@ -53,70 +57,22 @@ def on_device(model: ViTReference, device: torch.device) -> ViTReference:
     current = next(model.parameters()).device
     if current.type == device.type and device.index in (None, current.index):
         return model
-    with torch.device("meta"):
-        moved = ViTReference(model.spec)
-    moved.load_state_dict({k: v.detach().to(device, copy=True) for k, v in model.state_dict().items()},
-                          strict=True, assign=True)
+    moved = ViTReference.from_state(model.spec, {k: v.detach().to(device, copy=True)
+                                                 for k, v in model.state_dict().items()})
     return moved.train(model.training)
-
-
-# Few-shot augmentations: name -> (augment, flip) for finetune.feature_mimic_finetune.
-# Horizontal flips suit natural images but not digits or text. "official" is the DC-ViT
-# scripts' training transform (official_augment), for ImageNet-normalised natural images.
-AUGMENTATIONS = {"flip+shift": (True, True), "shift": (True, False), "none": (False, False),
-                 "official": ("official", True)}
-
-
-def augment_flags(augment: str) -> dict:
-    """feature_mimic_finetune's augment/flip keywords for an AUGMENTATIONS name."""
-    if augment not in AUGMENTATIONS:
-        raise InputError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
-    on, flip = AUGMENTATIONS[augment]
-    return dict(augment=on, flip=flip)
-
-
-def official_augment(images: torch.Tensor, generator: torch.Generator, mean=IMAGENET_MEAN,
-                     std=IMAGENET_STD) -> torch.Tensor:
-    """The DC-ViT scripts' few-shot training transform on a batch of normalised images: timm's
-    create_transform(is_training=True, auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.3),
-    i.e. RandomResizedCrop (scale 0.08-1, bicubic) back to the input size, a horizontal flip
-    with probability 0.5 and RandAugment (2 ops, magnitude 9 of 10; torchvision's op set and
-    ranges, which differ a little from timm's: no SolarizeAdd, no magnitude noise). timm drops
-    the colour jitter whenever RandAugment is on, so the scripts' 0.3 never applies and none
-    is applied here.
-    Each image gets its own draw; the draws come from `generator` (torchvision.transforms.v2
-    uses the global RNG, so it runs under a forked RNG seeded from the generator)."""
-    from torchvision.transforms import InterpolationMode, v2
-
-    n, channels, h, w = images.shape
-    m = torch.as_tensor(mean, dtype=images.dtype).flatten().expand(channels).reshape(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=images.dtype).flatten().expand(channels).reshape(1, -1, 1, 1)
-    pixels = (images.detach().cpu() * s + m).clamp(0, 1)
-    transform = v2.Compose([
-        v2.RandomResizedCrop((h, w), scale=(0.08, 1.0), interpolation=InterpolationMode.BICUBIC,
-                             antialias=True),
-        v2.RandomHorizontalFlip(),
-        # timm's m9 is 9 of its 10 levels, 0.9 of each op's range: 27 of torchvision's 30 steps
-        v2.RandAugment(num_ops=2, magnitude=27, num_magnitude_bins=31),
-    ])
-    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        out = torch.stack([transform(image).clamp(0, 1) for image in pixels])
-    return ((out - m) / s).to(images.device)
 
 
 def check_positive(**values) -> None:
     """Each keyword must be a positive integer (iteration counts, batch sizes, set sizes)."""
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:
             raise InputError(f"{name} must be a positive integer, got {value!r}")
 
 
 def check_non_negative(**values) -> None:
     """Each keyword must be a non-negative integer (e.g. finetuning iterations that may be 0)."""
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if not is_int(value) or value < 0:
             raise InputError(f"{name} must be a non-negative integer, got {value!r}")
 
 

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..progress import progress_bar
-from .fewshot import check_images, check_labels, official_augment
+from .augment import official_augment
+from .fewshot import check_images, check_labels
 
 Trainable = Callable[[str], bool] | Iterable[str] | Iterable[nn.Parameter] | None
 _EMBEDDING_PREFIXES = ("patch_embed.", "cls_token", "dist_token", "reg_token", "pos_embed", "norm_pre.")

@@ -282,8 +282,5 @@ def slice_model(model: ViTReference, masks: list[BlockMasks]) -> ViTReference:
     new_spec = copy.deepcopy(spec)
     new_spec.blocks = blocks
     new_spec.validate()
-    with torch.device("meta"):  # the weights come from `tensors`; skip the random init
-        student = ViTReference(new_spec)
-    student.load_state_dict({k: v.clone().contiguous() for k, v in tensors.items()},
-                            strict=True, assign=True)
+    student = ViTReference.from_state(new_spec, {k: v.clone().contiguous() for k, v in tensors.items()})
     return student.train(model.training)

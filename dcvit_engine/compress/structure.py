@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, is_int
 from ..macs import block_macs, count_macs
 from ..reference import ViTReference
 from ..spec import BlockSpec, ViTSpec
@@ -223,8 +223,7 @@ def plan_dcvit(spec: ViTSpec, target: float, *, num_blocks: int | None = None,
     A.V); target, M, A and the plan's MACs are all in that convention.
     """
     rho = check_target_ratio(target)
-    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int)
-                                 or round_to < 1):
+    if round_to is not None and (not is_int(round_to) or round_to < 1):
         raise InputError(f"round_to must be a positive integer (e.g. 8 or 64), got {round_to!r}")
     candidates, cost = candidate_cost(spec, default_candidates(spec) if candidates is None else candidates)
     teacher, cost = _convention_costs(spec, candidates[0], cost, macs_convention)
@@ -249,8 +248,7 @@ def plan_dcvit(spec: ViTSpec, target: float, *, num_blocks: int | None = None,
                          f"but removing their attention alone removes more than the target asks")
     if num_blocks is None:
         num_blocks = min_blocks
-    elif isinstance(num_blocks, bool) or not isinstance(num_blocks, int) \
-            or not min_blocks <= num_blocks <= max_blocks:
+    elif not is_int(num_blocks) or not min_blocks <= num_blocks <= max_blocks:
         raise InputError(f"cannot compress {num_blocks!r} blocks for target {rho}: the feasible "
                          f"range is {min_blocks}..{max_blocks}")
     mlp_to_remove = removed - num_blocks * cost.attn
@@ -319,7 +317,5 @@ def replace_block(model: ViTReference, index: int, hidden: int,
         for name in ("mlp.fc2.bias", "norm2.weight", "norm2.bias", "ls2.gamma"):
             if prefix + name in state:
                 tensors[prefix + name] = state[prefix + name].detach().clone()
-    with torch.device("meta"):  # the weights come from `tensors`; skip the random init
-        student = ViTReference(new_spec)
-    student.load_state_dict(tensors, strict=True, assign=True)
+    student = ViTReference.from_state(new_spec, tensors)
     return student.train(model.training)

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import copy
 
-import torch
-
-from ..errors import InputError
+from ..errors import InputError, is_int
+from ..kernels.merge_rules import tome_mergeable
 from ..macs import count_macs
 from ..reference import ViTReference
 from ..spec import MergeSpec, ViTSpec
@@ -34,7 +33,7 @@ def _check_schedule(schedule) -> str:
 
 
 def _check_r(r) -> int:
-    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+    if not is_int(r) or r < 0:
         raise InputError(f"ToMe r must be a non-negative integer (tokens merged per block), got {r!r}")
     return r
 
@@ -64,7 +63,7 @@ def tome_spec(spec: ViTSpec, r: int, schedule: str = "constant") -> ViTSpec:
     prefix = spec.num_prefix_tokens
     tokens = prefix + spec.num_patches
     for block, r_i in zip(out.blocks, parse_r(spec.depth, r, schedule)):
-        r_i = min(r_i, (tokens - prefix) // 2)
+        r_i = min(r_i, tome_mergeable(tokens, prefix))
         block.merge = MergeSpec(kind="tome", r=r_i) if r_i > 0 else None
         tokens -= r_i
     out.prop_attn = True
@@ -73,7 +72,8 @@ def tome_spec(spec: ViTSpec, r: int, schedule: str = "constant") -> ViTSpec:
 
 def max_useful_r(spec: ViTSpec, schedule: str = "constant") -> int:
     """An r beyond which the clamped schedule no longer changes (every merging block saturated)."""
-    mergeable = spec.num_patches // 2  # the most any block can merge (the first, with all tokens)
+    # the most any block can merge (the first, with all tokens)
+    mergeable = tome_mergeable(spec.num_prefix_tokens + spec.num_patches, spec.num_prefix_tokens)
     if _check_schedule(schedule) == "constant" or spec.depth == 1:
         return mergeable
     # decreasing: block i < L-1 merges int(2r (L-1-i) / (L-1)) >= mergeable once r >= mergeable (L-1)
@@ -130,10 +130,9 @@ def compress_tome(model, images=None, target_macs: float | None = None, *, r: in
     if r is None:
         r = r_for_target(spec, target_macs, schedule)
     new_spec = tome_spec(spec, _check_r(r), schedule)
-    state = {k: v.detach().clone() for k, v in run.teacher.state_dict().items()}
-    with torch.device("meta"):  # same tensor names and shapes: only merges change
-        student = ViTReference(new_spec)
-    student.load_state_dict(state, strict=True, assign=True)
+    # same tensor names and shapes: only merges change
+    student = ViTReference.from_state(new_spec, {k: v.detach().clone()
+                                                 for k, v in run.teacher.state_dict().items()})
     r_per_block = [b.merge.r if b.merge is not None else 0 for b in new_spec.blocks]
     return run.finish(student, report, settings=dict(r=r, schedule=schedule),
                       extras=dict(r=r, schedule=schedule, r_per_block=r_per_block))

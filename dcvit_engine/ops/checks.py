@@ -3,6 +3,8 @@ a LayerNorm folded into a weight (the Triton impls' hint), an int that is not a 
 error is one line naming the argument and what to do."""
 import torch
 
+from dcvit_engine.errors import is_int
+
 
 def check_like_x(op: str, x, expected: dict) -> None:
     """`expected`: argument name -> (tensor or None, its shape or None for any). Raises
@@ -37,5 +39,5 @@ def check_folded(folded, weight, x, name="fc1_folded") -> None:
 
 def check_int(op: str, name: str, value, minimum: int) -> None:
     """Raises ValueError unless `value` is an int >= minimum (a bool is not one)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise ValueError(f"{op}: {name} must be an int >= {minimum}, got {value!r}")

@@ -8,6 +8,8 @@ atme_unmerge} from dcvit_engine._C), triton (the *_triton launchers; see ops/def
 """
 import torch
 
+from dcvit_engine.errors import is_int
+from dcvit_engine.kernels.merge_rules import ATME_AXES
 from dcvit_engine.kernels.token_merge import (
     atme_merge_ref,
     atme_merge_triton,
@@ -20,9 +22,6 @@ from dcvit_engine.kernels.token_merge import (
 )
 from dcvit_engine.ops.checks import check_int, check_like_x
 from dcvit_engine.ops.define import OpDef, define_op
-
-ATME_AXES = ("w", "h")
-
 
 # ---- argument checks ----------------------------------------------------------------
 
@@ -63,7 +62,7 @@ def check_tome_merge_args(x, metric, r, size, class_token, distill_token):
 
 def _grid_tuple(op, grid, name):
     if (not isinstance(grid, (tuple, list)) or len(grid) != 2
-            or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid)):
+            or any(not is_int(g) or g < 1 for g in grid)):
         raise ValueError(f"{op}: {name} must be (rows, cols) of positive ints, got {grid!r}")
     return int(grid[0]), int(grid[1])
 
