@@ -91,8 +91,8 @@ class OpDef:
     schema's own), `result(out, *schema_args)` the public result from the schema's (None: as
     it is). `why_not[backend](*args, **options)` adds a refusal reason to that backend's
     shared ones (device, dtype, not built); `gemm`: the Triton impl runs GEMMs, so it
-    refuses fp32 on CUDA (dispatch.triton_gemm_why_not). `priority`: device type -> backend
-    order, for an op without a row in dispatch.PRIORITY (None: dispatch.default_priority)."""
+    refuses fp32 on CUDA (dispatch.triton_gemm_why_not). The backend order is the op's row
+    of dispatch.PRIORITY, else dispatch.default_priority over its backends."""
 
     name: str
     schema: str
@@ -109,7 +109,6 @@ class OpDef:
     reference_options: Sequence[str] = ()
     why_not: dict[str, Callable] = field(default_factory=dict)
     gemm: bool = False
-    priority: dict[str, tuple[str, ...]] | None = None
     # example(generator) -> (float64 schema arguments, options): dcvit doctor's inputs
     example: Callable | None = None
     # more named examples for the op's optional variants (dcvit doctor checks each too)
@@ -156,8 +155,7 @@ class Op:
             for key in ("CPU", "CUDA"):  # resolved now, outside any torch.compile trace
                 _native.native_unavailable(self.name, key)
         self.dispatcher = OpDispatcher(self.name, self._impls(), arg_names=self.arguments,
-                                       priority=definition.priority or default_priority(self.name,
-                                                                                        self.backends))
+                                       priority=default_priority(self.name, self.backends))
         self.function = self._public_function()
         self.backends_function = self._backends_function()
 
@@ -233,7 +231,8 @@ class Op:
         return inspect.signature(public) if public is not None else self._schema_signature()
 
     def _public_function(self):
-        options = tuple(self.definition.triton_options)
+        # keyword options outside the schema: the Triton hints and the reference's options
+        options = tuple(dict.fromkeys([*self.definition.triton_options, *self.definition.reference_options]))
 
         def function(*args, backend=None, **kwargs):
             given = {k: kwargs.pop(k) for k in options if k in kwargs}
