@@ -217,20 +217,27 @@ at::Tensor attention_context(const at::Tensor& qkv, at::IntArrayRef qk_dims,
   std::optional<at::Tensor> mask;
   if (key_bias.has_value()) mask = key_bias->reshape({batch, 1, 1, tokens});
 
-  at::Tensor ctx = at::empty({batch, tokens, v_total}, qkv.options());
-  for (const HeadGroup& group : group_heads(qk_dims, v_dims)) {
+  const std::vector<HeadGroup> groups = group_heads(qk_dims, v_dims);
+  at::Tensor ctx;
+  for (const HeadGroup& group : groups) {
     const at::Tensor gq = gather_heads(q, group.heads, qk_offsets, qk_dims, group.qk_width);
     const at::Tensor gk = gather_heads(k, group.heads, qk_offsets, qk_dims, group.qk_width);
     const at::Tensor gv = gather_heads(v, group.heads, v_offsets, v_dims, group.v_width);
-    // bf16 on a CPU with AVX512-BF16: this project's kernel (cpu_attention.h: ATen's flash
-    // kernel runs at a third of its speed there); else, and on CUDA, SDPA
+    // bf16 on a CPU with AVX512-BF16 and no AMX: this project's kernel (cpu_attention.h: ATen's
+    // flash kernel runs at a third of its speed there); else, and on CUDA, SDPA
     std::optional<at::Tensor> fast;
     if (qkv.device().is_cpu()) fast = cpu_attention_bf16(gq, gk, gv, mask, scale);
     const at::Tensor out = fast ? *fast
                                 : at::scaled_dot_product_attention(gq, gk, gv, mask,
                                                                    /*dropout_p=*/0.0,
                                                                    /*is_causal=*/false, scale);
-    // (B, heads in group, N, v_width)
+    // (B, heads in group, N, v_width); when one group holds every head at its own width and
+    // the kernel wrote it token-major (ATen's CPU flash kernel does), it is the context as is
+    const at::Tensor token_major = out.transpose(1, 2);
+    if (groups.size() == 1 && static_cast<int64_t>(group.heads.size()) * group.v_width == v_total &&
+        token_major.is_contiguous())
+      return token_major.view({batch, tokens, v_total});
+    if (!ctx.defined()) ctx = at::empty({batch, tokens, v_total}, qkv.options());
     scatter_heads(out, group.heads, v_offsets, v_dims, group.v_width, ctx);
   }
   return ctx;

@@ -3,10 +3,12 @@
 #include "cpu_attention.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -251,10 +253,21 @@ bool cpu_attention_bf16_supported() {
   return ok;
 }
 
+CpuAttentionCore cpu_attention_bf16_core() {
+  // read per call (a getenv, far below one head's work) so tests can pin either core
+  const char* pinned = std::getenv("DCVIT_CPU_ATTENTION");
+  if (pinned != nullptr && std::strcmp(pinned, "aten") == 0) return CpuAttentionCore::kAten;
+  if (!cpu_attention_bf16_supported()) return CpuAttentionCore::kAten;
+  if (pinned != nullptr && std::strcmp(pinned, "own") == 0) return CpuAttentionCore::kOwn;
+  // could_pack: ATen's brgemm runs on AMX tiles here, and so do its flash kernel's block products
+  static const bool amx = at::native::cpublas::could_pack(at::kBFloat16);
+  return amx ? CpuAttentionCore::kAten : CpuAttentionCore::kOwn;
+}
+
 std::optional<at::Tensor> cpu_attention_bf16(const at::Tensor& q, const at::Tensor& k,
                                              const at::Tensor& v,
                                              const std::optional<at::Tensor>& mask, double scale) {
-  if (!cpu_attention_bf16_supported()) return std::nullopt;
+  if (cpu_attention_bf16_core() != CpuAttentionCore::kOwn) return std::nullopt;
   for (const at::Tensor* t : {&q, &k, &v}) {
     if (!t->device().is_cpu() || t->scalar_type() != at::kBFloat16 || t->dim() != 4 ||
         t->stride(3) != 1)
@@ -300,6 +313,8 @@ std::optional<at::Tensor> cpu_attention_bf16(const at::Tensor& q, const at::Tens
 #else  // not x86-64 with GCC/Clang: ATen's kernel everywhere
 
 bool cpu_attention_bf16_supported() { return false; }
+
+CpuAttentionCore cpu_attention_bf16_core() { return CpuAttentionCore::kAten; }
 
 std::optional<at::Tensor> cpu_attention_bf16(const at::Tensor&, const at::Tensor&,
                                              const at::Tensor&, const std::optional<at::Tensor>&,
