@@ -271,7 +271,9 @@ at::Tensor apply_qk_norm_rope(const at::Tensor& qkv, at::IntArrayRef qk_dims, do
   const int64_t qk_total = std::accumulate(qk_dims.begin(), qk_dims.end(), int64_t{0});
   // the rows each token uses, (B or 1, N, qk_total), in float32 (float64 for float64 inputs)
   at::Tensor cos, sin;
-  if (eva.rope_cos.has_value()) {
+  // the CPU rotates in one pass of its own (cpu_rope_), after the norms below
+  const bool rope_here = eva.rope_cos.has_value() && !qkv.device().is_cpu();
+  if (rope_here) {
     const auto wide = qkv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     auto rows = [&](const at::Tensor& table) {
       const at::Tensor t = table.to(wide);
@@ -284,7 +286,8 @@ at::Tensor apply_qk_norm_rope(const at::Tensor& qkv, at::IntArrayRef qk_dims, do
   bool uniform = true;
   for (int64_t d : qk_dims) uniform = uniform && d == qk_dims[0];
   at::Tensor out = qkv.clone();
-  for (int64_t part = 0; part < 2; ++part) {
+  const bool norms = eva.q_norm_weight.has_value();
+  for (int64_t part = 0; part < 2 && (norms || rope_here); ++part) {
     const auto& weight = part == 0 ? eva.q_norm_weight : eva.k_norm_weight;
     const auto& bias = part == 0 ? eva.q_norm_bias : eva.k_norm_bias;
     // all heads at once when they share one width, else head by head
@@ -302,6 +305,11 @@ at::Tensor apply_qk_norm_rope(const at::Tensor& qkv, at::IntArrayRef qk_dims, do
           .copy_(norm_rotate(split(qkv, column), weight, bias, eps, head_cos, head_sin));
       offset += count * width;
     }
+  }
+  if (eva.rope_cos.has_value() && !rope_here) {
+    const auto wide = qkv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    cpu_rope_(out, qk_dims, eva.rope_cos->to(wide).contiguous(), eva.rope_sin->to(wide).contiguous(),
+              eva.rope_index);
   }
   return out;
 }

@@ -35,4 +35,13 @@ std::optional<at::Tensor> cpu_attention_bf16(const at::Tensor& q, const at::Tens
                                              const at::Tensor& v,
                                              const std::optional<at::Tensor>& mask, double scale);
 
+// RoPE on q and k in place: qkv (B, N, 2 * sum(qk_dims) + ...) with unit stride in its last
+// dimension, q in columns [0, qk_total), k in [qk_total, 2 qk_total); each head's channels
+// in the half layout, t * cos + rotate_half(t) * sin per token with the table row
+// index[b, n] (or n without index), computed in the tables' precision (float32 or float64,
+// (positions, qk_total) contiguous) and rounded once to qkv's dtype: what the generic path
+// (attention.cpp) computes with eight ATen passes and a fp32 copy of q and k, in one pass.
+void cpu_rope_(at::Tensor& qkv, at::IntArrayRef qk_dims, const at::Tensor& cos,
+               const at::Tensor& sin, const std::optional<at::Tensor>& index);
+
 }  // namespace dcvit
