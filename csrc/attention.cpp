@@ -218,20 +218,27 @@ at::Tensor attention_context(const at::Tensor& qkv, at::IntArrayRef qk_dims,
   std::optional<at::Tensor> mask;
   if (key_bias.has_value()) mask = key_bias->reshape({batch, 1, 1, tokens});
 
-  at::Tensor ctx = at::empty({batch, tokens, v_total}, qkv.options());
-  for (const HeadGroup& group : group_heads(qk_dims, v_dims)) {
+  const std::vector<HeadGroup> groups = group_heads(qk_dims, v_dims);
+  at::Tensor ctx;
+  for (const HeadGroup& group : groups) {
     const at::Tensor gq = gather_heads(q, group.heads, qk_offsets, qk_dims, group.qk_width);
     const at::Tensor gk = gather_heads(k, group.heads, qk_offsets, qk_dims, group.qk_width);
     const at::Tensor gv = gather_heads(v, group.heads, v_offsets, v_dims, group.v_width);
-    // bf16 on a CPU with AVX512-BF16: this project's kernel (cpu_attention.h: ATen's flash
-    // kernel runs at a third of its speed there); else, and on CUDA, SDPA
+    // bf16 on a CPU with AVX512-BF16 and no AMX: this project's kernel (cpu_attention.h: ATen's
+    // flash kernel runs at a third of its speed there); else, and on CUDA, SDPA
     std::optional<at::Tensor> fast;
     if (qkv.device().is_cpu()) fast = cpu_attention_bf16(gq, gk, gv, mask, scale);
     const at::Tensor out = fast ? *fast
                                 : at::scaled_dot_product_attention(gq, gk, gv, mask,
                                                                    /*dropout_p=*/0.0,
                                                                    /*is_causal=*/false, scale);
-    // (B, heads in group, N, v_width)
+    // (B, heads in group, N, v_width); when one group holds every head at its own width and
+    // the kernel wrote it token-major (ATen's CPU flash kernel does), it is the context as is
+    const at::Tensor token_major = out.transpose(1, 2);
+    if (groups.size() == 1 && static_cast<int64_t>(group.heads.size()) * group.v_width == v_total &&
+        token_major.is_contiguous())
+      return token_major.view({batch, tokens, v_total});
+    if (!ctx.defined()) ctx = at::empty({batch, tokens, v_total}, qkv.options());
     scatter_heads(out, group.heads, v_offsets, v_dims, group.v_width, ctx);
   }
   return ctx;
@@ -265,7 +272,9 @@ at::Tensor apply_qk_norm_rope(const at::Tensor& qkv, at::IntArrayRef qk_dims, do
   const int64_t qk_total = std::accumulate(qk_dims.begin(), qk_dims.end(), int64_t{0});
   // the rows each token uses, (B or 1, N, qk_total), in float32 (float64 for float64 inputs)
   at::Tensor cos, sin;
-  if (eva.rope_cos.has_value()) {
+  // the CPU rotates in one pass of its own (cpu_rope_), after the norms below
+  const bool rope_here = eva.rope_cos.has_value() && !qkv.device().is_cpu();
+  if (rope_here) {
     const auto wide = qkv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     auto rows = [&](const at::Tensor& table) {
       const at::Tensor t = table.to(wide);
@@ -278,7 +287,8 @@ at::Tensor apply_qk_norm_rope(const at::Tensor& qkv, at::IntArrayRef qk_dims, do
   bool uniform = true;
   for (int64_t d : qk_dims) uniform = uniform && d == qk_dims[0];
   at::Tensor out = qkv.clone();
-  for (int64_t part = 0; part < 2; ++part) {
+  const bool norms = eva.q_norm_weight.has_value();
+  for (int64_t part = 0; part < 2 && (norms || rope_here); ++part) {
     const auto& weight = part == 0 ? eva.q_norm_weight : eva.k_norm_weight;
     const auto& bias = part == 0 ? eva.q_norm_bias : eva.k_norm_bias;
     // all heads at once when they share one width, else head by head
@@ -296,6 +306,11 @@ at::Tensor apply_qk_norm_rope(const at::Tensor& qkv, at::IntArrayRef qk_dims, do
           .copy_(norm_rotate(split(qkv, column), weight, bias, eps, head_cos, head_sin));
       offset += count * width;
     }
+  }
+  if (eva.rope_cos.has_value() && !rope_here) {
+    const auto wide = qkv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    cpu_rope_(out, qk_dims, eva.rope_cos->to(wide).contiguous(), eva.rope_sin->to(wide).contiguous(),
+              eva.rope_index);
   }
   return out;
 }

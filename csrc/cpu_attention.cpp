@@ -2,12 +2,16 @@
 // called after a runtime CPU check, so the library still loads and runs on other x86 CPUs.
 #include "cpu_attention.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -251,10 +255,21 @@ bool cpu_attention_bf16_supported() {
   return ok;
 }
 
+CpuAttentionCore cpu_attention_bf16_core() {
+  // read per call (a getenv, far below one head's work) so tests can pin either core
+  const char* pinned = std::getenv("DCVIT_CPU_ATTENTION");
+  if (pinned != nullptr && std::strcmp(pinned, "aten") == 0) return CpuAttentionCore::kAten;
+  if (!cpu_attention_bf16_supported()) return CpuAttentionCore::kAten;
+  if (pinned != nullptr && std::strcmp(pinned, "own") == 0) return CpuAttentionCore::kOwn;
+  // could_pack: ATen's brgemm runs on AMX tiles here, and so do its flash kernel's block products
+  static const bool amx = at::native::cpublas::could_pack(at::kBFloat16);
+  return amx ? CpuAttentionCore::kAten : CpuAttentionCore::kOwn;
+}
+
 std::optional<at::Tensor> cpu_attention_bf16(const at::Tensor& q, const at::Tensor& k,
                                              const at::Tensor& v,
                                              const std::optional<at::Tensor>& mask, double scale) {
-  if (!cpu_attention_bf16_supported()) return std::nullopt;
+  if (cpu_attention_bf16_core() != CpuAttentionCore::kOwn) return std::nullopt;
   for (const at::Tensor* t : {&q, &k, &v}) {
     if (!t->device().is_cpu() || t->scalar_type() != at::kBFloat16 || t->dim() != 4 ||
         t->stride(3) != 1)
@@ -301,6 +316,8 @@ std::optional<at::Tensor> cpu_attention_bf16(const at::Tensor& q, const at::Tens
 
 bool cpu_attention_bf16_supported() { return false; }
 
+CpuAttentionCore cpu_attention_bf16_core() { return CpuAttentionCore::kAten; }
+
 std::optional<at::Tensor> cpu_attention_bf16(const at::Tensor&, const at::Tensor&,
                                              const at::Tensor&, const std::optional<at::Tensor>&,
                                              double) {
@@ -308,5 +325,64 @@ std::optional<at::Tensor> cpu_attention_bf16(const at::Tensor&, const at::Tensor
 }
 
 #endif
+
+namespace {
+
+// One token's q and k heads (see cpu_rope_); `wide` holds one head in W.
+template <typename T, typename W>
+void rotate_row(T* row, at::IntArrayRef qk_dims, int64_t qk_total, const W* cos, const W* sin,
+                W* wide) {
+  for (int64_t part = 0; part < 2; ++part) {
+    T* t = row + part * qk_total;
+    int64_t offset = 0;
+    for (const int64_t width : qk_dims) {
+      const int64_t half = width / 2;
+      T* head = t + offset;
+      const W* c = cos + offset;
+      const W* s = sin + offset;
+      for (int64_t j = 0; j < width; ++j) wide[j] = static_cast<W>(head[j]);
+      for (int64_t j = 0; j < half; ++j) head[j] = static_cast<T>(wide[j] * c[j] - wide[j + half] * s[j]);
+      for (int64_t j = half; j < width; ++j)
+        head[j] = static_cast<T>(wide[j] * c[j] + wide[j - half] * s[j]);
+      offset += width;
+    }
+  }
+}
+
+}  // namespace
+
+void cpu_rope_(at::Tensor& qkv, at::IntArrayRef qk_dims, const at::Tensor& cos,
+               const at::Tensor& sin, const std::optional<at::Tensor>& index) {
+  TORCH_CHECK(qkv.dim() == 3 && qkv.stride(2) == 1 && cos.is_contiguous() && sin.is_contiguous() &&
+                  cos.scalar_type() == sin.scalar_type(),
+              "cpu_rope_: qkv needs unit stride in its last dimension, the tables one layout");
+  const int64_t batch = qkv.size(0), tokens = qkv.size(1), qk_total = cos.size(1);
+  int64_t widest = 0;
+  for (const int64_t width : qk_dims) widest = std::max(widest, width);
+  const at::Tensor rows = index.has_value() ? index->to(at::kLong).contiguous() : at::Tensor();
+  const int64_t* row_of = rows.defined() ? rows.data_ptr<int64_t>() : nullptr;
+  const int64_t stride_b = qkv.stride(0), stride_n = qkv.stride(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "cpu_rope_", [&] {
+    using T = scalar_t;
+    T* base = qkv.data_ptr<T>();
+    auto run = [&](auto* cos_table, auto* sin_table) {
+      using W = std::remove_const_t<std::remove_pointer_t<decltype(cos_table)>>;
+      at::parallel_for(0, batch * tokens, 16, [&](int64_t begin, int64_t end) {
+        std::vector<W> wide(widest);
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t b = i / tokens, n = i % tokens;
+          const int64_t r = row_of ? row_of[i] : n;
+          rotate_row<T, W>(base + b * stride_b + n * stride_n, qk_dims, qk_total,
+                           cos_table + r * qk_total, sin_table + r * qk_total, wide.data());
+        }
+      });
+    };
+    if (cos.scalar_type() == at::kDouble) {
+      run(cos.data_ptr<double>(), sin.data_ptr<double>());
+    } else {
+      run(cos.data_ptr<float>(), sin.data_ptr<float>());
+    }
+  });
+}
 
 }  // namespace dcvit

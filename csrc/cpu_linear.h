@@ -3,6 +3,8 @@
 // epilogues of the matmul, so no separate bias-broadcast copy, GELU pass or add pass is made.
 // On this project's AMD CPUs ATen's own fp32 linear goes to MKL, which runs about half as fast
 // as oneDNN there; bf16 uses the CPU's native bf16 dot products (AVX512-BF16 or AMX).
+// Each whole weight tensor is packed once into oneDNN's blocked layout
+// (mkldnn::_reorder_linear_weight) on its first use and reused while it lives unchanged.
 #pragma once
 #include <ATen/ATen.h>
 #include <optional>

@@ -1,15 +1,23 @@
-"""The cpu backend's own bf16 attention core (csrc/cpu_attention.cpp, used on CPUs with
-AVX512-BF16 for head groups of even q/k width and at most 1024 tokens; elsewhere these cases
-run ATen's SDPA and check that instead) against the float64 reference, at most FACTOR times
-plain PyTorch's bf16 error: token counts around the kernel's 16-key and 2-key padding, q/k
-widths from 2 to 80, v widths that are not multiples of 16, several head groups, key bias
-with masked (-inf) keys, and the fallback above 1024 tokens."""
+"""The cpu backend's bf16 attention cores against the float64 reference, at most FACTOR times
+plain PyTorch's bf16 error, each core pinned in turn (DCVIT_CPU_ATTENTION, cpu_attention.h):
+this project's kernel (csrc/cpu_attention.cpp, the default on CPUs with AVX512-BF16 and no
+AMX; on a CPU without AVX512-BF16 "own" runs ATen's SDPA and checks that instead) and ATen's
+SDPA (the default where ATen's brgemm has AMX). Token counts around the kernel's 16-key and
+2-key padding, q/k widths from 2 to 80, v widths that are not multiples of 16, several head
+groups, key bias with masked (-inf) keys, and the fallback above 1024 tokens."""
 import pytest
 import torch
 
 from dcvit_engine import ops
 from dcvit_engine.kernels.attention import attention_block_ref
 from test_attention import ALL_OFF, ALL_ON, PROP_ATTN, assert_branch_close, check_backend, make_inputs
+
+
+@pytest.fixture(autouse=True, params=["own", "aten"])
+def core(request, monkeypatch):
+    """Every test once per core: the environment variable is read on each call."""
+    monkeypatch.setenv("DCVIT_CPU_ATTENTION", request.param)
+    return request.param
 
 # (batch, tokens, dim, qk_dims, v_dims)
 SHAPES = [

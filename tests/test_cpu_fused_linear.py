@@ -1,6 +1,7 @@
 """The cpu backend's oneDNN path (csrc/cpu_linear.h): its linears run as mkldnn fused ops
 (bias, GELU and residual in the matmul epilogue), several row chunks stay exact against the
-float64 reference, and the CLI's dtype default on CPUs with native bf16."""
+float64 reference, weights packed once follow in-place changes and new tensors, and the CLI's dtype
+default on CPUs with native bf16."""
 import pytest
 import torch
 
@@ -62,6 +63,28 @@ def test_mlp_block_several_row_chunks(dtype, layer_scale):
     out = ops.mlp_block(x, *w, gamma=g, backend="cpu")
     assert_close_to_reference(out, mlp_block_ref(x64, *w64, gamma=g64), mlp_block_ref(x, *w, gamma=g),
                               what=f"cpu {dtype} 8331 rows")
+
+
+@pytest.mark.skipif(not MKLDNN, reason="torch built without oneDNN: the cpu backend keeps addmm")
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
+def test_packed_weights_follow_their_tensors(dtype):
+    # cpu_linear.cpp packs each weight tensor once: an in-place change of the weight, and a new
+    # weight tensor (which may reuse the old one's memory), must each give their own result
+    torch.manual_seed(2)
+    x64, w64, g64 = make_inputs(2, 19, 32, 48, True)
+    cast = lambda t: t.to(dtype)  # noqa: E731
+    x, w, g = cast(x64), [cast(t) for t in w64], cast(g64)
+    ops.mlp_block(x, *w, gamma=g, backend="cpu")  # packs fc1 and fc2
+    for step in range(3):
+        if step == 1:
+            w64[2].mul_(-0.5)
+            w[2].copy_(w64[2])  # in place: same tensor, new version
+        if step == 2:
+            w64[4] = torch.randn_like(w64[4]) / 48**0.5
+            w[4] = cast(w64[4])  # a new tensor
+        out = ops.mlp_block(x, *w, gamma=g, backend="cpu")
+        assert_close_to_reference(out, mlp_block_ref(x64, *w64, gamma=g64), mlp_block_ref(x, *w, gamma=g),
+                                  what=f"cpu {dtype} step {step}")
 
 
 def test_command_dtype_default(monkeypatch):
