@@ -1,5 +1,6 @@
 """Model benchmark: images/s of timm eager, timm + torch.compile and the engine on each
-available backend, for DeiT-T/S/B uncompressed and DC-ViT-shaped variants across the dense
+available backend, for DeiT-T/S/B (and, with --models, DINOv2-S with registers, DINOv3-S and
+EVA-02-S at their full sizes) uncompressed and DC-ViT-shaped variants across the dense
 compression range (random weights; speed does not depend on them).
 
 Variant N (1..6): N blocks lose their attention and their MLPs shrink to one hidden width,
@@ -21,6 +22,8 @@ loads (the CPU's engine / timm ratios moved by up to 2x between runs that way).
 
   python benchmarks/bench_models.py --out bench_out                 # GPU: bf16, batch 1,64,256, DeiT-T/S/B
   python benchmarks/bench_models.py --device cpu --out bench_out    # CPU: fp32, batch 1,4, DeiT-T/S
+  python benchmarks/bench_models.py --device cpu --dtype bf16 --threads 2 --batch-sizes 8,64 \
+      --models dinov2_small,dinov3_small,eva02_small --variants 2 --no-compile --out bench_out
 Writes models.csv and models.png into --out.
 """
 import argparse
@@ -42,7 +45,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import matmul_peak_tflops, time_interleaved, write_rows_csv  # noqa: E402
 
 MODELS = {"deit_tiny": "deit_tiny_patch16_224", "deit_small": "deit_small_patch16_224",
-          "deit_base": "deit_base_patch16_224"}
+          "deit_base": "deit_base_patch16_224",
+          # the modern backbones (issue 19): registers at 518 px, RoPE + SwiGLU + LayerScale, EVA-02
+          "dinov2_small": "vit_small_patch14_reg4_dinov2", "dinov3_small": "vit_small_patch16_dinov3",
+          "eva02_small": "eva02_small_patch14_224"}
 FIELDS = ["model", "variant", "blocks_compressed", "mlp_hidden", "gmacs", "macs_reduction", "runner",
           "batch_size", "images_per_s", "median_ms", "floor_ms", "of_floor", "speedup", "realized_speedup"]
 

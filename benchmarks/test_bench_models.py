@@ -66,3 +66,19 @@ def test_bench_models_short_cpu_run_writes_every_runner(tmp_path):
     assert float(variant["realized_speedup"]) == pytest.approx(
         float(variant["speedup"]) / float(variant["macs_reduction"]), rel=1e-3)
     assert all(float(r["images_per_s"]) > 0 for r in rows)
+
+
+@pytest.mark.parametrize("short", ["dinov2_small", "dinov3_small", "eva02_small"])
+def test_modern_backbones_have_a_dcvit_student(short):
+    # --models takes them at full size; their students (registers, RoPE, SwiGLU, LayerScale
+    # kept) are smaller specs that still validate and build
+    from bench_models import MODELS
+    from dcvit_engine.macs import count_macs
+    from dcvit_engine.models import resolve_model
+
+    teacher = resolve_model(model_name=MODELS[short])
+    spec, hidden = dcvit_variant(teacher.spec, 2)
+    assert sum(b.attn is None for b in spec.blocks) == 2
+    assert count_macs(spec).total < count_macs(teacher.spec).total
+    assert spec.num_prefix_tokens == teacher.spec.num_prefix_tokens and spec.rope == teacher.spec.rope
+    ViTReference(spec)
