@@ -3,6 +3,7 @@
 #include "attention.h"
 
 #include "cpu_attention.h"
+#include "cpu_layer_norm.h"
 #include "cpu_linear.h"
 #include "functional_from_out.h"
 #include "op_schema.h"
@@ -364,7 +365,7 @@ at::Tensor& attention_block_out_cpu(const at::Tensor& x, const at::Tensor& norm_
                              proj_bias, qk_dims, v_dims, gamma, key_bias, eva, out);
   TORCH_CHECK(x.device().is_cpu(), "attention_block (cpu): x must be a CPU tensor");
   const int64_t dim = x.size(2);
-  const at::Tensor normed = at::layer_norm(x, {dim}, norm_weight, norm_bias, eps);
+  const at::Tensor normed = cpu_layer_norm(x, norm_weight, norm_bias, eps);
   if (!cpu_fused_linear_ok(x.scalar_type())) {
     const at::Tensor qkv = apply_qk_norm_rope(at::linear(normed, qkv_weight, qkv_bias), qk_dims,
                                               eps, eva);

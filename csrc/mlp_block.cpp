@@ -1,6 +1,7 @@
 // Schema and CPU implementation of dcvit::mlp_block (see mlp_block.h).
 #include "mlp_block.h"
 
+#include "cpu_layer_norm.h"
 #include "cpu_linear.h"
 #include "functional_from_out.h"
 #include "op_schema.h"
@@ -166,7 +167,7 @@ at::Tensor& mlp_block_out_cpu(const at::Tensor& x, const at::Tensor& norm_weight
     const int64_t len = std::min(step, rows - start);
     const at::Tensor chunk = rows_in.narrow(0, start, len);
     at::Tensor dest = rows_out.narrow(0, start, len);
-    const at::Tensor normed = at::layer_norm(chunk, {dim}, norm_weight, norm_bias, eps);
+    const at::Tensor normed = cpu_layer_norm(chunk, norm_weight, norm_bias, eps);
     at::Tensor hidden = fused ? fused_hidden(normed, fc1_weight, fc1_bias, act, gated)
                               : aten_hidden(normed, fc1_t, fc1_bias, act, gated);
     if (inner_norm_weight.has_value()) {
