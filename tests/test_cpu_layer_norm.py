@@ -1,7 +1,8 @@
 """The cpu backend's own LayerNorm (csrc/cpu_layer_norm.cpp, inside attention_block and
 mlp_block on CPUs with AVX512-BF16; ATen's elsewhere), and ATen's pinned by
-DCVIT_CPU_LAYER_NORM=aten, against the float64 reference, per dtype: widths below, at and past the kernel's 16-lane steps, rows offset far from zero (the
-mean term), one row and enough rows to split over threads."""
+DCVIT_CPU_LAYER_NORM=aten, against the float64 reference, per dtype: widths below, at and
+past the kernel's 16-lane steps, rows offset far from zero (the mean term), one row and
+enough rows to split over threads."""
 import pytest
 import torch
 
