@@ -86,17 +86,17 @@ def attention_pool(spec: ViTSpec, feats: torch.Tensor, params: dict) -> torch.Te
     batch, tokens, dim = feats.shape
     heads, eps = pool.num_heads, spec.norm_eps
     head_dim = dim // heads
-    # the latent queries are the same for every image: projected (and normed) once, then
-    # broadcast; k and v stay strided views of the kv projection (SDPA takes them as they are,
-    # where `@` would copy both per head: a third of the head's time on the CPU at batch 64)
-    q = F.linear(params["latent"], params["q.weight"], params.get("q.bias"))
-    q = q.reshape(1, pool.latent_len, heads, head_dim).transpose(1, 2)
+    # k and v stay strided views of the kv projection: SDPA takes them as they are, where `@`
+    # would copy both per head (a third of the head's time on the CPU at batch 64)
+    latent = params["latent"].expand(batch, -1, -1)
+    q = F.linear(latent, params["q.weight"], params.get("q.bias"))
+    q = q.reshape(batch, pool.latent_len, heads, head_dim).transpose(1, 2)
     kv = F.linear(feats, params["kv.weight"], params.get("kv.bias"))
     k, v = kv.reshape(batch, tokens, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     if pool.qk_norm:
         q = F.layer_norm(q, (head_dim,), params["q_norm.weight"], params["q_norm.bias"], eps)
         k = F.layer_norm(k, (head_dim,), params["k_norm.weight"], params["k_norm.bias"], eps)
-    x = F.scaled_dot_product_attention(q.expand(batch, -1, -1, -1), k, v)
+    x = F.scaled_dot_product_attention(q, k, v)
     x = x.transpose(1, 2).reshape(batch, pool.latent_len, dim)
     x = F.linear(x, params["proj.weight"], params["proj.bias"])
     y = F.layer_norm(x, (dim,), params["norm.weight"], params["norm.bias"], eps)

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from dcvit_engine.macs import attention_macs, block_macs, count_macs, mlp_macs
 from dcvit_engine.reference import ViTReference, reference_from_timm
@@ -87,11 +87,18 @@ class _MacsByWeight(TorchFunctionMode):
         return out
 
 
+def _cpu_sdpa_flops(query, key, value, *args, out_val=None, **kwargs):
+    return sdpa_flop_count(query, key, value)  # shapes: the counter passes shapes
+
+
 def hook_count(model: ViTReference, x: torch.Tensor):
     """MACs per image measured on the module: every Linear / Conv2d weight's use (_MacsByWeight),
     and torch's FlopCounterMode (which sees every matmul) for the two attention matmuls."""
     by_weight = _MacsByWeight(model, x.shape[0])
-    with torch.no_grad(), FlopCounterMode(display=False) as counter, by_weight:
+    # torch's counter has no formula for the CPU flash kernel that SDPA (the attention-pool
+    # head) runs; its matmuls are the same two as the GPU kernels'
+    cpu_sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter, by_weight:
         model(x)
     per_module = by_weight.per_module
     all_matmuls = counter.get_total_flops() // 2 // x.shape[0]
