@@ -94,9 +94,10 @@ def equal_macs_pairs(spec, targets, practise_options: dict | None = None) -> dic
     from .compress.structure import plan_block_drop, plan_dcvit
 
     candidates = (practise_options or {}).get("candidates")
+    rounding = (practise_options or {}).get("rounding", "nearest")
     pairs = {}
     for target in targets:
-        drop = plan_block_drop(spec, target, candidates=candidates)
+        drop = plan_block_drop(spec, target, candidates=candidates, rounding=rounding)
         ratio = drop.macs / drop.teacher_macs
         try:
             plan_dcvit(spec, ratio, num_blocks=drop.blocks_dropped + 1, candidates=candidates)
@@ -247,15 +248,21 @@ def summarize(rows: list[SweepRow]) -> list[dict]:
     return summary
 
 
-ROW_COLUMNS = ("method", "target", "seed", "MACs%", "top1", "agree", "ms", "img/s", "FT iters", "s",
+ROW_COLUMNS = ("method", "target (got)", "seed", "MACs%", "top1", "agree", "ms", "img/s", "FT iters", "s",
                "blocks of scores")
-TABLE_COLUMNS = ("method", "target", "MACs (M)", "MACs %", "params (K)", "top-1", "agree", "latency ms",
+TABLE_COLUMNS = ("method", "target (got)", "MACs (M)", "MACs %", "params (K)", "top-1", "agree", "latency ms",
                  "img/s", "FT iters", "seeds", "time s")
+
+
+def target_label(target: float | None, macs_ratio: float) -> str:
+    """The target beside the MACs fraction reached, e.g. "0.75 (0.753)": whole-block methods
+    land off their target, so rows with one label may differ in MACs."""
+    return "-" if target is None else f"{target:.2f} ({macs_ratio:.3f})"
 
 
 def table_line(row: SweepRow) -> tuple[str, ...]:
     """One seed's row as printed while the sweep runs (ROW_COLUMNS)."""
-    return (row.method, "-" if row.target is None else f"{row.target:.2f}",
+    return (row.method, target_label(row.target, row.macs_ratio),
             "-" if row.seed is None else str(row.seed), f"{100 * row.macs_ratio:.1f}",
             "-" if row.top1 is None else f"{100 * row.top1:.2f}", f"{100 * row.agreement:.1f}",
             f"{row.latency_ms:.2f}", f"{row.images_per_s:.0f}", row.budget, f"{row.compress_s:.0f}",
@@ -269,7 +276,7 @@ def _mean_std(mean: float | None, std: float | None, seeds: int) -> str:
 
 
 def summary_line(entry: dict) -> tuple[str, ...]:
-    return (entry["method"], "-" if entry["target"] is None else f"{entry['target']:.2f}",
+    return (entry["method"], target_label(entry["target"], entry["macs_ratio"]),
             f"{entry['macs'] / 1e6:.2f}", f"{100 * entry['macs_ratio']:.1f}", f"{entry['params'] / 1e3:.1f}",
             _mean_std(entry["top1"], entry["top1_std"], entry["seeds"]),
             _mean_std(entry["agreement"], entry["agreement_std"], entry["seeds"]),

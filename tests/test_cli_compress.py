@@ -90,7 +90,7 @@ def test_compress_practise_and_resume(capsys, files, monkeypatch):
     out_dir = files["root"] / "practise_out"
     argv = ["compress", *model_args(files), "--data", files["digits"], "--num-samples", 8,
             "--method", "practise", "--target-macs", 0.7, "--out", out_dir, "--adaptor-iters", 2,
-            *NORM, *FAST]
+            "--rounding", "down", *NORM, *FAST]  # down: at most the target's MACs
     from dcvit_engine.compress import practise
     real = practise.feature_mimic_finetune
 

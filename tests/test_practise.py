@@ -89,8 +89,8 @@ def test_score_cache_scores_each_candidate_once_across_targets(teacher, images):
 
 def test_drops_whole_blocks_and_reports_honest_macs(teacher, images):
     report = {}
-    student = compress_practise(teacher, images, 0.7, report=report, **FAST)
-    plan = plan_block_drop(teacher.spec, 0.7)
+    student = compress_practise(teacher, images, 0.7, report=report, rounding="down", **FAST)
+    plan = plan_block_drop(teacher.spec, 0.7, rounding="down")
     dropped = [i for i, b in enumerate(student.spec.blocks) if b.attn is None]
     assert dropped == report["extras"]["chosen_blocks"] and len(dropped) == plan.blocks_dropped
     assert all(student.spec.blocks[i].mlp_hidden == 0 for i in dropped)

@@ -116,7 +116,7 @@ def test_explicit_candidates_are_checked(deit_base_spec):
 
 
 def test_practise_plan_drops_whole_blocks_within_budget(deit_base_spec):
-    plan = plan_block_drop(deit_base_spec, 0.75)
+    plan = plan_block_drop(deit_base_spec, 0.75, rounding="down")
     assert plan.macs <= plan.target_macs
     assert plan.teacher_macs - (plan.blocks_dropped - 1) * plan.block_macs > plan.target_macs
     assert plan.macs == plan.teacher_macs - plan.blocks_dropped * plan.block_macs
@@ -165,3 +165,31 @@ def test_bad_neuron_sets_are_refused(tiny):
         replace_block(tiny, 1, 2, torch.tensor([0, 10_000]))
     with pytest.raises(ValueError, match="indices of the neurons"):
         replace_block(tiny, 1, 2)
+
+
+@pytest.mark.parametrize("target", [0.9, 0.8, 0.753, 0.75, 0.7, 0.6, 0.45, 0.2])
+def test_practise_rounding_nearest_down_up(deit_base_spec, target):
+    """nearest (default) is the count whose MACs are nearest the target; down at most the
+    target, up at least; nearest is always one of the other two."""
+    down, up = (plan_block_drop(deit_base_spec, target, rounding=r) for r in ("down", "up"))
+    nearest = plan_block_drop(deit_base_spec, target)
+    assert nearest.rounding == "nearest" and "rounded nearest" in nearest.summary()
+    assert down.macs <= down.target_macs <= up.macs
+    assert up.blocks_dropped <= down.blocks_dropped <= up.blocks_dropped + 1
+    assert nearest.blocks_dropped in (down.blocks_dropped, up.blocks_dropped)
+    assert abs(nearest.macs - nearest.target_macs) == min(abs(down.macs - down.target_macs),
+                                                          abs(up.macs - up.target_macs))
+
+
+def test_practise_rounding_refusals(deit_base_spec):
+    one_block = plan_block_drop(deit_base_spec, 0.5, rounding="down").block_macs
+    kept = 1 - one_block / plan_block_drop(deit_base_spec, 0.5).teacher_macs
+    with pytest.raises(ValueError, match="rounding up is infeasible.*dropping one whole block"):
+        plan_block_drop(deit_base_spec, (1 + kept) / 2, rounding="up")
+    assert plan_block_drop(deit_base_spec, (1 + kept) / 2 - 1e-3).blocks_dropped == 1, "never zero blocks"
+    with pytest.raises(ValueError, match="rounding must be one of nearest, down, up"):
+        plan_block_drop(deit_base_spec, 0.7, rounding="closest")
+    # every candidate dropped: up keeps them all, nearest only within half a block
+    assert plan_block_drop(deit_base_spec, 0.1, rounding="up").blocks_dropped == 10
+    with pytest.raises(ValueError, match="smallest feasible target"):
+        plan_block_drop(deit_base_spec, 0.1)

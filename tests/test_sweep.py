@@ -1,5 +1,6 @@
 """`dcvit sweep`: every method/target row evaluated on the engine, a table, CSV and PNG."""
 import csv
+import json
 
 import pytest
 
@@ -29,6 +30,8 @@ def test_sweep_writes_table_csv_and_plot(digits_folders, tmp_path, capsys):
     printed = capsys.readouterr().out
     table = [line for line in printed.splitlines() if line.startswith("|")]
     assert len(table) == 2 + 5 and "method" in table[0], "header, rule, one line per row"
+    assert "target (got)" in table[0] and any("| 0.80 (0.767) |" in line for line in table), \
+        "the MACs fraction reached beside the target"
     rows = list(csv.DictReader(open(out / "sweep.csv")))
     assert [r["method"] for r in rows] == ["teacher", "tome", "tome",
                                            "practise-official", "practise-official"]
@@ -91,3 +94,18 @@ def test_no_seeds_and_unpaired_targets_are_one_line_errors(digits_folders, tmp_p
     err = capsys.readouterr().err.strip()
     assert "no equal-MACs pair" in err and "\n" not in err
     assert not out.exists(), "nothing written"
+
+
+def test_rounding_option_reaches_plan_compress_and_sweep(capsys):
+    """--rounding picks the whole-block count (nearest by default) in plan, compress and sweep."""
+    base = ["plan", "--model", "vit_tiny_patch16_224", "--model-kwargs", MODEL_KWARGS, "--method", "practise",
+            "--target-macs", "0.7", "--json"]
+    blocks = {}
+    for rounding in (None, "down", "up"):
+        assert main(base + ([] if rounding is None else ["--rounding", rounding])) == 0
+        blocks[rounding] = json.loads(capsys.readouterr().out)["blocks_compressed"]
+    assert blocks == {None: 1, "down": 2, "up": 1}, "0.767 is nearer 0.7 than 0.535"
+    for command in ("compress", "sweep"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "--rounding {nearest,down,up}" in capsys.readouterr().out

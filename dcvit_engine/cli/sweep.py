@@ -21,7 +21,7 @@ def register(subparsers):
                         help="comma-separated (default dcvit,practise)")
     parser.add_argument("--targets", default="0.9,0.8,0.7,0.6,0.5",
                         help="comma-separated fractions of MACs kept (default 0.9,...,0.5)")
-    add_method_options(parser, names=("iters", "batch_size"))  # default: each method's own
+    add_method_options(parser, names=("iters", "batch_size", "rounding"))  # default: each method's own
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backend", default=None, help="engine backend for evaluation and latency")
     parser.add_argument("--metric-size", type=positive_int, default=50,
@@ -95,9 +95,13 @@ def run(args):
 
     methods, targets, seeds = parse_methods_targets_seeds(args)
     teacher, name = model_from_args(args)
+    options = dict(iters=args.iters, batch_size=args.batch_size, rounding=args.rounding, device=args.device)
+    if args.recipe != "shared":
+        options["recipe"] = args.recipe
+    methods_options = {m: _options_for(m, options) for m in methods}
     if args.pair and "dcvit" in methods and "practise" in methods:
         try:
-            sweep.equal_macs_pairs(teacher.spec, targets)
+            sweep.equal_macs_pairs(teacher.spec, targets, methods_options["practise"])
         except InputError as err:
             raise CommandError(str(err)) from None
     config = preprocess_from_args(args, teacher)
@@ -112,10 +116,6 @@ def run(args):
                 mean=config.mean, std=config.std, device=args.device, progress=True).images
     eval_images, eval_labels, _ = images_from_args(args, config, data=args.eval_data)
     out = Path(args.out)
-    options = dict(iters=args.iters, batch_size=args.batch_size, device=args.device)
-    if args.recipe != "shared":
-        options["recipe"] = args.recipe
-    methods_options = {m: _options_for(m, options) for m in methods}
     print(f"sweep of {name}: {len(images)} few-shot images x {len(draws)} seeds, {len(eval_images)} "
           f"evaluation images, methods {', '.join(methods)}, "
           f"targets {', '.join(f'{t:.2f}' for t in targets)}, "

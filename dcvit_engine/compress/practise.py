@@ -1,8 +1,9 @@
 """PRACTISE (Wang & Wu, CVPR 2023), DC-ViT's few-shot baseline: drop whole blocks.
 
-1. Block count from the MACs target (structure.plan_block_drop): whole blocks only, as
-   many as needed to reach the target, so the achieved MACs are at or below it (the
-   report states them).
+1. Block count from the MACs target (structure.plan_block_drop): whole blocks only, so
+   the MACs are discrete; by default the count whose MACs are nearest the target
+   (rounding="down": at most the target, the paper's rule; "up": at least). The report
+   states the achieved MACs.
 2. Recoverability of each candidate block: drop it, put a light linear adaptor in its
    place (x + W x + b, starting as the identity), train only the adaptor to mimic the
    teacher's final features on the few-shot images, then measure KL(teacher || student)
@@ -37,7 +38,7 @@ from ..reference import ViTReference
 from .fewshot import AUGMENTATIONS, augment_flags, check_images, check_positive, kl_to_teacher, predict_logits
 from .finetune import feature_mimic_finetune, trainable_up_to
 from .run import CliOption, MethodRun, block_list
-from .structure import plan_block_drop, replace_block
+from .structure import ROUNDING_HELP, ROUNDINGS, plan_block_drop, replace_block
 
 
 class LinearAdaptorBlock(nn.Module):
@@ -84,6 +85,7 @@ CLI_OPTIONS = {
                             type=block_list, metavar="I,J,..."),
     "adaptor_iters": CliOption("adaptor training iterations per candidate block (None: iters)", type=int),
     "augment": CliOption("few-shot augmentation (shift for digits: no flips)", choices=tuple(AUGMENTATIONS)),
+    "rounding": CliOption(ROUNDING_HELP, choices=ROUNDINGS),
     "recipe": CliOption("shared (DC-ViT's finetuning) or official (PRACTISE's adaptors and SGD)",
                         choices=RECIPES),
 }
@@ -137,20 +139,22 @@ def feature_mse(student: ViTReference, teacher: ViTReference, images: torch.Tens
 
 
 def compress_practise(model, images: torch.Tensor, target_macs: float, *,
-                      metric_set: torch.Tensor | None = None, candidates=None, iters: int = 2000,
+                      metric_set: torch.Tensor | None = None, candidates=None, rounding: str = "nearest",
+                      iters: int = 2000,
                       adaptor_iters: int | None = None, adaptor_lr: float | None = None,
                       batch_size: int = 64, lr: float | None = None, weight_decay: float = 1e-4,
                       augment: str = "flip+shift", recipe: str = "shared",
                       score_cache: dict | None = None, device=None,
                       seed: int = 0, checkpoint_dir=None, resume: bool = False,
                       progress: bool = False, report: dict | None = None) -> ViTReference:
-    """PRACTISE-compress `model` (timm ViT or ViTReference) to at most `target_macs`, the
-    fraction of its MACs to keep, by dropping whole blocks. Returns the student (eval mode).
+    """PRACTISE-compress `model` (timm ViT or ViTReference) to `target_macs`, the fraction of
+    its MACs to keep, by dropping whole blocks: the count nearest the target, or at most /
+    at least it (rounding "down" / "up"). Returns the student (eval mode).
 
     adaptor_iters: adaptor training iterations per candidate (default iters; PRACTISE's
     code trains adaptors about as long as it finetunes). augment: a fewshot.AUGMENTATIONS
     name. report, when given, receives achieved_macs (what the dropped blocks give,
-    generally below the target), every candidate's score, losses and timings.
+    generally off the target), every candidate's score, losses and timings.
     recipe: "shared" (DC-ViT's finetuning, see the module docstring) or "official"
     (PRACTISE's adaptors and SGD, as the DC-ViT code ports it). adaptor_lr / lr: None takes
     the recipe's rate (RECIPE_DEFAULTS: shared 1e-3 / 3e-5, official 0.02 / 0.02); a given
@@ -174,7 +178,7 @@ def compress_practise(model, images: torch.Tensor, target_macs: float, *,
     spec, teacher, device, log = run.spec, run.teacher, run.device, run.log
     if metric_set is not None:
         check_images(metric_set, spec, "metric_set")
-    plan = plan_block_drop(spec, target_macs, candidates=candidates)
+    plan = plan_block_drop(spec, target_macs, candidates=candidates, rounding=rounding)
     log(plan.summary().replace("\n", "; "))
 
     ckpt = run.checkpoint(checkpoint_dir, resume, dict(

@@ -123,6 +123,7 @@ class BlockDropPlan(Plan):
     candidates: tuple[int, ...]
     blocks_dropped: int
     macs: int
+    rounding: str = "nearest"  # ROUNDINGS: how the discrete block count meets the target
 
     method = "practise"
 
@@ -136,7 +137,7 @@ class BlockDropPlan(Plan):
                 f"drop {self.blocks_dropped} of the candidate blocks {list(self.candidates)} "
                 f"({self.block_macs / 1e9:.4f} GMACs each)\n"
                 f"achieved {self.macs / 1e9:.4f} GMACs = {self.macs / self.teacher_macs:.4f} of the teacher "
-                f"({self.relative_error:+.3%} from the target: whole blocks only)")
+                f"({self.relative_error:+.3%} from the target: whole blocks only, rounded {self.rounding})")
 
 
 def check_target_ratio(target) -> float:
@@ -271,22 +272,45 @@ def plan_dcvit(spec: ViTSpec, target: float, *, num_blocks: int | None = None,
     )
 
 
-def plan_block_drop(spec: ViTSpec, target: float, *, candidates=None) -> BlockDropPlan:
-    """PRACTISE: drop ceil(dM / (A+F)) whole blocks, so the MACs end at or below the target."""
+ROUNDINGS = ("nearest", "down", "up")
+ROUNDING_HELP = ("whole blocks give discrete MACs: nearest (default) drops the block count whose MACs are "
+                 "nearest the target, down keeps at most the target's MACs, up at least")
+
+
+def plan_block_drop(spec: ViTSpec, target: float, *, candidates=None,
+                    rounding: str = "nearest") -> BlockDropPlan:
+    """PRACTISE: how many whole blocks to drop. rounding: "down" drops ceil(dM / (A+F)) (MACs
+    at most the target, the paper's rule), "up" floor(dM / (A+F)) (at least the target),
+    "nearest" (default) whichever of the two is nearer the target (down on a tie), so a sweep
+    row labelled 0.75 is not 0.67. At least one block is dropped in every rounding."""
     rho = check_target_ratio(target)
+    if rounding not in ROUNDINGS:
+        raise InputError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
     candidates, cost = candidate_cost(spec, default_candidates(spec) if candidates is None else candidates)
     teacher = count_macs(spec).total
     target_macs = round(rho * teacher)
     per_block = cost.attn + cost.mlp
-    count = -(-(teacher - target_macs) // per_block)
+    down = -(-(teacher - target_macs) // per_block)
+    up = (teacher - target_macs) // per_block
+    if rounding == "up" and up < 1:
+        raise InputError(f"target {rho} with rounding up is infeasible: dropping one whole block already "
+                         f"leaves {1 - per_block / teacher:.4f} of the MACs; give a target at or below "
+                         "that, or another rounding")
+    if rounding == "nearest":  # |MACs - target| of each count; down wins a tie
+        count = min((down, max(up, 1)), key=lambda n: (abs(teacher - n * per_block - target_macs), -n))
+    else:
+        count = down if rounding == "down" else min(up, len(candidates))
     if count > len(candidates):
-        smallest = math.ceil((1 - len(candidates) * per_block / teacher) * 1e4) / 1e4
+        # nearest: a target up to half a block below all candidates dropped still rounds to them
+        reach = len(candidates) + (0.5 if rounding == "nearest" else 0.0)
+        smallest = math.ceil((1 - reach * per_block / teacher) * 1e4) / 1e4
         raise InputError(f"target {rho} is infeasible: it needs {count} dropped blocks but there are "
                          f"only {len(candidates)} candidates {list(candidates)}; the smallest "
                          f"feasible target is {smallest:.4f}")
     return BlockDropPlan(target_ratio=rho, teacher_macs=teacher, target_macs=target_macs,
                          block_macs=per_block, candidates=candidates, blocks_dropped=count,
-                         macs=count_macs(compressed_spec(spec, candidates[:count], 0)).total)
+                         macs=count_macs(compressed_spec(spec, candidates[:count], 0)).total,
+                         rounding=rounding)
 
 
 def replace_block(model: ViTReference, index: int, hidden: int,
