@@ -32,6 +32,7 @@ from ..runlock import LOCK_FILENAME
 
 STATE_FILENAME = "state.json"
 METRIC_SET_FILENAME = "metric_set.pt"
+METRIC_SET_PROGRESS = METRIC_SET_FILENAME + ".progress"  # metric_set.progress_file: the unfinished synthesis
 STATE_FORMAT = 1
 ARTIFACT_NAME = re.compile(r"model-[0-9]{4,9}")  # what commit() names a saved model
 
@@ -82,11 +83,13 @@ class RunCheckpoint:
                 raise FileExistsError(f"{self.folder} holds the checkpoint of an earlier run; resume it "
                                       "(resume=True, --resume) or remove the folder to start over")
             self._load(state_file)
-        elif self.folder.exists() and any(p.name not in (METRIC_SET_FILENAME, LOCK_FILENAME)
-                                          for p in self.folder.iterdir()):
+        elif self.folder.exists() and any(p.name not in (METRIC_SET_FILENAME, METRIC_SET_PROGRESS,
+                                                         LOCK_FILENAME) for p in self.folder.iterdir()):
             raise FileExistsError(f"{self.folder} is a non-empty folder without {STATE_FILENAME}; "
                                   "choose an empty or new checkpoint folder")
         self.folder.mkdir(parents=True, exist_ok=True)
+        if not self.resumed:  # at once: an interruption before the first step still leaves a resumable run
+            self.commit()
 
     def _load(self, state_file: Path) -> None:
         start_over = f"remove {self.folder} to start over"
@@ -134,9 +137,10 @@ class RunCheckpoint:
         if self.folder is None:
             return None
         path = self.folder / METRIC_SET_FILENAME
-        if path.is_symlink():
-            raise RunStateError(f"{path} is a symbolic link, not this run's own metric set; remove "
-                                f"{self.folder} to start over")
+        for file in (path, self.folder / METRIC_SET_PROGRESS):
+            if file.is_symlink():
+                raise RunStateError(f"{file} is a symbolic link, not this run's own metric set; remove "
+                                    f"{self.folder} to start over")
         return path
 
     def model(self, device: str | torch.device = "cpu") -> ViTReference | None:
