@@ -147,7 +147,7 @@ def run_sweep(teacher: ViTReference, images: torch.Tensor | None, eval_images: t
               eval_labels: torch.Tensor | None, methods: dict[str, dict], targets, *,
               draws: list[Draw] | None = None, budget: str = "equal", pair: bool = True,
               first_draw_only=(), device="cpu", backend=None, latency_batch: int = 32, progress: bool = True,
-              on_row=None) -> list[SweepRow]:
+              on_row=None, done=()) -> list[SweepRow]:
     """Compress `teacher` with every method at every target, for every draw, and evaluate
     each result.
 
@@ -157,9 +157,11 @@ def run_sweep(teacher: ViTReference, images: torch.Tensor | None, eval_images: t
     dcvit and practise, also run DC-ViT at PRACTISE's MACs points (method PAIRED); a target
     without such a pair raises ValueError before anything runs. on_row(row) is called as
     each row is ready. first_draw_only: methods run on the first draw only (to save time).
-    Targets a method cannot reach are reported and skipped.
+    Targets a method cannot reach are reported and skipped. done: sweep_state.row_key of
+    the rows a resumed sweep has already (not run again, not returned).
     """
     from .compress import api
+    from .sweep_state import row_key
 
     if budget not in BUDGETS:
         raise InputError(f"budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
@@ -182,10 +184,12 @@ def run_sweep(teacher: ViTReference, images: torch.Tensor | None, eval_images: t
     teacher_macs = count_macs(spec).total
     teacher_engine = build_engine(teacher, backend=backend, device=device)
     teacher_preds = predict(teacher_engine, eval_images.to(device)).cpu()
-    rows = [evaluate_row("teacher", None, teacher, teacher_macs, eval_images, eval_labels, None,
-                         device=device, backend=backend, latency_batch=latency_batch)]
-    if on_row:
-        on_row(rows[0])
+    rows = []
+    if row_key("teacher", None, None) not in done:
+        rows.append(evaluate_row("teacher", None, teacher, teacher_macs, eval_images, eval_labels, None,
+                                 device=device, backend=backend, latency_batch=latency_batch))
+        if on_row:
+            on_row(rows[0])
     score_cache: dict = {}
     for index, draw in enumerate(draws):
         for method, target, options in plan:
@@ -198,6 +202,9 @@ def run_sweep(teacher: ViTReference, images: torch.Tensor | None, eval_images: t
             options = dict(options, **{k: v for k, v in draw.options.items() if k in accepted})
             if "score_cache" in accepted:  # PRACTISE: block scores do not depend on the target
                 options.setdefault("score_cache", score_cache)
+            label = f"{method}-{options['recipe']}" if options.get("recipe", "shared") != "shared" else method
+            if row_key(label, target, draw.seed) in done:
+                continue
             try:
                 options = _budget_options(method, options, spec, target, budget)
                 report: dict = {}
@@ -207,7 +214,6 @@ def run_sweep(teacher: ViTReference, images: torch.Tensor | None, eval_images: t
             except ValueError as err:
                 print(f"  {method} @ {target:.2f}: skipped ({err})")
                 continue
-            label = f"{method}-{options['recipe']}" if options.get("recipe", "shared") != "shared" else method
             row = evaluate_row(label, target, student, teacher_macs, eval_images, eval_labels,
                                teacher_preds, device=device, backend=backend,
                                latency_batch=latency_batch, compress_s=time.perf_counter() - start,

@@ -1,6 +1,7 @@
 """`dcvit sweep`: compress one model to a dense family of MACs targets with one or more
-methods; print a table and write sweep.csv, sweep.png (accuracy against MACs and against
-measured latency) and every student's artifact."""
+methods; print a table and write sweep.csv and sweep.md (each row as soon as it is done),
+then sweep.png (accuracy against MACs and against measured latency). An interrupted sweep
+continues with --resume (dcvit_engine.sweep_state); an existing --out needs --overwrite."""
 from pathlib import Path
 
 from dcvit_engine.cli import CommandError
@@ -31,7 +32,14 @@ def register(subparsers):
                         help="metric-set optimization steps (default 2000, the official value)")
     parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
     add_fairness_arguments(parser, default_seeds=1)
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True,
+                        help="output folder: sweep.csv and sweep.md (rewritten as each row finishes), "
+                        "sweep.png, sweep_state.json, metric_sets/")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted sweep in --out: finished rows are kept, not run "
+                        "again (refused when its settings differ)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the sweep already in --out (without it, an existing --out is refused)")
     parser.set_defaults(func=run)
 
 
@@ -89,10 +97,26 @@ def parse_targets(text: str) -> list[float]:
     return targets
 
 
+# options that do not change a sweep's rows (how it is run and where it writes)
+NOT_SETTINGS = ("out", "resume", "overwrite", "func", "command", "argv", "on_interrupt")
+
+
+def sweep_settings(args) -> dict:
+    """Every option that decides the rows (a resume must repeat them): the parsed arguments
+    but the output folder and the resume/overwrite flags."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS and not callable(v)}
+
+
 def run(args):
     from dcvit_engine import sweep
+    from dcvit_engine.atomic import removed_if_left_empty
+    from dcvit_engine.cli import resume_command
     from dcvit_engine.compress.api import method_options
+    from dcvit_engine.sweep_state import METRIC_SETS, PLOT_FILENAME, SweepState
 
+    if args.resume and args.overwrite:
+        raise CommandError("give --resume (continue the sweep in --out) or --overwrite (replace it), "
+                           "not both")
     methods, targets, seeds = parse_methods_targets_seeds(args)
     teacher, name = model_from_args(args)
     options = dict(iters=args.iters, batch_size=args.batch_size, rounding=args.rounding, device=args.device)
@@ -107,31 +131,46 @@ def run(args):
     config = preprocess_from_args(args, teacher)
     draws = [sweep.Draw(seed, images_from_args(args, config, seed=seed)[0]) for seed in seeds]
     images = draws[0].images
-    if any("metric_set" in method_options(m) for m in methods):
-        from dcvit_engine.compress.metric_set import synthesize_metric_set
-
-        for draw in draws:  # one metric set per draw, the same for both methods (scored alike)
-            draw.options["metric_set"] = synthesize_metric_set(
-                teacher, num_images=args.metric_size, iters=args.metric_iters, seed=draw.seed,
-                mean=config.mean, std=config.std, device=args.device, progress=True).images
     eval_images, eval_labels, _ = images_from_args(args, config, data=args.eval_data)
     out = Path(args.out)
-    print(f"sweep of {name}: {len(images)} few-shot images x {len(draws)} seeds, {len(eval_images)} "
-          f"evaluation images, methods {', '.join(methods)}, "
-          f"targets {', '.join(f'{t:.2f}' for t in targets)}, "
-          f"{args.budget} finetuning budget")
-    print(" | ".join(sweep.ROW_COLUMNS))
-    with backend_errors_as_command_errors():
-        rows = sweep.run_sweep(teacher, None, eval_images, eval_labels, methods_options, targets, draws=draws,
-                               budget=args.budget, pair=args.pair, device=args.device, backend=args.backend,
-                               progress=True, on_row=lambda row: print(" | ".join(sweep.table_line(row))))
+    with removed_if_left_empty(out):  # a sweep that fails before its first row leaves no empty folder
+        state = SweepState(out, sweep_settings(args), resume=args.resume, overwrite=args.overwrite)
+        args.on_interrupt = lambda: f"kept {state.kept()}; resume with: {resume_command(args)}"
+        if state.resumed:
+            print(f"resuming the sweep in {out}: {len(state.rows)} row(s) done, not run again")
+        elif args.resume:
+            print(f"--resume: no sweep in {out}, so this one starts from scratch")
+        if any("metric_set" in method_options(m) for m in methods):
+            from dcvit_engine.compress.metric_set import synthesize_metric_set
+
+            (out / METRIC_SETS).mkdir(exist_ok=True)
+            for draw in draws:  # one metric set per draw, the same for both methods (scored alike)
+                draw.options["metric_set"] = synthesize_metric_set(
+                    teacher, num_images=args.metric_size, iters=args.metric_iters, seed=draw.seed,
+                    mean=config.mean, std=config.std, device=args.device, cache_path=out / METRIC_SETS,
+                    progress=True).images
+        print(f"sweep of {name}: {len(images)} few-shot images x {len(draws)} seeds, {len(eval_images)} "
+              f"evaluation images, methods {', '.join(methods)}, "
+              f"targets {', '.join(f'{t:.2f}' for t in targets)}, "
+              f"{args.budget} finetuning budget")
+        print(" | ".join(sweep.ROW_COLUMNS))
+        for row in state.rows:
+            print(" | ".join(sweep.table_line(row)) + "  (before the resume)")
+
+        def finished(row):
+            state.add(row)
+            print(" | ".join(sweep.table_line(row)), flush=True)
+
+        with backend_errors_as_command_errors():
+            sweep.run_sweep(teacher, None, eval_images, eval_labels, methods_options, targets, draws=draws,
+                            budget=args.budget, pair=args.pair, device=args.device, backend=args.backend,
+                            progress=True, on_row=finished, done=state.done)
+    rows = state.rows
     if len(rows) == 1:
         raise CommandError("no method reached any of the targets; see the reasons above")
     print("\n" + sweep.format_table(rows))
-    out.mkdir(parents=True, exist_ok=True)  # only now: a sweep that fails leaves no empty folder
-    csv_path = sweep.write_csv(rows, out / "sweep.csv")
-    png_path = sweep.plot_sweep(rows, out / "sweep.png", title=name)
-    print(f"\nwrote {csv_path} and {png_path}")
+    png_path = sweep.plot_sweep(rows, out / PLOT_FILENAME, title=name)
+    print(f"\nwrote {state.csv_path}, {state.table_path} and {png_path}")
     return 0
 
 
