@@ -112,8 +112,8 @@ def _check_data(args) -> None:
 
 def _compress(args, out: Path, partial: Path) -> int:
     _check_data(args)
+    options = _method_options(args)  # a flag the method does not take is named first
     _check_paths(out, partial, args.resume, args.overwrite)
-    options = _method_options(args)
     started = time.perf_counter()
     model, name = model_from_source(args.artifact, args.model, args.model_kwargs, args.checkpoint,
                                     args.pretrained)
