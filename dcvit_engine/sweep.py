@@ -124,6 +124,49 @@ def _budget_options(method: str, options: dict, spec, target: float, budget: str
     return dict(options, iters=max(1, total // steps), select_iters=options.get("select_iters") or total)
 
 
+def selection_cost(method: str, options: dict, spec, targets, budget: str = "equal") -> str:
+    """One line: the finetuning iterations `method` spends choosing its structure per seed
+    over all `targets` (and what the student gets), from the options the sweep passes and the
+    method's own defaults; said before a sweep runs, since selection can cost more than the
+    students themselves. The metric set is not counted (the sweep makes one per seed)."""
+    from .compress.api import method_defaults
+    from .compress.structure import default_candidates
+
+    function = "dcvit" if method == PAIRED else method
+    defaults = method_defaults(function)
+
+    def value(name):
+        return options[name] if options.get(name) is not None else defaults.get(name)
+
+    candidates = len(value("candidates") or default_candidates(spec)) if "candidates" in defaults else 0
+    count = len(targets)
+    if function == "dcvit":
+        chosen = []
+        for target in targets:
+            try:
+                chosen.append(_budget_options(method, dict(options), spec, target, budget))
+            except ValueError:  # a target the method cannot reach is skipped by the sweep too
+                count -= 1
+        if not chosen:
+            return f"{method}: reaches none of the targets"
+        select = [o.get("select_iters") or o.get("iters") or defaults["iters"] for o in chosen]
+        return (f"{method}: selection {candidates} candidates x {select[0]} iterations per target = "
+                f"{candidates * sum(select)} over {count} target(s) (on the metric set); student "
+                f"{value('iters')} "
+                f"iterations{' in total' if budget == 'equal' else ' per progressive step'} per target")
+    if function == "practise":
+        adaptor = value("adaptor_iters") or value("iters")
+        return (f"{method}: selection {candidates} candidates x {adaptor} adaptor iterations = "
+                f"{candidates * adaptor}, once (scores are reused across targets); student "
+                f"{value('iters')} iterations per target")
+    if "finetune_iters" in defaults:  # a structure search, then a finetune (UVC, CaiT)
+        return (f"{method}: search {value('iters')} iterations per target = {value('iters') * count} "
+                f"over {count} target(s); student {value('finetune_iters')} iterations per target")
+    if "iters" not in defaults:
+        return f"{method}: no selection and no training (training-free)"
+    return f"{method}: {value('iters')} iterations per target (selection cost not itemized)"
+
+
 def _budget_text(report: dict) -> str:
     """The report's finetune_iters as the FT iters column: the student's iterations (steps x
     per step) and those spent choosing the structure; "-" for a training-free method."""

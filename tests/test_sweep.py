@@ -3,6 +3,7 @@ import csv
 import json
 
 import pytest
+import timm
 
 from dcvit_engine.cli import main
 from dcvit_engine.digits import DIGITS_MEAN, DIGITS_STD, export_digits_folder
@@ -50,6 +51,25 @@ def test_sweep_rejects_bad_targets_and_methods(digits_folders, tmp_path, capsys)
     assert "--targets" in capsys.readouterr().err
     assert main(base + ["--methods", "dcvit,magic"]) == 2
     assert "unknown method" in capsys.readouterr().err
+    assert main(base + ["--methods", "dcvit,tome", "--adaptor-iters", "3", "--finetune-iters", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("--adaptor-iters, --finetune-iters appl(ies) to none of --methods dcvit,tome")
+
+
+def test_selection_cost_follows_the_knobs_and_the_budget():
+    """DC-ViT scores every candidate after select_iters (equal budget: the whole --iters
+    unless given); UVC searches --iters per target; the lines name what they count."""
+    from dcvit_engine.adapter import spec_from_timm
+    from dcvit_engine.sweep import selection_cost
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **json.loads(MODEL_KWARGS))
+    spec = spec_from_timm(model)
+    assert selection_cost("dcvit", dict(iters=8), spec, [0.8, 0.7]).startswith(
+        "dcvit: selection 2 candidates x 8 iterations per target = 32 over 2 target(s)")
+    assert selection_cost("dcvit", dict(iters=8, select_iters=3), spec, [0.8], "official").startswith(
+        "dcvit: selection 2 candidates x 3 iterations per target = 6 over 1 target(s)")
+    assert selection_cost("uvc", dict(iters=5, finetune_iters=2), spec, [0.8, 0.7]) == (
+        "uvc: search 5 iterations per target = 10 over 2 target(s); student 2 iterations per target")
 
 
 def test_seeds_equal_budget_and_equal_macs_pairs(digits_folders, tmp_path, capsys):
@@ -127,8 +147,8 @@ def test_sweep_keeps_each_row_and_resumes(digits_folders, tmp_path, capsys, monk
     norm = ["--mean", ",".join(map(str, DIGITS_MEAN)), "--std", ",".join(map(str, DIGITS_STD))]
     argv = ["sweep", "--model", "vit_tiny_patch16_224", "--model-kwargs", MODEL_KWARGS, "--data", str(train),
             "--num-samples", "8", "--eval-data", str(test), "--methods", "tome,practise", "--targets", "0.8",
-            "--iters", "1", "--batch-size", "8", "--metric-size", "2", "--metric-iters", "2", *norm,
-            "--out", str(out)]
+            "--iters", "1", "--adaptor-iters", "2", "--batch-size", "8", "--metric-size", "2",
+            "--metric-iters", "2", *norm, "--out", str(out)]
     real, calls = api.compress, []
 
     def terminated_at_second(*args, **kwargs):
@@ -159,6 +179,10 @@ def test_sweep_keeps_each_row_and_resumes(digits_folders, tmp_path, capsys, monk
     assert main([*argv, "--resume"]) == 0
     assert calls == ["practise"], "only the missing row"
     printed = capsys.readouterr().out
+    # each method's selection cost before it runs, with the knobs given (--adaptor-iters 2)
+    assert ("practise: selection 2 candidates x 2 adaptor iterations = 4, once (scores are reused across "
+            "targets); student 1 iterations per target") in printed
+    assert "tome: no selection and no training (training-free)" in printed
     assert "1 row(s) done" not in printed and "2 row(s) done" in printed, "teacher and tome"
     rows = list(csv.DictReader(open(out / "sweep.csv")))
     assert [r["method"] for r in rows] == ["teacher", "tome", "practise"]
