@@ -8,9 +8,9 @@ import torch
 import dcvit_engine
 from dcvit_engine.artifact import load
 from dcvit_engine.compress import dcvit as dcvit_module
-from dcvit_engine.compress.checkpoint import STATE_FILENAME
 from dcvit_engine.compress.dcvit import compress_dcvit, keep_neurons
 from dcvit_engine.compress.fewshot import mean_mlp_activations
+from dcvit_engine.compress.run_state import STATE_FILENAME
 from dcvit_engine.compress.structure import plan_dcvit, replace_block
 from dcvit_engine.macs import count_macs
 from dcvit_engine.reference import ViTReference, reference_from_timm
@@ -198,7 +198,7 @@ def test_package_entry_point_and_bad_input(teacher, images, metric_set):
 
 def test_failed_save_keeps_the_last_complete_checkpoint(teacher, tmp_path, monkeypatch):
     from dcvit_engine.compress import checkpoint as checkpoint_module
-    from dcvit_engine.compress.checkpoint import RunCheckpoint
+    from dcvit_engine.compress.run_state import RunCheckpoint
 
     ckpt = RunCheckpoint(tmp_path, {"run": 1})
     first = replace_block(teacher, 1, 0)

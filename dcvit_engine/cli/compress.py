@@ -20,7 +20,7 @@ from dcvit_engine.cli.method_args import add_method_argument, add_method_options
 from dcvit_engine.cli.model_args import add_model_arguments
 from dcvit_engine.cli.plan import add_target_argument
 from dcvit_engine.compress.api import METHODS, compress, method_options
-from dcvit_engine.compress.checkpoint import STATE_FILENAME
+from dcvit_engine.compress.run_state import STATE_FILENAME
 from dcvit_engine.macs import count_macs
 from dcvit_engine.models import describe_source, parse_model_kwargs, resolve_model
 from dcvit_engine.runlock import exclusive_folder

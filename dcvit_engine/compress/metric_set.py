@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from ..atomic import atomic_path
 from ..errors import InputError
 from ..progress import progress_bar
-from .checkpoint import tensor_digest
+from .run_state import tensor_digest
 
 _REFERENCE_SIZE = 224   # DeepInversion's resolution, for which jitter = 30 px
 _REFERENCE_JITTER = 30
@@ -185,7 +185,7 @@ def synthesize_metric_set(teacher: nn.Module, num_images: int = 50, iters: int =
                     in_chans=in_chans, seed=seed, tv_weight=tv_weight, tv_beta=tv_beta, l2_weight=l2_weight,
                     jitter=jitter, flip=flip, warmup_iters=warmup_iters,
                     bounds=None if bounds is None else [b.flatten().tolist() for b in bounds])
-    # the same content hash a run checkpoint keys its teacher by (checkpoint.tensor_digest)
+    # the same content hash a run checkpoint keys its teacher by (run_state.tensor_digest)
     teacher_state = tensor_digest(*teacher.state_dict().values())
     key = hashlib.sha256((teacher_state + json.dumps(settings, sort_keys=True)).encode()).hexdigest()
     path = _cache_file(cache_path, key)
