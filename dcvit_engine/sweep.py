@@ -124,6 +124,49 @@ def _budget_options(method: str, options: dict, spec, target: float, budget: str
     return dict(options, iters=max(1, total // steps), select_iters=options.get("select_iters") or total)
 
 
+def selection_cost(method: str, options: dict, spec, targets, budget: str = "equal") -> str:
+    """One line: the finetuning iterations `method` spends choosing its structure per seed
+    over all `targets` (and what the student gets), from the options the sweep passes and the
+    method's own defaults; said before a sweep runs, since selection can cost more than the
+    students themselves. The metric set is not counted (the sweep makes one per seed)."""
+    from .compress.api import method_defaults
+    from .compress.structure import default_candidates
+
+    function = "dcvit" if method == PAIRED else method
+    defaults = method_defaults(function)
+
+    def value(name):
+        return options[name] if options.get(name) is not None else defaults.get(name)
+
+    candidates = len(value("candidates") or default_candidates(spec)) if "candidates" in defaults else 0
+    count = len(targets)
+    if function == "dcvit":
+        chosen = []
+        for target in targets:
+            try:
+                chosen.append(_budget_options(method, dict(options), spec, target, budget))
+            except ValueError:  # a target the method cannot reach is skipped by the sweep too
+                count -= 1
+        if not chosen:
+            return f"{method}: reaches none of the targets"
+        select = [o.get("select_iters") or o.get("iters") or defaults["iters"] for o in chosen]
+        return (f"{method}: selection {candidates} candidates x {select[0]} iterations per target = "
+                f"{candidates * sum(select)} over {count} target(s) (on the metric set); student "
+                f"{value('iters')} "
+                f"iterations{' in total' if budget == 'equal' else ' per progressive step'} per target")
+    if function == "practise":
+        adaptor = value("adaptor_iters") or value("iters")
+        return (f"{method}: selection {candidates} candidates x {adaptor} adaptor iterations = "
+                f"{candidates * adaptor}, once (scores are reused across targets); student "
+                f"{value('iters')} iterations per target")
+    if "finetune_iters" in defaults:  # a structure search, then a finetune (UVC, CaiT)
+        return (f"{method}: search {value('iters')} iterations per target = {value('iters') * count} "
+                f"over {count} target(s); student {value('finetune_iters')} iterations per target")
+    if "iters" not in defaults:
+        return f"{method}: no selection and no training (training-free)"
+    return f"{method}: {value('iters')} iterations per target (selection cost not itemized)"
+
+
 def _budget_text(report: dict) -> str:
     """The report's finetune_iters as the FT iters column: the student's iterations (steps x
     per step) and those spent choosing the structure; "-" for a training-free method."""
@@ -147,7 +190,7 @@ def run_sweep(teacher: ViTReference, images: torch.Tensor | None, eval_images: t
               eval_labels: torch.Tensor | None, methods: dict[str, dict], targets, *,
               draws: list[Draw] | None = None, budget: str = "equal", pair: bool = True,
               first_draw_only=(), device="cpu", backend=None, latency_batch: int = 32, progress: bool = True,
-              on_row=None) -> list[SweepRow]:
+              on_row=None, done=()) -> list[SweepRow]:
     """Compress `teacher` with every method at every target, for every draw, and evaluate
     each result.
 
@@ -157,9 +200,11 @@ def run_sweep(teacher: ViTReference, images: torch.Tensor | None, eval_images: t
     dcvit and practise, also run DC-ViT at PRACTISE's MACs points (method PAIRED); a target
     without such a pair raises ValueError before anything runs. on_row(row) is called as
     each row is ready. first_draw_only: methods run on the first draw only (to save time).
-    Targets a method cannot reach are reported and skipped.
+    Targets a method cannot reach are reported and skipped. done: sweep_state.row_key of
+    the rows a resumed sweep has already (not run again, not returned).
     """
     from .compress import api
+    from .sweep_state import row_key
 
     if budget not in BUDGETS:
         raise InputError(f"budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
@@ -182,10 +227,12 @@ def run_sweep(teacher: ViTReference, images: torch.Tensor | None, eval_images: t
     teacher_macs = count_macs(spec).total
     teacher_engine = build_engine(teacher, backend=backend, device=device)
     teacher_preds = predict(teacher_engine, eval_images.to(device)).cpu()
-    rows = [evaluate_row("teacher", None, teacher, teacher_macs, eval_images, eval_labels, None,
-                         device=device, backend=backend, latency_batch=latency_batch)]
-    if on_row:
-        on_row(rows[0])
+    rows = []
+    if row_key("teacher", None, None) not in done:
+        rows.append(evaluate_row("teacher", None, teacher, teacher_macs, eval_images, eval_labels, None,
+                                 device=device, backend=backend, latency_batch=latency_batch))
+        if on_row:
+            on_row(rows[0])
     score_cache: dict = {}
     for index, draw in enumerate(draws):
         for method, target, options in plan:
@@ -198,6 +245,9 @@ def run_sweep(teacher: ViTReference, images: torch.Tensor | None, eval_images: t
             options = dict(options, **{k: v for k, v in draw.options.items() if k in accepted})
             if "score_cache" in accepted:  # PRACTISE: block scores do not depend on the target
                 options.setdefault("score_cache", score_cache)
+            label = f"{method}-{options['recipe']}" if options.get("recipe", "shared") != "shared" else method
+            if row_key(label, target, draw.seed) in done:
+                continue
             try:
                 options = _budget_options(method, options, spec, target, budget)
                 report: dict = {}
@@ -207,7 +257,6 @@ def run_sweep(teacher: ViTReference, images: torch.Tensor | None, eval_images: t
             except ValueError as err:
                 print(f"  {method} @ {target:.2f}: skipped ({err})")
                 continue
-            label = f"{method}-{options['recipe']}" if options.get("recipe", "shared") != "shared" else method
             row = evaluate_row(label, target, student, teacher_macs, eval_images, eval_labels,
                                teacher_preds, device=device, backend=backend,
                                latency_batch=latency_batch, compress_s=time.perf_counter() - start,

@@ -2,6 +2,7 @@
 exported digits folder, the checkpoint-file formats, and bad input (one line, exit 2)."""
 import argparse
 import json
+import shlex
 import shutil
 
 import pytest
@@ -106,6 +107,9 @@ def test_compress_practise_and_resume(capsys, files, monkeypatch):
     shutil.rmtree(f"{out_dir}.partial")
     rc, _, err = dcvit(capsys, *argv)
     assert rc == 130 and (files["root"] / "practise_out.partial" / "state.json").is_file()
+    assert err.strip().splitlines()[-1] == (  # what was kept and the exact command that resumes
+        f"dcvit compress: interrupted; kept the completed steps in {out_dir}.partial; resume with: "
+        + shlex.join(["dcvit", *map(str, argv), "--resume"]))
     monkeypatch.setattr(practise, "feature_mimic_finetune", real)
     rc, _, err = dcvit(capsys, *argv)
     assert rc == 2 and "--resume" in err and len(err.strip().splitlines()) == 1
@@ -114,6 +118,11 @@ def test_compress_practise_and_resume(capsys, files, monkeypatch):
     report = load_report(out_dir)
     assert report["method"] == "practise" and report["resumed"]
     assert report["achieved_macs"] == count_macs(load(out_dir)).total <= report["target_macs"]["macs"]
+    rc, _, err = dcvit(capsys, *argv)  # an artifact is replaced only when asked to
+    assert rc == 2 and "holds an artifact already; add --overwrite" in err
+    assert len(err.strip().splitlines()) == 1
+    rc, out, err = dcvit(capsys, *argv, "--overwrite")
+    assert rc == 0 and "holds an artifact already: it is replaced when this run ends" in out, err
 
 
 @pytest.mark.parametrize("case", ["unknown model", "target range", "infeasible", "too few images",

@@ -8,9 +8,9 @@ import torch
 import dcvit_engine
 from dcvit_engine.artifact import load
 from dcvit_engine.compress import dcvit as dcvit_module
-from dcvit_engine.compress.checkpoint import STATE_FILENAME
 from dcvit_engine.compress.dcvit import compress_dcvit, keep_neurons
 from dcvit_engine.compress.fewshot import mean_mlp_activations
+from dcvit_engine.compress.run_state import STATE_FILENAME
 from dcvit_engine.compress.structure import plan_dcvit, replace_block
 from dcvit_engine.macs import count_macs
 from dcvit_engine.reference import ViTReference, reference_from_timm
@@ -152,6 +152,33 @@ def test_resume_continues_where_it_stopped(teacher, images, metric_set, tmp_path
         assert torch.equal(a, b), name
 
 
+def test_interrupted_metric_set_synthesis_resumes_within_the_phase(teacher, images, tmp_path, monkeypatch):
+    """Interrupted inside DeepInversion (before any step ends), the run folder already holds
+    a resumable state and the synthesis' own checkpoint; --resume continues the synthesis
+    from that iteration, not from its start."""
+    from dcvit_engine.compress import metric_set as metric_module
+
+    monkeypatch.setattr(metric_module, "CHECKPOINT_SECONDS", 0.0)  # every iteration
+    real, calls = metric_module.image_prior_tv, []
+
+    def dies_at_iteration_4(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt("simulated interruption")
+        return real(*args)
+
+    monkeypatch.setattr(metric_module, "image_prior_tv", dies_at_iteration_4)
+    folder = tmp_path / "run"
+    options = dict(checkpoint_dir=folder, metric_size=3, metric_iters=6)
+    with pytest.raises(KeyboardInterrupt):
+        run(teacher, images, None, **options)
+    assert (folder / STATE_FILENAME).is_file() and (folder / "metric_set.pt.progress").is_file()
+    calls.clear()
+    _, report = run(teacher, images, None, resume=True, **options)
+    assert report["resumed"] and len(calls) == 2, "iterations 4 and 5 only"
+    assert not (folder / "metric_set.pt.progress").exists()
+
+
 def test_package_entry_point_and_bad_input(teacher, images, metric_set):
     report = {}
     student = dcvit_engine.compress(teacher, images, method="dcvit", target_macs=TARGET,
@@ -171,7 +198,7 @@ def test_package_entry_point_and_bad_input(teacher, images, metric_set):
 
 def test_failed_save_keeps_the_last_complete_checkpoint(teacher, tmp_path, monkeypatch):
     from dcvit_engine.compress import checkpoint as checkpoint_module
-    from dcvit_engine.compress.checkpoint import RunCheckpoint
+    from dcvit_engine.compress.run_state import RunCheckpoint
 
     ckpt = RunCheckpoint(tmp_path, {"run": 1})
     first = replace_block(teacher, 1, 0)

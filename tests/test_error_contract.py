@@ -196,7 +196,7 @@ def test_sigterm_during_compress_keeps_the_earlier_artifact(monkeypatch, capsys,
     import dcvit_engine.cli.compress as compress_cli
     monkeypatch.setattr(compress_cli, "compress", _sigterm_self)
     capsys.readouterr()
-    assert main(tome_argv(digits, out)) == 143
+    assert main([*tome_argv(digits, out), "--overwrite"]) == 143  # replacing it was asked for
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(os.listdir(tmp_path)) == ["tome"]
 

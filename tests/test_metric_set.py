@@ -85,3 +85,33 @@ def test_bad_input(teacher):
         synthesize_metric_set(teacher, img_size=(32,), iters=1, progress=False)
     with pytest.raises(ValueError, match="lr"):
         synthesize_metric_set(teacher, lr=0, iters=1, progress=False)
+
+
+def test_interrupted_synthesis_resumes_to_the_same_images(teacher, tmp_path, monkeypatch):
+    """Checkpointed every iteration (checkpoint_seconds=0): interrupted at iteration 5 of 8
+    (raised from the image prior, as Ctrl-C would), the rerun continues from the checkpoint
+    and ends with the images of an uninterrupted run; the checkpoint is then removed."""
+    from dcvit_engine.compress import metric_set
+
+    settings = dict(num_images=4, iters=8, seed=3, progress=False, checkpoint_seconds=0)
+    whole = synthesize_metric_set(teacher, **settings)
+    real, calls = metric_set.image_prior_tv, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(metric_set, "image_prior_tv", interrupted)
+    path = tmp_path / "metric.pt"
+    with pytest.raises(KeyboardInterrupt):
+        synthesize_metric_set(teacher, cache_path=path, **settings)
+    progress = metric_set.progress_file(path)
+    assert progress.is_file() and not path.exists()
+    assert torch.load(progress, weights_only=True)["step"] == 5
+    calls.clear()
+    resumed = synthesize_metric_set(teacher, cache_path=path, **settings)
+    assert len(calls) == 3, "iterations 5, 6, 7 only"
+    assert torch.equal(resumed.images, whole.images) and resumed.loss_history == whole.loss_history
+    assert path.is_file() and not progress.exists()

@@ -6,8 +6,8 @@ import timm
 import torch
 
 from dcvit_engine.compress import practise as practise_module
-from dcvit_engine.compress.checkpoint import STATE_FILENAME
 from dcvit_engine.compress.practise import compress_practise, with_adaptor, with_official_adaptors
+from dcvit_engine.compress.run_state import STATE_FILENAME
 from dcvit_engine.compress.structure import plan_block_drop, replace_block
 from dcvit_engine.macs import count_macs
 from dcvit_engine.reference import reference_from_timm

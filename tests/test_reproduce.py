@@ -113,3 +113,21 @@ def test_bad_folders_and_points_are_one_line_errors(imagenet_like, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert "cannot compress 3 blocks" in err and "\n" not in err
     assert not out.exists(), "nothing written"
+
+
+def test_interrupted_reproduction_says_what_was_kept_and_how_to_resume(imagenet_like, tmp_path, capsys,
+                                                                        monkeypatch):
+    import shlex
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "compress", interrupted)
+    out = tmp_path / "repro"
+    args = ["reproduce", *MODEL, "--data", str(imagenet_like), "--out", str(out), *FAST]
+    assert main(args) == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (f"dcvit reproduce: interrupted; kept the finished runs in {out}/results.json and the "
+                    f"unfinished run's checkpoint under {out}/runs; resume with the same command: "
+                    + shlex.join(["dcvit", *args]))
+    assert "teacher_top1" in json.loads((out / "results.json").read_text())

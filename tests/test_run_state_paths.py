@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dcvit_engine.artifact import save
-from dcvit_engine.compress.checkpoint import STATE_FILENAME, RunCheckpoint
+from dcvit_engine.compress.run_state import STATE_FILENAME, RunCheckpoint
 from dcvit_engine.errors import RunStateError
 from dcvit_engine.reference import ViTReference
 from dcvit_engine.spec import AttentionSpec, BlockSpec, ViTSpec
@@ -115,3 +115,11 @@ def test_compress_resume_with_a_tampered_state_is_one_line_and_deletes_nothing(c
     assert "not a model folder of this run" in last
     assert (victim / "spec.json").is_file() and (victim / "model.safetensors").is_file()
     assert not (tmp_path / "practise").exists()
+
+
+def test_old_module_name_is_the_run_state_module():
+    """compress/checkpoint.py was renamed to run_state.py; the old import path is the same
+    module for one release."""
+    from dcvit_engine.compress import checkpoint, run_state
+
+    assert checkpoint is run_state and checkpoint.RunCheckpoint is RunCheckpoint

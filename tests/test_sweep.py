@@ -3,6 +3,7 @@ import csv
 import json
 
 import pytest
+import timm
 
 from dcvit_engine.cli import main
 from dcvit_engine.digits import DIGITS_MEAN, DIGITS_STD, export_digits_folder
@@ -50,6 +51,25 @@ def test_sweep_rejects_bad_targets_and_methods(digits_folders, tmp_path, capsys)
     assert "--targets" in capsys.readouterr().err
     assert main(base + ["--methods", "dcvit,magic"]) == 2
     assert "unknown method" in capsys.readouterr().err
+    assert main(base + ["--methods", "dcvit,tome", "--adaptor-iters", "3", "--finetune-iters", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("--adaptor-iters, --finetune-iters appl(ies) to none of --methods dcvit,tome")
+
+
+def test_selection_cost_follows_the_knobs_and_the_budget():
+    """DC-ViT scores every candidate after select_iters (equal budget: the whole --iters
+    unless given); UVC searches --iters per target; the lines name what they count."""
+    from dcvit_engine.adapter import spec_from_timm
+    from dcvit_engine.sweep import selection_cost
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **json.loads(MODEL_KWARGS))
+    spec = spec_from_timm(model)
+    assert selection_cost("dcvit", dict(iters=8), spec, [0.8, 0.7]).startswith(
+        "dcvit: selection 2 candidates x 8 iterations per target = 32 over 2 target(s)")
+    assert selection_cost("dcvit", dict(iters=8, select_iters=3), spec, [0.8], "official").startswith(
+        "dcvit: selection 2 candidates x 3 iterations per target = 6 over 1 target(s)")
+    assert selection_cost("uvc", dict(iters=5, finetune_iters=2), spec, [0.8, 0.7]) == (
+        "uvc: search 5 iterations per target = 10 over 2 target(s); student 2 iterations per target")
 
 
 def test_seeds_equal_budget_and_equal_macs_pairs(digits_folders, tmp_path, capsys):
@@ -109,3 +129,65 @@ def test_rounding_option_reaches_plan_compress_and_sweep(capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "--rounding {nearest,down,up}" in capsys.readouterr().out
+
+
+def test_sweep_keeps_each_row_and_resumes(digits_folders, tmp_path, capsys, monkeypatch):
+    """Each finished row is on disk at once; SIGTERM (sent from inside the second
+    compression) says what was kept and the command that resumes; an existing --out needs
+    --resume or --overwrite; a resume with other settings is refused naming them; the resume
+    runs only the missing row."""
+    import os
+    import shlex
+    import signal
+
+    from dcvit_engine.compress import api
+
+    train, test = digits_folders
+    out = tmp_path / "sweep"
+    norm = ["--mean", ",".join(map(str, DIGITS_MEAN)), "--std", ",".join(map(str, DIGITS_STD))]
+    argv = ["sweep", "--model", "vit_tiny_patch16_224", "--model-kwargs", MODEL_KWARGS, "--data", str(train),
+            "--num-samples", "8", "--eval-data", str(test), "--methods", "tome,practise", "--targets", "0.8",
+            "--iters", "1", "--adaptor-iters", "2", "--batch-size", "8", "--metric-size", "2",
+            "--metric-iters", "2", *norm, "--out", str(out)]
+    real, calls = api.compress, []
+
+    def terminated_at_second(*args, **kwargs):
+        calls.append(kwargs["method"])
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api, "compress", terminated_at_second)
+    assert main(argv) == 143
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # the lines before: progress
+    assert err.startswith("dcvit sweep: terminated; kept 1 finished row(s)")
+    assert err.endswith("resume with: " + shlex.join(["dcvit", *argv, "--resume"]))
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    assert [r["method"] for r in rows] == ["teacher", "tome"]
+    assert "    tome | 0.80 (0.760) |" in (out / "sweep.md").read_text()
+
+    calls.clear()
+    monkeypatch.setattr(api, "compress", lambda *a, **k: calls.append(k["method"]) or real(*a, **k))
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds an earlier sweep" in err and "--resume" in err and "--overwrite" in err and "\n" not in err
+    assert main([*argv, "--resume", "--targets", "0.7", "--seed", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--seed was 0, now 1" in err and "--targets was '0.8', now '0.7'" in err and "\n" not in err
+    assert calls == []
+
+    assert main([*argv, "--resume"]) == 0
+    assert calls == ["practise"], "only the missing row"
+    printed = capsys.readouterr().out
+    # each method's selection cost before it runs, with the knobs given (--adaptor-iters 2)
+    assert ("practise: selection 2 candidates x 2 adaptor iterations = 4, once (scores are reused across "
+            "targets); student 1 iterations per target") in printed
+    assert "tome: no selection and no training (training-free)" in printed
+    assert "1 row(s) done" not in printed and "2 row(s) done" in printed, "teacher and tome"
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    assert [r["method"] for r in rows] == ["teacher", "tome", "practise"]
+    assert (out / "sweep.png").is_file()
+
+    calls.clear()
+    assert main([*argv, "--overwrite"]) == 0 and calls == ["tome", "practise"]
+    assert len(list(csv.DictReader(open(out / "sweep.csv")))) == 3

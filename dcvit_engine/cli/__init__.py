@@ -11,6 +11,7 @@ import argparse
 import importlib
 import os
 import re
+import shlex
 import signal
 import sys
 import traceback
@@ -88,20 +89,36 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+def resume_command(args, add: str = "--resume", drop=("--overwrite",)) -> str:
+    """The command line that was run, with `add` (once) and without the flags in `drop`: what
+    to type to continue an interrupted run."""
+    words = [w for w in args.argv if w not in drop]
+    return shlex.join(["dcvit", *words, *([add] if add and add not in words else [])])
+
+
+def _interrupted(args, what: str) -> str:
+    """"dcvit CMD: interrupted", and what was kept and how to resume when the command said so
+    (a callable `args.on_interrupt` it sets once it has something to keep)."""
+    note = getattr(args, "on_interrupt", None)
+    return f"dcvit {args.command}: {what}" + (f"; {note()}" if note is not None else "")
+
+
 def main(argv=None) -> int:
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     try:
         args = build_parser().parse_args(argv)
     except UsageError as err:
         print(err, file=sys.stderr)
         return EXIT_USER_ERROR
+    args.argv = argv
     try:
         with sigterm_as_interrupt():
             result = args.func(args)
     except Terminated:
-        print(f"dcvit {args.command}: terminated", file=sys.stderr)
+        print(_interrupted(args, "terminated"), file=sys.stderr)
         return EXIT_SIGTERM
     except KeyboardInterrupt:
-        print(f"dcvit {args.command}: interrupted", file=sys.stderr)
+        print(_interrupted(args, "interrupted"), file=sys.stderr)
         return EXIT_SIGINT
     except Exception as exc:
         message = user_message(exc)

@@ -14,13 +14,13 @@ from pathlib import Path
 
 from dcvit_engine.artifact import save
 from dcvit_engine.checkpoints import load_checkpoint
-from dcvit_engine.cli import CommandError
+from dcvit_engine.cli import CommandError, resume_command
 from dcvit_engine.cli.data_args import add_data_arguments, images_from_args, preprocess_from_args
 from dcvit_engine.cli.method_args import add_method_argument, add_method_options, given_options
 from dcvit_engine.cli.model_args import add_model_arguments
 from dcvit_engine.cli.plan import add_target_argument
 from dcvit_engine.compress.api import METHODS, compress, method_options
-from dcvit_engine.compress.checkpoint import STATE_FILENAME
+from dcvit_engine.compress.run_state import STATE_FILENAME
 from dcvit_engine.macs import count_macs
 from dcvit_engine.models import describe_source, parse_model_kwargs, resolve_model
 from dcvit_engine.runlock import exclusive_folder
@@ -45,6 +45,8 @@ def register(subparsers):
                         help="cpu or cuda (default: the method's, cuda when available)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted run whose checkpoint is in OUT.partial")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the artifact already in OUT (without it, or --resume, that is refused)")
     parser.set_defaults(func=run)
 
 
@@ -75,11 +77,16 @@ def _method_options(args) -> dict:
     return options
 
 
-def _check_paths(out: Path, partial: Path, resume: bool) -> None:
+def _check_paths(out: Path, partial: Path, resume: bool, overwrite: bool = False) -> None:
     """Fail before any work when OUT could not be written (only an earlier artifact is
-    replaced) or an interrupted run would be silently discarded."""
+    replaced, and only with --overwrite or --resume) or an interrupted run would be silently
+    discarded."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / SPEC_FILENAME).is_file())):
         raise CommandError(f"--out {out} exists and is not an artifact folder; choose another path")
+    if (out / SPEC_FILENAME).is_file() and not (overwrite or resume):
+        raise CommandError(f"--out {out} holds an artifact already; add --overwrite to replace it")
+    if (out / SPEC_FILENAME).is_file():
+        print(f"{out} holds an artifact already: it is replaced when this run ends")
     if (partial / STATE_FILENAME).is_file() and not resume:
         raise CommandError(f"{partial} holds the checkpoint of an interrupted run; add --resume to "
                            "continue it, or remove that folder to start over")
@@ -105,8 +112,8 @@ def _check_data(args) -> None:
 
 def _compress(args, out: Path, partial: Path) -> int:
     _check_data(args)
-    _check_paths(out, partial, args.resume)
-    options = _method_options(args)
+    options = _method_options(args)  # a flag the method does not take is named first
+    _check_paths(out, partial, args.resume, args.overwrite)
     started = time.perf_counter()
     model, name = model_from_source(args.artifact, args.model, args.model_kwargs, args.checkpoint,
                                     args.pretrained)
@@ -118,6 +125,8 @@ def _compress(args, out: Path, partial: Path) -> int:
     accepted = method_options(args.method)
     if "checkpoint_dir" in accepted:  # methods with per-step checkpoints resume from OUT.partial
         options.update(checkpoint_dir=partial, resume=args.resume)
+        args.on_interrupt = lambda: (f"kept the completed steps in {partial}; resume with: "
+                                     f"{resume_command(args)}")
     if "labels" in accepted and labels is not None:
         options["labels"] = labels
     loaded_s = time.perf_counter() - started

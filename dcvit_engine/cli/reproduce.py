@@ -5,7 +5,7 @@ gives that cell; resumable (run the same command again after an interruption).""
 import torch
 
 from dcvit_engine.atomic import removed_if_left_empty
-from dcvit_engine.cli import CommandError
+from dcvit_engine.cli import CommandError, resume_command
 from dcvit_engine.cli.data_args import add_preprocess_arguments, preprocess_from_args
 from dcvit_engine.cli.model_args import add_model_arguments, model_from_args
 from dcvit_engine.cli.option_types import nonnegative_int, positive_int
@@ -98,6 +98,9 @@ def run(args):
         print("the paper has no sourced number for the cells (images, blocks PRACTISE drops) "
               f"{', '.join(f'({n}, {k})' for n, k in missing)}: their rows show '-' (the sourced "
               "numbers are DeiT-B at -16.6% FLOPs with the image count not stated)")
+    args.on_interrupt = lambda: (f"kept the finished runs in {args.out}/results.json and the unfinished "
+                                 f"run's checkpoint under {args.out}/runs; resume with the same command: "
+                                 f"{resume_command(args, add=None)}")
     with removed_if_left_empty(args.out):
         results = run_reproduction(
             teacher, args.data, args.out, samples=samples, points=points,

@@ -1,6 +1,7 @@
 """`dcvit sweep`: compress one model to a dense family of MACs targets with one or more
-methods; print a table and write sweep.csv, sweep.png (accuracy against MACs and against
-measured latency) and every student's artifact."""
+methods; print a table and write sweep.csv and sweep.md (each row as soon as it is done),
+then sweep.png (accuracy against MACs and against measured latency). An interrupted sweep
+continues with --resume (dcvit_engine.sweep_state); an existing --out needs --overwrite."""
 from pathlib import Path
 
 from dcvit_engine.cli import CommandError
@@ -9,6 +10,9 @@ from dcvit_engine.cli.method_args import add_method_options
 from dcvit_engine.cli.model_args import add_model_arguments, backend_errors_as_command_errors, model_from_args
 from dcvit_engine.cli.option_types import nonnegative_int, positive_int
 from dcvit_engine.errors import InputError
+
+# the options that set what a method's run costs (selection, search, finetuning)
+COST_OPTIONS = ("iters", "select_iters", "adaptor_iters", "finetune_iters", "batch_size")
 
 
 def register(subparsers):
@@ -21,7 +25,9 @@ def register(subparsers):
                         help="comma-separated (default dcvit,practise)")
     parser.add_argument("--targets", default="0.9,0.8,0.7,0.6,0.5",
                         help="comma-separated fractions of MACs kept (default 0.9,...,0.5)")
-    add_method_options(parser, names=("iters", "batch_size", "rounding"))  # default: each method's own
+    # every cost knob `dcvit compress` has, and the settings of a few-shot finetune; default: each
+    # method's own (a knob reaches the methods that take it, see --help of compress)
+    add_method_options(parser, names=COST_OPTIONS + ("lr", "augment", "rounding"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backend", default=None, help="engine backend for evaluation and latency")
     parser.add_argument("--metric-size", type=positive_int, default=50,
@@ -31,7 +37,14 @@ def register(subparsers):
                         help="metric-set optimization steps (default 2000, the official value)")
     parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
     add_fairness_arguments(parser, default_seeds=1)
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True,
+                        help="output folder: sweep.csv and sweep.md (rewritten as each row finishes), "
+                        "sweep.png, sweep_state.json, metric_sets/")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted sweep in --out: finished rows are kept, not run "
+                        "again (refused when its settings differ)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the sweep already in --out (without it, an existing --out is refused)")
     parser.set_defaults(func=run)
 
 
@@ -89,50 +102,108 @@ def parse_targets(text: str) -> list[float]:
     return targets
 
 
+# options that do not change a sweep's rows (how it is run and where it writes)
+NOT_SETTINGS = ("out", "resume", "overwrite", "func", "command", "argv", "on_interrupt")
+
+
+def sweep_settings(args) -> dict:
+    """Every option that decides the rows (a resume must repeat them): the parsed arguments
+    but the output folder and the resume/overwrite flags."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS and not callable(v)}
+
+
 def run(args):
     from dcvit_engine import sweep
+    from dcvit_engine.atomic import removed_if_left_empty
+    from dcvit_engine.cli import resume_command
     from dcvit_engine.compress.api import method_options
+    from dcvit_engine.sweep_state import METRIC_SETS, PLOT_FILENAME, SweepState
 
+    if args.resume and args.overwrite:
+        raise CommandError("give --resume (continue the sweep in --out) or --overwrite (replace it), "
+                           "not both")
     methods, targets, seeds = parse_methods_targets_seeds(args)
+    methods_options = method_options_from_args(args, methods)
     teacher, name = model_from_args(args)
-    options = dict(iters=args.iters, batch_size=args.batch_size, rounding=args.rounding, device=args.device)
-    if args.recipe != "shared":
-        options["recipe"] = args.recipe
-    methods_options = {m: _options_for(m, options) for m in methods}
+    pairs = {}
     if args.pair and "dcvit" in methods and "practise" in methods:
         try:
-            sweep.equal_macs_pairs(teacher.spec, targets, methods_options["practise"])
+            pairs = sweep.equal_macs_pairs(teacher.spec, targets, methods_options["practise"])
         except InputError as err:
             raise CommandError(str(err)) from None
     config = preprocess_from_args(args, teacher)
     draws = [sweep.Draw(seed, images_from_args(args, config, seed=seed)[0]) for seed in seeds]
     images = draws[0].images
-    if any("metric_set" in method_options(m) for m in methods):
-        from dcvit_engine.compress.metric_set import synthesize_metric_set
-
-        for draw in draws:  # one metric set per draw, the same for both methods (scored alike)
-            draw.options["metric_set"] = synthesize_metric_set(
-                teacher, num_images=args.metric_size, iters=args.metric_iters, seed=draw.seed,
-                mean=config.mean, std=config.std, device=args.device, progress=True).images
     eval_images, eval_labels, _ = images_from_args(args, config, data=args.eval_data)
     out = Path(args.out)
-    print(f"sweep of {name}: {len(images)} few-shot images x {len(draws)} seeds, {len(eval_images)} "
-          f"evaluation images, methods {', '.join(methods)}, "
-          f"targets {', '.join(f'{t:.2f}' for t in targets)}, "
-          f"{args.budget} finetuning budget")
-    print(" | ".join(sweep.ROW_COLUMNS))
-    with backend_errors_as_command_errors():
-        rows = sweep.run_sweep(teacher, None, eval_images, eval_labels, methods_options, targets, draws=draws,
-                               budget=args.budget, pair=args.pair, device=args.device, backend=args.backend,
-                               progress=True, on_row=lambda row: print(" | ".join(sweep.table_line(row))))
+    with removed_if_left_empty(out):  # a sweep that fails before its first row leaves no empty folder
+        state = SweepState(out, sweep_settings(args), resume=args.resume, overwrite=args.overwrite)
+        metric_sets = any("metric_set" in method_options(m) for m in methods)
+        args.on_interrupt = lambda: f"kept {state.kept()}; resume with: {resume_command(args)}"
+        if state.resumed:
+            print(f"resuming the sweep in {out}: {len(state.rows)} row(s) done, not run again")
+        elif args.resume:
+            print(f"--resume: no sweep in {out}, so this one starts from scratch")
+        print(f"sweep of {name}: {len(images)} few-shot images x {len(draws)} seeds, {len(eval_images)} "
+              f"evaluation images, methods {', '.join(methods)}, "
+              f"targets {', '.join(f'{t:.2f}' for t in targets)}, "
+              f"{args.budget} finetuning budget")
+        print("selection cost per seed (finetuning iterations):")
+        for method in methods:
+            cost = sweep.selection_cost(method, methods_options[method], teacher.spec, targets, args.budget)
+            print("  " + cost)
+        for ratio, blocks in pairs.values():
+            line = sweep.selection_cost(sweep.PAIRED, dict(methods_options["dcvit"], num_blocks=blocks),
+                                        teacher.spec, [ratio], args.budget)
+            print(f"  {sweep.PAIRED} at {ratio:.3f}" + line[len(sweep.PAIRED):])
+        if metric_sets:
+            print(f"  + one metric set per seed: {args.metric_size} images x {args.metric_iters} "
+                  "DeepInversion steps (shared by the methods that score on it)")
+        if metric_sets:
+            from dcvit_engine.compress.metric_set import synthesize_metric_set
+
+            (out / METRIC_SETS).mkdir(exist_ok=True)
+            for draw in draws:  # one metric set per draw, the same for both methods (scored alike)
+                draw.options["metric_set"] = synthesize_metric_set(
+                    teacher, num_images=args.metric_size, iters=args.metric_iters, seed=draw.seed,
+                    mean=config.mean, std=config.std, device=args.device, cache_path=out / METRIC_SETS,
+                    progress=True).images
+        print(" | ".join(sweep.ROW_COLUMNS))
+        for row in state.rows:
+            print(" | ".join(sweep.table_line(row)) + "  (before the resume)")
+
+        def finished(row):
+            state.add(row)
+            print(" | ".join(sweep.table_line(row)), flush=True)
+
+        with backend_errors_as_command_errors():
+            sweep.run_sweep(teacher, None, eval_images, eval_labels, methods_options, targets, draws=draws,
+                            budget=args.budget, pair=args.pair, device=args.device, backend=args.backend,
+                            progress=True, on_row=finished, done=state.done)
+    rows = state.rows
     if len(rows) == 1:
         raise CommandError("no method reached any of the targets; see the reasons above")
     print("\n" + sweep.format_table(rows))
-    out.mkdir(parents=True, exist_ok=True)  # only now: a sweep that fails leaves no empty folder
-    csv_path = sweep.write_csv(rows, out / "sweep.csv")
-    png_path = sweep.plot_sweep(rows, out / "sweep.png", title=name)
-    print(f"\nwrote {csv_path} and {png_path}")
+    png_path = sweep.plot_sweep(rows, out / PLOT_FILENAME, title=name)
+    print(f"\nwrote {state.csv_path}, {state.table_path} and {png_path}")
     return 0
+
+
+def method_options_from_args(args, methods) -> dict[str, dict]:
+    """method -> the options the sweep passes it: each given knob to the methods that take
+    it; a knob no method of --methods takes is a one-line error naming it."""
+    from dcvit_engine.compress.api import method_options
+
+    knobs = COST_OPTIONS + ("lr", "augment", "rounding")
+    given = {name: getattr(args, name) for name in knobs if getattr(args, name) is not None}
+    unused = [name for name in given if not any(name in method_options(m) for m in methods)]
+    if unused:
+        flags = ", ".join("--" + name.replace("_", "-") for name in unused)
+        raise CommandError(f"{flags} appl(ies) to none of --methods {','.join(methods)}")
+    options = dict(given, device=args.device)
+    if args.recipe != "shared":
+        options["recipe"] = args.recipe
+    return {m: _options_for(m, options) for m in methods}
 
 
 def _options_for(method: str, options: dict) -> dict:

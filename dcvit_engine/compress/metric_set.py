@@ -12,6 +12,11 @@ term for ViTs).  Every iteration the batch is rolled by a random jitter (+-30 px
 224, scaled with the image size) and flipped with probability 1/2; Adam lr 0.25,
 betas (0.5, 0.9), linear warm-up then cosine; pixels are clipped to the valid range
 when the normalization is known; the images of the lowest-loss iteration are kept.
+
+With a cache path, the optimization itself is checkpointed (images, Adam's state, the
+random generator, the best images so far) beside the cache file at most every
+`checkpoint_seconds`, so an interrupted synthesis resumes from its last checkpoint and
+ends with the images an uninterrupted one would have made.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import io
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -30,12 +36,13 @@ import torch.nn.functional as F
 from ..atomic import atomic_path
 from ..errors import InputError
 from ..progress import progress_bar
-from .checkpoint import tensor_digest
+from .run_state import tensor_digest
 
 _REFERENCE_SIZE = 224   # DeepInversion's resolution, for which jitter = 30 px
 _REFERENCE_JITTER = 30
 _REFERENCE_WARMUP = 100  # of 2000 iterations
 _FORMAT_VERSION = 1
+CHECKPOINT_SECONDS = 60.0  # an interruption loses at most about this much synthesis
 
 
 class MetricSet(NamedTuple):
@@ -115,12 +122,32 @@ def _load_cached(path: Path | None, key: str) -> MetricSet | None:
     return MetricSet(saved["images"], saved["target_classes"], [float(v) for v in saved["loss_history"]])
 
 
-def _save_cached(path: Path, key: str, result: MetricSet) -> None:
+def _save_atomically(path: Path, data: dict) -> None:
     buffer = io.BytesIO()  # torch's file writer can abort the process on a full disk: write with Python
-    torch.save({"key": key, "images": result.images, "target_classes": result.target_classes,
-                "loss_history": torch.tensor(result.loss_history, dtype=torch.float64)}, buffer)
+    torch.save(data, buffer)
     with atomic_path(path) as temp:
         temp.write_bytes(buffer.getbuffer())
+
+
+def _save_cached(path: Path, key: str, result: MetricSet) -> None:
+    _save_atomically(path, {"key": key, "images": result.images, "target_classes": result.target_classes,
+                            "loss_history": torch.tensor(result.loss_history, dtype=torch.float64)})
+
+
+def progress_file(path: Path) -> Path:
+    """Where the unfinished optimization of the cache file `path` is checkpointed."""
+    return path.with_name(path.name + ".progress")
+
+
+def _load_progress(path: Path | None, key: str) -> dict | None:
+    """The checkpointed optimization for `key`, or None (none, another setting, unreadable)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # an unreadable checkpoint only costs the iterations it held
+        return None
+    return saved if isinstance(saved, dict) and saved.get("key") == key else None
 
 
 def synthesize_metric_set(teacher: nn.Module, num_images: int = 50, iters: int = 2000, lr: float = 0.25,
@@ -129,7 +156,7 @@ def synthesize_metric_set(teacher: nn.Module, num_images: int = 50, iters: int =
                           tv_weight: float = 1e-4, tv_beta: float = 0.6, l2_weight: float = 1e-5,
                           jitter: int | None = None, flip: bool = True, warmup_iters: int | None = None,
                           mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                          device=None) -> MetricSet:
+                          device=None, checkpoint_seconds: float | None = None) -> MetricSet:
     """num_images DeepInversion images of the teacher (see the module docstring).
 
     img_size: (H, W) or int (default: the teacher's input size).  jitter: maximum
@@ -137,7 +164,10 @@ def synthesize_metric_set(teacher: nn.Module, num_images: int = 50, iters: int =
     mean/std: the input normalization, for clipping to valid pixels (default: the
     teacher's timm pretrained_cfg; no clipping when unknown).  cache_path: a .pt file,
     or a folder for one file per setting; a cached set made from the same teacher
-    weights and settings is returned instead of synthesizing again.
+    weights and settings is returned instead of synthesizing again, and an interrupted
+    synthesis continues from its checkpoint (written at most every checkpoint_seconds,
+    default CHECKPOINT_SECONDS, 0: every iteration; the images do not depend on where it
+    was interrupted).
     """
     for name, value in (("num_images", num_images), ("iters", iters)):
         if not isinstance(value, int) or value <= 0:
@@ -155,7 +185,7 @@ def synthesize_metric_set(teacher: nn.Module, num_images: int = 50, iters: int =
                     in_chans=in_chans, seed=seed, tv_weight=tv_weight, tv_beta=tv_beta, l2_weight=l2_weight,
                     jitter=jitter, flip=flip, warmup_iters=warmup_iters,
                     bounds=None if bounds is None else [b.flatten().tolist() for b in bounds])
-    # the same content hash a run checkpoint keys its teacher by (checkpoint.tensor_digest)
+    # the same content hash a run checkpoint keys its teacher by (run_state.tensor_digest)
     teacher_state = tensor_digest(*teacher.state_dict().values())
     key = hashlib.sha256((teacher_state + json.dumps(settings, sort_keys=True)).encode()).hexdigest()
     path = _cache_file(cache_path, key)
@@ -181,7 +211,28 @@ def synthesize_metric_set(teacher: nn.Module, num_images: int = 50, iters: int =
         optimizer = torch.optim.Adam([images], lr=lr, betas=(0.5, 0.9), eps=1e-8)
         targets_on_device = targets.to(device)
         best_loss, best_images, history = math.inf, images.detach().clone(), []
-        for step in progress_bar(range(iters), desc="metric set (DeepInversion)", disable=not progress):
+        progress_path = None if path is None else progress_file(path)
+        first = 0
+        saved = _load_progress(progress_path, key)
+        if saved is not None:
+            with torch.no_grad():
+                images.copy_(saved["images"].to(device))
+            optimizer.load_state_dict(saved["optimizer"])
+            generator.set_state(saved["generator"])
+            first, best_loss = int(saved["step"]), float(saved["best_loss"])
+            best_images, history = saved["best_images"].to(device), [float(v) for v in saved["history"]]
+        last_save = time.monotonic()
+        checkpoint_seconds = CHECKPOINT_SECONDS if checkpoint_seconds is None else checkpoint_seconds
+        steps = progress_bar(range(first, iters), total=iters - first, disable=not progress,
+                             desc="metric set (DeepInversion)" + (f", resumed at {first}" if first else ""))
+        for step in steps:
+            due = step > first and time.monotonic() - last_save >= checkpoint_seconds
+            if progress_path is not None and due:
+                _save_atomically(progress_path, dict(
+                    key=key, step=step, images=images.detach().cpu(), optimizer=optimizer.state_dict(),
+                    generator=generator.get_state(), best_loss=best_loss, best_images=best_images.cpu(),
+                    history=torch.tensor(history, dtype=torch.float64)))
+                last_save = time.monotonic()
             if step < warmup_iters:
                 step_lr = lr * (step + 1) / warmup_iters
             else:
@@ -213,4 +264,5 @@ def synthesize_metric_set(teacher: nn.Module, num_images: int = 50, iters: int =
     result = MetricSet(best_images.cpu().float(), targets, history)
     if path is not None:
         _save_cached(path, key, result)
+        progress_path.unlink(missing_ok=True)  # done: the cache file holds the result
     return result

@@ -28,11 +28,11 @@ from ..data import nonfinite_rows, refuse_nonfinite
 from ..devices import resolve_device
 from ..macs import count_macs
 from ..reference import ViTReference
-from .checkpoint import RunCheckpoint, model_digest, tensor_digest
 from .fewshot import ProgressLog, as_reference, check_images, on_device
 from .finetune import kd_finetune
 from .options import CliOption, block_list  # noqa: F401  (the method modules' import of them)
 from .report import REPORT_FORMAT, block_structure
+from .run_state import RunCheckpoint, model_digest, tensor_digest
 from .structure import check_target_ratio
 
 
