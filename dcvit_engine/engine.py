@@ -31,7 +31,9 @@ from .dtypes import (  # noqa: F401  (the dtype policy is dtypes.py's; importabl
 from .errors import InputError
 from .kernels.fused_linear import fold_layer_norm
 from .kernels.head_padding import pad_heads, padded_width
-from .ops.dispatch import requested_backend
+from .ops.attention import ATTENTION_BLOCK
+from .ops.dispatch import ENV_VAR, requested_backend
+from .ops.mlp_block import MLP_BLOCK
 from .reference import ViTReference, classify, merge_metric, merge_tokens
 from .rope import half_rotation_order, rope_tables
 from .spec import MergeSpec, ViTSpec, merge_schedule
@@ -54,6 +56,7 @@ class EngineBlock(nn.Module):
         self.mlp_hidden = block.mlp_hidden
         self.mlp_act, self.mlp_gated = block.mlp_act, block.mlp_gated
         self.qk_norm = self.rope = False
+        self.unbind()
         if self.has_attn:
             attn = block.attn
             self.qk_dims, self.v_dims = list(attn.qk_dims), list(attn.v_dims)
@@ -131,6 +134,15 @@ class EngineBlock(nn.Module):
         self.proj_weight = padded.proj_weight
         self.key_columns = padded.key_columns
 
+    def unbind(self) -> None:
+        """Forget the ops' bound calls (bind_attention, bind_mlp): the weights or the backend
+        they were chosen for changed."""
+        self.attention_call = self.mlp_call = None
+
+    def __getstate__(self):
+        # a copy (copy.deepcopy, pickle) binds its own calls: these hold the original's tensors
+        return {**super().__getstate__(), "attention_call": None, "mlp_call": None}
+
     def extra_repr(self) -> str:
         parts = []
         if self.has_attn:
@@ -157,8 +169,35 @@ def _optional(state: dict, key: str, prepare):
     return None if tensor is None else prepare(tensor)
 
 
+def bind_attention(block: EngineBlock, x: torch.Tensor, key_bias: torch.Tensor | None,
+                   backend: str | None):
+    """The block's attention op as `call(x, key_bias)`: its arguments gathered, checked and its
+    backend chosen once (Op.bind), on the first forward; later forwards (the same token count
+    per block, images checked by Engine.check_images) call the chosen implementation directly."""
+    norms = ((block.q_norm_weight, block.q_norm_bias, block.k_norm_weight, block.k_norm_bias)
+             if block.qk_norm else (None,) * 4)
+    rope = (block.rope_cos, block.rope_sin) if block.rope else (None, None)
+    head = (block.norm1_weight, block.norm1_bias, block.qkv_weight, block.qkv_bias, block.proj_weight,
+            block.proj_bias, list(block.kernel_qk_dims), list(block.kernel_v_dims), block.scale,
+            float(block.eps), block.ls1)
+    tail = (*norms, *rope, None, block.inner_norm_weight, block.inner_norm_bias)
+    options = {} if block.qkv_folded is None else {"qkv_folded": block.qkv_folded}
+    run = ATTENTION_BLOCK.bind(x, *head, key_bias, *tail, backend=backend, **options)
+    return lambda x, key_bias: run(x, *head, key_bias, *tail, **options)
+
+
+def bind_mlp(block: EngineBlock, x: torch.Tensor, eps: float, backend: str | None):
+    """The block's MLP op as `call(x)`, bound once as bind_attention binds the attention op."""
+    args = (block.norm2_weight, block.norm2_bias, block.fc1_weight, block.fc1_bias, block.fc2_weight,
+            block.fc2_bias, float(eps), block.ls2, block.mlp_act, bool(block.mlp_gated),
+            block.mlp_norm_weight, block.mlp_norm_bias)
+    options = {k: v for k, v in _mlp_hints(block).items() if v is not None}
+    run = MLP_BLOCK.bind(x, *args, backend=backend, **options)
+    return lambda x: run(x, *args, **options)
+
+
 def attention_residual(block: EngineBlock, x: torch.Tensor, key_bias: torch.Tensor | None,
-                       want_metric: bool, backend: str | None):
+                       want_metric: bool, backend: str | None, bound: bool = False):
     """x + gamma * proj(MHA(LN(x))) through the attention op, and the merge metric (see
     reference.merge_metric) when want_metric, else None.
 
@@ -166,20 +205,27 @@ def attention_residual(block: EngineBlock, x: torch.Tensor, key_bias: torch.Tens
     return its keys, so a merging block recomputes them: LayerNorm plus the k rows of qkv,
     N x D x qk_total MACs, a small fraction of the block (merges and RoPE do not meet: the
     spec refuses them together).
+
+    The op is the public, checked one, or with `bound` the block's bound call (bind_attention).
     """
     q_norm = k_norm = None
     if block.qk_norm:
         q_norm = (block.q_norm_weight, block.q_norm_bias)
         k_norm = (block.k_norm_weight, block.k_norm_bias)
-    out = ops.attention_block(x, block.norm1_weight, block.norm1_bias, block.qkv_weight,
-                              block.qkv_bias, block.proj_weight, block.proj_bias,
-                              block.kernel_qk_dims, block.kernel_v_dims, block.scale,
-                              eps=block.eps, gamma=block.ls1, key_bias=key_bias, q_norm=q_norm,
-                              k_norm=k_norm, rope_cos=block.rope_cos if block.rope else None,
-                              rope_sin=block.rope_sin if block.rope else None,
-                              inner_norm_weight=block.inner_norm_weight,
-                              inner_norm_bias=block.inner_norm_bias, backend=backend,
-                              qkv_folded=block.qkv_folded)
+    if bound:
+        if block.attention_call is None:
+            block.attention_call = bind_attention(block, x, key_bias, backend)
+        out = block.attention_call(x, key_bias)
+    else:
+        out = ops.attention_block(x, block.norm1_weight, block.norm1_bias, block.qkv_weight,
+                                  block.qkv_bias, block.proj_weight, block.proj_bias,
+                                  block.kernel_qk_dims, block.kernel_v_dims, block.scale,
+                                  eps=block.eps, gamma=block.ls1, key_bias=key_bias, q_norm=q_norm,
+                                  k_norm=k_norm, rope_cos=block.rope_cos if block.rope else None,
+                                  rope_sin=block.rope_sin if block.rope else None,
+                                  inner_norm_weight=block.inner_norm_weight,
+                                  inner_norm_bias=block.inner_norm_bias, backend=backend,
+                                  qkv_folded=block.qkv_folded)
     if not want_metric:
         return out, None
     qk_total = sum(block.kernel_qk_dims)  # the padded widths (see EngineBlock._pad_heads)
@@ -287,6 +333,7 @@ class Engine(nn.Module):
         fold_block_norms(self)
         self._graphs: dict[int, _CapturedGraph] = {}
         self._graph_pool = None
+        self._bound_for = None  # the (backend, DCVIT_BACKEND) the blocks' calls were bound for
         self._run = torch.compile(self.forward_eager, fullgraph=True, dynamic=False) if compile \
             else self.forward_eager
 
@@ -300,6 +347,7 @@ class Engine(nn.Module):
         if runs_triton(self):
             pad_mlp_hidden(self)  # e.g. a CPU-built engine moved to CUDA
         fold_block_norms(self)  # the folded weights follow the new dtype/device exactly
+        self._bound_for = None  # new weights: bind the blocks' ops again
         return self
 
     def extra_repr(self) -> str:
@@ -351,14 +399,19 @@ class Engine(nn.Module):
         if self.norm_pre_weight is not None:
             x = F.layer_norm(x, (spec.embed_dim,), self.norm_pre_weight, self.norm_pre_bias, spec.norm_eps)
         size = None  # tokens each token stands for, (B, N, 1); None until the first merge
+        bound = self._bind_blocks()
         for block in self.blocks:
             metric = x  # a block without attention merges by the tokens themselves
             if block.has_attn:
                 key_bias = size.log().squeeze(-1) if spec.prop_attn and size is not None else None
-                x, metric = attention_residual(block, x, key_bias, block.merge is not None, backend)
+                x, metric = attention_residual(block, x, key_bias, block.merge is not None, backend, bound)
             if block.merge is not None:
                 x, size = self._merge(block, x, metric, size)
-            if block.has_mlp:
+            if block.has_mlp and bound:
+                if block.mlp_call is None:
+                    block.mlp_call = bind_mlp(block, x, spec.norm_eps, backend)
+                x = block.mlp_call(x)
+            elif block.has_mlp:
                 x = ops.mlp_block(x, block.norm2_weight, block.norm2_bias, block.fc1_weight,
                                   block.fc1_bias, block.fc2_weight, block.fc2_bias,
                                   eps=spec.norm_eps, gamma=block.ls2, act=block.mlp_act,
@@ -368,6 +421,19 @@ class Engine(nn.Module):
         if self.norm_weight is not None:
             x = F.layer_norm(x, (spec.embed_dim,), self.norm_weight, self.norm_bias, spec.norm_eps)
         return x
+
+    def _bind_blocks(self) -> bool:
+        """Whether the blocks run their ops' bound calls (bind_attention, bind_mlp): always, but
+        under torch.compile (which traces the checked ops and leaves no per-call Python). The
+        calls are bound again when the backend choice changes (Engine.backend, DCVIT_BACKEND)."""
+        if torch.compiler.is_compiling():
+            return False
+        key = (self.backend, os.environ.get(ENV_VAR))
+        if key != self._bound_for:
+            for block in self.blocks:
+                block.unbind()
+            self._bound_for = key
+        return True
 
     def _merge(self, block: EngineBlock, x, metric, size):
         return merge_tokens(self.spec, block.merge, block.grid_in, x, metric, size, backend=self.backend)
