@@ -276,6 +276,37 @@ def fold_block_norms(engine: "Engine") -> None:
                                            block.fc2_bias) if inner else None
 
 
+def pack_patch_embedding(engine: "Engine") -> None:
+    """On the CPU the patch embedding (a convolution whose stride is its kernel) runs as one
+    GEMM over the patches, each patch's pixels gathered by a reshape: `patch_packed` is the
+    weight as (D, C*p*p), packed once into oneDNN's blocked layout for mkldnn's fused linear
+    (as csrc/cpu_linear.cpp packs the blocks' weights). ATen's convolution reorders the
+    weight, and in fp32 its output, on every call (ONEDNN_VERBOSE); see benchmarks/RESULTS.md
+    for the measured ratio. None elsewhere (other devices, fp16, bf16 without native bf16
+    instructions) and under torch.compile: the convolution runs. A plain attribute, derived,
+    redone on every move."""
+    weight = engine.patch_weight
+    native = weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and cpu_has_native_bf16())
+    if weight.device.type != "cpu" or not native or not torch.backends.mkldnn.is_available():
+        engine.patch_packed = None
+        return
+    engine.patch_packed = torch.ops.mkldnn._reorder_linear_weight(weight.reshape(weight.shape[0], -1))
+
+
+def embed_patches(engine: "Engine", images: torch.Tensor) -> torch.Tensor:
+    """(B, grid_h * grid_w, D) patch tokens: the convolution, or its GEMM (pack_patch_embedding)."""
+    patch = engine.spec.patch_size
+    if engine.patch_packed is None or torch.compiler.is_compiling():  # Inductor lowers the conv itself
+        x = F.conv2d(images, engine.patch_weight, engine.patch_bias, stride=patch)
+        return x.flatten(2).transpose(1, 2)
+    batch, chans = images.shape[:2]
+    rows, cols = engine.spec.grid
+    pixels = images[:, :, :rows * patch, :cols * patch].reshape(batch, chans, rows, patch, cols, patch)
+    pixels = pixels.permute(0, 2, 4, 1, 3, 5).reshape(batch * rows * cols, chans * patch * patch)
+    out = torch.ops.mkldnn._linear_pointwise(pixels, engine.patch_packed, engine.patch_bias, "none", [], "")
+    return out.view(batch, rows * cols, -1)
+
+
 class Engine(nn.Module):
     """A ViT prepared for inference with dcvit_engine's ops; call it on (B, C, H, W) images.
 
@@ -331,6 +362,7 @@ class Engine(nn.Module):
         if runs_triton(self):
             pad_mlp_hidden(self)
         fold_block_norms(self)
+        pack_patch_embedding(self)
         self._graphs: dict[int, _CapturedGraph] = {}
         self._graph_pool = None
         self._bound_for = None  # the (backend, DCVIT_BACKEND) the blocks' calls were bound for
@@ -347,8 +379,17 @@ class Engine(nn.Module):
         if runs_triton(self):
             pad_mlp_hidden(self)  # e.g. a CPU-built engine moved to CUDA
         fold_block_norms(self)  # the folded weights follow the new dtype/device exactly
+        pack_patch_embedding(self)
         self._bound_for = None  # new weights: bind the blocks' ops again
         return self
+
+    def __getstate__(self):
+        # the packed patch weight is an opaque oneDNN tensor (no storage to copy or pickle)
+        return {**super().__getstate__(), "patch_packed": None}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        pack_patch_embedding(self)  # a copy packs its own
 
     def extra_repr(self) -> str:
         return (f"backend={self.backend or 'auto'}, dtype={self.dtype}, device={self.device}, "
@@ -390,8 +431,7 @@ class Engine(nn.Module):
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Tokens after the final norm, (B, N, D) with N after all merges (no input checks)."""
         spec, backend = self.spec, self.backend
-        x = F.conv2d(images, self.patch_weight, self.patch_bias, stride=spec.patch_size)
-        x = x.flatten(2).transpose(1, 2)
+        x = embed_patches(self, images)
         if self.pos_embed is not None:
             x = x + self.pos_embed
         if self.prefix_tokens is not None:
