@@ -9,6 +9,7 @@ dispatch and head (merge_metric, merge_tokens, classify).
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 import torch.nn as nn
@@ -45,12 +46,37 @@ def merge_tokens(spec: ViTSpec, merge: MergeSpec, grid, x: torch.Tensor, metric:
     numbers, tested in float64); ATME through ops.atme_merge on `grid`, the patch grid
     entering the block."""
     if merge.kind == "tome":
+        if spec.reg_tokens:
+            return _tome_beside_registers(spec, merge, x, metric, size, backend, exportable)
         if exportable:
             return bipartite_merge_static(x, metric, merge.r, size, class_token=spec.class_token,
                                           distill_token=spec.dist_token)
         return tome_merge(x, metric, merge.r, size, spec.class_token, spec.dist_token, backend=backend)
     x, size, _ = atme_merge(x, metric, grid, merge.axis, spec.num_prefix_tokens, size, backend=backend)
     return x, size
+
+
+def _tome_beside_registers(spec: ViTSpec, merge: MergeSpec, x, metric, size, backend, exportable):
+    """ToMe on a model with register tokens: the registers are prefix tokens that ToMe never
+    sees (neither merged nor matched, size 1): they are set aside, the class token (if any) and
+    the patches merge as in a model without registers, and the registers go back after the
+    class token, so the prefix keeps its order. (A register token with a distillation token
+    is no timm layout; the spec refuses it.)"""
+    lead, regs = int(spec.class_token), spec.reg_tokens
+
+    def without_registers(t):
+        return torch.cat([t[:, :lead], t[:, lead + regs:]], dim=1)
+    registers = x[:, lead:lead + regs]
+    reg_size = size[:, lead:lead + regs] if size is not None else None
+    inner = MergeSpec(kind="tome", r=merge.r)
+    plain = dataclasses.replace(spec, reg_tokens=0, blocks=[])
+    x, size = merge_tokens(plain, inner, None, without_registers(x), without_registers(metric),
+                           None if size is None else without_registers(size), backend=backend,
+                           exportable=exportable)
+    if reg_size is None:
+        reg_size = torch.ones(size.shape[0], regs, 1, dtype=size.dtype, device=size.device)
+    return (torch.cat([x[:, :lead], registers, x[:, lead:]], dim=1),
+            torch.cat([size[:, :lead], reg_size, size[:, lead:]], dim=1))
 
 
 def pool_features(spec: ViTSpec, feats: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import os
 from dataclasses import MISSING, asdict, dataclass
 from pathlib import Path
 
-from .errors import InputError, SpecError, is_int
+from .errors import SpecError, is_int
 from .jsonfile import load_json_file, parse_json
 from .kernels.merge_rules import ATME_AXES, atme_merged_grid, tome_mergeable
 
@@ -366,9 +366,6 @@ class ViTSpec:
             block.validate(f"blocks[{i}]")
         if self.rope is not None:
             self._validate_rope()
-        if self.reg_tokens and any(b.merge is not None and b.merge.kind == "tome" for b in self.blocks):
-            _fail("reg_tokens", "ToMe merges with register tokens are not supported yet (the merge "
-                  "protects only class and distillation tokens)")
         _check_limits(self)  # before anything allocates: a hostile spec must not exhaust memory
         merge_schedule(self)  # raises on merges the token count cannot support
         return self
@@ -473,8 +470,7 @@ class ViTSpec:
 # ---- features of version 2 -------------------------------------------------------
 def v2_features(spec: ViTSpec) -> list[str]:
     """The version-2 features `spec` uses, one readable name each (empty for a spec that version
-    1 could describe). Readers that do not run them yet (the engine, the compression methods)
-    refuse such a spec at their entry with the first name."""
+    1 could describe): what a reader that predates version 2 would miss."""
     found = []
     if spec.reg_tokens:
         found.append(f"{spec.reg_tokens} register tokens (reg_tokens)")
@@ -494,14 +490,6 @@ def v2_features(spec: ViTSpec) -> list[str]:
         if block.attn is not None and block.attn.inner_norm:
             found.append(f"the attention inner norm (blocks[{i}].attn.inner_norm)")
     return found
-
-
-def refuse_v2_features(spec: ViTSpec, reader: str) -> None:
-    """Raise InputError naming the first version-2 feature `reader` does not run yet."""
-    found = v2_features(spec)
-    if found:
-        raise InputError(f"{reader} does not run {found[0]} yet; the reference module and export do "
-                         f"(dcvit_engine.reference / dcvit export)")
 
 
 # ---- token schedule --------------------------------------------------------------

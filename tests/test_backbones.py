@@ -6,12 +6,10 @@ import pytest
 import timm
 import torch
 
-from dcvit_engine import compress
 from dcvit_engine.adapter import from_timm
 from dcvit_engine.export import export_model
 from dcvit_engine.reference import reference_from_timm
 from dcvit_engine.rope import apply_rope, half_rotation_order, rope_tables
-from dcvit_engine.spec import v2_features
 
 # name -> (timm kwargs of the shrunk model, what its spec must say)
 NAMED = {
@@ -156,16 +154,3 @@ def test_half_layout_with_permuted_channels_gives_the_same_scores(name):
     permuted = apply_rope(q[..., order], *half, True) @ apply_rope(k[..., order], *half, True).mT
     torch.testing.assert_close(permuted, scores, rtol=1e-12, atol=1e-12)
     assert torch.equal(order.sort().values, torch.arange(spec.rope.dim))
-
-
-def test_methods_refuse_what_they_do_not_run_yet():
-    """The engine runs every part (tests/test_engine_backbones.py); the methods refuse, in one
-    line naming the part, until they define what compressing it means (issue 19 item 6)."""
-    kwargs, _ = NAMED["vit_small_patch14_reg4_dinov2"]
-    model = randomized("vit_small_patch14_reg4_dinov2", **dict(kwargs, depth=1))
-    assert v2_features(from_timm(model)[0])[0] == "4 register tokens (reg_tokens)"
-    with pytest.raises(ValueError, match=r"^method 'dcvit' does not run 4 register tokens"):
-        compress(model, images(model, 2), method="dcvit", target_macs=0.7)
-    clip = randomized("vit_base_patch16_clip_quickgelu_224", depth=1, img_size=32)
-    with pytest.raises(ValueError, match=r"MLP activation 'quick_gelu' \(blocks\[0\]\.mlp_act\)"):
-        compress(reference_from_timm(clip), images(clip, 2), method="tome", target_macs=0.7)

@@ -17,16 +17,13 @@ needs (images, a MACs target) and which function plans it.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import inspect
 import os
 from dataclasses import dataclass, field
 
-from ..adapter import spec_from_timm
 from ..errors import InputError
 from ..reference import ViTReference
-from ..spec import ViTSpec, refuse_v2_features
 
 
 @dataclass(frozen=True)
@@ -79,17 +76,9 @@ def method_function(method: str):
 
 def method_plan(method: str):
     """The function planning `method`'s structure from the target alone (its first argument
-    the teacher's spec), or None. It refuses a spec with parts the method does not handle yet."""
+    the teacher's spec), or None."""
     name = _method(method).plan
-    if name is None:
-        return None
-    plan = getattr(method_module(method), name)
-
-    @functools.wraps(plan)  # keeps the signature, which `dcvit plan` reads its options from
-    def checked(spec, *args, **kwargs):
-        refuse_v2_features(spec, f"method {method!r}")
-        return plan(spec, *args, **kwargs)
-    return checked
+    return None if name is None else getattr(method_module(method), name)
 
 
 def method_options(method: str) -> list[str]:
@@ -130,11 +119,6 @@ def plan_defaults(method: str) -> dict:
     return {n: params[n].default for n in plan_options(method)}
 
 
-def _spec_of(model) -> ViTSpec:
-    spec = getattr(model, "spec", None)
-    return spec if isinstance(spec, ViTSpec) else spec_from_timm(model)
-
-
 def _load_if_path(model):
     if isinstance(model, (str, os.PathLike)):
         from ..artifact import load
@@ -163,5 +147,4 @@ def compress(model, images=None, method: str = "dcvit", target_macs: float | Non
         options["progress"] = progress
     options["report"] = report
     model = _load_if_path(model)
-    refuse_v2_features(_spec_of(model), f"method {method!r}")  # until the methods handle them
     return function(model, images, target_macs, **options)

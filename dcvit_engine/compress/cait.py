@@ -42,7 +42,7 @@ from .fewshot import check_labels, check_non_negative, check_positive, predict_l
 from .finetune import kd_loss
 from .importance import channel_scores, neuron_scores
 from .run import CliOption, MethodRun
-from .slicing import BlockMasks, WidthCosts, apply_masks, slice_model, width_costs
+from .slicing import BlockMasks, WidthCosts, apply_masks, qk_whole_reason, slice_model, width_costs
 
 
 def _check_teacher(spec: ViTSpec) -> None:
@@ -52,9 +52,6 @@ def _check_teacher(spec: ViTSpec) -> None:
         if b.attn is not None and (len(set(b.attn.qk_dims)) != 1 or b.attn.qk_dims != b.attn.v_dims):
             raise InputError(f"block {i}: CDCP shares one channel mask across heads and needs heads of "
                              f"one width, got q/k {b.attn.qk_dims}, v {b.attn.v_dims}")
-        if b.attn is not None and b.attn.qk_norm:
-            raise InputError(f"block {i} normalises q/k over the full head width (qk_norm); its q/k "
-                             "channels cannot be pruned")
 
 
 def atme_spec(spec: ViTSpec, layers, first_axis: str = "w") -> ViTSpec:
@@ -77,6 +74,8 @@ def atme_spec(spec: ViTSpec, layers, first_axis: str = "w") -> ViTSpec:
 def candidate_plans(spec: ViTSpec) -> list[tuple[int, ...]]:
     """ATME layer sets: k steps spread evenly from block `start` to the end, every k and start
     the grid allows, plus no merging at all."""
+    if spec.rope is not None:
+        return [()]  # no ATME on RoPE models yet (compress_cait says so unless token_share is 0)
     rows, cols = spec.grid
     max_steps = (rows - 1).bit_length() + (cols - 1).bit_length()  # halvings until 1 x 1
     plans = {()}
@@ -87,10 +86,13 @@ def candidate_plans(spec: ViTSpec) -> list[tuple[int, ...]]:
 
 
 def _min_channel_macs(spec: ViTSpec) -> int:
-    """MACs with one q/k and one v channel per head and one MLP neuron left (CDCP's floor)."""
+    """MACs with one q/k and one v channel per head and one MLP neuron left (CDCP's floor;
+    q/k at full width where they must stay whole)."""
     costs = width_costs(spec)
     heads = [b.attn.num_heads if b.attn else 0 for b in spec.blocks]
-    return costs.total(heads, heads, [min(b.mlp_hidden, 1) for b in spec.blocks])
+    qk = [b.attn.qk_total if qk_whole_reason(spec, i) else h
+          for i, (b, h) in enumerate(zip(spec.blocks, heads))]
+    return costs.total(qk, heads, [min(b.mlp_hidden, 1) for b in spec.blocks])
 
 
 def plan_atme(spec: ViTSpec, target: float, token_share: float = 0.5, first_axis: str = "w"):
@@ -129,6 +131,9 @@ class ChannelGates(nn.Module):
         self.blocks = [i for i, b in enumerate(spec.blocks) if b.attn is not None]
         self.mlp_blocks = [i for i, b in enumerate(spec.blocks) if b.mlp_hidden > 0]
         self.heads = {i: spec.blocks[i].attn.num_heads for i in self.blocks}
+        # per row: q/k keep their full head width (q/k-norm, RoPE: see qk_whole_reason); only
+        # the v channels of those blocks are pruned
+        self.qk_whole = [qk_whole_reason(spec, i) is not None for i in self.blocks]
         self.costs: WidthCosts = width_costs(spec)
         self.teacher_macs = teacher_macs  # of the unmerged teacher: target is a fraction of it
         self.target = target
@@ -151,9 +156,12 @@ class ChannelGates(nn.Module):
         """BlockMasks from keep (blocks with attention, 2, d): [0] q/k, [1] v, tiled over heads,
         and neuron_keep (per block with an MLP; None keeps every neuron)."""
         masks = [BlockMasks() for _ in model.spec.blocks]
-        device, dtype = model.pos_embed.device, model.pos_embed.dtype
+        weight = model.patch_embed.proj.weight  # (pos_embed is None without absolute positions)
+        device, dtype = weight.device, weight.dtype
         for row, i in enumerate(self.blocks):
             qk, v = (keep[row, j].repeat(self.heads[i]).to(device, dtype) for j in (0, 1))
+            if self.qk_whole[row]:
+                qk = torch.ones_like(qk)
             masks[i] = BlockMasks(qkv=torch.cat([qk, qk, torch.ones_like(v)]), proj_in=v)
         for row, i in enumerate(self.mlp_blocks if neuron_keep is not None else []):
             masks[i].hidden = neuron_keep[row].to(device, dtype)
@@ -164,7 +172,7 @@ class ChannelGates(nn.Module):
         qk, v = [0] * self.depth, [0] * self.depth
         hidden = [0] * self.depth
         for row, i in enumerate(self.blocks):
-            qk[i] = self.heads[i] * keep[row, 0].sum()
+            qk[i] = self.heads[i] * (keep.shape[-1] if self.qk_whole[row] else keep[row, 0].sum())
             v[i] = self.heads[i] * keep[row, 1].sum()
         for row, i in enumerate(self.mlp_blocks):
             hidden[i] = self.neuron_logits[row].numel() if neuron_keep is None else neuron_keep[row].sum()
@@ -204,14 +212,16 @@ def fit_masks(gates: ChannelGates, keep: torch.Tensor, budget: float,
     it, then add back the highest-logit dropped ones that still fit; one q/k and one v
     channel and one neuron per block stay. Returns (keep, neuron_keep)."""
     # one mask row per (block, kind): kinds 0 q/k and 1 v of the attention, 2 the MLP
-    rows = {(r, k): keep[r, k].clone() for r in range(keep.shape[0]) for k in (0, 1)}
+    rows = {(r, k): keep[r, k].clone() if k or not gates.qk_whole[r] else torch.ones_like(keep[r, k])
+            for r in range(keep.shape[0]) for k in (0, 1)}
     logits = {(r, k): gates.logits.detach()[r, k].tolist() for r in range(keep.shape[0]) for k in (0, 1)}
     neuron_keep = gates.hard_neurons() if neuron_keep is None else neuron_keep
     for r, n in enumerate(neuron_keep):
         rows[r, 2] = n.detach().clone()
         logits[r, 2] = gates.neuron_logits[r].detach().tolist()
     macs = float(gates.macs(keep, neuron_keep))
-    order = sorted((logits[key][c], key, c) for key in rows for c in range(len(rows[key])))
+    order = sorted((logits[key][c], key, c) for key in rows for c in range(len(rows[key]))
+                   if key[1] or not gates.qk_whole[key[0]])
     for _, key, c in order:
         if macs <= budget:
             break
@@ -310,6 +320,10 @@ def compress_cait(model, images: torch.Tensor, target_macs: float, *, labels: to
     run = MethodRun("cait", model, images, target_macs, device=device, progress=progress)
     rho, teacher, device, log = run.target_ratio, run.teacher, run.device, run.log
     _check_teacher(run.spec)
+    if run.spec.rope is not None and token_share > 0:
+        raise InputError("CAIT's token merging (ATME) is not supported on a RoPE model yet (a merged "
+                         "token's rotary position is not defined); pass token_share=0 to prune "
+                         "channels only")
     check_labels(labels, images)
     layers, merged = plan_atme(run.spec, rho, token_share, first_axis)
     log(f"ATME after blocks {list(layers)}: {count_macs(merged).total / run.teacher_macs:.4f} "

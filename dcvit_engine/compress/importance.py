@@ -2,7 +2,7 @@
 that prune them (CAIT initialises its gates from them, UVC ranks its groups by them). Each
 takes a ViTReference and reads only its weights.
 
-- neuron_scores: an MLP hidden neuron, |fc1 row| * |fc2 column| (CAIT);
+- neuron_scores: an MLP hidden neuron, |fc1 row(s)| * |fc2 column| (CAIT);
 - channel_scores: a q/k channel |q row| * |k row|, a v channel |v row| * |proj column|,
   summed over heads (CAIT's channels shared by all heads);
 - group_scores: a head, its channels and the MLP neurons by the squared norms of the proj
@@ -14,8 +14,10 @@ from ..reference import ViTReference
 
 
 def neuron_scores(model: ViTReference):
-    """Per block with an MLP: |fc1 row| |fc2 column| of every hidden neuron (None without)."""
-    return [block.mlp.fc1.weight.detach().norm(dim=1) * block.mlp.fc2.weight.detach().norm(dim=0)
+    """Per block with an MLP: |fc1 row| |fc2 column| of every hidden neuron (None without); a
+    gated MLP's neuron owns two fc1 rows (gate i, value i): their norm taken together."""
+    return [block.mlp.fc1.weight.detach().view(1 + spec.mlp_gated, spec.mlp_hidden, -1).norm(dim=(0, 2))
+            * block.mlp.fc2.weight.detach().norm(dim=0)
             if spec.mlp_hidden else None for block, spec in zip(model.blocks, model.spec.blocks)]
 
 

@@ -10,7 +10,12 @@ rows / columns, zeros are cut away).
 Masked-model semantics (the sliced model reproduces these exactly):
   - qkv: the qkv output channels (packed [q_0..|k_0..|v_0..]) are multiplied by `qkv`;
   - proj_in: the projection input (the v channels, head order) is multiplied by `proj_in`;
-  - hidden: the MLP hidden activations (fc2 input) are multiplied by `hidden`;
+  - hidden: the MLP hidden activations (fc2 input) are multiplied by `hidden`; in a gated MLP
+    a hidden neuron is the product act(gate_i) * value_i, so a value row and its gate row are
+    kept or cut together;
+  - inner norms (timm attn.norm over the v channels, mlp.norm over the hidden neurons): the
+    norm's mean and variance are taken over the channels whose mask is not zero, as the
+    sliced model's narrower norm does (soft masks: every channel, as the teacher);
   - a head whose v channels are all masked (qkv v part times proj_in) is removed; a
     branch left with no head (attention) or no neuron (MLP) is removed with its output
     bias, as the sliced model has no such branch at all;
@@ -20,9 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import InputError
 from ..macs import attention_macs, block_macs, count_macs, mlp_macs
@@ -72,11 +79,13 @@ def width_costs(spec: ViTSpec) -> WidthCosts:
             return attention_macs(AttentionSpec(qk_dims=[q], v_dims=[w], scale=1.0), dim, bm.tokens)
         qk.append(attn(2, 1) - attn(1, 1))
         v.append(attn(1, 2) - attn(1, 1))
-        neuron.append(mlp_macs(dim, 1, bm.mlp_tokens))
-        if attn(1, 1) != qk[-1] + v[-1] or mlp_macs(dim, 2, bm.mlp_tokens) != 2 * neuron[-1]:
+        gated = spec.blocks[i].mlp_gated
+        neuron.append(mlp_macs(dim, 1, bm.mlp_tokens, gated))
+        if attn(1, 1) != qk[-1] + v[-1] or mlp_macs(dim, 2, bm.mlp_tokens, gated) != 2 * neuron[-1]:
             raise AssertionError("dcvit_engine.macs is no longer linear in the widths; "
                                  "update width_costs")
-    return WidthCosts(fixed=report.patch_embed + report.head, qk=qk, v=v, neuron=neuron)
+    pool = report.attn_pool.total if report.attn_pool is not None else 0  # never pruned
+    return WidthCosts(fixed=report.patch_embed + report.head + pool, qk=qk, v=v, neuron=neuron)
 
 
 def head_rows(attn: AttentionSpec) -> list[tuple[slice, slice, slice]]:
@@ -123,11 +132,28 @@ def _check_masks(spec: ViTSpec, masks: list[BlockMasks]) -> None:
             if tensor.shape != (size,):
                 raise InputError(f"block {i}: {name} mask has shape {tuple(tensor.shape)}, "
                                  f"expected ({size},)")
-        if block.attn is not None and block.attn.qk_norm and m.qkv is not None:
-            qk = m.qkv[:2 * block.attn.qk_total]
-            if not bool((qk == 1).all()):
-                raise InputError(f"block {i}: q/k channels cannot be masked under qk_norm (the "
-                                 "norm spans the full head width); mask heads or v channels only")
+        whole = qk_whole_reason(spec, i)
+        if whole and m.qkv is not None:
+            live_v, shift = _live_v(block.attn, m), 2 * block.attn.qk_total
+            for q_rows, k_rows, v_rows in head_rows(block.attn):  # a removed head may be masked
+                head_kept = bool((live_v[v_rows.start - shift:v_rows.stop - shift] != 0).any())
+                if head_kept and not bool((m.qkv[q_rows] == 1).all() and (m.qkv[k_rows] == 1).all()):
+                    raise InputError(f"block {i}: q/k channels cannot be masked under {whole}; "
+                                     "mask heads or v channels only")
+
+
+def qk_whole_reason(spec: ViTSpec, i: int) -> str | None:
+    """Why block i's q/k heads must keep their full width, or None: q/k-norm normalises over
+    the whole head width with one shared weight; RoPE rotates channel pairs spanning the whole
+    head (i with i + dim/2, or 2i with 2i+1) at frequencies set by the position in the head."""
+    attn = spec.blocks[i].attn
+    if attn is None:
+        return None
+    if attn.qk_norm:
+        return "qk_norm (the norm spans the full head width)"
+    if spec.rope is not None:
+        return "RoPE (rotation pairs and their frequencies span the full head width)"
+    return None
 
 
 def _live_v(attn: AttentionSpec, m: BlockMasks) -> torch.Tensor:
@@ -157,6 +183,17 @@ def apply_masks(model: ViTReference, masks: list[BlockMasks]):
     def scale_input(mask):
         return lambda module, args: (args[0] * mask,)
 
+    def norm_over_kept(mask):
+        kept = (mask.detach() != 0).nonzero().flatten()
+
+        def hook(module, args, out):
+            if kept.numel() == mask.numel():
+                return out
+            inner = F.layer_norm(args[0][..., kept], (kept.numel(),), module.weight[kept],
+                                 module.bias[kept], module.eps)
+            return out.index_copy(-1, kept.to(out.device), inner)
+        return hook
+
     try:
         for i, (block, m) in enumerate(zip(model.blocks, masks)):
             attn_alive, mlp_alive = _branches_alive(model.spec, i, m)
@@ -165,11 +202,16 @@ def apply_masks(model: ViTReference, masks: list[BlockMasks]):
                     handles.append(block.attn.qkv.register_forward_hook(scale_output(m.qkv)))
                 if m.proj_in is not None:
                     handles.append(block.attn.proj.register_forward_pre_hook(scale_input(m.proj_in)))
+                if block.attn.norm is not None and attn_alive:
+                    live = _live_v(model.spec.blocks[i].attn, m).to(block.attn.norm.weight.device)
+                    handles.append(block.attn.norm.register_forward_hook(norm_over_kept(live)))
                 if not attn_alive:
                     handles.append(block.attn.proj.register_forward_hook(scale_output(0.0)))
             if block.mlp is not None:
                 if m.hidden is not None:
                     handles.append(block.mlp.fc2.register_forward_pre_hook(scale_input(m.hidden)))
+                    if block.mlp.norm is not None and mlp_alive:
+                        handles.append(block.mlp.norm.register_forward_hook(norm_over_kept(m.hidden)))
                 if not mlp_alive:
                     handles.append(block.mlp.fc2.register_forward_hook(scale_output(0.0)))
         yield model
@@ -188,8 +230,8 @@ def _sliced_attention(state: dict, prefix: str, attn: AttentionSpec, m: BlockMas
     proj_mask = torch.ones(attn.v_total, dtype=qkv_w.dtype) if m.proj_in is None \
         else m.proj_in.detach().to("cpu", qkv_w.dtype)
     live_v = _live_v(attn, m)
-    q_rows, k_rows, v_rows, v_cols, qk_dims, v_dims = [], [], [], [], [], []
-    for q, k, v in head_rows(attn):
+    q_rows, k_rows, v_rows, v_cols, qk_dims, v_dims, heads = [], [], [], [], [], [], []
+    for head, (q, k, v) in enumerate(head_rows(attn)):
         cols = torch.arange(v.start, v.stop) - 2 * attn.qk_total
         kept_v = cols[live_v[cols] != 0]
         if kept_v.numel() == 0:
@@ -205,33 +247,53 @@ def _sliced_attention(state: dict, prefix: str, attn: AttentionSpec, m: BlockMas
         v_cols.append(kept_v)
         qk_dims.append(kept_qk.numel())
         v_dims.append(kept_v.numel())
+        heads.append(head)
     rows = torch.cat(q_rows + k_rows + v_rows)
     cols = torch.cat(v_cols)
-    # q, k rows carry their own mask; the v mask and the projection-input mask meet in proj's columns
+    # q, k and v rows carry their own mask (exact: A.V is linear in V, and an inner norm
+    # then sees the masked v as the masked model does); proj's columns the projection-input mask
     row_scale = qkv_mask[rows]
-    row_scale[-cols.numel():] = 1
-    col_scale = qkv_mask[2 * attn.qk_total + cols] * proj_mask[cols]
+    col_scale = proj_mask[cols]
     rows_d, cols_d = rows.to(device), cols.to(device)
     tensors = {prefix + "attn.qkv.weight": qkv_w[rows_d] * row_scale.to(device)[:, None],
                prefix + "attn.proj.weight": proj_w[:, cols_d] * col_scale.to(device)[None, :]}
     if qkv_b is not None:
         tensors[prefix + "attn.qkv.bias"] = qkv_b[rows_d] * row_scale.to(device)
-    new_attn = AttentionSpec(qk_dims=qk_dims, v_dims=v_dims, scale=attn.scale,
-                             qkv_bias=attn.qkv_bias, proj_bias=attn.proj_bias, qk_norm=attn.qk_norm)
+    if attn.inner_norm:  # LayerNorm over the v channels: keeps the kept ones' weights
+        for name in ("weight", "bias"):
+            tensors[prefix + f"attn.norm.{name}"] = state[prefix + f"attn.norm.{name}"][cols_d]
+    if prefix + "attn.rope_freqs" in state:  # mixed RoPE: per-head frequencies of the kept heads
+        tensors[prefix + "attn.rope_freqs"] = state[prefix + "attn.rope_freqs"][:, heads]
+    new_attn = dataclasses.replace(attn, qk_dims=qk_dims, v_dims=v_dims)
     return new_attn, tensors
 
 
-def _sliced_mlp(state: dict, prefix: str, hidden: int, m: BlockMasks):
+def _sliced_mlp(state: dict, prefix: str, block: BlockSpec, m: BlockMasks):
     fc1_w = state[prefix + "mlp.fc1.weight"]
+    hidden = block.mlp_hidden
     mask = torch.ones(hidden, dtype=fc1_w.dtype) if m.hidden is None \
         else m.hidden.detach().to("cpu", fc1_w.dtype)
     kept = (mask != 0).nonzero().flatten()
-    idx = kept.to(fc1_w.device)
-    tensors = {prefix + "mlp.fc1.weight": fc1_w[idx],
-               prefix + "mlp.fc1.bias": state[prefix + "mlp.fc1.bias"][idx],
-               prefix + "mlp.fc2.weight": state[prefix + "mlp.fc2.weight"][:, idx]
-               * mask[kept].to(fc1_w.device)[None, :]}
+    tensors = mlp_neuron_tensors(state, prefix, block, kept)
+    fc2 = prefix + "mlp.fc2.weight"
+    tensors[fc2] = tensors[fc2] * mask[kept].to(fc1_w.device)[None, :]
     return kept.numel(), tensors
+
+
+def mlp_neuron_tensors(state: dict, prefix: str, block: BlockSpec, kept: torch.Tensor) -> dict:
+    """The MLP tensors of block `prefix` reduced to the hidden neurons `kept`: fc1 rows (a gated
+    MLP's gate row i and value row mlp_hidden + i together), the inner norm's entries and fc2
+    columns; fc2's bias as it is."""
+    fc1_w = state[prefix + "mlp.fc1.weight"]
+    idx = kept.to(fc1_w.device)
+    rows = torch.cat([idx, idx + block.mlp_hidden]) if block.mlp_gated else idx
+    tensors = {prefix + "mlp.fc1.weight": fc1_w[rows],
+               prefix + "mlp.fc1.bias": state[prefix + "mlp.fc1.bias"][rows],
+               prefix + "mlp.fc2.weight": state[prefix + "mlp.fc2.weight"][:, idx]}
+    if block.mlp_inner_norm:
+        for name in ("weight", "bias"):
+            tensors[prefix + f"mlp.norm.{name}"] = state[prefix + f"mlp.norm.{name}"][idx]
+    return tensors
 
 
 def _check_merge_metric_kept(i: int, attn: AttentionSpec, m: BlockMasks, new_attn) -> None:
@@ -275,10 +337,10 @@ def slice_model(model: ViTReference, masks: list[BlockMasks]) -> ViTReference:
             _check_merge_metric_kept(i, block.attn, m, new_attn)
         if mlp_alive:
             tensors.update({k: v for k, v in own.items() if k[len(prefix):].startswith(_MLP_PARTS)})
-            hidden, mlp_tensors = _sliced_mlp(state, prefix, block.mlp_hidden, m)
+            hidden, mlp_tensors = _sliced_mlp(state, prefix, block, m)
             tensors.update(mlp_tensors)
-        blocks.append(BlockSpec(attn=new_attn, mlp_hidden=hidden, layer_scale=block.layer_scale,
-                                merge=copy.deepcopy(block.merge)))
+        blocks.append(dataclasses.replace(block, attn=new_attn, mlp_hidden=hidden,
+                                          merge=copy.deepcopy(block.merge)))
     new_spec = copy.deepcopy(spec)
     new_spec.blocks = blocks
     new_spec.validate()

@@ -14,6 +14,7 @@ official widths (DeiT-B: 2304 / 1536 / 1152 for 2 / 3 / 4 blocks at 1 / 2 / 3 bl
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 
@@ -22,7 +23,8 @@ import torch
 from ..errors import InputError, is_int
 from ..macs import block_macs, count_macs
 from ..reference import ViTReference
-from ..spec import BlockSpec, ViTSpec
+from ..spec import ViTSpec
+from .slicing import mlp_neuron_tensors
 
 
 @dataclass(frozen=True)
@@ -186,8 +188,8 @@ def compressed_spec(spec: ViTSpec, blocks, hidden: int) -> ViTSpec:
     spec = copy.deepcopy(spec)
     for i in blocks:
         old = spec.blocks[i]
-        spec.blocks[i] = BlockSpec(attn=None, mlp_hidden=hidden, layer_scale=old.layer_scale,
-                                   merge=old.merge)
+        # the MLP keeps its kind (activation, gate, inner norm): only its width changes
+        spec.blocks[i] = dataclasses.replace(old, attn=None, mlp_hidden=hidden)
     return spec.validate()
 
 
@@ -334,10 +336,10 @@ def replace_block(model: ViTReference, index: int, hidden: int,
     prefix = f"blocks.{index}."
     tensors = {k: v.detach().clone() for k, v in state.items() if not k.startswith(prefix)}
     if hidden:
-        idx = neurons.to(state[prefix + "mlp.fc1.weight"].device)
-        tensors[prefix + "mlp.fc1.weight"] = state[prefix + "mlp.fc1.weight"][idx].clone()
-        tensors[prefix + "mlp.fc1.bias"] = state[prefix + "mlp.fc1.bias"][idx].clone()
-        tensors[prefix + "mlp.fc2.weight"] = state[prefix + "mlp.fc2.weight"][:, idx].clone()
+        # a gated MLP's neuron is a (gate, value) pair: both rows go together, and the inner
+        # norm keeps the entries of the kept neurons
+        reused = mlp_neuron_tensors(state, prefix, old, neurons)
+        tensors.update({k: v.detach().clone() for k, v in reused.items()})
         for name in ("mlp.fc2.bias", "norm2.weight", "norm2.bias", "ls2.gamma"):
             if prefix + name in state:
                 tensors[prefix + name] = state[prefix + name].detach().clone()

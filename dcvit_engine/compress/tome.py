@@ -54,6 +54,9 @@ def _check_base(spec: ViTSpec) -> None:
     if any(b.merge is not None for b in spec.blocks):
         raise InputError("the model already merges tokens; ToMe starts from a model without "
                          "token merging")
+    if spec.rope is not None:
+        raise InputError("ToMe is not supported on a RoPE model yet (a merged token's rotary "
+                         "position is not defined)")
 
 
 def tome_spec(spec: ViTSpec, r: int, schedule: str = "constant") -> ViTSpec:
