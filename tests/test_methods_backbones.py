@@ -188,7 +188,7 @@ def test_tome_leaves_register_tokens_out_of_the_merge(exportable):
 def test_students_export_to_onnx_and_pt2(name, method, options, tmp_path):
     """ONNX (run in onnxruntime) and pt2 of each family's student, merges included, each
     verified against the student's reference module by export_model."""
-    model = teacher(name)
+    model = teacher(name, depth=2 if method == "tome" else 4)  # ToMe: fewer unrolled merges to trace
     student = compress(model, images(model.spec, 8), method=method, target_macs=TARGET,
                        **OPTIONS[method], **options)
     assert method == "practise" or any(b.merge for b in student.spec.blocks) == (method in ("tome", "cait"))
