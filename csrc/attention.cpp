@@ -13,6 +13,8 @@
 #include <algorithm>
 #include <map>
 #include <numeric>
+#include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -321,6 +323,55 @@ at::Tensor apply_inner_norm(const at::Tensor& ctx, double eps, const EvaParts& e
   return at::layer_norm(ctx, {ctx.size(-1)}, *eva.inner_norm_weight, *eva.inner_norm_bias, eps);
 }
 
+namespace {
+
+bool uniform_widths(at::IntArrayRef dims) {
+  return std::all_of(dims.begin(), dims.end(), [&](int64_t d) { return d == dims[0]; });
+}
+
+}  // namespace
+
+int64_t key_mean_width(at::IntArrayRef qk_dims) {
+  return uniform_widths(qk_dims) ? qk_dims[0]
+                                 : std::accumulate(qk_dims.begin(), qk_dims.end(), int64_t{0});
+}
+
+void check_key_mean_args(const at::Tensor& x, at::IntArrayRef qk_dims, const EvaParts& eva,
+                         const at::Tensor& key_mean) {
+  TORCH_CHECK(!eva.rope_cos.has_value(), "attention_block_key_mean: RoPE is refused (the merge "
+              "metric is taken before RoPE, and merges and RoPE do not meet)");
+  TORCH_CHECK(key_mean.dim() == 3 && key_mean.size(0) == x.size(0) && key_mean.size(1) == x.size(1) &&
+                  key_mean.size(2) == key_mean_width(qk_dims) &&
+                  key_mean.scalar_type() == x.scalar_type() && key_mean.device() == x.device() &&
+                  key_mean.is_contiguous(),
+              "attention_block_key_mean: key_mean_out must be a contiguous (B, N, ",
+              key_mean_width(qk_dims), ") tensor typed like x");
+}
+
+void write_key_mean(const at::Tensor& qkv, at::IntArrayRef qk_dims, at::Tensor& key_mean) {
+  const int64_t heads = static_cast<int64_t>(qk_dims.size());
+  const int64_t qk_total = std::accumulate(qk_dims.begin(), qk_dims.end(), int64_t{0});
+  const at::Tensor k = qkv.narrow(2, qk_total, qk_total);
+  if (uniform_widths(qk_dims)) {
+    at::mean_out(key_mean, k.unflatten(2, {heads, qk_dims[0]}), {2});
+  } else {
+    key_mean.copy_(k);  // heads of different widths cannot be averaged: side by side
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_block_key_mean_outputs(
+    const at::Tensor& x, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, const at::Tensor&, const std::optional<at::Tensor>&,
+    at::IntArrayRef qk_dims, at::IntArrayRef, double, double, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&) {
+  return {at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous)),
+          at::empty({x.size(0), x.size(1), key_mean_width(qk_dims)}, x.options())};
+}
+
 at::Tensor attention_block_outputs(const at::Tensor& x, const at::Tensor&, const at::Tensor&,
                                    const at::Tensor&, const std::optional<at::Tensor>&,
                                    const at::Tensor&, const std::optional<at::Tensor>&,
@@ -341,7 +392,7 @@ at::Tensor attention_block_outputs(const at::Tensor& x, const at::Tensor&, const
 
 namespace {
 
-at::Tensor& attention_block_out_cpu(const at::Tensor& x, const at::Tensor& norm_weight,
+at::Tensor& attention_block_cpu(at::Tensor* key_mean, const at::Tensor& x, const at::Tensor& norm_weight,
                                     const at::Tensor& norm_bias, const at::Tensor& qkv_weight,
                                     const std::optional<at::Tensor>& qkv_bias,
                                     const at::Tensor& proj_weight,
@@ -364,11 +415,13 @@ at::Tensor& attention_block_out_cpu(const at::Tensor& x, const at::Tensor& norm_
   check_attention_block_args(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight,
                              proj_bias, qk_dims, v_dims, gamma, key_bias, eva, out);
   TORCH_CHECK(x.device().is_cpu(), "attention_block (cpu): x must be a CPU tensor");
+  if (key_mean) check_key_mean_args(x, qk_dims, eva, *key_mean);
   const int64_t dim = x.size(2);
   const at::Tensor normed = cpu_layer_norm(x, norm_weight, norm_bias, eps);
   if (!cpu_fused_linear_ok(x.scalar_type())) {
     const at::Tensor qkv = apply_qk_norm_rope(at::linear(normed, qkv_weight, qkv_bias), qk_dims,
                                               eps, eva);
+    if (key_mean) write_key_mean(qkv, qk_dims, *key_mean);
     const at::Tensor ctx =
         apply_inner_norm(attention_context(qkv, qk_dims, v_dims, scale, key_bias), eps, eva);
     at::Tensor branch = at::linear(ctx, proj_weight, proj_bias);
@@ -382,6 +435,7 @@ at::Tensor& attention_block_out_cpu(const at::Tensor& x, const at::Tensor& norm_
       cpu_linear(normed.view({batch * tokens, dim}), qkv_weight, qkv_bias, /*gelu=*/false)
           .view({batch, tokens, -1}),
       qk_dims, eps, eva);
+  if (key_mean) write_key_mean(qkv, qk_dims, *key_mean);
   const at::Tensor ctx =
       apply_inner_norm(attention_context(qkv, qk_dims, v_dims, scale, key_bias), eps, eva)
           .reshape({batch * tokens, -1});
@@ -396,23 +450,65 @@ at::Tensor& attention_block_out_cpu(const at::Tensor& x, const at::Tensor& norm_
   return out;
 }
 
+at::Tensor& attention_block_out_cpu(
+    const at::Tensor& x, const at::Tensor& norm_weight, const at::Tensor& norm_bias,
+    const at::Tensor& qkv_weight, const std::optional<at::Tensor>& qkv_bias,
+    const at::Tensor& proj_weight, const std::optional<at::Tensor>& proj_bias,
+    at::IntArrayRef qk_dims, at::IntArrayRef v_dims, double scale, double eps,
+    const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& key_bias,
+    const std::optional<at::Tensor>& q_norm_weight, const std::optional<at::Tensor>& q_norm_bias,
+    const std::optional<at::Tensor>& k_norm_weight, const std::optional<at::Tensor>& k_norm_bias,
+    const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin,
+    const std::optional<at::Tensor>& rope_index, const std::optional<at::Tensor>& inner_norm_weight,
+    const std::optional<at::Tensor>& inner_norm_bias,
+    at::Tensor& out) {
+  return attention_block_cpu(nullptr, x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias,
+                             qk_dims, v_dims, scale, eps, gamma, key_bias, q_norm_weight, q_norm_bias,
+                             k_norm_weight, k_norm_bias, rope_cos, rope_sin, rope_index,
+                             inner_norm_weight, inner_norm_bias, out);
+}
+
+// attention_block and, into key_mean_out, the merge metric (see attention.h)
+std::tuple<at::Tensor&, at::Tensor&> attention_block_key_mean_out_cpu(
+    const at::Tensor& x, const at::Tensor& norm_weight, const at::Tensor& norm_bias,
+    const at::Tensor& qkv_weight, const std::optional<at::Tensor>& qkv_bias,
+    const at::Tensor& proj_weight, const std::optional<at::Tensor>& proj_bias,
+    at::IntArrayRef qk_dims, at::IntArrayRef v_dims, double scale, double eps,
+    const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& key_bias,
+    const std::optional<at::Tensor>& q_norm_weight, const std::optional<at::Tensor>& q_norm_bias,
+    const std::optional<at::Tensor>& k_norm_weight, const std::optional<at::Tensor>& k_norm_bias,
+    const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin,
+    const std::optional<at::Tensor>& rope_index, const std::optional<at::Tensor>& inner_norm_weight,
+    const std::optional<at::Tensor>& inner_norm_bias,
+    at::Tensor& out, at::Tensor& key_mean_out) {
+  attention_block_cpu(&key_mean_out, x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias,
+                             qk_dims, v_dims, scale, eps, gamma, key_bias, q_norm_weight, q_norm_bias,
+                             k_norm_weight, k_norm_bias, rope_cos, rope_sin, rope_index,
+                             inner_norm_weight, inner_norm_bias, out);
+  return {out, key_mean_out};
+}
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(dcvit, m) {
-  define_with_out(
-      m,
-      "attention_block(Tensor x, Tensor norm_weight, Tensor norm_bias, Tensor qkv_weight, "
+  // one argument list, two ops: the block, and the block with the merge metric
+  const std::string arguments =
+      "(Tensor x, Tensor norm_weight, Tensor norm_bias, Tensor qkv_weight, "
       "Tensor? qkv_bias, Tensor proj_weight, Tensor? proj_bias, int[] qk_dims, int[] v_dims, "
       "float scale, float eps, Tensor? gamma, Tensor? key_bias, Tensor? q_norm_weight=None, "
       "Tensor? q_norm_bias=None, Tensor? k_norm_weight=None, Tensor? k_norm_bias=None, "
       "Tensor? rope_cos=None, Tensor? rope_sin=None, Tensor? rope_index=None, "
       "Tensor? inner_norm_weight=None, "
-      "Tensor? inner_norm_bias=None) -> Tensor");
+      "Tensor? inner_norm_bias=None)";
+  define_with_out(m, "attention_block" + arguments + " -> Tensor");
+  define_with_out(m, "attention_block_key_mean" + arguments + " -> (Tensor, Tensor)",
+                  {"out", "key_mean_out"});
 }
 
 TORCH_LIBRARY_IMPL(dcvit, CPU, m) {
   impl_with_out<&attention_block_outputs, &attention_block_out_cpu>(m, "attention_block");
+  impl_with_out<&attention_block_key_mean_outputs, &attention_block_key_mean_out_cpu>(
+      m, "attention_block_key_mean");
 }
 
 }  // namespace dcvit

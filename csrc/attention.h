@@ -11,6 +11,7 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <optional>
+#include <tuple>
 
 namespace dcvit {
 
@@ -58,6 +59,28 @@ at::Tensor attention_block_outputs(const at::Tensor& x, const at::Tensor& norm_w
                                    const std::optional<at::Tensor>& rope_index,
                                    const std::optional<at::Tensor>& inner_norm_weight,
                                    const std::optional<at::Tensor>& inner_norm_bias);
+
+// dcvit::attention_block_key_mean: attention_block's output and ToMe's merge metric from
+// the keys the block computes (after q/k-norm; RoPE is refused: merges and RoPE do not
+// meet): k averaged over heads, (B, N, qk_dims[0]), when every head has one q/k width, else
+// the heads' k side by side, (B, N, sum(qk_dims)) (reference.merge_metric's form).
+int64_t key_mean_width(at::IntArrayRef qk_dims);
+std::tuple<at::Tensor, at::Tensor> attention_block_key_mean_outputs(
+    const at::Tensor& x, const at::Tensor& norm_weight, const at::Tensor& norm_bias,
+    const at::Tensor& qkv_weight, const std::optional<at::Tensor>& qkv_bias,
+    const at::Tensor& proj_weight, const std::optional<at::Tensor>& proj_bias,
+    at::IntArrayRef qk_dims, at::IntArrayRef v_dims, double scale, double eps,
+    const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& key_bias,
+    const std::optional<at::Tensor>& q_norm_weight, const std::optional<at::Tensor>& q_norm_bias,
+    const std::optional<at::Tensor>& k_norm_weight, const std::optional<at::Tensor>& k_norm_bias,
+    const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin,
+    const std::optional<at::Tensor>& rope_index, const std::optional<at::Tensor>& inner_norm_weight,
+    const std::optional<at::Tensor>& inner_norm_bias);
+// Refuses RoPE and a key_mean_out of the wrong shape, dtype, device or layout.
+void check_key_mean_args(const at::Tensor& x, at::IntArrayRef qk_dims, const EvaParts& eva,
+                         const at::Tensor& key_mean);
+// Writes the metric of the packed qkv (B, N, C) (after q/k-norm) into key_mean.
+void write_key_mean(const at::Tensor& qkv, at::IntArrayRef qk_dims, at::Tensor& key_mean);
 
 // The attention core on packed qkv (B, N, 2*sum(qk_dims)+sum(v_dims)) -> context
 // (B, N, sum(v_dims)), heads concatenated in order. Heads whose q/k widths round up to the

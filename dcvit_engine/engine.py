@@ -31,10 +31,10 @@ from .dtypes import (  # noqa: F401  (the dtype policy is dtypes.py's; importabl
 from .errors import InputError
 from .kernels.fused_linear import fold_layer_norm
 from .kernels.head_padding import pad_heads, padded_width
-from .ops.attention import ATTENTION_BLOCK
+from .ops.attention import ATTENTION_BLOCK, ATTENTION_BLOCK_KEY_MEAN
 from .ops.dispatch import ENV_VAR, requested_backend
 from .ops.mlp_block import MLP_BLOCK
-from .reference import ViTReference, classify, merge_metric, merge_tokens
+from .reference import ViTReference, classify, merge_tokens
 from .rope import half_rotation_order, rope_tables
 from .spec import MergeSpec, ViTSpec, merge_schedule
 
@@ -119,20 +119,21 @@ class EngineBlock(nn.Module):
     def _pad_heads(self) -> None:
         """The widths the attention op runs (`kernel_qk_dims`, `kernel_v_dims`): every head
         zero-padded to a multiple of 16 (see head_padding), except q_norm/k_norm blocks (a
-        LayerNorm over each head's real width, which zero columns would change). `key_columns`
-        picks the real key channels for the merge metric (None when nothing was padded).
-        qk_dims/v_dims stay the real widths."""
+        LayerNorm over each head's real width, which zero columns would change), and except
+        merging blocks with heads of different q/k widths: the op averages the keys over heads
+        of one width (the merge metric), where ragged heads' keys go side by side, so padding
+        them to one width would change the metric. qk_dims/v_dims stay the real widths."""
         self.kernel_qk_dims, self.kernel_v_dims = self.qk_dims, self.v_dims
-        self.register_buffer("key_columns", None, persistent=False)
         if self.qk_norm or self.rope or self.inner_norm_weight is not None:
             return  # norms over a head's (or all heads') real width, and RoPE's pairs, need them unpadded
+        if self.merge is not None and len(set(self.qk_dims)) > 1:
+            return
         padded = pad_heads(self.qk_dims, self.v_dims, self.qkv_weight, self.qkv_bias, self.proj_weight)
         if padded.qk_dims == self.qk_dims and padded.v_dims == self.v_dims:
             return
         self.kernel_qk_dims, self.kernel_v_dims = padded.qk_dims, padded.v_dims
         self.qkv_weight, self.qkv_bias = padded.qkv_weight, padded.qkv_bias
         self.proj_weight = padded.proj_weight
-        self.key_columns = padded.key_columns
 
     def unbind(self) -> None:
         """Forget the ops' bound calls (bind_attention, bind_mlp): the weights or the backend
@@ -182,7 +183,8 @@ def bind_attention(block: EngineBlock, x: torch.Tensor, key_bias: torch.Tensor |
             float(block.eps), block.ls1)
     tail = (*norms, *rope, None, block.inner_norm_weight, block.inner_norm_bias)
     options = {} if block.qkv_folded is None else {"qkv_folded": block.qkv_folded}
-    run = ATTENTION_BLOCK.bind(x, *head, key_bias, *tail, backend=backend, **options)
+    op = ATTENTION_BLOCK if block.merge is None else ATTENTION_BLOCK_KEY_MEAN  # merging: with the metric
+    run = op.bind(x, *head, key_bias, *tail, backend=backend, **options)
     return lambda x, key_bias: run(x, *head, key_bias, *tail, **options)
 
 
@@ -201,10 +203,10 @@ def attention_residual(block: EngineBlock, x: torch.Tensor, key_bias: torch.Tens
     """x + gamma * proj(MHA(LN(x))) through the attention op, and the merge metric (see
     reference.merge_metric) when want_metric, else None.
 
-    Every backend of the op computes q/k-norm, RoPE and the inner norm. The op does not
-    return its keys, so a merging block recomputes them: LayerNorm plus the k rows of qkv,
-    N x D x qk_total MACs, a small fraction of the block (merges and RoPE do not meet: the
-    spec refuses them together).
+    Every backend of the op computes q/k-norm, RoPE and the inner norm. A merging block runs
+    attention_block_key_mean, which also returns the metric from the keys the op computes
+    (no second LayerNorm and K projection); merges and RoPE do not meet (the spec refuses
+    them together).
 
     The op is the public, checked one, or with `bound` the block's bound call (bind_attention).
     """
@@ -217,24 +219,22 @@ def attention_residual(block: EngineBlock, x: torch.Tensor, key_bias: torch.Tens
             block.attention_call = bind_attention(block, x, key_bias, backend)
         out = block.attention_call(x, key_bias)
     else:
-        out = ops.attention_block(x, block.norm1_weight, block.norm1_bias, block.qkv_weight,
-                                  block.qkv_bias, block.proj_weight, block.proj_bias,
-                                  block.kernel_qk_dims, block.kernel_v_dims, block.scale,
-                                  eps=block.eps, gamma=block.ls1, key_bias=key_bias, q_norm=q_norm,
-                                  k_norm=k_norm, rope_cos=block.rope_cos if block.rope else None,
-                                  rope_sin=block.rope_sin if block.rope else None,
-                                  inner_norm_weight=block.inner_norm_weight,
-                                  inner_norm_bias=block.inner_norm_bias, backend=backend,
-                                  qkv_folded=block.qkv_folded)
+        op = ops.attention_block_key_mean if want_metric else ops.attention_block
+        out = op(x, block.norm1_weight, block.norm1_bias, block.qkv_weight,
+                 block.qkv_bias, block.proj_weight, block.proj_bias,
+                 block.kernel_qk_dims, block.kernel_v_dims, block.scale,
+                 eps=block.eps, gamma=block.ls1, key_bias=key_bias, q_norm=q_norm,
+                 k_norm=k_norm, rope_cos=block.rope_cos if block.rope else None,
+                 rope_sin=block.rope_sin if block.rope else None,
+                 inner_norm_weight=block.inner_norm_weight,
+                 inner_norm_bias=block.inner_norm_bias, backend=backend,
+                 qkv_folded=block.qkv_folded)
     if not want_metric:
         return out, None
-    qk_total = sum(block.kernel_qk_dims)  # the padded widths (see EngineBlock._pad_heads)
-    h = F.layer_norm(x, (x.shape[-1],), block.norm1_weight, block.norm1_bias, block.eps)
-    k_bias = None if block.qkv_bias is None else block.qkv_bias[qk_total:2 * qk_total]
-    keys = F.linear(h, block.qkv_weight[qk_total:2 * qk_total], k_bias)
-    if block.key_columns is not None:
-        keys = keys.index_select(-1, block.key_columns)
-    return out, merge_metric(keys, block.qk_dims, k_norm, block.eps)
+    out, metric = out
+    if block.kernel_qk_dims != block.qk_dims:  # padded heads of one width: real columns first
+        metric = metric[..., :block.qk_dims[0]]
+    return out, metric
 
 
 def runs_triton(engine: "Engine") -> bool:

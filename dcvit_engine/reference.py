@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .adapter import from_timm
 from .errors import InputError
 from .exportable_merge import bipartite_merge_static
-from .kernels.attention import head_norm
+from .kernels.attention import key_mean_ref
 from .ops.token_merge import atme_merge, tome_merge
 from .rope import apply_rope, rope_tables
 from .spec import AttentionSpec, AttnPoolSpec, BlockSpec, MergeSpec, ViTSpec, merge_schedule
@@ -32,11 +32,9 @@ def _affine(module: nn.Module | None):
 def merge_metric(keys: torch.Tensor, qk_dims, k_norm=None, eps: float = 1e-6) -> torch.Tensor:
     """ToMe's merge metric from the keys (B, N, sum(qk_dims)) before k_norm: the keys as
     attention uses them (after k_norm, a (weight, bias) pair or None) averaged over heads;
-    heads of different widths cannot be averaged and are concatenated instead."""
-    if len(set(qk_dims)) != 1:
-        heads = [head_norm(k, k_norm, eps) for k in keys.split(list(qk_dims), dim=-1)]
-        return torch.cat(heads, dim=-1)
-    return head_norm(keys.unflatten(-1, (len(qk_dims), qk_dims[0])), k_norm, eps).mean(dim=-2)
+    heads of different widths cannot be averaged and are concatenated instead (the
+    attention_block_key_mean op's second output; kernels/attention.py key_mean_ref)."""
+    return key_mean_ref(keys, qk_dims, k_norm, eps)
 
 
 def merge_tokens(spec: ViTSpec, merge: MergeSpec, grid, x: torch.Tensor, metric: torch.Tensor,

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .fused_linear import linear_residual, ln_linear
-from .head_norm_rope import (  # noqa: F401  (head_norm: reference.py imports it from here)
+from .head_norm_rope import (
     cached_int_table,
     head_norm,
     inner_norm_,
@@ -71,6 +71,39 @@ def attention_context_ref(qkv, qk_dims, v_dims, scale, key_bias=None, q_norm=Non
 
 def _pair(weight, bias):
     return None if weight is None else (weight, bias)
+
+
+def key_mean_ref(keys, qk_dims, k_norm=None, eps=1e-6):
+    """ToMe's merge metric from the keys (..., N, sum(qk_dims)) before k_norm: the keys as
+    attention uses them (after k_norm, a (weight, bias) pair or None; before RoPE) averaged
+    over heads, (..., N, qk_dims[0]); heads of different widths cannot be averaged and are
+    side by side instead, (..., N, sum(qk_dims))."""
+    if len(set(qk_dims)) != 1:
+        return torch.cat([head_norm(k, k_norm, eps) for k in keys.split(list(qk_dims), dim=-1)], dim=-1)
+    return head_norm(keys.unflatten(-1, (len(qk_dims), qk_dims[0])), k_norm, eps).mean(dim=-2)
+
+
+def key_mean_width(qk_dims) -> int:
+    """The last dimension of key_mean_ref's result for these head widths."""
+    return qk_dims[0] if len(set(qk_dims)) == 1 else sum(qk_dims)
+
+
+def attention_block_key_mean_ref(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight,
+                                 proj_bias, qk_dims, v_dims, scale, eps=1e-6, gamma=None, key_bias=None,
+                                 q_norm_weight=None, q_norm_bias=None, k_norm_weight=None,
+                                 k_norm_bias=None, rope_cos=None, rope_sin=None, rope_index=None,
+                                 inner_norm_weight=None, inner_norm_bias=None):
+    """(attention_block_ref's output, key_mean_ref of the block's keys): the op
+    attention_block_key_mean (arguments in its schema order; RoPE is refused by its check)."""
+    out = attention_block_ref(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias,
+                              qk_dims, v_dims, scale, eps, gamma, key_bias, q_norm_weight, q_norm_bias,
+                              k_norm_weight, k_norm_bias, rope_cos, rope_sin, rope_index,
+                              inner_norm_weight, inner_norm_bias)
+    h = torch.nn.functional.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
+    qk_total = sum(qk_dims)
+    k_bias = None if qkv_bias is None else qkv_bias[qk_total:2 * qk_total]
+    keys = torch.nn.functional.linear(h, qkv_weight[qk_total:2 * qk_total], k_bias)
+    return out, key_mean_ref(keys, qk_dims, _pair(k_norm_weight, k_norm_bias), eps)
 
 
 def attention_block_ref(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias,
@@ -357,13 +390,16 @@ def attention_block_triton(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj
                            proj_bias, qk_dims, v_dims, scale, eps=1e-6, gamma=None, key_bias=None,
                            q_norm_weight=None, q_norm_bias=None, k_norm_weight=None, k_norm_bias=None,
                            rope_cos=None, rope_sin=None, rope_index=None, inner_norm_weight=None,
-                           inner_norm_bias=None, *, qkv_folded=None, out=None, launch=None):
+                           inner_norm_bias=None, *, qkv_folded=None, out=None, key_mean=None,
+                           launch=None):
     """Runs the fused launches on x (B, N, D) (arguments in the op's schema order); writes
     into `out` when given (tests poison it). `launch` wraps each kernel (see launching.py).
     `qkv_folded` is fused_linear.fold_layer_norm(norm_weight, norm_bias, qkv_weight,
     qkv_bias), made once by the caller (the engine); without it the qkv weights are folded
     per call. q/k-norm and RoPE run in place on the qkv rows, the inner norm on the context
-    rows (head_norm_rope.py), both on the real channels of padded heads."""
+    rows (head_norm_rope.py), both on the real channels of padded heads. `key_mean`: a (B, N,
+    key_mean_width(qk_dims)) tensor that receives the merge metric of the keys after q/k-norm
+    (attention_block_key_mean; no RoPE)."""
     launch = launch or launch_directly
     real_qk, real_v = qk_dims, v_dims
     if any(w % HEAD_WIDTH_MULTIPLE for w in (*qk_dims, *v_dims)):
@@ -388,8 +424,30 @@ def attention_block_triton(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj
                       None if q_norm_weight is None else (q_norm_weight, q_norm_bias),
                       None if k_norm_weight is None else (k_norm_weight, k_norm_bias), eps,
                       None if rope_cos is None else (rope_cos, rope_sin, rope_index), launch=launch)
+    if key_mean is not None:
+        _write_key_mean(qkv, batch, tokens, real_qk, qk_dims, key_mean)
     ctx = flash_attention_triton(qkv, batch, tokens, qk_dims, v_dims, scale, key_bias, launch=launch)
     if inner_norm_weight is not None:
         inner_norm_(ctx, real_v, v_dims, inner_norm_weight, inner_norm_bias, eps, launch=launch)
     linear_residual(ctx, proj_weight, proj_bias, gamma, rows_in, out.view(-1, dim), launch=launch)
     return out
+
+
+def attention_block_key_mean_triton(*args, launch=None, **options):
+    """attention_block_triton with the merge metric as a second output (arguments in the op's
+    schema order)."""
+    x, qk_dims = args[0], args[7]
+    key_mean = torch.empty((x.shape[0], x.shape[1], key_mean_width(qk_dims)), device=x.device,
+                           dtype=x.dtype)
+    out = attention_block_triton(*args, key_mean=key_mean, launch=launch, **options)
+    return out, key_mean
+
+
+def _write_key_mean(qkv, batch, tokens, real_qk, qk_dims, key_mean):
+    # The real key columns of the qkv rows (padded here: each head's real columns first), as
+    # key_mean_ref takes them; q/k-norm already ran on them in place
+    qk_total = sum(qk_dims)
+    keys = qkv[:, qk_total:2 * qk_total].view(batch, tokens, qk_total)
+    if list(qk_dims) != list(real_qk):
+        keys = torch.cat([k[..., :w] for k, w in zip(keys.split(list(qk_dims), dim=-1), real_qk)], dim=-1)
+    key_mean.copy_(key_mean_ref(keys, real_qk))

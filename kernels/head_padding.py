@@ -31,7 +31,6 @@ class PaddedHeads:
     qkv_weight: torch.Tensor
     qkv_bias: torch.Tensor | None
     proj_weight: torch.Tensor
-    key_columns: torch.Tensor  # (sum(real qk_dims),) int64: the real columns of the padded keys
 
 
 def _pad_chunks(tensor, dims, padded, dim):
@@ -66,12 +65,5 @@ def pad_head_vector(vector, dims, padded):
 
 def pad_heads(qk_dims, v_dims, qkv_weight, qkv_bias, proj_weight,
               multiple: int = HEAD_WIDTH_MULTIPLE) -> PaddedHeads:
-    """pad_head_weights, plus the real key columns (for the engine's merge metric)."""
-    qk_pad, v_pad, weight, bias, proj = pad_head_weights(qk_dims, v_dims, qkv_weight, qkv_bias,
-                                                         proj_weight, multiple)
-    key_cols, start = [], 0
-    for real, wide in zip(qk_dims, qk_pad):
-        key_cols.extend(range(start, start + real))
-        start += wide
-    return PaddedHeads(qk_pad, v_pad, weight, bias, proj,
-                       torch.tensor(key_cols, dtype=torch.int64, device=qkv_weight.device))
+    """pad_head_weights as one record (build_engine keeps it)."""
+    return PaddedHeads(*pad_head_weights(qk_dims, v_dims, qkv_weight, qkv_bias, proj_weight, multiple))

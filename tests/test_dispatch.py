@@ -88,7 +88,7 @@ def _out_schema(name, schema):
     head, _, returns = schema.partition(") -> ")
     count = returns.count("Tensor")
     aliases = "abcdefgh"[:count]
-    names = ["out", "size_out"][:count]
+    names = (["out", "key_mean_out"] if name == "attention_block_key_mean" else ["out", "size_out"])[:count]
     outs = ", ".join(f"Tensor({a}!) {n}" for a, n in zip(aliases, names))
     results = ", ".join(f"Tensor({a}!)" for a in aliases)
     return f"dcvit::{name}.out{head}, *, {outs}) -> " + (f"({results})" if count > 1 else results)

@@ -11,15 +11,19 @@ context before proj (`attn.norm`: `inner_norm_weight`, `inner_norm_bias`). Backe
 (kernels.attention.attention_block_ref), cpu and cuda (torch.ops.dcvit.attention_block from
 dcvit_engine._C), triton (kernels.attention.attention_block_triton; see ops/define.py).
 """
+import inspect
 import math
 import operator
 
 import torch
 
 from dcvit_engine.kernels.attention import (
+    attention_block_key_mean_ref,
+    attention_block_key_mean_triton,
     attention_block_ref,
     attention_block_triton,
     flash_attention_why_not,
+    key_mean_width,
 )
 from dcvit_engine.kernels.fused_linear import FoldedNorm
 from dcvit_engine.ops.checks import check_folded, check_like_x
@@ -253,23 +257,26 @@ def _check(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bi
         check_folded(qkv_folded, qkv_weight, x, name="qkv_folded")
 
 
-ATTENTION_BLOCK = define_op(OpDef(
-    name="attention_block",
-    schema="(Tensor x, Tensor norm_weight, Tensor norm_bias, Tensor qkv_weight, Tensor? qkv_bias, "
+_ARGUMENTS = ("(Tensor x, Tensor norm_weight, Tensor norm_bias, Tensor qkv_weight, Tensor? qkv_bias, "
            "Tensor proj_weight, Tensor? proj_bias, int[] qk_dims, int[] v_dims, float scale, "
            "float eps, Tensor? gamma, Tensor? key_bias, Tensor? q_norm_weight=None, "
            "Tensor? q_norm_bias=None, Tensor? k_norm_weight=None, Tensor? k_norm_bias=None, "
            "Tensor? rope_cos=None, Tensor? rope_sin=None, Tensor? rope_index=None, "
-           "Tensor? inner_norm_weight=None, Tensor? inner_norm_bias=None) -> Tensor",
+           "Tensor? inner_norm_weight=None, Tensor? inner_norm_bias=None)")
+# fold_layer_norm's result for qkv, all three or none (see attention_block)
+_FOLDED = {"qkv_folded": (FoldedNorm, "Tensor? qkv_folded_weight=None, "
+                                      "Tensor? qkv_folded_bias=None, Tensor? qkv_weight_sums=None")}
+
+ATTENTION_BLOCK = define_op(OpDef(
+    name="attention_block",
+    schema=_ARGUMENTS + " -> Tensor",
     backends=("torch", "cpu", "cuda", "triton"),
     reference=attention_block_ref,
     fake=_fake,
     triton=attention_block_triton,
     check=_check,
     public=_public,
-    # fold_layer_norm's result for qkv, all three or none (see attention_block)
-    triton_options={"qkv_folded": (FoldedNorm, "Tensor? qkv_folded_weight=None, "
-                                               "Tensor? qkv_folded_bias=None, Tensor? qkv_weight_sums=None")},
+    triton_options=_FOLDED,
     why_not={"triton": _triton_why_not},
     gemm=True,
     example=_example,
@@ -278,3 +285,54 @@ ATTENTION_BLOCK = define_op(OpDef(
 OP = ATTENTION_BLOCK.name
 attention_block = ATTENTION_BLOCK.function
 attention_block_backends = ATTENTION_BLOCK.backends_function
+
+
+def _key_mean_fake(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias, qk_dims,
+                   *rest):
+    return _fake(x), x.new_empty((x.shape[0], x.shape[1], key_mean_width(qk_dims)))
+
+
+def _key_mean_check(*args, **options):
+    _check(*args, **options)
+    rope_cos = args[17] if len(args) > 17 else None
+    if rope_cos is not None:
+        raise ValueError("attention_block_key_mean: RoPE is refused (the merge metric is taken "
+                         "before RoPE, and merges and RoPE do not meet); call attention_block")
+
+
+def _key_mean_public(*args, **kwargs):
+    """attention_block's output and ToMe's merge metric from the keys the block computes, as
+    (out, key_mean): the keys after q/k-norm averaged over heads, (B, N, qk_dims[0]), when
+    every head has one q/k width, else the heads' keys side by side, (B, N, sum(qk_dims))
+    (reference.merge_metric's form). Arguments as attention_block's; RoPE is refused (merges
+    and RoPE do not meet). One op call where the metric used to cost a second LayerNorm and
+    K projection."""
+    return _public(*args, **kwargs)
+
+
+_key_mean_public.__signature__ = inspect.signature(_public)
+
+
+def _example_qk_norm(generator):
+    """attention_block_key_mean with q/k-norm (one q/k width, averaged over heads), no RoPE."""
+    args, options = _example_eva(generator)
+    return (*args[:17], None, None, None, *args[20:]), options
+
+
+ATTENTION_BLOCK_KEY_MEAN = define_op(OpDef(
+    name="attention_block_key_mean",
+    schema=_ARGUMENTS + " -> (Tensor, Tensor)",
+    backends=("torch", "cpu", "cuda", "triton"),
+    reference=attention_block_key_mean_ref,
+    fake=_key_mean_fake,
+    triton=attention_block_key_mean_triton,
+    check=_key_mean_check,
+    public=_key_mean_public,
+    triton_options=_FOLDED,
+    why_not={"triton": _triton_why_not},
+    gemm=True,
+    example=_example,
+    variants={"qk_norm": _example_qk_norm},
+))
+attention_block_key_mean = ATTENTION_BLOCK_KEY_MEAN.function
+attention_block_key_mean_backends = ATTENTION_BLOCK_KEY_MEAN.backends_function

@@ -44,6 +44,7 @@ _CPU_ORDER = ("cpu", "torch")
 PRIORITY = {
     "mlp_block": {"cuda": ("triton", "cuda", "torch"), "cpu": _CPU_ORDER},
     "attention_block": {"cuda": ("triton", "cuda", "torch"), "cpu": _CPU_ORDER},
+    "attention_block_key_mean": {"cuda": ("triton", "cuda", "torch"), "cpu": _CPU_ORDER},  # as the block
     "tome_merge": {"cuda": ("cuda", "triton", "torch"), "cpu": _CPU_ORDER},
     "atme_merge": {"cuda": ("cuda", "triton", "torch"), "cpu": _CPU_ORDER},
     "atme_unmerge": {"cuda": ("cuda", "triton", "torch"), "cpu": _CPU_ORDER},
