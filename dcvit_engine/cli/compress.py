@@ -20,9 +20,12 @@ from dcvit_engine.cli.method_args import add_method_argument, add_method_options
 from dcvit_engine.cli.model_args import add_model_arguments
 from dcvit_engine.cli.plan import add_target_argument
 from dcvit_engine.compress.api import METHODS, compress, method_options
+from dcvit_engine.compress.phases import planned_phases
 from dcvit_engine.compress.run_state import STATE_FILENAME
 from dcvit_engine.macs import count_macs
 from dcvit_engine.models import describe_source, parse_model_kwargs, resolve_model
+from dcvit_engine.presets import PRESETS, describe_preset, gpu_sized_note, preset_options
+from dcvit_engine.progress import RunProgress
 from dcvit_engine.runlock import exclusive_folder
 from dcvit_engine.spec import SPEC_FILENAME
 
@@ -43,6 +46,10 @@ def register(subparsers):
     parser.add_argument("--seed", type=int, default=0, help="picks the images and seeds every random choice")
     parser.add_argument("--device", default=None,
                         help="cpu or cuda (default: the method's, cuda when available)")
+    parser.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                        help="quick: sized for a laptop CPU (minutes): sets "
+                        f"{describe_preset('quick')} (each method takes those it has; options given "
+                        "win). Without it the methods' own defaults apply, the papers' (GPU-sized)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted run whose checkpoint is in OUT.partial")
     parser.add_argument("--overwrite", action="store_true",
@@ -114,6 +121,7 @@ def _compress(args, out: Path, partial: Path) -> int:
     _check_data(args)
     options = _method_options(args)  # a flag the method does not take is named first
     _check_paths(out, partial, args.resume, args.overwrite)
+    options.update(preset_options(args.preset, method_options(args.method), options))
     started = time.perf_counter()
     model, name = model_from_source(args.artifact, args.model, args.model_kwargs, args.checkpoint,
                                     args.pretrained)
@@ -133,9 +141,11 @@ def _compress(args, out: Path, partial: Path) -> int:
     print(f"{name}: {num_images} images from {args.data}, {args.method} to "
           f"{args.target_macs} of the MACs")
     print(f"preprocessing: {config.describe()}")
+    run_progress = _announce_plan(args, model, options)
     report = {}
-    student = compress(model, images, method=args.method, target_macs=args.target_macs,
-                       progress=True, report=report, **options)
+    with run_progress:
+        student = compress(model, images, method=args.method, target_macs=args.target_macs,
+                           progress=True, report=report, **options)
     report.update(model=name, data=None if args.data is None else str(args.data), num_samples=num_images,
                   load_s=loaded_s, wall_s=time.perf_counter() - started)
     save(student, out, report=report, preprocess=config)
@@ -149,3 +159,17 @@ def _compress(args, out: Path, partial: Path) -> int:
           f"{teacher_macs / 1e9:.4f} G (target {args.target_macs})")
     print(f"wrote {out} ({report['wall_s']:.1f} s)")
     return 0
+
+
+def _announce_plan(args, model, options: dict) -> RunProgress:
+    """Prints the plan (phases and steps), that no time estimate exists before a step was timed,
+    and, on a CPU with settings sized for a GPU, the options that make the run fit."""
+    import torch
+
+    run_progress = RunProgress(planned_phases(args.method, model.spec, args.target_macs, options))
+    print(f"{run_progress.describe_plan()}; time: {run_progress.estimate_text()}, refined as it runs")
+    device = options.get("device") or args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    note = gpu_sized_note(str(device), run_progress.total_steps, args.preset)
+    if note:
+        print(note)
+    return run_progress

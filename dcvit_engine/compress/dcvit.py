@@ -22,6 +22,7 @@ import time
 import torch
 
 from ..errors import InputError
+from ..presets import LR_RULE, budget_lr
 from ..reference import ViTReference
 from .fewshot import (
     AUGMENTATIONS,
@@ -43,7 +44,7 @@ NEURON_SELECTIONS = ("random", "activation")
 CLI_OPTIONS = {
     "iters": CliOption("finetuning iterations per progressive step"),
     "batch_size": CliOption("few-shot batch size"),
-    "lr": CliOption("AdamW learning rate of the finetuning"),
+    "lr": CliOption(f"AdamW learning rate of the finetuning (None: {LR_RULE})", type=float),
     "num_blocks": CliOption("compress N blocks instead of the fewest that reach the target (more blocks "
                             "keep wider MLPs)", type=int, metavar="N"),
     "candidates": CliOption("blocks that may be compressed (all but the first and the last)",
@@ -81,7 +82,7 @@ def compress_dcvit(model, images: torch.Tensor, target_macs: float, *,
                    metric_set: torch.Tensor | None = None, num_blocks: int | None = None,
                    candidates=None, round_to: int | None = None, neuron_selection: str = "random",
                    iters: int = 2000, select_iters: int | None = None, batch_size: int = 64,
-                   lr: float = 3e-5, weight_decay: float = 1e-4, metric_size: int = 50,
+                   lr: float | None = None, weight_decay: float = 1e-4, metric_size: int = 50,
                    metric_iters: int = 2000, augment: str = "flip+shift", macs_convention: str = "full",
                    max_grad_norm: float | None = 1.0, device=None, seed: int = 0, checkpoint_dir=None,
                    resume: bool = False, progress: bool = False, report: dict | None = None) -> ViTReference:
@@ -103,6 +104,7 @@ def compress_dcvit(model, images: torch.Tensor, target_macs: float, *,
     if neuron_selection not in NEURON_SELECTIONS:
         raise InputError(f"neuron_selection must be one of {NEURON_SELECTIONS}, got {neuron_selection!r}")
     select_iters = iters if select_iters is None else select_iters
+    lr = budget_lr(iters) if lr is None else lr  # presets.py: the paper's 3e-5 under-trains few iterations
     augmentation = augment_flags(augment)
     check_positive(iters=iters, select_iters=select_iters, batch_size=batch_size,
                    metric_size=metric_size, metric_iters=metric_iters)

@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import InputError
+from ..presets import LR_RULE, budget_lr
 from ..reference import ViTReference
 from .fewshot import AUGMENTATIONS, augment_flags, check_images, check_positive, kl_to_teacher, predict_logits
 from .finetune import feature_mimic_finetune, trainable_up_to
@@ -73,13 +74,14 @@ def with_adaptor(teacher: ViTReference, block: int) -> tuple[ViTReference, Linea
 RECIPES = ("shared", "official")
 # what adaptor_lr / lr = None mean per recipe: shared = DC-ViT's AdamW finetuning, official =
 # PRACTISE's SGD rates (DC-ViT code's port)
-RECIPE_DEFAULTS = {"shared": dict(adaptor_lr=1e-3, lr=3e-5), "official": dict(adaptor_lr=0.02, lr=0.02)}
+# (the shared recipe's lr None: presets.budget_lr of iters, as DC-ViT's)
+RECIPE_DEFAULTS = {"shared": dict(adaptor_lr=1e-3, lr=None), "official": dict(adaptor_lr=0.02, lr=0.02)}
 
 # the options `dcvit compress` offers (defaults: compress_practise's signature)
 CLI_OPTIONS = {
     "iters": CliOption("finetuning iterations of the student"),
     "batch_size": CliOption("few-shot batch size"),
-    "lr": CliOption("learning rate of the finetuning (default per recipe: shared 3e-5, official 0.02)",
+    "lr": CliOption(f"learning rate of the finetuning (None: per recipe; official 0.02; shared {LR_RULE})",
                     type=float),
     "candidates": CliOption("blocks that may be dropped (all but the first and the last)",
                             type=block_list, metavar="I,J,..."),
@@ -157,7 +159,8 @@ def compress_practise(model, images: torch.Tensor, target_macs: float, *,
     generally off the target), every candidate's score, losses and timings.
     recipe: "shared" (DC-ViT's finetuning, see the module docstring) or "official"
     (PRACTISE's adaptors and SGD, as the DC-ViT code ports it). adaptor_lr / lr: None takes
-    the recipe's rate (RECIPE_DEFAULTS: shared 1e-3 / 3e-5, official 0.02 / 0.02); a given
+    the recipe's rate (RECIPE_DEFAULTS: shared 1e-3 / presets.budget_lr(iters), official
+    0.02 / 0.02); a given
     rate is always used. score_cache: a dict kept by the caller between calls; a candidate's score does not
     depend on the target, so a sweep over targets scores each block once per setting.
     """
@@ -168,6 +171,7 @@ def compress_practise(model, images: torch.Tensor, target_macs: float, *,
     official = recipe == "official"
     adaptor_lr = RECIPE_DEFAULTS[recipe]["adaptor_lr"] if adaptor_lr is None else adaptor_lr
     lr = RECIPE_DEFAULTS[recipe]["lr"] if lr is None else lr
+    lr = budget_lr(iters) if lr is None else lr
     # official: SGD + StepLR, adaptors with the weight decay, no loss warm-up, no clipping (the
     # port's training loop); shared: DC-ViT's finetuning (AdamW, warm-up, clipping at 1.0)
     optimizer = "sgd" if official else "adamw"
