@@ -59,11 +59,14 @@ def preset_options(name: str | None, accepted, given: dict) -> dict:
 CPU_STEPS_LIMIT = 2000
 
 
-def gpu_sized_note(device: str, steps: int, preset: str | None) -> str | None:
-    """A line saying that `steps` steps on a CPU are sized for a GPU, naming what fits; None
-    when the run is on a GPU, small enough, or already the quick preset."""
+QUICK_FIX = (f"add --preset quick ({describe_preset('quick')}) or lower --iters, --select-iters / "
+             "--adaptor-iters and --metric-iters")
+
+
+def gpu_sized_note(device: str, steps: int, preset: str | None, fix: str = QUICK_FIX) -> str | None:
+    """A line saying that `steps` steps on a CPU are sized for a GPU, naming what fits (`fix`);
+    None when the run is on a GPU, small enough, or already the quick preset."""
     if not device.startswith("cpu") or steps <= CPU_STEPS_LIMIT or preset == "quick":
         return None
-    return (f"these settings ({steps} steps) are sized for a GPU (the papers' defaults); on this CPU "
-            f"that can take hours: add --preset quick ({describe_preset('quick')}) or lower --iters, "
-            "--select-iters / --adaptor-iters and --metric-iters")
+    return f"these settings ({steps} steps) are sized for a GPU (the papers' defaults); on this CPU " \
+           f"that can take hours: {fix}"

@@ -52,6 +52,7 @@ def progress_bar(iterable=None, *, total: int | None = None, desc: str | None = 
 # time left from the steps timed so far. Every progress_bar opened while a RunProgress is
 # active counts its steps towards it, so the phases' bars make up one overall line.
 _ACTIVE: list[RunProgress] = []
+MAX_PHASES_LISTED = 6
 MIN_TIMED_STEPS = 3  # steps of a kind timed before its cost is trusted for an estimate
 DEEPINVERSION, TRAINING = "DeepInversion", "training"
 
@@ -88,6 +89,9 @@ class RunProgress:
 
     def describe_plan(self) -> str:
         parts = "; ".join(f"{label}: {steps} {kind} steps" for label, steps, kind in self.phases)
+        if len(self.phases) > MAX_PHASES_LISTED:  # one line: a long plan is summed per kind
+            parts = f"{len(self.phases)} phases, " + " + ".join(
+                f"{steps} {kind}" for kind, steps in self.planned.items())
         return f"plan: {parts or 'no iterative phases'} ({self.total_steps} steps)"
 
     def seconds_left(self) -> tuple[float | None, list[str]]:

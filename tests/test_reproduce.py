@@ -56,6 +56,8 @@ def test_reproduce_runs_records_and_resumes(imagenet_like, tmp_path, capsys, mon
     assert any("81.26" in line for line in paper_rows) and any("79.30" in line for line in paper_rows)
     assert "[secondary] a secondary summary" in printed and "FLOPs cut in the official MACs count" in printed
     assert (out / "runs" / "dcvit-n8-k1-s0").is_dir()
+    plan = next(line for line in printed.splitlines() if line.startswith("plan: "))
+    assert "metric set seed 0" in plan and "no estimate yet" in plan  # nothing timed before the start
 
     def refuse(*_args, **_kwargs):
         raise AssertionError("a finished run was computed again")
@@ -63,6 +65,7 @@ def test_reproduce_runs_records_and_resumes(imagenet_like, tmp_path, capsys, mon
     monkeypatch.setattr(api, "compress", refuse)  # everything is done: the rerun only prints
     assert main(args) == 0
     assert json.loads((out / "results.json").read_text())["runs"] == results["runs"]
+    assert "plan: no iterative phases (0 steps)" in capsys.readouterr().out  # finished cells are not planned
 
 
 def test_few_shot_draw_takes_one_image_per_class(imagenet_like):

@@ -11,6 +11,8 @@ from dcvit_engine.cli.model_args import add_model_arguments, model_from_args
 from dcvit_engine.cli.option_types import nonnegative_int, positive_int
 from dcvit_engine.devices import resolve_device
 from dcvit_engine.errors import NoDeviceError
+from dcvit_engine.presets import gpu_sized_note
+from dcvit_engine.progress import DEEPINVERSION, TRAINING, RunProgress
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -101,7 +103,13 @@ def run(args):
     args.on_interrupt = lambda: (f"kept the finished runs in {args.out}/results.json and the unfinished "
                                  f"run's checkpoint under {args.out}/runs; resume with the same command: "
                                  f"{resume_command(args, add=None)}")
-    with removed_if_left_empty(args.out):
+    run_progress = RunProgress(reproduction_phases(teacher.spec.depth, samples, points, args))
+    print(f"{run_progress.describe_plan()}; time: {run_progress.estimate_text()}, refined as it runs")
+    note = gpu_sized_note(device, run_progress.total_steps, None, fix="lower --iters and --metric-iters "
+                          "(e.g. 100), or run fewer --samples, --points or --seeds")
+    if note:
+        print(note)
+    with removed_if_left_empty(args.out), run_progress:
         results = run_reproduction(
             teacher, args.data, args.out, samples=samples, points=points,
             seeds=tuple(range(args.seed, args.seed + args.seeds)), device=device,
@@ -113,3 +121,27 @@ def run(args):
     print("\n" + results_table(results))
     print(f"\nresults in {args.out}/results.json")
     return 0
+
+
+def reproduction_phases(depth: int, samples, points, args) -> list[tuple]:
+    """The steps of every cell not yet in OUT/results.json: per seed one metric set, per cell
+    DC-ViT (every candidate scored, then one progressive step per block) and PRACTISE
+    (every candidate's adaptors, then the finetuning), --iters each, candidates all blocks but
+    the first and the last (reproduce.run_reproduction's defaults)."""
+    import json
+    from pathlib import Path
+
+    results = Path(args.out) / "results.json"
+    done = set(json.loads(results.read_text()).get("runs", {})) if results.is_file() else set()
+    candidates = depth - 2
+    phases = []
+    for seed in range(args.seed, args.seed + args.seeds):
+        cells = [(n, k) for n in samples for k in points]
+        if any(f"dcvit-n{n}-k{k}-s{seed}" not in done for n, k in cells):
+            phases.append((f"metric set seed {seed}", args.metric_iters, DEEPINVERSION))
+        for n, k in cells:
+            if f"dcvit-n{n}-k{k}-s{seed}" not in done:
+                phases.append((f"dcvit {n} images point {k}", (candidates + k + 1) * args.iters, TRAINING))
+            if f"practise-n{n}-k{k}-s{seed}" not in done:
+                phases.append((f"practise {n} images point {k}", (candidates + 1) * args.iters, TRAINING))
+    return phases

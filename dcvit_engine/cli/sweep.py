@@ -132,11 +132,14 @@ def run(args):
         except InputError as err:
             raise CommandError(str(err)) from None
     config = preprocess_from_args(args, teacher)
+    run_progress = _announce_plan(args, teacher.spec, methods_options, targets, len(seeds))
     draws = [sweep.Draw(seed, images_from_args(args, config, seed=seed)[0]) for seed in seeds]
     images = draws[0].images
     eval_images, eval_labels, _ = images_from_args(args, config, data=args.eval_data)
     out = Path(args.out)
-    with removed_if_left_empty(out):  # a sweep that fails before its first row leaves no empty folder
+    # a sweep that fails before its first row leaves no empty folder; every phase's bar counts into
+    # the overall line (progress.py)
+    with removed_if_left_empty(out), run_progress:
         state = SweepState(out, sweep_settings(args), resume=args.resume, overwrite=args.overwrite)
         metric_sets = any("metric_set" in method_options(m) for m in methods)
         args.on_interrupt = lambda: f"kept {state.kept()}; resume with: {resume_command(args)}"
@@ -213,3 +216,25 @@ def _options_for(method: str, options: dict) -> dict:
 
     accepted = method_options(method)
     return {k: v for k, v in options.items() if k in accepted and v is not None}
+
+
+    return {k: v for k, v in options.items() if k in accepted and v is not None}
+
+
+def _announce_plan(args, spec, methods_options: dict, targets, seeds: int):
+    """Prints the sweep's plan (steps per draw, method and target) and the options that fit a
+    CPU when GPU-sized settings run on one; returns the RunProgress to count the bars into."""
+    from dcvit_engine.compress.api import method_options
+    from dcvit_engine.compress.phases import sweep_phases
+    from dcvit_engine.presets import gpu_sized_note
+    from dcvit_engine.progress import RunProgress
+
+    uses_metric_set = any("metric_set" in method_options(m) for m in methods_options)
+    run_progress = RunProgress(sweep_phases(spec, methods_options, targets, seeds,
+                                            args.metric_iters if uses_metric_set else None, args.budget))
+    print(f"{run_progress.describe_plan()}; time: {run_progress.estimate_text()}, refined as it runs")
+    note = gpu_sized_note(args.device, run_progress.total_steps, None,
+                          fix="lower --iters and --metric-iters (e.g. 100), or sweep fewer --targets")
+    if note:
+        print(note)
+    return run_progress

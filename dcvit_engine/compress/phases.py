@@ -49,3 +49,22 @@ def planned_phases(method: str, spec, target_macs: float | None, options: dict) 
         return PHASES[method](settings, plan)
     return [(name, value, TRAINING) for name, value in settings.items()
             if name.endswith("iters") and isinstance(value, int) and not isinstance(value, bool)]
+
+
+def sweep_phases(spec, methods_options: dict, targets, seeds: int, metric_iters: int | None,
+                 budget: str) -> list[tuple[str, int, str]]:
+    """The phases of `dcvit sweep`: one metric set per draw (when a method uses one), then
+    every method at every target per draw, with the sweep's budget applied (sweep.py); the
+    DC-ViT rows at PRACTISE's MACs points (--pair) are not counted."""
+    from ..sweep import _budget_options
+
+    phases = []
+    for seed in range(seeds):
+        if metric_iters is not None:
+            phases.append((f"metric set draw {seed}", metric_iters, DEEPINVERSION))
+        for method, options in methods_options.items():
+            for target in targets:
+                run = dict(_budget_options(method, options, spec, target, budget), metric_set=True)
+                steps = sum(s for _, s, kind in planned_phases(method, spec, target, run) if kind == TRAINING)
+                phases.append((f"{method} {target}", steps, TRAINING))
+    return phases
