@@ -94,6 +94,7 @@ class InferenceResult:
     world_size: int
     rows: list[dict] = field(default_factory=list)
     accuracy: float | None = None  # top-1 agreement with the folder's class indices, when labeled
+    columns: dict[str, str] = field(default_factory=dict)  # each CSV column -> what it holds
 
     @property
     def images_per_s(self) -> float:
@@ -234,7 +235,9 @@ def run_inference(model, data_dir: str | os.PathLike, out_csv: str | os.PathLike
                   class_names: Sequence[str] | None = None, progress: bool = True,
                   cuda_graphs: bool = True) -> InferenceResult:
     """Predict every image of `data_dir` and write `out_csv` (columns path, predicted,
-    [predicted_name,] probability[, label, label_index]); out_csv None writes nothing.
+    [predicted_name,] probability[, label, label_index]: InferenceResult.columns says what
+    each holds; predicted_name from `class_names`, else from a labeled folder's subfolders
+    when they are as many as the model's classes); out_csv None writes nothing.
 
     model: an Engine, or anything build_engine takes (timm ViT, ViTReference, artifact
     folder), built here with backend/dtype/device. Images are preprocessed with
@@ -284,13 +287,14 @@ def run_inference(model, data_dir: str | os.PathLike, out_csv: str | os.PathLike
         seconds = time.perf_counter() - start
         if rank != 0:
             return InferenceResult(None, len(shard[0]), seconds, world_size)
-        return _finish(dataset, gathered, out_csv, class_names, seconds, world_size)
+        return _finish(dataset, gathered, out_csv, class_names, seconds, world_size, spec.num_classes)
     finally:
         if owns_group:
             dist.destroy_process_group()
 
 
-def _finish(dataset, gathered, out_csv, class_names, seconds, world_size) -> InferenceResult:
+def _finish(dataset, gathered, out_csv, class_names, seconds, world_size,
+            num_classes: int) -> InferenceResult:
     bad_images, bad_outputs = sum(g[3] for g in gathered).tolist()
     refuse_nonfinite(len(dataset), bad_images, bad_outputs)  # before anything is written
     indices = torch.cat([g[0] for g in gathered])
@@ -299,9 +303,10 @@ def _finish(dataset, gathered, out_csv, class_names, seconds, world_size) -> Inf
     if sorted(indices.tolist()) != list(range(len(dataset))):
         raise RuntimeError("the gathered predictions do not cover every image exactly once")
     order = indices.argsort()
-    fields = ["path", "predicted"] + (["predicted_name"] if class_names is not None else []) + ["probability"]
-    if dataset.labeled:
-        fields += ["label", "label_index"]
+    columns = _columns(dataset, class_names, num_classes)
+    if "predicted_name" in columns and class_names is None:  # the folder's names: see _columns
+        class_names = dataset.classes
+    fields = list(columns)
     rows, correct = [], 0
     for i in order.tolist():
         index, predicted = int(indices[i]), int(classes[i])
@@ -319,4 +324,21 @@ def _finish(dataset, gathered, out_csv, class_names, seconds, world_size) -> Inf
         out_path = Path(out_csv)
         _write_csv(out_path, rows, fields)
     accuracy = correct / len(rows) if dataset.labeled and rows else None
-    return InferenceResult(out_path, len(rows), seconds, world_size, rows, accuracy)
+    return InferenceResult(out_path, len(rows), seconds, world_size, rows, accuracy, columns)
+
+
+def _columns(dataset, class_names, num_classes: int) -> dict[str, str]:
+    """The CSV's columns and what each holds. Class names come from `class_names`, else from
+    the folder's class subfolders when the model has as many classes as the folder (the
+    label_index column already takes the sorted subfolders as the model's class order)."""
+    named_by = ("the given class names" if class_names is not None else
+                "the folder's class subfolders (sorted, as label_index)"
+                if dataset.labeled and len(dataset.classes) == num_classes else None)
+    columns = {"path": "image path under the folder", "predicted": "top-1 class index of the model"}
+    if named_by:
+        columns["predicted_name"] = f"the predicted class's name, from {named_by}"
+    columns["probability"] = "softmax probability of the top-1 class"
+    if dataset.labeled:
+        columns.update(label="the image's class subfolder",
+                       label_index="that subfolder's index among the sorted subfolders")
+    return columns

@@ -144,7 +144,12 @@ def test_cli_infer(digits_folder, model_artifact, tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert f"predicted {NUM_IMAGES} images" in printed and "agreement" in printed
-    assert len(read_csv(out)) == NUM_IMAGES
+    rows = read_csv(out)
+    assert len(rows) == NUM_IMAGES
+    # the folder has as many class subfolders as the model has classes: they name the predictions
+    assert "columns: path: image path under the folder; predicted: top-1 class index" in printed
+    assert "predicted_name: the predicted class's name, from the folder's class subfolders" in printed
+    assert all(r["predicted_name"] == f"class_{r['predicted']}" for r in rows)
 
 
 def test_cli_infer_errors_are_one_line(digits_folder, model_artifact, tmp_path, capsys):

@@ -80,3 +80,18 @@ def test_compress_help_states_the_lr_rule_and_the_quick_preset(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "follows the iterations, 0.001 at <= 150, the paper's 3e-05 at >= 2000" in text
     assert "--preset {quick}" in text and "iters 100, select_iters 25" in text
+
+
+def test_a_one_step_run_says_so_instead_of_an_unchanged_loss():
+    from dcvit_engine.compress.fewshot import loss_change
+    assert loss_change("feature MSE", [0.0291]) == ("feature MSE 0.02910 at its only finetuning step "
+                                                    "(one step: no change to report)")
+    assert loss_change("feature MSE", [0.5, 0.25]) == "feature MSE 0.50000 -> 0.25000 over 2 steps"
+
+
+def test_uvc_says_when_its_search_was_too_short_for_the_gates(capsys, tmp_path):
+    from compress_cli import run_compress_cli
+    rc, out, err = run_compress_cli(capsys, tmp_path, "uvc", "--iters", "6", "--finetune-iters", "1")
+    assert rc == 0, err
+    assert "the search ran 5 steps with its gates free (after 1 warm-up steps), too few" in err
+    assert "give --iters 41 or more" in err

@@ -67,6 +67,7 @@ def run(args):
     print(f"{name}: predicted {result.num_images} images in {result.seconds:.2f} s "
           f"({result.images_per_s:.1f} images/s{processes}); wrote {result.out_path}")
     print(f"preprocessing: {config.describe()}")
+    print("columns: " + "; ".join(f"{name}: {meaning}" for name, meaning in result.columns.items()))
     if result.accuracy is not None:
         print(f"top-1 agreement with the folder's class indices: {result.accuracy:.2%}")
     return 0

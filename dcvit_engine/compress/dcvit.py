@@ -30,6 +30,7 @@ from .fewshot import (
     check_images,
     check_positive,
     kl_to_teacher,
+    loss_change,
     mean_mlp_activations,
     predict_logits,
 )
@@ -185,8 +186,8 @@ def compress_dcvit(model, images: torch.Tensor, target_macs: float, *,
                           losses=[float(v) for v in losses], seconds=seconds))
         timings["progressive_s"] += seconds
         ckpt.commit(student)
-        log(f"step {len(steps)}/{len(chosen)}: block {block} compressed, feature MSE "
-            f"{losses[0]:.5f} -> {losses[-1]:.5f} ({seconds:.1f} s)")
+        log(f"step {len(steps)}/{len(chosen)}: block {block} compressed, "
+            f"{loss_change('feature MSE', losses)} ({seconds:.1f} s)")
 
     return run.finish(
         student, report, timings=timings,

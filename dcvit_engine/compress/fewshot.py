@@ -146,6 +146,14 @@ def mean_mlp_activations(model: ViTReference, images: torch.Tensor, blocks, batc
     return {i: (sums[i] / counts[i]).float() for i in blocks}
 
 
+def loss_change(what: str, losses: list[float]) -> str:
+    """'feature MSE a -> b over N steps', or what a single step measured: one step has no
+    before and after, and printing 'a -> a' would read as a run that trained and gained nothing."""
+    if len(losses) == 1:
+        return f"{what} {losses[0]:.5f} at its only finetuning step (one step: no change to report)"
+    return f"{what} {losses[0]:.5f} -> {losses[-1]:.5f} over {len(losses)} steps"
+
+
 class ProgressLog:
     """One line per event on stderr, with the seconds since the run started (when enabled)."""
 

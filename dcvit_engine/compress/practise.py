@@ -36,7 +36,15 @@ import torch.nn as nn
 from ..errors import InputError
 from ..presets import LR_RULE, budget_lr
 from ..reference import ViTReference
-from .fewshot import AUGMENTATIONS, augment_flags, check_images, check_positive, kl_to_teacher, predict_logits
+from .fewshot import (
+    AUGMENTATIONS,
+    augment_flags,
+    check_images,
+    check_positive,
+    kl_to_teacher,
+    loss_change,
+    predict_logits,
+)
 from .finetune import feature_mimic_finetune, trainable_up_to
 from .run import CliOption, MethodRun, block_list
 from .structure import ROUNDING_HELP, ROUNDINGS, plan_block_drop, replace_block
@@ -256,7 +264,7 @@ def compress_practise(model, images: torch.Tensor, target_macs: float, *,
                                  seconds=seconds)
         timings["finetune_s"] += seconds
         ckpt.commit(student)
-        log(f"dropped blocks {chosen}, feature MSE {losses[0]:.5f} -> {losses[-1]:.5f} ({seconds:.1f} s)")
+        log(f"dropped blocks {chosen}, {loss_change('feature MSE', losses)} ({seconds:.1f} s)")
     else:
         student = ckpt.model(device)
 

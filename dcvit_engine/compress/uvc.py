@@ -530,6 +530,11 @@ CLI_OPTIONS = {
 }
 
 
+# Gate steps (after the warm-up) below which the search is reported as too short for its
+# gates to move: a quarter of the default's 167 (200 steps, 33 of them warm-up).
+MIN_GATE_STEPS = 40
+
+
 def compress_uvc(model, images: torch.Tensor, target_macs: float, *, labels: torch.Tensor | None = None,
                  iters: int = 200, finetune_iters: int = 200, batch_size: int = 32, lr: float = 1e-4,
                  weight_decay: float = 0.05, count_lr: float = 0.02, gate_lr: float = 0.1,
@@ -581,6 +586,7 @@ def compress_uvc(model, images: torch.Tensor, target_macs: float, *, labels: tor
         step = _SearchStep(student, search, rates, warmup_iters)
         generator = torch.Generator().manual_seed(seed)
         history = []
+        start_gates = search.gates.detach().clone()
         for it in range(iters):
             idx = torch.randint(images.shape[0], (min(batch_size, images.shape[0]),), generator=generator)
             history.append(step(images[idx].to(device), teacher_logits[idx].to(device),
@@ -603,6 +609,11 @@ def compress_uvc(model, images: torch.Tensor, target_macs: float, *, labels: tor
         log(f"searched structure {searched_macs / search.teacher_macs:.4f} of the MACs "
             f"({sum(searched.skip)} blocks skipped), fitted {fitted:.4f} "
             f"({moved:.1%} of the cut moved by the fit)")
+        gate_steps, shift = iters - warmup_iters, float((logits - start_gates).abs().max())
+        if gate_steps < MIN_GATE_STEPS:  # the share above then describes the fit, not a search
+            log(f"the search ran {gate_steps} steps with its gates free (after {warmup_iters} warm-up "
+                f"steps), too few for them to move (largest gate change {shift:.3f}): the structure is "
+                f"mostly the fit's; give --iters {MIN_GATE_STEPS + warmup_iters} or more for a real search")
         return student, dict(searched=asdict(searched), searched_macs=searched_macs, final=asdict(final),
                              gate_margins=margins, reallocated_share=moved, search_history=history)
 
