@@ -294,7 +294,7 @@ def _key_mean_fake(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight,
 
 def _key_mean_check(*args, **options):
     _check(*args, **options)
-    rope_cos = args[17] if len(args) > 17 else None
+    rope_cos = args[17] if len(args) > 17 else options.get("rope_cos")  # positional or keyword
     if rope_cos is not None:
         raise ValueError("attention_block_key_mean: RoPE is refused (the merge metric is taken "
                          "before RoPE, and merges and RoPE do not meet); call attention_block")
